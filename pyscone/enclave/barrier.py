@@ -1,0 +1,143 @@
+"""The enclave barrier: after boot, every direct system call that could touch a
+file, a socket or another process fails closed with EPERM.
+
+Without SGX the enclave is an ordinary process, so an I/O path the runtime does
+not interpose (a C extension calling ``open(2)``, ``ctypes`` calling ``socket(2)``)
+would silently reach the host.  The barrier turns such a leak into an error.
+It is a libseccomp filter whose default action is ``ERRNO(EPERM)`` and whose
+allowlist is memory management, signals, clocks, randomness, and the three
+descriptors the syscall client needs (argument-filtered): ``read`` on the
+enclave's doorbell, ``write`` on the host's doorbell and ``epoll_wait`` on the
+client's epoll set.
+
+We bind libseccomp (the library made for the job) through ``ctypes`` directly:
+five functions, typed here, rather than a stale third-party shim; Debian's
+``python3-seccomp`` is built for Debian's own interpreter only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import resource
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ = 4
+SCMP_CMP_MASKED_EQ = 7
+SCMP_FLTATR_CTL_TSYNC = 4
+PR_SET_DUMPABLE = 4
+
+
+def SCMP_ACT_ERRNO(err: int) -> int:  # noqa: N802 - libseccomp's name
+    return 0x00050000 | (err & 0xFFFF)
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+#: System calls the enclave may make with any arguments, and why.
+ALLOWED = (
+    # memory: the interpreter's allocator and greenlet stacks
+    "brk", "munmap", "mremap", "madvise", "mprotect",
+    # threads' futexes (the GIL, even single-threaded) and libc's thread bookkeeping
+    "futex", "set_robust_list", "rseq", "sched_yield",
+    # signals: Python installs handlers; SIGINT becomes KeyboardInterrupt in the main lthread
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
+    # leaving
+    "exit", "exit_group",
+    # randomness and time: os.urandom, time.*
+    "getrandom", "clock_gettime", "clock_getres", "gettimeofday", "clock_nanosleep", "nanosleep",
+    # identity of this process only (no other process can be reached)
+    "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "uname",
+)  # fmt: skip
+
+
+class BarrierError(RuntimeError):
+    pass
+
+
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise BarrierError(f"libseccomp is not installed ({e}); install libseccomp2 or run with --no-barrier") from e
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp)
+    ]  # fmt: skip
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    return lib
+
+
+def _fd_is(arg: int, fd: int) -> _ArgCmp:
+    # Compare the low 32 bits: an ``int`` argument's upper register half is undefined.
+    return _ArgCmp(arg, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, fd & 0xFFFFFFFF)
+
+
+def lockdown(*, read_fd: int, write_fd: int, epoll_fd: int) -> None:
+    """Install the filter for the rest of this process's life.  Irreversible.
+
+    Args:
+        read_fd: the only descriptor ``read(2)`` may use (the enclave's doorbell).
+        write_fd: the only descriptor ``write(2)`` may use (the host's doorbell).
+        epoll_fd: the only epoll set ``epoll_wait(2)`` may wait on.
+
+    Raises:
+        BarrierError: libseccomp is missing or refused the filter.
+    """
+    lib = _lib()
+    ctx = lib.seccomp_init(SCMP_ACT_ERRNO(errno.EPERM))
+    if not ctx:
+        raise BarrierError("seccomp_init failed")
+    try:
+        # Filter every thread of the process, not just this one: a C extension may have
+        # started threads before lockdown, and they must not keep an open door.
+        if lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1) < 0:
+            raise BarrierError("seccomp cannot synchronise the filter across threads")
+
+        def rule(name: str, *cmps: _ArgCmp) -> None:
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:
+                return  # not on this architecture
+            arr = (_ArgCmp * len(cmps))(*cmps) if cmps else None
+            rc = lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, len(cmps), arr)
+            if rc < 0:
+                raise BarrierError(f"seccomp rule for {name} failed: {-rc}")
+
+        for name in ALLOWED:
+            rule(name)
+        # mmap only anonymous memory (fd == -1): no file can be mapped in.
+        rule("mmap", _fd_is(4, -1))
+        rule("read", _fd_is(0, read_fd))
+        rule("write", _fd_is(0, write_fd))
+        for name in ("epoll_wait", "epoll_pwait", "epoll_pwait2"):
+            rule(name, _fd_is(0, epoll_fd))
+        rc = lib.seccomp_load(ctx)
+        if rc < 0:
+            raise BarrierError(f"seccomp_load failed: {-rc}")
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def set_heap_limit(limit: int) -> None:
+    """Bound the enclave's private memory (like SCONE_HEAP): beyond it, MemoryError."""
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def no_dump() -> None:
+    """PR_SET_DUMPABLE=0: no core dumps, and no ptrace attach by same-uid processes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise BarrierError(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")

@@ -1,0 +1,171 @@
+"""Boot of the enclave process: attach, interpose, lock down, run the app.
+
+The order matters and is the security argument:
+
+1. read the start-up configuration and attach to untrusted memory;
+2. load what must be loaded from files while that is still possible: the
+   runtime's own modules and every C extension the app may import (measured);
+3. interpose the standard library (threads, files, sockets, select, console,
+   processes, time) and route imports through the enclave importer;
+4. scrub the environment, bound the heap, turn off dumping, and install the
+   barrier: from here on a direct system call that could do I/O fails (EPERM);
+5. run the app's ``__main__`` as the main lthread; then do what the interpreter
+   does at exit (join non-daemon threads, run atexit, flush) and leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+from pyscone import rings
+from pyscone.enclave import barrier, iago, importer, scheduler
+from pyscone.enclave.syscalls import SyscallClient
+
+
+def _read_config(fd: int) -> dict[str, Any]:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    cfg: dict[str, Any] = json.loads(b"".join(chunks))
+    return cfg
+
+
+def _boot_error(message: str) -> None:
+    print(f"pyscone: enclave boot failed: {message}", file=sys.stderr, flush=True)
+    os._exit(70)
+
+
+def main() -> None:
+    cfg = _read_config(int(sys.argv[1]))
+    region = rings.SharedRegion.attach(cfg["shm_fd"])
+    iago.on_fatal(region.write_fatal)
+    client = SyscallClient(region, cfg["bell_host"], cfg["bell_enclave"], cfg["spin_us"])
+    sched = scheduler.Scheduler(client, sync=cfg["syscalls"] == "sync")
+    scheduler.install(sched)
+
+    # 2. Load from files while we still can.
+    failed = importer.preload_extensions(importer.extension_dirs())
+    del failed  # optional extensions (e.g. _tkinter without Tk) simply stay unavailable
+    from pyscone.enclave.stdlib import console, files, process, sockets, threads
+
+    # 3. Interpose.
+    threads.install()
+    for name in cfg["preload"]:
+        try:
+            __import__(name)
+        except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
+            _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
+    slot_data = region.geometry.slot_data
+    files.install(cfg["cwd"], slot_data)
+    sockets.install(slot_data)
+    process.install(cfg["cpu_count"])
+    stdout_tty = os.isatty(1)
+    console.install(slot_data, stdout_tty)
+    importer.install()
+
+    # 4. Scrub, bound, lock down.
+    os.environ.clear()
+    os.environ.update(cfg["env"])
+    if cfg["heap"]:
+        barrier.set_heap_limit(cfg["heap"])
+    barrier.no_dump()
+    if cfg["barrier"]:
+        barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
+    signal.signal(signal.SIGINT, lambda signum, frame: sched.request_interrupt(KeyboardInterrupt()))
+    # The C traceback printer reads source lines with direct file I/O (refused by the
+    # barrier); the pure-Python one reads them through the interposed open.
+    sys.excepthook = lambda t, v, tb: traceback.print_exception(t, v, tb)
+
+    # 5. Run.
+    status = [0]
+    sched.run(lambda: _run_app(cfg, status))
+    if cfg["stats"]:
+        _print_stats(client)
+    os._exit(status[0])
+
+
+def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
+    import types
+
+    argv: list[str] = cfg["argv"]
+    sys.argv = list(argv)
+    code = 0
+    try:
+        main_mod = types.ModuleType("__main__")
+        main_mod.__dict__["__builtins__"] = __builtins__
+        sys.modules["__main__"] = main_mod
+        if cfg["module"]:
+            import runpy
+
+            sys.path.insert(0, os.getcwd())
+            runpy._run_module_as_main(argv[0], alter_argv=False)  # type: ignore[attr-defined]
+        else:
+            from pyscone.enclave.stdlib import files
+
+            path = files.abspath(argv[0])
+            sys.path.insert(0, os.path.dirname(path))
+            with open(path, "rb") as f:
+                source = f.read()
+            importer.record(path, source, "source")
+            main_mod.__file__ = argv[0]
+            main_mod.__cached__ = None  # type: ignore[attr-defined]
+            exec(compile(source, argv[0], "exec", dont_inherit=True), main_mod.__dict__)
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130
+    except BaseException:  # noqa: BLE001 - the interpreter reports and exits 1
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    code = _finish(code)
+    status[0] = code
+
+
+def _exit_code(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    print(value, file=sys.stderr)
+    return 1
+
+
+def _finish(code: int) -> int:
+    """What the interpreter does at exit: join threads, run atexit, flush."""
+    import atexit
+
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed console must not turn exit into a crash
+            pass
+    return code
+
+
+def _print_stats(client: SyscallClient) -> None:
+    try:
+        print(
+            f"pyscone: enclave: {client.calls} host calls, {client.doorbells} doorbells, "
+            f"{client.sleeps} sleeps, {client.watchdog_wakeups} watchdog wake-ups, "
+            f"{len(importer.measured)} files measured",
+            file=sys.stderr,
+            flush=True,
+        )
+    except Exception:  # noqa: BLE001
+        pass

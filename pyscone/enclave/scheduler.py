@@ -1,0 +1,342 @@
+"""lthreads: user-level threads on greenlets, and the one trap gateway to the host.
+
+Theory of operation
+-------------------
+The enclave runs one OS thread.  Its root greenlet is the *hub*; every piece of
+app code runs in an lthread (a child greenlet of the hub).  An lthread leaves
+the CPU only by calling :meth:`Scheduler.park`, which switches to the hub; the
+hub resumes it when something calls :meth:`Scheduler.wake`.
+
+:meth:`Scheduler.host_call` is the only place an lthread parks on the host
+(STYLE.md rule 1): it copies the request into a slot, publishes it and parks.
+The hub runs every ready lthread, then drains the response ring in one batch,
+copies each reply out once and wakes its lthread, fires due timers, and only
+when nothing is ready waits (spin, then sleep on the doorbell).  So while one
+lthread waits for ``recv``, the others keep running, and the host sees many
+calls at once: SCONE's asynchronous system calls.
+
+In *sync* mode ``host_call`` does not switch: the caller waits in place for its
+own reply (one outstanding call), which models a synchronous enclave exit.
+
+Timeouts are enclave-side timers: when one expires the hub sends ``CANCEL`` for
+the parked slot and the caller still takes whatever reply comes back for it, so
+an ``accept`` that completes in the same instant is never lost.
+
+Scheduling is cooperative: a CPU-bound lthread delays the others (as in SCONE).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import greenlet
+
+from pyscone.abi import Op
+from pyscone.enclave import iago
+from pyscone.enclave.syscalls import SyscallClient
+
+
+class LThread:
+    """One user-level thread."""
+
+    __slots__ = ("glet", "ident", "name", "on_exit", "done", "__weakref__")
+
+    def __init__(self, glet: greenlet.greenlet, ident: int, name: str) -> None:
+        self.glet = glet
+        self.ident = ident
+        self.name = name
+        self.on_exit: list[Callable[[], None]] = []
+        self.done = False
+
+
+class Timer:
+    __slots__ = ("deadline", "fn", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Interrupt:
+    """Delivered to a parked lthread instead of its value: raise ``exc``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class Scheduler:
+    def __init__(self, client: SyscallClient, *, sync: bool = False) -> None:
+        self.client = client
+        self.sync = sync
+        self.hub = greenlet.getcurrent()
+        self.ready: deque[tuple[LThread, Any]] = deque()
+        self.current: LThread | None = None
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._idents = itertools.count(1)
+        self._waiting: dict[int, LThread | None] = {}  # slot -> parked lthread (None: orphan)
+        self._slot_waiters: deque[LThread] = deque()
+        self._pending_cancels: list[int] = []
+        self._cancelled: set[int] = set()
+        self._stopping = False
+        self._interrupt: BaseException | None = None
+        self.main: LThread | None = None
+        self.lthreads: dict[int, LThread] = {}
+
+    # -- lthreads ---------------------------------------------------------------------
+
+    def spawn(self, fn: Callable[..., object], args: tuple[Any, ...] = (), name: str | None = None) -> LThread:
+        ident = next(self._idents)
+        lt: LThread
+
+        def body(*_first_switch_value: Any) -> None:
+            try:
+                fn(*args)
+            except greenlet.GreenletExit:
+                pass
+            finally:
+                lt.done = True
+                self.lthreads.pop(ident, None)
+                for cb in lt.on_exit:
+                    cb()
+
+        lt = LThread(greenlet.greenlet(body, parent=self.hub), ident, name or f"lthread-{ident}")
+        self.lthreads[ident] = lt
+        self.ready.append((lt, None))
+        return lt
+
+    def park(self) -> Any:
+        """Give up the CPU until someone wakes this lthread; return what they passed."""
+        value = self.hub.switch()
+        if type(value) is _Interrupt:
+            raise value.exc
+        return value
+
+    def wake(self, lt: LThread, value: Any = None) -> None:
+        self.ready.append((lt, value))
+
+    def yield_now(self) -> None:
+        lt = self.current
+        assert lt is not None, "the hub cannot yield"
+        self.ready.append((lt, None))
+        self.park()
+
+    def sleep(self, seconds: float) -> None:
+        lt = self.current
+        if lt is None:  # the hub never sleeps on behalf of an app
+            raise RuntimeError("sleep outside an lthread")
+        if seconds <= 0:
+            self.yield_now()
+            return
+        timer = self.call_later(seconds, lambda: self.wake(lt))
+        try:
+            self.park()
+        finally:
+            timer.cancel()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        t = Timer(time.monotonic() + delay, fn)
+        heapq.heappush(self._timers, (t.deadline, next(self._seq), t))
+        return t
+
+    def request_interrupt(self, exc: BaseException) -> None:
+        """From a signal handler: deliver ``exc`` to the main lthread at the next switch."""
+        self._interrupt = exc
+
+    # -- the trap gateway ------------------------------------------------------------------
+
+    def host_call(
+        self,
+        op: int,
+        args: tuple[int, ...] = (),
+        data: bytes | memoryview = b"",
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[int, int, Any]:
+        """Run one system call on the host.  The only way an lthread waits for the host.
+
+        Args:
+            op: the opcode.
+            args: up to six integer arguments.
+            data: the request payload (at most one slot's data size).
+            wait: the call is blocking from the app's view (the host parks it).
+            timeout: seconds before the call is cancelled (``None``: never).
+
+        Returns:
+            ``(result, errno, value)`` with the value already validated by ``iago``;
+            errno is ``ETIMEDOUT`` when the timeout cancelled the call.
+        """
+        client = self.client
+        flags = 1 if wait else 0
+        if self.sync or self.current is None:
+            result, err, payload = self._call_in_place(op, flags, args, data, timeout)
+        else:
+            while not client.free:
+                self._slot_waiters.append(self.current)
+                self.park()
+            sid = client.submit(op, flags, args, data)
+            self._waiting[sid] = self.current
+            timer = self.call_later(timeout, lambda: self._cancel(sid)) if timeout is not None else None
+            try:
+                result, err, payload = self.park()
+            except BaseException:
+                # Interrupted while parked: the reply, when it comes, is dropped.
+                if self._waiting.get(sid) is not None:
+                    self._waiting[sid] = None
+                    self._cancel(sid)
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if err == errno.ECANCELED and sid in self._cancelled:
+                self._cancelled.discard(sid)
+                return -1, errno.ETIMEDOUT, None
+            self._cancelled.discard(sid)
+        return iago.validate(op, args, bytes(data), result, err, payload)
+
+    def _call_in_place(
+        self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview, timeout: float | None
+    ) -> tuple[int, int, bytes]:
+        client = self.client
+        while not client.free:
+            self._drain()
+            client.wait(None)
+        sid = client.submit(op, flags, args, data)
+        self._waiting[sid] = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cancelled = False
+        while True:
+            for s in client.collect():
+                reply = client.read_reply(s)
+                if s == sid:
+                    self._waiting.pop(sid, None)
+                    if cancelled and reply[1] == errno.ECANCELED:
+                        return -1, errno.ETIMEDOUT, b""
+                    return reply
+                self._dispatch_reply(s, reply)
+            remaining = None
+            if deadline is not None and not cancelled:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    cancelled = True
+                    self._send_cancel(sid)
+                    remaining = None
+            client.wait(remaining)
+
+    def _cancel(self, sid: int) -> None:
+        if sid not in self._waiting:
+            return  # answered already
+        self._cancelled.add(sid)
+        if self.client.free:
+            self._send_cancel(sid)
+        else:
+            self._pending_cancels.append(sid)
+
+    def _send_cancel(self, target: int) -> None:
+        sid = self.client.submit(Op.CANCEL, 0, (target,), b"")
+        self._waiting[sid] = None  # an orphan: its reply is dropped
+
+    # -- the hub --------------------------------------------------------------------------
+
+    def _dispatch_reply(self, sid: int, reply: tuple[int, int, bytes]) -> None:
+        lt = self._waiting.pop(sid, None)
+        if lt is not None:
+            self.ready.append((lt, reply))
+        if self._slot_waiters:
+            self.ready.append((self._slot_waiters.popleft(), None))
+
+    def _drain(self) -> None:
+        client = self.client
+        for sid in client.collect():
+            self._dispatch_reply(sid, client.read_reply(sid))
+        if self._pending_cancels and client.free:
+            pending, self._pending_cancels = self._pending_cancels, []
+            for sid in pending:
+                self._cancel(sid)
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            t = heapq.heappop(timers)[2]
+            if not t.cancelled:
+                t.fn()
+
+    def run(self, main: Callable[[], object]) -> None:
+        """Run ``main`` as the main lthread; return when it has finished."""
+
+        def main_body() -> None:
+            try:
+                main()
+            finally:
+                self._stopping = True
+
+        self.main = self.spawn(main_body, name="MainThread")
+        client = self.client
+        ready = self.ready
+        while True:
+            while ready:
+                lt, value = ready.popleft()
+                if lt.done:
+                    continue
+                self.current = lt
+                lt.glet.switch(value)
+                self.current = None
+                if self._stopping:
+                    return
+            if self._interrupt is not None and self.main is not None:
+                exc, self._interrupt = self._interrupt, None
+                self._deliver(self.main, exc)
+                continue
+            if client.outstanding:
+                self._drain()
+            if self._timers:
+                self._fire_timers()
+            if ready:
+                continue
+            timeout = None
+            if self._timers:
+                while self._timers and self._timers[0][2].cancelled:
+                    heapq.heappop(self._timers)
+                if self._timers:
+                    timeout = self._timers[0][0] - time.monotonic()
+            client.wait(timeout)
+
+    def _deliver(self, lt: LThread, exc: BaseException) -> None:
+        """Interrupt ``lt`` wherever it is parked (host call, sleep) with ``exc``."""
+        for sid, waiter in self._waiting.items():
+            if waiter is lt:
+                self._waiting[sid] = None
+                self._cancel(sid)
+                break
+        for i, (rlt, _) in enumerate(self.ready):
+            if rlt is lt:
+                del self.ready[i]
+                break
+        self.ready.append((lt, _Interrupt(exc)))
+
+
+_scheduler: Scheduler | None = None
+
+
+def install(s: Scheduler) -> None:
+    global _scheduler
+    _scheduler = s
+
+
+def get() -> Scheduler:
+    assert _scheduler is not None, "the enclave scheduler is not running"
+    return _scheduler

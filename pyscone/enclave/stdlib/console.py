@@ -1,0 +1,65 @@
+"""``sys.stdin``/``sys.stdout``/``sys.stderr`` as host calls on the host's console.
+
+The console's raw objects write to and read from the host's fds 0-2 through the
+system-call interface, under the stdlib's buffered and text layers, with the
+buffering plain Python uses: stdout line-buffered on a terminal and
+block-buffered otherwise, stderr always line-buffered.  (The console *shield*,
+which encrypts these records, plugs in beneath this layer.)
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from typing import Any
+
+from pyscone.abi import Op
+from pyscone.enclave import scheduler
+
+
+class ConsoleIO(io.RawIOBase):
+    def __init__(self, fd: int, slot_data: int) -> None:
+        self._fd = fd
+        self._slot_data = slot_data
+        self._tty: bool | None = None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readable(self) -> bool:
+        return self._fd == 0
+
+    def writable(self) -> bool:
+        return self._fd != 0
+
+    def isatty(self) -> bool:
+        if self._tty is None:
+            r, _, v = scheduler.get().host_call(Op.ISATTY, (self._fd,))
+            self._tty = bool(v) if r >= 0 else False
+        return self._tty
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        r, err, data = scheduler.get().host_call(Op.READ, (0, min(len(view), self._slot_data)), wait=True)
+        if r < 0:
+            raise OSError(err, "console read failed")
+        view[: len(data)] = data
+        return len(data)
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")[: self._slot_data]
+        r, err, _ = scheduler.get().host_call(Op.WRITE, (self._fd,), bytes(view), wait=True)
+        if r < 0:
+            raise OSError(err, "console write failed")
+        return r
+
+
+def install(slot_data: int, stdout_tty: bool) -> None:
+    def text(fd: int, line: bool, errors: str) -> io.TextIOWrapper:
+        raw = ConsoleIO(fd, slot_data)
+        buf: Any = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        return io.TextIOWrapper(buf, "utf-8", errors, None, line_buffering=line, write_through=fd == 2)
+
+    sys.stdin = sys.__stdin__ = text(0, False, "strict")
+    sys.stdout = sys.__stdout__ = text(1, stdout_tty, "strict")
+    sys.stderr = sys.__stderr__ = text(2, True, "backslashreplace")

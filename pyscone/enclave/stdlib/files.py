@@ -1,0 +1,637 @@
+"""Files: ``open``, ``io.FileIO``, and the file functions of ``os``, over host calls.
+
+``open`` is rebuilt on :class:`EnclaveFileIO`, a raw I/O object whose reads and
+writes are host calls; the stdlib's own C ``BufferedReader``/``BufferedWriter``/
+``TextIOWrapper`` sit on top of it exactly as they sit on ``FileIO``, so text
+modes, newlines, encodings and buffering behave as in plain Python.
+
+Paths are made absolute in the enclave (the enclave keeps its own working
+directory), so the host never resolves a relative path against a directory the
+enclave did not choose, and the file-system shield can match path prefixes.
+
+Errors caused by the app (an fd it never opened, a bad mode) are raised here,
+without a host call, with the errno the stdlib would use.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from typing import Any
+
+from pyscone.abi import DT_DIR, DT_LNK, DT_REG, Op, StatResult
+from pyscone.enclave import iago, scheduler
+
+_fds = iago.fds
+_cwd = "/"
+_slot_data = 65536
+
+Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"", filename: object = None, **kw: Any) -> tuple[int, Any]:
+    result, err, value = scheduler.get().host_call(op, args, data, **kw)
+    if result < 0:
+        raise OSError(err, os.strerror(err), filename) if filename is not None else OSError(err, os.strerror(err))
+    return result, value
+
+
+def abspath(path: Path) -> str:
+    """The normalized absolute path the enclave means by ``path``."""
+    p = os.fspath(path)
+    s = os.fsdecode(p) if isinstance(p, bytes) else p
+    if not isinstance(s, str):
+        raise TypeError(f"expected str, bytes or os.PathLike object, not {type(path).__name__}")
+    if "\0" in s:
+        raise ValueError("embedded null byte")
+    if not s:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), p)
+    return os.path.normpath(s if s.startswith("/") else os.path.join(_cwd, s))
+
+
+def _enc(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _no_dir_fd(dir_fd: int | None) -> None:
+    if dir_fd is not None:
+        raise NotImplementedError("dir_fd unavailable on this platform")
+
+
+# -- os functions ------------------------------------------------------------------------
+
+
+def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+    _no_dir_fd(dir_fd)
+    p = abspath(path)
+    fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=os.fspath(path))
+    return int(fd)
+
+
+def close(fd: int) -> None:
+    _fds.kind(fd)
+    if fd <= 2:
+        _fds.forget(fd)
+        return
+    try:
+        _call(Op.CLOSE, (fd,))
+    finally:
+        _fds.forget(fd)
+
+
+def read(fd: int, n: int) -> bytes:
+    if n < 0:
+        raise ValueError("negative length")
+    kind = _fds.kind(fd)
+    _, data = _call(Op.READ, (fd, min(n, _slot_data)), wait=kind != iago.FdTable.FILE)
+    return bytes(data)
+
+
+def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    kind = _fds.kind(fd)
+    view = memoryview(data).cast("B")[:_slot_data]
+    n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE)
+    return int(n)
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    _fds.kind(fd)
+    if n < 0:
+        raise ValueError("negative length")
+    _, data = _call(Op.PREAD, (fd, min(n, _slot_data), offset))
+    return bytes(data)
+
+
+def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    _fds.kind(fd)
+    n, _ = _call(Op.PWRITE, (fd, offset), bytes(memoryview(data).cast("B")[:_slot_data]))
+    return int(n)
+
+
+def lseek(fd: int, pos: int, how: int) -> int:
+    _fds.kind(fd)
+    r, _ = _call(Op.LSEEK, (fd, pos, how))
+    return int(r)
+
+
+def fstat(fd: int) -> os.stat_result:
+    _fds.kind(fd)
+    _, st = _call(Op.FSTAT, (fd,))
+    return st.to_os()  # type: ignore[no-any-return]
+
+
+def _stat(path: Path | int, follow: bool) -> StatResult:
+    if isinstance(path, int):
+        _fds.kind(path)
+        return _call(Op.FSTAT, (path,))[1]  # type: ignore[no-any-return]
+    return _call(Op.STAT, (int(follow),), _enc(abspath(path)), filename=os.fspath(path))[1]  # type: ignore[no-any-return]
+
+
+def stat(path: Path | int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> os.stat_result:
+    _no_dir_fd(dir_fd)
+    return _stat(path, follow_symlinks).to_os()  # type: ignore[return-value]
+
+
+def lstat(path: Path, *, dir_fd: int | None = None) -> os.stat_result:
+    _no_dir_fd(dir_fd)
+    return _stat(path, False).to_os()  # type: ignore[return-value]
+
+
+def _dirents(path: str) -> Iterator[tuple[str, int]]:
+    start = 0
+    while True:
+        _, (entries, more) = _call(Op.LISTDIR, (start,), _enc(path), filename=path)
+        for e in entries:
+            yield e.name, e.dtype
+        start += len(entries)
+        if not more:
+            return
+
+
+def listdir(path: Path | None = None) -> list[Any]:
+    raw = os.fspath(path) if path is not None else "."
+    names = [n for n, _ in _dirents(abspath(raw))]
+    return [os.fsencode(n) for n in names] if isinstance(raw, bytes) else names
+
+
+class DirEntry:
+    """What ``os.scandir`` yields: the directory entry type, with lazily fetched stats."""
+
+    __slots__ = ("name", "path", "_dtype", "_stat", "_lstat")
+
+    def __init__(self, name: Any, path: Any, dtype: int) -> None:
+        self.name = name
+        self.path = path
+        self._dtype = dtype
+        self._stat: os.stat_result | None = None
+        self._lstat: os.stat_result | None = None
+
+    def __fspath__(self) -> Any:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"<DirEntry {self.name!r}>"
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        if not follow_symlinks or self._dtype != DT_LNK:
+            if self._lstat is None:
+                self._lstat = lstat(self.path)
+            if not follow_symlinks or not stat_mod.S_ISLNK(self._lstat.st_mode):
+                return self._lstat
+        if self._stat is None:
+            self._stat = stat(self.path)
+        return self._stat
+
+    def _test(self, want: int, check: Any, follow_symlinks: bool) -> bool:
+        if self._dtype == want:
+            return True
+        if self._dtype == DT_LNK and follow_symlinks or self._dtype == 0:
+            try:
+                return bool(check(self.stat(follow_symlinks=follow_symlinks).st_mode))
+            except FileNotFoundError:
+                return False
+        return False
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self._test(DT_DIR, stat_mod.S_ISDIR, follow_symlinks)
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        return self._test(DT_REG, stat_mod.S_ISREG, follow_symlinks)
+
+    def is_symlink(self) -> bool:
+        return self._dtype == DT_LNK
+
+    def is_junction(self) -> bool:
+        return False
+
+    def inode(self) -> int:
+        return self.stat(follow_symlinks=False).st_ino
+
+
+class _ScandirIterator:
+    def __init__(self, path: Any) -> None:
+        raw = os.fspath(path) if path is not None else "."
+        base = abspath(raw)
+        self._bytes = isinstance(raw, bytes)
+        self._raw = raw
+        self._it = _dirents(base)
+
+    def __iter__(self) -> _ScandirIterator:
+        return self
+
+    def __next__(self) -> DirEntry:
+        name, dtype = next(self._it)
+        if self._bytes:
+            bname = os.fsencode(name)
+            return DirEntry(bname, os.path.join(self._raw, bname), dtype)
+        return DirEntry(name, os.path.join(self._raw, name), dtype)
+
+    def __enter__(self) -> _ScandirIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._it = iter(())
+
+
+def scandir(path: Path | None = None) -> _ScandirIterator:
+    return _ScandirIterator(path)
+
+
+def mkdir(path: Path, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+    _no_dir_fd(dir_fd)
+    _call(Op.MKDIR, (mode,), _enc(abspath(path)), filename=os.fspath(path))
+
+
+def rmdir(path: Path, *, dir_fd: int | None = None) -> None:
+    _no_dir_fd(dir_fd)
+    _call(Op.RMDIR, (), _enc(abspath(path)), filename=os.fspath(path))
+
+
+def unlink(path: Path, *, dir_fd: int | None = None) -> None:
+    _no_dir_fd(dir_fd)
+    _call(Op.UNLINK, (), _enc(abspath(path)), filename=os.fspath(path))
+
+
+def _rename(src: Path, dst: Path, replace: bool) -> None:
+    _call(Op.RENAME, (int(replace),), _enc(abspath(src)) + b"\0" + _enc(abspath(dst)), filename=os.fspath(src))
+
+
+def rename(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
+    _no_dir_fd(src_dir_fd or dst_dir_fd)
+    _rename(src, dst, False)
+
+
+def replace(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
+    _no_dir_fd(src_dir_fd or dst_dir_fd)
+    _rename(src, dst, True)
+
+
+def fsync(fd: Any) -> None:
+    fd = fd if isinstance(fd, int) else fd.fileno()
+    _fds.kind(fd)
+    _call(Op.FSYNC, (fd,))
+
+
+def ftruncate(fd: int, length: int) -> None:
+    _fds.kind(fd)
+    _call(Op.FTRUNCATE, (fd, length))
+
+
+def truncate(path: Path | int, length: int) -> None:
+    if isinstance(path, int):
+        ftruncate(path, length)
+        return
+    fd = os_open(path, os.O_WRONLY)
+    try:
+        ftruncate(fd, length)
+    finally:
+        close(fd)
+
+
+def access(path: Path, mode: int, *, dir_fd: int | None = None, effective_ids: bool = False, follow_symlinks: bool = True) -> bool:
+    _no_dir_fd(dir_fd)
+    r, _ = _call(Op.ACCESS, (mode,), _enc(abspath(path)))
+    return r == 0
+
+
+def chmod(path: Path, mode: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:
+    _no_dir_fd(dir_fd)
+    _call(Op.CHMOD, (mode,), _enc(abspath(path)), filename=os.fspath(path))
+
+
+def utime(path: Path, times: tuple[float, float] | None = None, *, ns: tuple[int, int] | None = None, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:
+    _no_dir_fd(dir_fd)
+    if times is not None and ns is not None:
+        raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+    if times is not None:
+        ns = (int(times[0] * 1e9), int(times[1] * 1e9))
+    args = (1, ns[0], ns[1]) if ns is not None else (0, 0, 0)
+    _call(Op.UTIME, args, _enc(abspath(path)), filename=os.fspath(path))
+
+
+def readlink(path: Path, *, dir_fd: int | None = None) -> Any:
+    _no_dir_fd(dir_fd)
+    raw = os.fspath(path)
+    _, target = _call(Op.READLINK, (), _enc(abspath(raw)), filename=raw)
+    return bytes(target) if isinstance(raw, bytes) else bytes(target).decode("utf-8", "surrogateescape")
+
+
+def symlink(src: Path, dst: Path, target_is_directory: bool = False, *, dir_fd: int | None = None) -> None:
+    _no_dir_fd(dir_fd)
+    s = os.fsdecode(os.fspath(src))  # a link target is stored as given, not made absolute
+    _call(Op.SYMLINK, (), _enc(s) + b"\0" + _enc(abspath(dst)), filename=os.fspath(dst))
+
+
+def isatty(fd: int) -> bool:
+    try:
+        _fds.kind(fd)
+    except OSError:
+        return False
+    r, _ = _call(Op.ISATTY, (fd,))
+    return bool(r)
+
+
+def getcwd() -> str:
+    return _cwd
+
+
+def getcwdb() -> bytes:
+    return os.fsencode(_cwd)
+
+
+def chdir(path: Path) -> None:
+    global _cwd
+    p = abspath(path)
+    st = _stat(p, True)
+    if not stat_mod.S_ISDIR(st.mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(path))
+    _cwd = p
+
+
+# -- open ------------------------------------------------------------------------------------
+
+
+class EnclaveFileIO(io.RawIOBase):
+    """``io.FileIO`` for the enclave: raw, unbuffered I/O on a host fd."""
+
+    def __init__(self, file: Path | int, mode: str = "r", closefd: bool = True, opener: Any = None) -> None:
+        self._fd = -1
+        if isinstance(file, float):
+            raise TypeError("integer argument expected, got float")
+        if set(mode) - set("rwxab+") or sum(c in "rwxa" for c in mode) != 1 or mode.count("+") > 1:
+            raise ValueError(f"invalid mode: {mode}")
+        self._readable = "r" in mode or "+" in mode
+        self._writable = any(c in mode for c in "wxa") or "+" in mode
+        self._append = "a" in mode
+        self._created = "x" in mode
+        flags = os.O_RDWR if self._readable and self._writable else os.O_RDONLY if self._readable else os.O_WRONLY
+        if "w" in mode:
+            flags |= os.O_CREAT | os.O_TRUNC
+        elif "x" in mode:
+            flags |= os.O_CREAT | os.O_EXCL
+        elif "a" in mode:
+            flags |= os.O_CREAT | os.O_APPEND
+        if isinstance(file, int):
+            if file < 0:
+                raise ValueError("negative file descriptor")
+            _fds.kind(file)
+            self._fd = file
+        else:
+            if not closefd:
+                raise ValueError("Cannot use closefd=False with file name")
+            fd = opener(file, flags | os.O_CLOEXEC) if opener else os_open(file, flags, 0o666)
+            if not isinstance(fd, int) or fd < 0:
+                raise ValueError(f"opener returned {fd}")
+            self._fd = fd
+        self.closefd = closefd
+        self.name: Any = file
+        try:
+            st = fstat(self._fd)
+            if stat_mod.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), file)
+            self._blksize = st.st_blksize if st.st_blksize > 1 else io.DEFAULT_BUFFER_SIZE
+            self._seekable: bool | None = stat_mod.S_ISREG(st.st_mode) or None
+            if self._append:
+                lseek(self._fd, 0, os.SEEK_END)
+        except BaseException:
+            if closefd:
+                close(self._fd)
+            self._fd = -1
+            raise
+
+    @property
+    def mode(self) -> str:  # type: ignore[override]
+        if self._created:
+            return "xb+" if self._readable else "xb"
+        if self._append:
+            return "ab+" if self._readable else "ab"
+        if self._readable:
+            return "rb+" if self._writable else "rb"
+        return "wb"
+
+    def _check(self) -> None:
+        if self._fd < 0:
+            raise ValueError("I/O operation on closed file")
+
+    def fileno(self) -> int:
+        self._check()
+        return self._fd
+
+    def readable(self) -> bool:
+        self._check()
+        return self._readable
+
+    def writable(self) -> bool:
+        self._check()
+        return self._writable
+
+    def seekable(self) -> bool:
+        self._check()
+        if self._seekable is None:
+            try:
+                self.tell()
+                self._seekable = True
+            except OSError:
+                self._seekable = False
+        return self._seekable
+
+    def isatty(self) -> bool:
+        self._check()
+        return isatty(self._fd)
+
+    def readinto(self, b: Any) -> int:
+        self._check()
+        if not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        view = memoryview(b).cast("B")
+        data = read(self._fd, len(view))
+        n = len(data)
+        view[:n] = data
+        return n
+
+    def readall(self) -> bytes:
+        self._check()
+        chunks = []
+        while True:
+            data = read(self._fd, _slot_data)
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def read(self, size: int | None = -1) -> bytes | None:
+        if size is None or size < 0:
+            return self.readall()
+        self._check()
+        if not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        return read(self._fd, size)
+
+    def write(self, b: Any) -> int:
+        self._check()
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
+        return write(self._fd, b)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._check()
+        if isinstance(pos, float):
+            raise TypeError("an integer is required")
+        return lseek(self._fd, pos, whence)
+
+    def tell(self) -> int:
+        self._check()
+        return lseek(self._fd, 0, os.SEEK_CUR)
+
+    def truncate(self, size: int | None = None) -> int:
+        self._check()
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
+        if size is None:
+            size = self.tell()
+        ftruncate(self._fd, size)
+        return size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                super().close()
+            finally:
+                fd, self._fd = self._fd, -1
+                if self.closefd:
+                    close(fd)
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        return self._fd < 0
+
+    def _dealloc_warn(self, source: object) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        if self._fd < 0:
+            return "<pyscone.EnclaveFileIO [closed]>"
+        return f"<pyscone.EnclaveFileIO name={self.name!r} mode={self.mode!r} closefd={self.closefd}>"
+
+    def __getstate__(self) -> object:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
+
+def open(  # noqa: A001 - it *is* open
+    file: Path | int,
+    mode: str = "r",
+    buffering: int = -1,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+    closefd: bool = True,
+    opener: Any = None,
+) -> Any:
+    """The builtin ``open``, over enclave file objects.  Same arguments, same errors."""
+    if not isinstance(file, int):
+        file = os.fspath(file)
+    if not isinstance(mode, str):
+        raise TypeError(f"open() argument 'mode' must be str, not {type(mode).__name__}")
+    modes = set(mode)
+    if modes - set("axrwb+t") or len(mode) > len(modes):
+        raise ValueError(f"invalid mode: '{mode}'")
+    creating, reading, writing, appending = "x" in modes, "r" in modes, "w" in modes, "a" in modes
+    updating, text, binary = "+" in modes, "t" in modes, "b" in modes
+    if text and binary:
+        raise ValueError("can't have text and binary mode at once")
+    if creating + reading + writing + appending > 1:
+        raise ValueError("must have exactly one of create/read/write/append mode")
+    if not (creating or reading or writing or appending):
+        raise ValueError("Must have exactly one of create/read/write/append mode and at most one plus")
+    if binary and encoding is not None:
+        raise ValueError("binary mode doesn't take an encoding argument")
+    if binary and errors is not None:
+        raise ValueError("binary mode doesn't take an errors argument")
+    if binary and newline is not None:
+        raise ValueError("binary mode doesn't take a newline argument")
+    if binary and buffering == 1:
+        import warnings
+
+        warnings.warn(
+            "line buffering (buffering=1) isn't supported in binary mode, the default buffer size will be used",
+            RuntimeWarning,
+            2,
+        )
+    rawmode = ("x" if creating else "") + ("r" if reading else "") + ("w" if writing else "")
+    rawmode += ("a" if appending else "") + ("+" if updating else "")
+    raw = EnclaveFileIO(file, rawmode, closefd, opener=opener)
+    result: Any = raw
+    try:
+        line_buffering = False
+        if buffering == 1 or buffering < 0 and raw.isatty():
+            buffering = -1
+            line_buffering = True
+        if buffering < 0:
+            buffering = max(raw._blksize, io.DEFAULT_BUFFER_SIZE)
+        if buffering == 0:
+            if binary:
+                return result
+            raise ValueError("can't have unbuffered text I/O")
+        if updating:
+            buffer: Any = io.BufferedRandom(raw, buffering)
+        elif creating or writing or appending:
+            buffer = io.BufferedWriter(raw, buffering)
+        else:
+            buffer = io.BufferedReader(raw, buffering)
+        result = buffer
+        if binary:
+            return result
+        encoding = io.text_encoding(encoding)
+        text_io = io.TextIOWrapper(buffer, encoding, errors, newline, line_buffering)
+        result = text_io
+        text_io.mode = mode  # type: ignore[misc]
+        return result
+    except BaseException:
+        result.close()
+        raise
+
+
+def open_code(path: str) -> Any:
+    if not isinstance(path, str):
+        raise TypeError(f"open_code() argument 'path' must be str, not {type(path).__name__}")
+    return open(path, "rb")
+
+
+def install(cwd: str, slot_data: int) -> None:
+    """Replace the file functions of ``os``, ``io`` and ``builtins``."""
+    import builtins
+    import shutil
+
+    global _cwd, _slot_data
+    _cwd = os.path.normpath(cwd)
+    _slot_data = slot_data
+    for name, fn in {
+        "open": os_open, "close": close, "read": read, "write": write, "pread": pread, "pwrite": pwrite,
+        "lseek": lseek, "fstat": fstat, "stat": stat, "lstat": lstat, "listdir": listdir, "scandir": scandir,
+        "mkdir": mkdir, "rmdir": rmdir, "unlink": unlink, "remove": unlink, "rename": rename,
+        "replace": replace, "fsync": fsync, "fdatasync": fsync, "ftruncate": ftruncate, "truncate": truncate,
+        "access": access, "chmod": chmod, "utime": utime, "readlink": readlink, "symlink": symlink,
+        "isatty": isatty, "getcwd": getcwd, "getcwdb": getcwdb, "chdir": chdir,
+    }.items():  # fmt: skip
+        setattr(os, name, fn)
+    os.DirEntry = DirEntry  # type: ignore[misc,assignment]
+    # No dir_fd support: stdlib code (shutil.rmtree, os.fwalk) then takes its path-based route.
+    os.supports_dir_fd = set()  # type: ignore[misc]
+    os.supports_fd = {os.stat, os.truncate}  # type: ignore[misc]
+    os.supports_follow_symlinks = {os.stat, os.access, os.chmod, os.utime}  # type: ignore[misc]
+    os.supports_effective_ids = set()  # type: ignore[misc]
+    builtins.open = open
+    import tokenize
+
+    tokenize._builtin_open = open  # type: ignore[attr-defined] # linecache reads sources through it
+    io.open = open
+    io.open_code = open_code
+    io.FileIO = EnclaveFileIO  # type: ignore[misc]
+    shutil._USE_CP_SENDFILE = False  # type: ignore[attr-defined]
+    shutil._use_fd_functions = False  # type: ignore[attr-defined]

@@ -1,0 +1,505 @@
+"""``socket``, ``select`` and (through them) ``selectors``/``asyncio`` on host calls.
+
+:class:`EnclaveSocket` subclasses the stdlib ``socket.socket`` so ``isinstance``
+checks in libraries still hold, but it never creates a kernel socket in the
+enclave: the C base object keeps fd -1 and every method is a host call on the
+host fd.  The app's three socket modes map onto the ABI:
+
+* blocking (timeout ``None``): ``FLAG_WAIT``, the host parks the call;
+* timeout ``t``: ``FLAG_WAIT`` plus an enclave timer that cancels the call;
+* non-blocking (timeout 0): no wait, the host answers ``EAGAIN`` at once.
+
+``select.select``, ``select.poll`` and ``select.epoll`` are one host ``POLL`` call
+each; ``selectors`` (and so ``socketserver`` and ``asyncio``) use them unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+from typing import Any
+
+from pyscone import abi
+from pyscone.abi import Op
+from pyscone.enclave import iago, scheduler
+
+_fds = iago.fds
+_slot_data = 65536
+_StdSocket = socket.socket
+_SOCK_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+
+
+def _raise(err: int) -> None:
+    if err == errno.ETIMEDOUT:
+        raise TimeoutError("timed out")
+    raise OSError(err, os.strerror(err))
+
+
+class EnclaveSocket(_StdSocket):
+    """A socket whose kernel object lives on the host."""
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:  # noqa: A002
+        # Deliberately no super().__init__(): that would create a kernel socket here.
+        self._io_refs = 0
+        self._closed = False
+        timeout = socket.getdefaulttimeout()
+        if fileno is None:
+            family = socket.AF_INET if family == -1 else family
+            type = socket.SOCK_STREAM if type == -1 else type  # noqa: A001
+            proto = 0 if proto == -1 else proto
+            if type & getattr(socket, "SOCK_NONBLOCK", 0):
+                timeout = 0.0
+            kind = type & ~_SOCK_FLAGS
+            fd, _ = _call(Op.SOCKET, (family, kind, proto))
+            type = kind  # noqa: A001
+        else:
+            fd = fileno
+            if _fds.kind(fd) != iago.FdTable.SOCKET:
+                raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+            if family == -1:
+                family = _fds.families.get(fd) or self._opt(fd, socket.SO_DOMAIN)
+            if type == -1:
+                type = self._opt(fd, socket.SO_TYPE)  # noqa: A001
+            if proto == -1:
+                proto = self._opt(fd, socket.SO_PROTOCOL)
+        self._fd = fd
+        self._family = family
+        self._kind = type
+        self._proto = proto
+        self._timeout: float | None = timeout
+
+    @staticmethod
+    def _opt(fd: int, opt: int) -> int:
+        r, v = _call(Op.GETSOCKOPT, (fd, socket.SOL_SOCKET, opt, 0))
+        return int(v)
+
+    # -- identity -----------------------------------------------------------------------------
+
+    @property
+    def family(self) -> socket.AddressFamily:  # type: ignore[override]
+        return socket._intenum_converter(self._family, socket.AddressFamily)  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def type(self) -> socket.SocketKind:  # type: ignore[override]
+        return socket._intenum_converter(self._kind, socket.SocketKind)  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def proto(self) -> int:  # type: ignore[override]
+        return self._proto
+
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        return self._timeout
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _live(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return self._fd
+
+    def __repr__(self) -> str:
+        s = f"<pyscone.EnclaveSocket fd={self._fd}, family={self._family}, type={self._kind}, proto={self._proto}"
+        if self._fd >= 0:
+            for what, fn in (("laddr", self.getsockname), ("raddr", self.getpeername)):
+                try:
+                    s += f", {what}={fn()}"
+                except OSError:
+                    pass
+        return s + ">"
+
+    # -- timeouts -----------------------------------------------------------------------------
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if value < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def _io(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
+        """One socket operation honouring this socket's blocking mode."""
+        t = self._timeout
+        result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
+        if result < 0:
+            _raise(err)
+        return result, value
+
+    # -- connection set-up --------------------------------------------------------------------
+
+    def bind(self, address: Any) -> None:
+        _call(Op.BIND, (self._live(),), abi.encode_sockaddr(self._family, address))
+
+    def listen(self, backlog: int = min(socket.SOMAXCONN, 128)) -> None:
+        _call(Op.LISTEN, (self._live(), max(backlog, 0)))
+
+    def _accept(self) -> tuple[int, Any]:  # type: ignore[override]
+        fd, (newfd, addr) = self._io(Op.ACCEPT, (self._live(),))
+        return newfd, addr
+
+    def accept(self) -> tuple[EnclaveSocket, Any]:  # type: ignore[override]
+        fd, addr = self._accept()
+        sock = EnclaveSocket(self._family, self._kind, self._proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+    def connect(self, address: Any) -> None:
+        err = self.connect_ex(address)
+        if err:
+            if err in (errno.EINPROGRESS, errno.EAGAIN) and self._timeout == 0.0:
+                raise BlockingIOError(err, os.strerror(err))
+            _raise(err)
+
+    def connect_ex(self, address: Any) -> int:
+        t = self._timeout
+        data = abi.encode_sockaddr(self._family, address)
+        result, err, _ = scheduler.get().host_call(
+            Op.CONNECT, (self._live(),), data, wait=t != 0.0, timeout=t if t else None
+        )
+        if result < 0 and err == errno.EAGAIN and t == 0.0:
+            return errno.EINPROGRESS
+        if result < 0 and err == errno.ETIMEDOUT and t:
+            raise TimeoutError("timed out")
+        return err if result < 0 else 0
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        view = memoryview(data).cast("B")[:_slot_data]
+        n, _ = self._io(Op.SEND, (self._live(), flags), bytes(view))
+        return n
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(view):
+            sent += self.send(view[sent : sent + _slot_data], flags)
+
+    def sendto(self, data: Any, flags_or_addr: Any, addr: Any = None) -> int:
+        flags, address = (0, flags_or_addr) if addr is None else (flags_or_addr, addr)
+        enc = abi.encode_sockaddr(self._family, address)
+        payload = bytes(memoryview(data).cast("B")[: _slot_data - 4 - len(enc)])
+        n, _ = self._io(Op.SENDTO, (self._live(), flags), struct.pack("<I", len(enc)) + enc + payload)
+        return n
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        _, data = self._io(Op.RECV, (self._live(), min(bufsize, _slot_data), flags))
+        return bytes(data)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        n = nbytes or len(view)
+        data = self.recv(min(n, len(view)), flags)
+        view[: len(data)] = data
+        return len(data)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recvfrom")
+        _, (data, addr) = self._io(Op.RECVFROM, (self._live(), min(bufsize, _slot_data), flags))
+        return bytes(data), addr
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        view = memoryview(buffer).cast("B")
+        data, addr = self.recvfrom(min(nbytes or len(view), len(view)), flags)
+        view[: len(data)] = data
+        return len(data), addr
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+
+    # -- options and names --------------------------------------------------------------------
+
+    def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
+        if isinstance(value, int):
+            _call(Op.SETSOCKOPT, (self._live(), level, optname, 0, value))
+        else:
+            _call(Op.SETSOCKOPT, (self._live(), level, optname, 1, 0), bytes(value))
+
+    def getsockopt(self, level: int, optname: int, buflen: int = 0) -> Any:  # type: ignore[override]
+        r, v = _call(Op.GETSOCKOPT, (self._live(), level, optname, buflen))
+        return bytes(v) if buflen else v
+
+    def getsockname(self) -> Any:
+        return _call(Op.GETSOCKNAME, (self._live(),))[1]
+
+    def getpeername(self) -> Any:
+        return _call(Op.GETPEERNAME, (self._live(),))[1]
+
+    def shutdown(self, how: int) -> None:
+        _call(Op.SHUTDOWN, (self._live(), how))
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def _real_close(self, _ss: Any = None) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                _call(Op.CLOSE, (fd,))
+            finally:
+                _fds.forget(fd)
+
+    def detach(self) -> int:
+        fd, self._fd = self._fd, -1
+        self._closed = True
+        return fd
+
+    def dup(self) -> EnclaveSocket:
+        raise OSError(errno.ENOSYS, "socket.dup is not supported inside a pyscone enclave")
+
+    def __getstate__(self) -> object:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0 and not self._closed and scheduler._scheduler is not None:
+            try:
+                self._real_close()
+            except Exception:  # noqa: BLE001 - a finalizer must not raise
+                pass
+
+
+def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"") -> tuple[int, Any]:
+    result, err, value = scheduler.get().host_call(op, args, data)
+    if result < 0:
+        _raise(err)
+    return result, value
+
+
+def socketpair(family: int = socket.AF_UNIX, type: int = socket.SOCK_STREAM, proto: int = 0) -> tuple[EnclaveSocket, EnclaveSocket]:  # noqa: A002
+    _, (fd1, fd2) = _call(Op.SOCKETPAIR, (family, type & ~_SOCK_FLAGS, proto))
+    return (EnclaveSocket(family, type, proto, fileno=fd1), EnclaveSocket(family, type, proto, fileno=fd2))
+
+
+# -- name resolution ----------------------------------------------------------------------------
+
+
+def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> list[Any]:  # noqa: A002
+    h = b"" if host is None else (host.encode("idna") if isinstance(host, str) else bytes(host))
+    p = b"" if port is None else (str(port).encode() if isinstance(port, int) else port.encode() if isinstance(port, str) else bytes(port))
+    result, err, value = scheduler.get().host_call(Op.GETADDRINFO, (family, type, proto, flags), h + b"\0" + p)
+    if result < 0:
+        if err:
+            _raise(err)
+        raise socket.gaierror(value, _gai_message(value))
+    return [
+        (socket._intenum_converter(f, socket.AddressFamily), socket._intenum_converter(t, socket.SocketKind), pr, c, sa)  # type: ignore[attr-defined]
+        for f, t, pr, c, sa in value
+    ]
+
+
+def _gai_message(code: int) -> str:
+    return {
+        socket.EAI_NONAME: "Name or service not known",
+        socket.EAI_AGAIN: "Temporary failure in name resolution",
+        socket.EAI_SERVICE: "Servname not supported for ai_socktype",
+        socket.EAI_FAMILY: "ai_family not supported",
+    }.get(code, "name resolution failed")
+
+
+def gethostname() -> str:
+    return bytes(_call(Op.GETHOSTNAME)[1]).decode("utf-8", "replace")
+
+
+def gethostbyname(hostname: str) -> str:
+    return str(getaddrinfo(hostname, None, socket.AF_INET)[0][4][0])
+
+
+def gethostbyname_ex(hostname: str) -> tuple[str, list[str], list[str]]:
+    infos = getaddrinfo(hostname, None, socket.AF_INET, 0, 0, socket.AI_CANONNAME)
+    addrs = list(dict.fromkeys(i[4][0] for i in infos))
+    return (infos[0][3] or hostname, [], addrs)
+
+
+def getnameinfo(sockaddr: Any, flags: int) -> tuple[str, str]:
+    family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+    data = abi.encode_sockaddr(family, sockaddr)
+    result, err, value = scheduler.get().host_call(Op.GETNAMEINFO, (family, flags), data)
+    if result < 0:
+        if err:
+            _raise(err)
+        raise socket.gaierror(value, _gai_message(value))
+    return value  # type: ignore[no-any-return]
+
+
+def gethostbyaddr(ip: str) -> tuple[str, list[str], list[str]]:
+    info = getaddrinfo(ip, None)[0]
+    name, _ = getnameinfo(info[4], socket.NI_NAMEREQD)
+    return (name, [], [info[4][0]])
+
+
+# -- select -------------------------------------------------------------------------------------
+
+
+def _fileno(obj: Any) -> int:
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if not isinstance(fd, int):
+        raise TypeError("fileno() returned a non-integer")
+    if fd < 0:
+        raise ValueError(f"file descriptor cannot be a negative integer ({fd})")
+    return fd
+
+
+def _poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
+    """Wait until one of ``fds`` is ready or ``timeout`` seconds pass (None: forever)."""
+    for fd, _ in fds:
+        _fds.kind(fd)  # EBADF for a descriptor the enclave never opened
+    if not fds:
+        if timeout is None:
+            raise OSError(errno.EINVAL, "waiting forever on nothing")
+        scheduler.get().sleep(timeout)
+        return []
+    wait = timeout is None or timeout > 0
+    result, err, value = scheduler.get().host_call(
+        Op.POLL, (len(fds),), abi.encode_pollfds(fds), wait=wait, timeout=timeout if wait else None
+    )
+    if result < 0:
+        if err == errno.ETIMEDOUT:
+            return []
+        _raise(err)
+    return value  # type: ignore[no-any-return]
+
+
+def select_(rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> tuple[list[Any], list[Any], list[Any]]:
+    if timeout is not None:
+        timeout = float(timeout)
+        if timeout < 0:
+            raise ValueError("timeout must be non-negative")
+    want: dict[int, int] = {}
+    objs: dict[tuple[int, int], list[Any]] = {}
+    for lst, ev in ((rlist, abi.POLLIN), (wlist, abi.POLLOUT), (xlist, abi.POLLPRI)):
+        for obj in lst:
+            fd = _fileno(obj)
+            want[fd] = want.get(fd, 0) | ev
+            objs.setdefault((fd, ev), []).append(obj)
+    ready = dict(_poll(list(want.items()), timeout))
+    out: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    for i, (lst, ev) in enumerate(((rlist, abi.POLLIN), (wlist, abi.POLLOUT), (xlist, abi.POLLPRI))):
+        extra = abi.POLLHUP | abi.POLLERR if ev != abi.POLLPRI else 0
+        for obj in lst:
+            if ready.get(_fileno(obj), 0) & (ev | extra):
+                out[i].append(obj)
+    return out
+
+
+class Poll:
+    """``select.poll()`` in the enclave."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def register(self, fd: Any, eventmask: int = abi.POLLIN | abi.POLLPRI | abi.POLLOUT) -> None:
+        self._fds[_fileno(fd)] = eventmask & 0xFFFF
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        f = _fileno(fd)
+        if f not in self._fds:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self._fds[f] = eventmask & 0xFFFF
+
+    def unregister(self, fd: Any) -> None:
+        del self._fds[_fileno(fd)]
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        t = None if timeout is None or timeout < 0 else timeout / 1000.0
+        return _poll(list(self._fds.items()), t)
+
+
+_EPOLL_TO_POLL = abi.POLLIN | abi.POLLPRI | abi.POLLOUT | abi.POLLERR | abi.POLLHUP
+
+
+class Epoll:
+    """``select.epoll()`` in the enclave (level-triggered)."""
+
+    def __init__(self, sizehint: int = -1, flags: int = 0) -> None:
+        self._fds: dict[int, int] = {}
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on closed epoll object")
+
+    def register(self, fd: Any, eventmask: int = select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT) -> None:
+        self._check()
+        f = _fileno(fd)
+        if f in self._fds:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        self._fds[f] = eventmask
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        self._check()
+        f = _fileno(fd)
+        if f not in self._fds:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self._fds[f] = eventmask
+
+    def unregister(self, fd: Any) -> None:
+        self._check()
+        f = _fileno(fd)
+        if f not in self._fds:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        del self._fds[f]
+
+    def poll(self, timeout: float | None = None, maxevents: int = -1) -> list[tuple[int, int]]:
+        self._check()
+        t = None if timeout is None or timeout < 0 else float(timeout)
+        ready = _poll([(fd, ev & _EPOLL_TO_POLL) for fd, ev in self._fds.items()], t)
+        return ready if maxevents < 0 else ready[:maxevents]
+
+    def close(self) -> None:
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return -1
+
+    def __enter__(self) -> Epoll:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def install(slot_data: int) -> None:
+    global _slot_data
+    _slot_data = slot_data
+    socket.socket = EnclaveSocket  # type: ignore[misc]
+    socket.SocketType = EnclaveSocket  # type: ignore[misc]
+    socket.socketpair = socketpair
+    socket.getaddrinfo = getaddrinfo
+    socket.gethostname = gethostname
+    socket.gethostbyname = gethostbyname
+    socket.gethostbyname_ex = gethostbyname_ex
+    socket.gethostbyaddr = gethostbyaddr
+    socket.getnameinfo = getnameinfo
+    select.select = select_
+    select.poll = Poll  # type: ignore[assignment]
+    select.epoll = Epoll  # type: ignore[misc,assignment]
+    for name in ("devpoll", "kqueue"):
+        if hasattr(select, name):
+            delattr(select, name)
+    # selectors binds select.poll/select.epoll as class attributes at import time:
+    # import it afresh so its selectors (and socketserver's, asyncio's) use ours.
+    import sys
+
+    for name in ("selectors", "socketserver", "subprocess"):
+        sys.modules.pop(name, None)
+    import selectors  # noqa: F401

@@ -1,0 +1,124 @@
+"""The enclave's system-call client: slots, the request ring, the response ring.
+
+The client is the single producer of requests and the single consumer of
+responses.  It owns the free-slot list and the set of outstanding slots, so it
+can check everything the host says about the rings themselves: a response
+counter that runs ahead of what could be outstanding, a slot id out of range,
+a slot that was never submitted or is answered twice.  (What a reply *says* is
+checked afterwards by ``iago.validate``.)
+
+Waiting is spin-then-sleep: spin on the response counter for an adaptive,
+bounded time, then set the "enclave sleeping" flag, re-check, and block in
+``epoll_wait`` on the doorbell.  The host rings only when the flag is set, so a
+busy enclave costs the host no doorbell syscalls.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from pyscone import abi, rings
+from pyscone.enclave.iago import HostViolation, fail_stop
+
+#: Upper bound on one sleep: a doorbell lost to store reordering costs at most this.
+WATCHDOG_S = 0.05
+
+
+class SyscallClient:
+    def __init__(self, region: rings.SharedRegion, doorbell_host: int, doorbell_enclave: int, spin_us: int) -> None:
+        self.region = region
+        self.mm = region.mm
+        self.geometry = g = region.geometry
+        self.requests = rings.request_producer(region)
+        self.responses = rings.response_consumer(region)
+        self.doorbell_host = doorbell_host
+        self.doorbell_enclave = doorbell_enclave
+        self.free: list[int] = list(range(g.nslots - 1, -1, -1))
+        self.outstanding: set[int] = set()
+        self.slot_data = g.slot_data
+        self._slot_off = [g.slot_off(i) for i in range(g.nslots)]
+        self.ep = select.epoll()
+        self.ep.register(doorbell_enclave, select.EPOLLIN)
+        self.spin_max = spin_us / 1e6
+        self.spin = self.spin_max
+        self.calls = 0
+        self.doorbells = 0
+        self.sleeps = 0
+        self.watchdog_wakeups = 0
+
+    def submit(self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview) -> int:
+        """Copy a request into a free slot and publish it.  The caller ensured a slot is free."""
+        sid = self.free.pop()
+        off = self._slot_off[sid]
+        n = len(data)
+        a = args + (0,) * (6 - len(args))
+        abi.REQ.pack_into(self.mm, off, op, flags, a[0], a[1], a[2], a[3], a[4], a[5], n)
+        if n:
+            self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + n] = data
+        self.outstanding.add(sid)
+        self.requests.push(sid)
+        self.calls += 1
+        if self.region.flag(abi.OFF_HOST_SLEEPING):
+            self.doorbells += 1
+            os.eventfd_write(self.doorbell_host, 1)
+        return sid
+
+    def collect(self) -> list[int]:
+        """Take every answered slot id from the response ring, checking the ring itself."""
+        resp = self.responses
+        tail = resp.peek_tail()
+        if tail == resp.head:
+            return []
+        if not 0 < tail - resp.head <= len(self.outstanding):
+            fail_stop(f"response ring claims {tail - resp.head} answers with {len(self.outstanding)} outstanding")
+        sids = resp.take(tail)
+        outstanding = self.outstanding
+        for sid in sids:
+            if sid not in outstanding:
+                what = "out of range" if sid >= self.geometry.nslots else "not outstanding (forged or duplicated)"
+                fail_stop(f"response names slot {sid}, which is {what}")
+            outstanding.remove(sid)
+        return sids
+
+    def read_reply(self, sid: int) -> tuple[int, int, bytes]:
+        """Copy a reply out of its slot exactly once, and free the slot."""
+        off = self._slot_off[sid]
+        result, err, n = abi.RESP.unpack_from(self.mm, off + abi.RESP_OFF)
+        if n > self.slot_data:
+            fail_stop(f"reply of {n} bytes exceeds the slot size {self.slot_data}")
+        data = self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + n] if n else b""
+        self.free.append(sid)
+        return result, err, data
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until the response ring may have something, or ``timeout`` passes."""
+        resp = self.responses
+        spin_until = time.perf_counter() + self.spin
+        while time.perf_counter() < spin_until:
+            if resp.pending():
+                self.spin = min(self.spin * 2, self.spin_max)
+                return
+        # The spin was wasted: halve it (not below 1/16 of the maximum), so an idle
+        # enclave stops burning the core that the host needs.
+        self.spin = max(self.spin / 2, self.spin_max / 16)
+        region = self.region
+        region.set_flag(abi.OFF_ENCLAVE_SLEEPING, 1)
+        if resp.pending():
+            region.set_flag(abi.OFF_ENCLAVE_SLEEPING, 0)
+            return
+        self.sleeps += 1
+        wait = WATCHDOG_S if timeout is None else min(max(timeout, 0.0), WATCHDOG_S)
+        events = self.ep.poll(wait)
+        region.set_flag(abi.OFF_ENCLAVE_SLEEPING, 0)
+        if events:
+            try:
+                os.eventfd_read(self.doorbell_enclave)
+            except BlockingIOError:
+                pass
+        elif resp.pending():
+            self.watchdog_wakeups += 1
+
+
+__all__ = ["HostViolation", "SyscallClient", "WATCHDOG_S"]

@@ -1,0 +1,700 @@
+"""The host's system-call executor (UNTRUSTED): S-threads and a reactor.
+
+Theory of operation
+-------------------
+One *dispatcher* thread consumes the request ring.  For each slot it reads the
+opcode and runs the matching handler:
+
+* calls bounded by memory speed (socket operations, which are always
+  non-blocking here, reads and writes of regular files, fstat, lseek, close)
+  run inline on the dispatcher;
+* a socket call that would block and carries ``FLAG_WAIT`` is *parked* on the
+  reactor, an epoll set owned by the dispatcher, and retried when its fd is
+  ready.  Thousands of lthreads blocked in ``accept``/``recv`` therefore cost
+  one epoll registration each, not one thread each;
+* calls that may block on a device or forever (open, fsync, metadata updates,
+  console reads and writes, name resolution) go to a pool of S-threads.
+
+The dispatcher's epoll set also holds the request doorbell, so "sleep until
+there is a request or a socket is ready" is one ``epoll_wait``.  Before it
+sleeps it spins for a bounded, adaptive time and sets the ``host sleeping``
+flag, so the enclave rings the doorbell only when the host really sleeps.
+
+Completed calls are pushed to the response ring (under a lock, since pool
+threads complete calls too); the enclave's doorbell is rung only when the
+enclave said it is sleeping.
+
+``Hostile`` turns this executor into a lying host for the Iago tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyscone import abi, rings
+from pyscone.abi import Op
+
+Answer = tuple[int, int, bytes]
+_OK: Answer = (0, 0, b"")
+
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+_ALWAYS = select.EPOLLERR | select.EPOLLHUP
+
+
+class _WouldBlock(Exception):
+    """Raised by a socket handler that must be parked until ``fd`` is ready."""
+
+    def __init__(
+        self, fd: int, mask: int, retry: Callable[[], Answer] | None = None, nowait: Answer | None = None
+    ) -> None:
+        self.fd = fd
+        self.mask = mask
+        self.retry = retry
+        self.nowait = nowait  # the answer when the caller does not wait (default EAGAIN)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    sid: int
+    fds: list[tuple[int, int]]  # (fd, epoll mask)
+    retry: Callable[[], Answer]
+    op: int
+    args: tuple[int, ...]
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    parked: int = 0
+    pooled: int = 0
+    doorbells_sent: int = 0
+    sleeps: int = 0
+    watchdog_wakeups: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+def _err(e: OSError) -> Answer:
+    return (-1, e.errno or errno.EIO, b"")
+
+
+class Executor:
+    """Executes the enclave's system calls on the host."""
+
+    def __init__(
+        self,
+        region: rings.SharedRegion,
+        doorbell_in: int,
+        doorbell_out: int,
+        *,
+        sthreads: int = 3,
+        spin_us: int = 50,
+        hostile: str | None = None,
+    ) -> None:
+        if sthreads < 1:
+            raise ValueError("at least one S-thread (the dispatcher) is needed")
+        self.region = region
+        self.geometry = region.geometry
+        self.mm = region.mm
+        self.doorbell_in = doorbell_in
+        self.doorbell_out = doorbell_out
+        self.requests = rings.request_consumer(region)
+        self.responses = rings.response_producer(region)
+        self.spin_max = spin_us / 1e6
+        self.spin = self.spin_max
+        self.stats = Stats()
+        self._resp_lock = threading.Lock()
+        self._stop = False
+        self._ep = select.epoll()
+        self._ep.register(doorbell_in, select.EPOLLIN)
+        self._fdwait: dict[int, list[_Waiter]] = {}
+        self._fdmask: dict[int, int] = {}
+        self._parked: dict[int, _Waiter] = {}
+        self._socks: dict[int, socket.socket] = {}
+        self._files: set[int] = set()
+        self._pool_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._pool = [
+            threading.Thread(target=self._pool_main, name=f"pyscone-sthread-{i}", daemon=True)
+            for i in range(sthreads - 1)
+        ]
+        self._thread = threading.Thread(target=self._dispatch_main, name="pyscone-dispatcher", daemon=True)
+        self.hostile = Hostile.parse(hostile) if hostile else None
+        self._handlers: dict[int, Callable[[tuple[int, ...], bytes], Answer]] = {
+            Op.NOP: lambda a, d: _OK,
+            Op.OPEN: self._open,
+            Op.CLOSE: self._close,
+            Op.READ: self._read,
+            Op.WRITE: self._write,
+            Op.PREAD: lambda a, d: (len(b := os.pread(a[0], a[1], a[2])), 0, b),
+            Op.PWRITE: lambda a, d: (os.pwrite(a[0], d, a[1]), 0, b""),
+            Op.LSEEK: lambda a, d: (os.lseek(a[0], a[1], a[2]), 0, b""),
+            Op.FSTAT: lambda a, d: (0, 0, abi.stat_from_os(os.fstat(a[0])).pack()),
+            Op.STAT: self._stat,
+            Op.LISTDIR: self._listdir,
+            Op.MKDIR: lambda a, d: (os.mkdir(_path(d), a[0]), _OK)[1],
+            Op.RMDIR: lambda a, d: (os.rmdir(_path(d)), _OK)[1],
+            Op.UNLINK: lambda a, d: (os.unlink(_path(d)), _OK)[1],
+            Op.RENAME: self._rename,
+            Op.FSYNC: lambda a, d: (os.fsync(a[0]), _OK)[1],
+            Op.FTRUNCATE: lambda a, d: (os.ftruncate(a[0], a[1]), _OK)[1],
+            Op.ACCESS: lambda a, d: (int(not os.access(_path(d), a[0])), 0, b""),
+            Op.CHMOD: lambda a, d: (os.chmod(_path(d), a[0]), _OK)[1],
+            Op.UTIME: self._utime,
+            Op.READLINK: lambda a, d: (0, 0, os.fsencode(os.readlink(_path(d)))),
+            Op.SYMLINK: self._symlink,
+            Op.ISATTY: lambda a, d: (int(os.isatty(a[0])), 0, b""),
+            Op.SOCKET: self._socket,
+            Op.SOCKETPAIR: self._socketpair,
+            Op.BIND: lambda a, d: (self._sock(a[0]).bind(self._addr(a[0], d)), _OK)[1],
+            Op.LISTEN: lambda a, d: (self._sock(a[0]).listen(a[1]), _OK)[1],
+            Op.ACCEPT: self._accept,
+            Op.CONNECT: self._connect,
+            Op.SEND: self._send,
+            Op.RECV: self._recv,
+            Op.SENDTO: self._sendto,
+            Op.RECVFROM: self._recvfrom,
+            Op.SHUTDOWN: lambda a, d: (self._sock(a[0]).shutdown(a[1]), _OK)[1],
+            Op.SETSOCKOPT: self._setsockopt,
+            Op.GETSOCKOPT: self._getsockopt,
+            Op.GETSOCKNAME: lambda a, d: self._name(a[0], self._sock(a[0]).getsockname()),
+            Op.GETPEERNAME: lambda a, d: self._name(a[0], self._sock(a[0]).getpeername()),
+            Op.GETADDRINFO: self._getaddrinfo,
+            Op.GETHOSTNAME: lambda a, d: (0, 0, socket.gethostname().encode()),
+            Op.GETNAMEINFO: self._getnameinfo,
+            Op.POLL: self._poll,
+        }
+        # Calls that may block on a device or forever run on the S-thread pool.
+        self._pooled = frozenset(
+            {Op.OPEN, Op.FSYNC, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FTRUNCATE}
+            | {Op.ACCESS, Op.CHMOD, Op.UTIME, Op.READLINK, Op.SYMLINK, Op.GETADDRINFO, Op.GETNAMEINFO}
+        )
+        if not self._pool:  # one S-thread: the dispatcher does everything
+            self._pooled = frozenset()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        for t in self._pool:
+            t.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        os.eventfd_write(self.doorbell_in, 1)
+        for _ in self._pool:
+            self._pool_q.put(None)
+        self._thread.join(timeout=5)
+        for s in self._socks.values():
+            s.close()
+        for fd in self._files:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._ep.close()
+
+    # -- dispatcher -----------------------------------------------------------------------
+
+    def _dispatch_main(self) -> None:
+        reqs, region, ep = self.requests, self.region, self._ep
+        done: list[int] = []
+        spin_until = 0.0
+        while not self._stop:
+            tail = reqs.peek_tail()
+            busy = False
+            if tail != reqs.head:
+                for sid in reqs.take(tail):
+                    self._dispatch(sid, done)
+                busy = True
+            if self._fdwait:
+                for fd, ev in ep.poll(0):
+                    if fd == self.doorbell_in:
+                        continue
+                    self._on_ready(fd, ev, done)
+                    busy = True
+            if done:
+                self._publish(done)
+                done = []
+            now = time.perf_counter()
+            if busy:
+                spin_until = now + self.spin
+                continue
+            if now < spin_until:
+                continue
+            # Idle: announce that we sleep, re-check, then wait for the doorbell or a socket.
+            region.set_flag(abi.OFF_HOST_SLEEPING, 1)
+            if reqs.pending():
+                region.set_flag(abi.OFF_HOST_SLEEPING, 0)
+                continue
+            self.stats.sleeps += 1
+            events = ep.poll(0.1)
+            region.set_flag(abi.OFF_HOST_SLEEPING, 0)
+            if not events and reqs.pending():
+                self.stats.watchdog_wakeups += 1
+            for fd, ev in events:
+                if fd == self.doorbell_in:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._on_ready(fd, ev, done)
+            spin_until = time.perf_counter() + self.spin
+
+    def _dispatch(self, sid: int, done: list[int]) -> None:
+        if sid >= self.geometry.nslots:
+            return  # a broken enclave; nothing sensible to answer
+        off = self.geometry.slot_off(sid)
+        op, flags, *args, dlen = abi.REQ.unpack_from(self.mm, off)
+        self.stats.requests += 1
+        if op == Op.CANCEL:
+            self._cancel(args[0], done)
+            self._answer(sid, _OK)
+            done.append(sid)
+            return
+        if op in self._pooled or (op in (Op.READ, Op.WRITE) and args[0] not in self._socks and args[0] not in self._files):
+            self.stats.pooled += 1
+            self._pool_q.put(sid)
+            return
+        data = bytes(self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + dlen]) if dlen else b""
+        self._run(sid, op, flags, tuple(args), data, done)
+
+    def _run(self, sid: int, op: int, flags: int, args: tuple[int, ...], data: bytes, done: list[int]) -> None:
+        handler = self._handlers.get(op)
+        try:
+            if handler is None:
+                ans: Answer = (-1, errno.ENOSYS, b"")
+            else:
+                ans = handler(args, data)
+        except _WouldBlock as wb:
+            if flags & abi.FLAG_WAIT:
+                retry = wb.retry or (lambda: self._retry(op, args, data))
+                if isinstance(wb, _MultiWait):
+                    fds = [(fd, _epoll_mask(ev)) for fd, ev in wb.req]
+                else:
+                    fds = [(wb.fd, wb.mask)]
+                self._park(_Waiter(sid, fds, retry, op, args))
+                return
+            ans = wb.nowait or (-1, errno.EAGAIN, b"")
+        except OSError as e:
+            ans = _err(e)
+        except (ValueError, TypeError, OverflowError, UnicodeError, struct.error):
+            ans = (-1, errno.EINVAL, b"")
+        self._answer(sid, ans, op, args)
+        done.append(sid)
+
+    def _retry(self, op: int, args: tuple[int, ...], data: bytes) -> Answer:
+        return self._handlers[op](args, data)
+
+    def _answer(self, sid: int, ans: Answer, op: int = Op.NOP, args: tuple[int, ...] = ()) -> None:
+        result, err, payload = ans
+        if self.hostile is not None:
+            result, err, payload = self.hostile.lie(op, args, result, err, payload, self)
+        off = self.geometry.slot_off(sid)
+        n = len(payload)
+        if n:
+            self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + n] = payload
+        abi.RESP.pack_into(self.mm, off + abi.RESP_OFF, result, err, n)
+
+    def _publish(self, sids: list[int]) -> None:
+        if self.hostile is not None:
+            sids = self.hostile.forge_ids(sids, self)
+        with self._resp_lock:
+            self.responses.push_many(sids)
+        if self.region.flag(abi.OFF_ENCLAVE_SLEEPING):
+            self.stats.doorbells_sent += 1
+            os.eventfd_write(self.doorbell_out, 1)
+
+    # -- the S-thread pool -------------------------------------------------------------
+
+    def _pool_main(self) -> None:
+        while True:
+            sid = self._pool_q.get()
+            if sid is None:
+                return
+            off = self.geometry.slot_off(sid)
+            op, flags, *args, dlen = abi.REQ.unpack_from(self.mm, off)
+            data = bytes(self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + dlen]) if dlen else b""
+            done: list[int] = []
+            self._run(sid, op, flags & ~abi.FLAG_WAIT, tuple(args), data, done)
+            if done:
+                self._publish(done)
+
+    # -- reactor --------------------------------------------------------------------------
+
+    def _park(self, w: _Waiter) -> None:
+        self.stats.parked += 1
+        self._parked[w.sid] = w
+        for fd, mask in w.fds:
+            self._fdwait.setdefault(fd, []).append(w)
+            self._rearm(fd)
+
+    def _unpark(self, w: _Waiter) -> None:
+        del self._parked[w.sid]
+        for fd, _ in w.fds:
+            waiters = self._fdwait.get(fd)
+            if waiters is not None:
+                waiters.remove(w)
+                self._rearm(fd)
+
+    def _rearm(self, fd: int) -> None:
+        waiters = self._fdwait.get(fd)
+        mask = 0
+        for w in waiters or ():
+            for wfd, m in w.fds:
+                if wfd == fd:
+                    mask |= m
+        old = self._fdmask.get(fd, 0)
+        if mask == old:
+            if not waiters:
+                self._fdwait.pop(fd, None)
+            return
+        try:
+            if not mask:
+                self._ep.unregister(fd)
+                del self._fdmask[fd]
+                self._fdwait.pop(fd, None)
+            elif not old:
+                self._ep.register(fd, mask)
+                self._fdmask[fd] = mask
+            else:
+                self._ep.modify(fd, mask)
+                self._fdmask[fd] = mask
+        except OSError:  # closed under us: the waiters are failed by _close
+            self._fdmask.pop(fd, None)
+
+    def _on_ready(self, fd: int, ev: int, done: list[int]) -> None:
+        for w in list(self._fdwait.get(fd, ())):
+            if w.sid not in self._parked:
+                continue
+            try:
+                ans = w.retry()
+            except _WouldBlock:
+                continue
+            except OSError as e:
+                ans = _err(e)
+            self._unpark(w)
+            self._answer(w.sid, ans, w.op, w.args)
+            done.append(w.sid)
+
+    def _cancel(self, target: int, done: list[int]) -> None:
+        w = self._parked.get(target)
+        if w is None:
+            return  # already answered (or running on the pool): the enclave uses that answer
+        self._unpark(w)
+        self._answer(target, (-1, errno.ECANCELED, b""))
+        done.append(target)
+
+    def _fail_waiters(self, fd: int, done: list[int] | None) -> None:
+        for w in list(self._fdwait.get(fd, ())):
+            self._unpark(w)
+            self._answer(w.sid, (-1, errno.EBADF, b""))
+            if done is not None:
+                done.append(w.sid)
+            else:
+                self._publish([w.sid])
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _open(self, a: tuple[int, ...], d: bytes) -> Answer:
+        fd = os.open(_path(d), a[0] | os.O_CLOEXEC, a[1])
+        self._files.add(fd)
+        return (fd, 0, b"")
+
+    def _close(self, a: tuple[int, ...], d: bytes) -> Answer:
+        fd = a[0]
+        if fd in self._fdwait:
+            self._fail_waiters(fd, None)
+        if fd in self._fdmask:
+            try:
+                self._ep.unregister(fd)
+            except OSError:
+                pass
+            del self._fdmask[fd]
+        sock = self._socks.pop(fd, None)
+        if sock is not None:
+            sock.close()
+            return _OK
+        if fd <= 2:
+            return _OK  # the console stays open for the launcher
+        self._files.discard(fd)
+        os.close(fd)
+        return _OK
+
+    def _read(self, a: tuple[int, ...], d: bytes) -> Answer:
+        sock = self._socks.get(a[0])
+        if sock is not None:
+            return self._recv((a[0], a[1], 0), d)
+        b = os.read(a[0], a[1])
+        return (len(b), 0, b)
+
+    def _write(self, a: tuple[int, ...], d: bytes) -> Answer:
+        sock = self._socks.get(a[0])
+        if sock is not None:
+            return self._send((a[0], 0), d)
+        return (os.write(a[0], d), 0, b"")
+
+    def _stat(self, a: tuple[int, ...], d: bytes) -> Answer:
+        return (0, 0, abi.stat_from_os(os.stat(_path(d), follow_symlinks=bool(a[0]))).pack())
+
+    def _listdir(self, a: tuple[int, ...], d: bytes) -> Answer:
+        start = a[0]
+        names: list[abi.Dirent] = []
+        budget = self.geometry.slot_data - abi.DIRENTS_HEAD.size
+        more = False
+        with os.scandir(_path(d)) as it:
+            for i, entry in enumerate(it):
+                if i < start:
+                    continue
+                raw = entry.name.encode("utf-8", "surrogateescape")
+                cost = abi.DIRENT.size + len(raw)
+                if cost > budget:
+                    more = True
+                    break
+                budget -= cost
+                try:
+                    dt = (
+                        abi.DT_LNK if entry.is_symlink() else
+                        abi.DT_DIR if entry.is_dir(follow_symlinks=False) else
+                        abi.DT_REG if entry.is_file(follow_symlinks=False) else abi.DT_OTHER
+                    )  # fmt: skip
+                except OSError:
+                    dt = abi.DT_UNKNOWN
+                names.append(abi.Dirent(entry.name, dt))
+        return (len(names), 0, abi.encode_dirents(names, more))
+
+    def _rename(self, a: tuple[int, ...], d: bytes) -> Answer:
+        src, dst = d.split(b"\0", 1)
+        os.replace(_path(src), _path(dst)) if a[0] else os.rename(_path(src), _path(dst))
+        return _OK
+
+    def _symlink(self, a: tuple[int, ...], d: bytes) -> Answer:
+        target, link = d.split(b"\0", 1)
+        os.symlink(_path(target), _path(link))
+        return _OK
+
+    def _utime(self, a: tuple[int, ...], d: bytes) -> Answer:
+        os.utime(_path(d), ns=(a[1], a[2]) if a[0] else None)
+        return _OK
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def _sock(self, fd: int) -> socket.socket:
+        s = self._socks.get(fd)
+        if s is None:
+            raise OSError(errno.ENOTSOCK if fd in self._files else errno.EBADF, "not a socket")
+        return s
+
+    def _adopt(self, s: socket.socket) -> int:
+        s.setblocking(False)
+        self._socks[s.fileno()] = s
+        return s.fileno()
+
+    def _addr(self, fd: int, d: bytes) -> abi.SockAddr:
+        return abi.decode_request_sockaddr(self._sock(fd).family, d)
+
+    def _name(self, fd: int, addr: object) -> Answer:
+        return (0, 0, abi.encode_result_sockaddr(self._sock(fd).family, addr))
+
+    def _socket(self, a: tuple[int, ...], d: bytes) -> Answer:
+        return (self._adopt(socket.socket(a[0], a[1], a[2])), 0, b"")
+
+    def _socketpair(self, a: tuple[int, ...], d: bytes) -> Answer:
+        s1, s2 = socket.socketpair(a[0], a[1], a[2])
+        return (self._adopt(s1), 0, struct.pack("<i", self._adopt(s2)))
+
+    def _accept(self, a: tuple[int, ...], d: bytes) -> Answer:
+        lsock = self._sock(a[0])
+        try:
+            conn, addr = lsock.accept()
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _IN) from None
+        return (self._adopt(conn), 0, abi.encode_result_sockaddr(lsock.family, addr))
+
+    def _connect(self, a: tuple[int, ...], d: bytes) -> Answer:
+        fd = a[0]
+        sock = self._sock(fd)
+        err = sock.connect_ex(self._addr(fd, d))
+        if err in (errno.EINPROGRESS, errno.EALREADY):
+
+            def finish() -> Answer:
+                e = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return (-1, e, b"") if e else _OK
+
+            raise _WouldBlock(fd, _OUT, finish)
+        return (-1, err, b"") if err else _OK
+
+    def _send(self, a: tuple[int, ...], d: bytes) -> Answer:
+        try:
+            return (self._sock(a[0]).send(d, a[1]), 0, b"")
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _OUT) from None
+
+    def _recv(self, a: tuple[int, ...], d: bytes) -> Answer:
+        try:
+            b = self._sock(a[0]).recv(a[1], a[2])
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _IN) from None
+        return (len(b), 0, b)
+
+    def _sendto(self, a: tuple[int, ...], d: bytes) -> Answer:
+        (alen,) = struct.unpack_from("<I", d, 0)
+        addr = self._addr(a[0], d[4 : 4 + alen])
+        try:
+            return (self._sock(a[0]).sendto(d[4 + alen :], a[1], addr), 0, b"")
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _OUT) from None
+
+    def _recvfrom(self, a: tuple[int, ...], d: bytes) -> Answer:
+        sock = self._sock(a[0])
+        try:
+            b, addr = sock.recvfrom(a[1], a[2])
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _IN) from None
+        enc = abi.encode_result_sockaddr(sock.family, addr) if addr is not None else b""
+        return (len(b), 0, struct.pack("<I", len(enc)) + enc + b)
+
+    def _setsockopt(self, a: tuple[int, ...], d: bytes) -> Answer:
+        self._sock(a[0]).setsockopt(a[1], a[2], d if a[3] else a[4])
+        return _OK
+
+    def _getsockopt(self, a: tuple[int, ...], d: bytes) -> Answer:
+        sock = self._sock(a[0])
+        if a[3]:
+            return (0, 0, sock.getsockopt(a[1], a[2], a[3]))
+        return (sock.getsockopt(a[1], a[2]), 0, b"")
+
+    def _getaddrinfo(self, a: tuple[int, ...], d: bytes) -> Answer:
+        host_b, port_b = d.split(b"\0", 1)
+        host = host_b.decode() if host_b else None
+        port = port_b.decode() if port_b else None
+        try:
+            infos = socket.getaddrinfo(host, port, a[0], a[1], a[2], a[3])
+        except socket.gaierror as e:
+            return (-1, 0, str(e.errno).encode())  # errno 0 + payload: a resolver error code
+        keep = [(f, t, p, c, sa) for f, t, p, c, sa in infos if f in (socket.AF_INET, socket.AF_INET6)]
+        return (len(keep), 0, abi.encode_addrinfo(keep))
+
+    def _getnameinfo(self, a: tuple[int, ...], d: bytes) -> Answer:
+        addr = abi.decode_request_sockaddr(a[0], d)
+        try:
+            host, port = socket.getnameinfo(addr, a[1])  # type: ignore[arg-type]
+        except socket.gaierror as e:
+            return (-1, 0, str(e.errno).encode())
+        return (0, 0, host.encode() + b"\0" + port.encode())
+
+    def _poll(self, a: tuple[int, ...], d: bytes) -> Answer:
+        req = [abi.POLLFD.unpack_from(d, i * abi.POLLFD.size)[:2] for i in range(a[0])]
+        p = select.poll()
+        for fd, ev in req:
+            p.register(fd, ev)
+        ready = dict(p.poll(0))
+        out = b"".join(abi.POLLFD.pack(fd, ev, ready.get(fd, 0) & 0xFFFF) for fd, ev in req)
+        if not ready and a[0]:
+            retry = lambda: self._poll(a, d)  # noqa: E731
+            if len(req) == 1:
+                raise _WouldBlock(req[0][0], _epoll_mask(req[0][1]), retry, nowait=(0, 0, out))
+            raise _MultiWait(req, retry, nowait=(0, 0, out))
+        return (len(ready), 0, out)
+
+
+class _MultiWait(_WouldBlock):
+    def __init__(self, req: list[tuple[int, int]], retry: Callable[[], Answer], nowait: Answer) -> None:
+        super().__init__(req[0][0], 0, retry, nowait)
+        self.req = req
+
+
+def _epoll_mask(poll_events: int) -> int:
+    mask = 0
+    if poll_events & (abi.POLLIN | abi.POLLPRI):
+        mask |= _IN
+    if poll_events & abi.POLLOUT:
+        mask |= _OUT
+    return mask | _ALWAYS
+
+
+def _path(d: bytes) -> str:
+    return d.decode("utf-8", "surrogateescape")
+
+
+# -- the lying host ---------------------------------------------------------------------
+
+
+@dataclass
+class Hostile:
+    """A host that lies once, in the way ``mode`` names, after ``skip`` chances.
+
+    Used only by the tests (``PYSCONE_TEST_HOSTILE=mode[:skip]``): every lie must
+    make the enclave stop with a host violation before the app sees bad data.
+    """
+
+    mode: str
+    skip: int = 0
+    fired: bool = False
+
+    MODES = (
+        "read-overflow", "write-overcount", "fd-alias", "bad-errno", "bad-stat", "bad-dirent",
+        "bad-sockaddr", "bad-poll", "forged-slot", "duplicate-slot", "slot-out-of-range", "ring-overrun",
+    )  # fmt: skip
+
+    @classmethod
+    def parse(cls, spec: str) -> Hostile:
+        mode, _, skip = spec.partition(":")
+        if mode not in cls.MODES:
+            raise ValueError(f"unknown hostile mode {mode!r}; one of {', '.join(cls.MODES)}")
+        return cls(mode, int(skip or 0))
+
+    def _chance(self) -> bool:
+        if self.fired:
+            return False
+        if self.skip:
+            self.skip -= 1
+            return False
+        self.fired = True
+        return True
+
+    def lie(self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Executor) -> Answer:
+        m = self.mode
+        if m == "read-overflow" and op in (Op.READ, Op.PREAD, Op.RECV) and result >= 0 and self._chance():
+            payload = payload + b"X" * 64
+            return (len(payload), 0, payload)
+        if m == "write-overcount" and op in (Op.WRITE, Op.SEND) and result >= 0 and self._chance():
+            return (result + 4096, 0, payload)
+        if m == "fd-alias" and op in abi.NEW_FD_OPS and result >= 0 and self._chance():
+            return (1, 0, payload)  # the console's stdout: already known to the enclave
+        if m == "bad-errno" and result < 0 and op != Op.NOP and self._chance():
+            return (-1, 99999, b"")
+        if m == "bad-stat" and op in (Op.STAT, Op.FSTAT) and result >= 0 and self._chance():
+            return (0, 0, b"\xff" * abi.STAT.size)
+        if m == "bad-dirent" and op == Op.LISTDIR and result >= 0 and self._chance():
+            return (1, 0, abi.DIRENTS_HEAD.pack(1, 0) + abi.DIRENT.pack(1, 6) + b"../etc")
+        if m == "bad-sockaddr" and op in (Op.ACCEPT, Op.GETSOCKNAME, Op.GETPEERNAME) and result >= 0 and self._chance():
+            return (result, 0, abi.INET_ADDR.pack(80, 0, 0) + b"not-an-ip")
+        if m == "bad-poll" and op == Op.POLL and result >= 0 and payload and self._chance():
+            fd, ev, _ = abi.POLLFD.unpack_from(payload, 0)
+            return (1, 0, abi.POLLFD.pack(fd + 1000, ev, abi.POLLIN) + payload[abi.POLLFD.size :])
+        return (result, err, payload)
+
+    def forge_ids(self, sids: list[int], ex: Executor) -> list[int]:
+        m = self.mode
+        if m == "forged-slot" and self._chance():
+            outstanding = set(sids)
+            forged = next(i for i in range(ex.geometry.nslots - 1, -1, -1) if i not in outstanding)
+            return [forged, *sids]
+        if m == "duplicate-slot" and self._chance():
+            return [sids[0], *sids]
+        if m == "slot-out-of-range" and self._chance():
+            return [ex.geometry.nslots + 7, *sids]
+        if m == "ring-overrun" and self._chance():
+            ex.responses.tail += ex.geometry.ring_size * 2
+            return sids
+        return sids

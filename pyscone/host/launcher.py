@@ -1,0 +1,108 @@
+"""``pyscone run``'s host side (UNTRUSTED): create untrusted memory, start the
+enclave process and serve its system calls until it exits.
+
+The enclave is started with an empty environment and ``python -I`` (so nothing
+from the host's environment reaches it), with ``/dev/null`` as its standard
+input, and with exactly four inherited descriptors: the shared memory, the two
+doorbells and a pipe that carries its start-up configuration.  Its stdout and
+stderr stay connected only so that a failure *before* lockdown can be reported;
+after lockdown the barrier forbids writing to them and all output goes through
+the system-call interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+from pyscone import abi, rings
+from pyscone.enclave.iago import EXIT_HOST_VIOLATION
+from pyscone.host.executor import Executor
+
+
+@dataclass
+class EnclaveConfig:
+    """What the enclave is told at start.  In production the CAS supplies argv and env."""
+
+    argv: list[str]
+    module: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    syscalls: str = "async"
+    spin_us: int = 50
+    heap: int = 1 << 30
+    barrier: bool = True
+    preload: list[str] = field(default_factory=list)
+    stats: bool = False
+    cpu_count: int = 1
+
+
+@dataclass
+class HostConfig:
+    """How the host serves the enclave: its shape is untrusted and not measured."""
+
+    slots: int = abi.DEFAULT_SLOTS
+    slot_data: int = abi.DEFAULT_SLOT_DATA
+    sthreads: int = 3
+    spin_us: int = 50
+    hostile: str | None = None
+
+
+def run(enclave: EnclaveConfig, host: HostConfig) -> int:
+    """Run one enclave to completion; return its exit status (128+N for signal N)."""
+    geometry = abi.Geometry(host.slots, host.slot_data)
+    region = rings.SharedRegion.create(geometry)
+    bell_host = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    bell_enclave = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    executor = Executor(
+        region, bell_host, bell_enclave, sthreads=host.sthreads, spin_us=host.spin_us, hostile=host.hostile
+    )
+    cfg_r, cfg_w = os.pipe()
+    boot = {
+        "shm_fd": region.fd,
+        "bell_host": bell_host,
+        "bell_enclave": bell_enclave,
+        **asdict(enclave),
+        "cwd": enclave.cwd or os.getcwd(),
+        "cpu_count": os.cpu_count() or 1,
+    }
+    executor.start()
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the enclave decides what ^C means
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-X", "utf8", "-m", "pyscone.enclave", str(cfg_r)],
+            pass_fds=(region.fd, bell_host, bell_enclave, cfg_r),
+            env={},
+            stdin=subprocess.DEVNULL,
+            restore_signals=True,
+        )
+        os.close(cfg_r)
+        with os.fdopen(cfg_w, "wb") as f:
+            f.write(json.dumps(boot).encode())
+        old_term = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        executor.stop()
+    if code == EXIT_HOST_VIOLATION:
+        reason = region.read_fatal()
+        if reason:
+            print(f"pyscone: enclave stopped: {reason}", file=sys.stderr)
+    if enclave.stats:
+        s = executor.stats
+        print(
+            f"pyscone: host: {s.requests} calls, {s.parked} parked, {s.pooled} on S-threads, "
+            f"{s.doorbells_sent} doorbells, {s.sleeps} sleeps, {s.watchdog_wakeups} watchdog wake-ups",
+            file=sys.stderr,
+        )
+    region.close()
+    os.close(bell_host)
+    os.close(bell_enclave)
+    return 128 - code if code < 0 else code
