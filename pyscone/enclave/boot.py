@@ -56,6 +56,9 @@ def main() -> None:
 
     # 3. Interpose.
     threads.install()
+    # sys.path[0] as python sets it: the script's directory, or the cwd for -m.
+    app_dir = cfg["cwd"] if cfg["module"] else os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0]))
+    sys.path.insert(0, os.path.normpath(app_dir))
     for name in cfg["preload"]:
         try:
             __import__(name)
@@ -103,13 +106,11 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
         if cfg["module"]:
             import runpy
 
-            sys.path.insert(0, os.getcwd())
             runpy._run_module_as_main(argv[0], alter_argv=False)  # type: ignore[attr-defined]
         else:
             from pyscone.enclave.stdlib import files
 
             path = files.abspath(argv[0])
-            sys.path.insert(0, os.path.dirname(path))
             with open(path, "rb") as f:
                 source = f.read()
             importer.record(path, source, "source")

@@ -92,6 +92,7 @@ class Scheduler:
         self._cancelled: set[int] = set()
         self._stopping = False
         self._interrupt: BaseException | None = None
+        self._deferred: list[tuple[int, tuple[int, ...]]] = []
         self.main: LThread | None = None
         self.lthreads: dict[int, LThread] = {}
 
@@ -106,6 +107,8 @@ class Scheduler:
                 fn(*args)
             except greenlet.GreenletExit:
                 pass
+            except BaseException:  # noqa: BLE001 - never let an lthread's death reach the hub
+                _report_crash(lt)
             finally:
                 lt.done = True
                 self.lthreads.pop(ident, None)
@@ -151,6 +154,16 @@ class Scheduler:
         heapq.heappush(self._timers, (t.deadline, next(self._seq), t))
         return t
 
+    def defer(self, op: int, args: tuple[int, ...]) -> None:
+        """Queue a fire-and-forget host call (e.g. a close from a finalizer, which must not switch)."""
+        self._deferred.append((op, args))
+
+    def _flush_deferred(self) -> None:
+        while self._deferred and self.client.free:
+            op, args = self._deferred.pop()
+            sid = self.client.submit(op, 0, args, b"")
+            self._waiting[sid] = None  # an orphan: its reply is dropped
+
     def request_interrupt(self, exc: BaseException) -> None:
         """From a signal handler: deliver ``exc`` to the main lthread at the next switch."""
         self._interrupt = exc
@@ -181,7 +194,7 @@ class Scheduler:
         """
         client = self.client
         flags = 1 if wait else 0
-        if self.sync or self.current is None:
+        if self.sync or greenlet.getcurrent() is self.hub:
             result, err, payload = self._call_in_place(op, flags, args, data, timeout)
         else:
             while not client.free:
@@ -293,8 +306,12 @@ class Scheduler:
                 if lt.done:
                     continue
                 self.current = lt
-                lt.glet.switch(value)
-                self.current = None
+                try:
+                    lt.glet.switch(value)
+                finally:
+                    self.current = None
+                if self._deferred:
+                    self._flush_deferred()
                 if self._stopping:
                     return
             if self._interrupt is not None and self.main is not None:
@@ -327,6 +344,18 @@ class Scheduler:
                 del self.ready[i]
                 break
         self.ready.append((lt, _Interrupt(exc)))
+
+
+def _report_crash(lt: LThread) -> None:
+    """An exception escaped an lthread's top level: report it as the interpreter would."""
+    import sys
+    import traceback
+
+    try:
+        print(f"Exception in lthread {lt.name}:", file=sys.stderr)
+        traceback.print_exc()
+    except BaseException:  # noqa: BLE001 - the console itself may be what failed
+        pass
 
 
 _scheduler: Scheduler | None = None

@@ -73,13 +73,11 @@ def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = N
 
 def close(fd: int) -> None:
     _fds.kind(fd)
-    if fd <= 2:
-        _fds.forget(fd)
-        return
-    try:
+    # Forget the fd *before* the host closes it (Linux releases it even if close fails):
+    # the host may hand the number out again at once, to a call answered before ours.
+    _fds.forget(fd)
+    if fd > 2:
         _call(Op.CLOSE, (fd,))
-    finally:
-        _fds.forget(fd)
 
 
 def read(fd: int, n: int) -> bytes:
@@ -523,6 +521,41 @@ class EnclaveFileIO(io.RawIOBase):
         raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
 
+# -- buffered objects shared between lthreads ------------------------------------------------
+#
+# The C buffered classes guard their state with a lock keyed by the *OS thread*.  An
+# lthread that parks inside ``write`` (waiting for the host) still holds it, so a second
+# lthread on the same OS thread would hit "reentrant call inside <_io.BufferedWriter>".
+# These subclasses take an lthread-aware lock first: the second lthread waits its turn.
+
+_BUFFERED_METHODS = (
+    "read", "read1", "readinto", "readinto1", "readline", "readlines", "peek", "write", "writelines",
+    "flush", "seek", "tell", "truncate", "close", "detach", "__next__",
+)  # fmt: skip
+
+
+def _lthread_safe(cls: type) -> type:
+    from pyscone.enclave.stdlib.threads import RLock
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._pyscone_lock = RLock()
+        cls.__init__(self, *args, **kwargs)
+
+    ns: dict[str, Any] = {"__init__": init, "__module__": "io", "__qualname__": cls.__qualname__}
+    for name in _BUFFERED_METHODS:
+        orig = getattr(cls, name, None)
+        if orig is None:
+            continue
+
+        def wrapped(self: Any, *args: Any, _orig: Any = orig, **kwargs: Any) -> Any:
+            with self._pyscone_lock:
+                return _orig(self, *args, **kwargs)
+
+        wrapped.__name__ = name
+        ns[name] = wrapped
+    return type(cls.__name__, (cls,), ns)
+
+
 def open(  # noqa: A001 - it *is* open
     file: Path | int,
     mode: str = "r",
@@ -626,6 +659,8 @@ def install(cwd: str, slot_data: int) -> None:
     os.supports_fd = {os.stat, os.truncate}  # type: ignore[misc]
     os.supports_follow_symlinks = {os.stat, os.access, os.chmod, os.utime}  # type: ignore[misc]
     os.supports_effective_ids = set()  # type: ignore[misc]
+    for name in ("BufferedReader", "BufferedWriter", "BufferedRandom", "BufferedRWPair"):
+        setattr(io, name, _lthread_safe(getattr(io, name)))
     builtins.open = open
     import tokenize
 

@@ -250,10 +250,8 @@ class EnclaveSocket(_StdSocket):
     def _real_close(self, _ss: Any = None) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            try:
-                _call(Op.CLOSE, (fd,))
-            finally:
-                _fds.forget(fd)
+            _fds.forget(fd)  # before the host can reuse the number (see files.close)
+            _call(Op.CLOSE, (fd,))
 
     def detach(self) -> int:
         fd, self._fd = self._fd, -1
@@ -267,11 +265,13 @@ class EnclaveSocket(_StdSocket):
         raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0 and not self._closed and scheduler._scheduler is not None:
-            try:
-                self._real_close()
-            except Exception:  # noqa: BLE001 - a finalizer must not raise
-                pass
+        # An unclosed socket must not leak its host fd; but a finalizer may run in the
+        # middle of anything, so it must not switch lthreads: the close is deferred.
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0 and scheduler._scheduler is not None:
+            self._fd = -1
+            _fds.forget(fd)
+            scheduler._scheduler.defer(Op.CLOSE, (fd,))
 
 
 def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"") -> tuple[int, Any]:

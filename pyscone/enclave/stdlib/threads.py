@@ -183,19 +183,16 @@ def start_new_thread(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any
             function(*args, **kw)
         except SystemExit:
             pass
-        except BaseException as e:  # noqa: BLE001 - what _thread does: report, don't propagate
-            sys.unraisablehook(_Unraisable(e, function))
+        except BaseException:  # noqa: BLE001 - what _thread does: report, don't propagate
+            import traceback
+
+            try:
+                print(f"Exception ignored in thread started by: {function!r}", file=sys.stderr)
+                traceback.print_exc()
+            except BaseException:  # noqa: BLE001
+                pass
 
     return _sched().spawn(body).ident
-
-
-class _Unraisable:
-    def __init__(self, exc: BaseException, obj: object) -> None:
-        self.exc_type = type(exc)
-        self.exc_value = exc
-        self.exc_traceback = exc.__traceback__
-        self.err_msg = "Exception ignored in thread started by"
-        self.object = obj
 
 
 def _set_sentinel() -> Lock:
