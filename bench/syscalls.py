@@ -49,7 +49,7 @@ def run(threads: int, calls: int, directory: str | None) -> dict[str, float | in
                 for _ in range(per_thread):
                     if len(os.pread(fd, READ_BYTES, 0)) != READ_BYTES:
                         raise RuntimeError("short pread")
-            except BaseException as e:  # reported by the main thread
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
                 errors.append(e)
 
         pool = [threading.Thread(target=worker, name=f"pread-{i}") for i in range(threads)]

@@ -26,6 +26,7 @@ SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ = 4
 SCMP_CMP_MASKED_EQ = 7
 SCMP_FLTATR_CTL_TSYNC = 4
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
 
@@ -141,3 +142,15 @@ def no_dump() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise BarrierError(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
+
+
+def die_with_host(host_pid: int) -> None:
+    """SIGKILL this process when the launcher dies: an enclave never outlives its host."""
+    import os
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise BarrierError(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}")
+    if os.getppid() != host_pid:  # the launcher died before we asked
+        os._exit(137)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import traceback
 from typing import Any
@@ -78,9 +77,9 @@ def main() -> None:
     if cfg["heap"]:
         barrier.set_heap_limit(cfg["heap"])
     barrier.no_dump()
+    barrier.die_with_host(cfg["host_pid"])
     if cfg["barrier"]:
         barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
-    signal.signal(signal.SIGINT, lambda signum, frame: sched.request_interrupt(KeyboardInterrupt()))
     # The C traceback printer reads source lines with direct file I/O (refused by the
     # barrier); the pure-Python one reads them through the interposed open.
     sys.excepthook = lambda t, v, tb: traceback.print_exception(t, v, tb)

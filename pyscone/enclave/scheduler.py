@@ -240,6 +240,11 @@ class Scheduler:
                         return -1, errno.ETIMEDOUT, b""
                     return reply
                 self._dispatch_reply(s, reply)
+            if self._interrupt is not None and self.main is not None and greenlet.getcurrent() is self.main.glet:
+                # ^C while the main lthread waits in place (sync mode): abandon the call.
+                exc, self._interrupt = self._interrupt, None
+                self._send_cancel(sid)
+                raise exc
             remaining = None
             if deadline is not None and not cancelled:
                 remaining = deadline - time.monotonic()

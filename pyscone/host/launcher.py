@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -54,6 +55,10 @@ class HostConfig:
 
 def run(enclave: EnclaveConfig, host: HostConfig) -> int:
     """Run one enclave to completion; return its exit status (128+N for signal N)."""
+    # The host holds every fd the enclave opens: allow as many as the hard limit does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     geometry = abi.Geometry(host.slots, host.slot_data)
     region = rings.SharedRegion.create(geometry)
     bell_host = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -71,25 +76,27 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
         "cpu_count": os.cpu_count() or 1,
     }
     executor.start()
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the enclave decides what ^C means
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {}
     try:
+        # The enclave runs in its own session: the terminal's ^C reaches the launcher
+        # only, which forwards it once.  It dies with the launcher (PR_SET_PDEATHSIG).
         proc = subprocess.Popen(
             [sys.executable, "-I", "-X", "utf8", "-m", "pyscone.enclave", str(cfg_r)],
             pass_fds=(region.fd, bell_host, bell_enclave, cfg_r),
             env={},
             stdin=subprocess.DEVNULL,
-            restore_signals=True,
+            start_new_session=True,
         )
         os.close(cfg_r)
+        for sig in forwarded:
+            previous[sig] = signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
         with os.fdopen(cfg_w, "wb") as f:
-            f.write(json.dumps(boot).encode())
-        old_term = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-        try:
-            code = proc.wait()
-        finally:
-            signal.signal(signal.SIGTERM, old_term)
+            f.write(json.dumps({**boot, "host_pid": os.getpid()}).encode())
+        code = proc.wait()
     finally:
-        signal.signal(signal.SIGINT, old_int)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         executor.stop()
     if code == EXIT_HOST_VIOLATION:
         reason = region.read_fatal()

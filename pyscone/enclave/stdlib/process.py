@@ -1,14 +1,23 @@
-"""Processes and time: what an enclave cannot do, refused clearly; ``time.sleep`` on lthreads.
+"""Processes, signals and time.
 
 An enclave cannot create processes (SCONE and Gramine restrict the same).  Rather
 than the barrier's bare ``EPERM``, the app gets ``OSError(ENOSYS, "... is not
 supported inside a pyscone enclave")``, which it can catch and report.
+
+Signals: CPython runs a Python signal handler between two bytecodes of the main
+OS thread, which here may be the hub or any lthread.  So the OS-level handler is
+always ours; it runs the app's handler (as ``signal.getsignal`` reports it), turns
+the default SIGINT handler into a KeyboardInterrupt *in the main lthread*, never
+lets an exception escape into the hub, and writes the signal number to the
+wakeup fd, if one is set, through a host call (so ``loop.add_signal_handler``
+works).  ``time.sleep`` parks only the calling lthread.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from typing import Any, NoReturn
 
@@ -41,6 +50,73 @@ def sleep(seconds: float) -> None:
     scheduler.get().sleep(seconds)
 
 
+_app_handlers: dict[int, Any] = {}
+_wakeup_fd = -1
+
+
+def _dispatch(signum: int, frame: Any) -> None:
+    sched = scheduler.get()
+    handler = _app_handlers.get(signum, signal.default_int_handler)
+    if _wakeup_fd >= 0:
+        try:
+            os.write(_wakeup_fd, bytes([signum]))
+        except OSError:
+            pass
+    if handler is signal.default_int_handler:
+        sched.request_interrupt(KeyboardInterrupt())
+        return
+    if not callable(handler):
+        return
+    main = sched.main
+    if main is not None and greenlet_current() is main.glet:
+        handler(signum, frame)  # exceptions propagate in the main thread, as in CPython
+        return
+    try:
+        handler(signum, frame)
+    except BaseException as e:  # noqa: BLE001 - CPython raises it in the main thread
+        sched.request_interrupt(e)
+
+
+def greenlet_current() -> Any:
+    import greenlet
+
+    return greenlet.getcurrent()
+
+
+def _signal(signum: int, handler: Any) -> Any:
+    if handler in (signal.SIG_DFL, signal.SIG_IGN):
+        old = _app_handlers.pop(signum, None)
+        prev = _real_signal(signum, handler)
+        return old if old is not None else prev
+    if not callable(handler):
+        raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
+    old = getsignal(signum)
+    _real_signal(signum, _dispatch)
+    _app_handlers[signum] = handler
+    return old
+
+
+def getsignal(signum: int) -> Any:
+    if signum in _app_handlers:
+        return _app_handlers[signum]
+    current = _real_getsignal(signum)
+    return signal.default_int_handler if current is _dispatch else current
+
+
+def set_wakeup_fd(fd: int, *, warn_on_full_buffer: bool = True) -> int:
+    global _wakeup_fd
+    if fd != -1:
+        from pyscone.enclave import iago
+
+        iago.fds.kind(fd)  # EBADF unless the enclave opened it
+    old, _wakeup_fd = _wakeup_fd, fd
+    return old
+
+
+_real_signal = signal.signal
+_real_getsignal = signal.getsignal
+
+
 def install(cpu_count: int) -> None:
     import subprocess
 
@@ -52,3 +128,8 @@ def install(cpu_count: int) -> None:
     for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
         setattr(subprocess, name, _refuser(f"subprocess.{name}"))
     time.sleep = sleep
+    _app_handlers[signal.SIGINT] = signal.default_int_handler
+    _real_signal(signal.SIGINT, _dispatch)
+    signal.signal = _signal
+    signal.getsignal = getsignal
+    signal.set_wakeup_fd = set_wakeup_fd
