@@ -161,8 +161,7 @@ class StatResult:
         if len(data) != STAT.size:
             raise ABIError(f"stat payload is {len(data)} bytes, expected {STAT.size}")
         st = cls(*STAT.unpack(data))
-        kind = stat_mod.S_IFMT(st.mode)
-        if kind not in _FILE_KINDS or st.mode >> 16:
+        if not 0 <= st.mode < 1 << 16 or stat_mod.S_IFMT(st.mode) not in _FILE_KINDS:
             raise ABIError(f"stat mode {st.mode:#o} is not a valid file mode")
         if min(st.ino, st.nlink, st.uid, st.gid, st.size, st.blksize, st.blocks) < 0:
             raise ABIError("stat has a negative field")

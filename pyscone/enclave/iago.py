@@ -292,5 +292,5 @@ def validate(op: int, args: tuple[int, ...], req: bytes, result: int, err: int, 
         return result, 0, VALIDATORS[op](args, req, result, data)
     except HostViolation as e:
         fail_stop(f"{Op(op).name}: {e}")
-    except (abi.ABIError, struct.error, UnicodeError, ValueError) as e:
-        fail_stop(f"{Op(op).name}: {e}")
+    except Exception as e:  # noqa: BLE001 - whatever a reply breaks, we fail closed
+        fail_stop(f"{Op(op).name}: malformed reply ({type(e).__name__}: {e})")

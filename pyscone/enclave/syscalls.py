@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import select
 import time
+from collections import deque
 
 from pyscone import abi, rings
 from pyscone.enclave.iago import HostViolation, fail_stop
@@ -35,7 +36,9 @@ class SyscallClient:
         self.responses = rings.response_consumer(region)
         self.doorbell_host = doorbell_host
         self.doorbell_enclave = doorbell_enclave
-        self.free: list[int] = list(range(g.nslots - 1, -1, -1))
+        # FIFO, so consecutive calls use different slots: a replayed answer then names a
+        # slot that is not outstanding and is caught here, not mistaken for a fresh one.
+        self.free: deque[int] = deque(range(g.nslots))
         self.outstanding: set[int] = set()
         self.slot_data = g.slot_data
         self._slot_off = [g.slot_off(i) for i in range(g.nslots)]
@@ -50,7 +53,7 @@ class SyscallClient:
 
     def submit(self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview) -> int:
         """Copy a request into a free slot and publish it.  The caller ensured a slot is free."""
-        sid = self.free.pop()
+        sid = self.free.popleft()
         off = self._slot_off[sid]
         n = len(data)
         a = args + (0,) * (6 - len(args))

@@ -640,6 +640,7 @@ class Hostile:
     mode: str
     skip: int = 0
     fired: bool = False
+    last_id: int = -1
 
     MODES = (
         "read-overflow", "write-overcount", "fd-alias", "bad-errno", "bad-stat", "bad-dirent",
@@ -665,8 +666,9 @@ class Hostile:
     def lie(self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Executor) -> Answer:
         m = self.mode
         if m == "read-overflow" and op in (Op.READ, Op.PREAD, Op.RECV) and result >= 0 and self._chance():
-            payload = payload + b"X" * 64
-            return (len(payload), 0, payload)
+            # Claim one byte more than was asked for (the payload stays inside the slot).
+            forged = b"X" * min(args[1] + 1, ex.geometry.slot_data)
+            return (args[1] + 1, 0, forged)
         if m == "write-overcount" and op in (Op.WRITE, Op.SEND) and result >= 0 and self._chance():
             return (result + 4096, 0, payload)
         if m == "fd-alias" and op in abi.NEW_FD_OPS and result >= 0 and self._chance():
@@ -685,15 +687,17 @@ class Hostile:
         return (result, err, payload)
 
     def forge_ids(self, sids: list[int], ex: Executor) -> list[int]:
+        # Each lie keeps the count plausible, so it is the slot-id checks that must catch it.
         m = self.mode
+        last, self.last_id = self.last_id, sids[-1]
         if m == "forged-slot" and self._chance():
             outstanding = set(sids)
             forged = next(i for i in range(ex.geometry.nslots - 1, -1, -1) if i not in outstanding)
-            return [forged, *sids]
-        if m == "duplicate-slot" and self._chance():
-            return [sids[0], *sids]
+            return [forged, *sids[1:]]
+        if m == "duplicate-slot" and last >= 0 and last not in sids and self._chance():
+            return [last, *sids[1:]]  # replay an answer the enclave already consumed
         if m == "slot-out-of-range" and self._chance():
-            return [ex.geometry.nslots + 7, *sids]
+            return [ex.geometry.nslots + 7, *sids[1:]]
         if m == "ring-overrun" and self._chance():
             ex.responses.tail += ex.geometry.ring_size * 2
             return sids
