@@ -108,7 +108,7 @@ class Op(enum.IntEnum):
     SOCKETPAIR = 41  # a0=family a1=type a2=proto -> fd, data=i32 second fd
     BIND = 42  # a0=fd data=sockaddr
     LISTEN = 43  # a0=fd a1=backlog
-    ACCEPT = 44  # a0=fd -> fd, data=sockaddr
+    ACCEPT = 44  # a0=fd -> fd, data=u32 peer length + peer sockaddr + local sockaddr
     CONNECT = 45  # a0=fd data=sockaddr -> 0
     SEND = 46  # a0=fd a1=flags data -> count
     RECV = 47  # a0=fd a1=count a2=flags -> bytes

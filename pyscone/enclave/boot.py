@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -83,6 +84,12 @@ def main() -> None:
     # The C traceback printer reads source lines with direct file I/O (refused by the
     # barrier); the pure-Python one reads them through the interposed open.
     sys.excepthook = lambda t, v, tb: traceback.print_exception(t, v, tb)
+
+    def dump(signum: int, frame: object) -> None:
+        sys.stderr.write(scheduler.dump_lthreads(sched))
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGUSR2, dump)
 
     # 5. Run.
     status = [0]

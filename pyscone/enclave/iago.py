@@ -162,9 +162,15 @@ def _socketpair(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> 
 
 def _accept(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
     family = fds.families.get(args[0], 0)
-    addr = abi.decode_sockaddr(family, data)
+    if len(data) < 4:
+        raise HostViolation("accept payload too short")
+    (plen,) = struct.unpack_from("<I", data, 0)
+    if 4 + plen > len(data):
+        raise HostViolation("accept peer address runs past the payload")
+    peer = abi.decode_sockaddr(family, data[4 : 4 + plen])
+    local = abi.decode_sockaddr(family, data[4 + plen :])
     fds.adopt(result, FdTable.SOCKET, family)
-    return result, addr
+    return result, peer, local
 
 
 def _sockaddr(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:

@@ -39,7 +39,7 @@ import greenlet
 
 from pyscone.abi import Op
 from pyscone.enclave import iago
-from pyscone.enclave.syscalls import SyscallClient
+from pyscone.enclave.syscalls import SyscallClient, Wakeup
 
 
 class LThread:
@@ -93,6 +93,8 @@ class Scheduler:
         self._stopping = False
         self._interrupt: BaseException | None = None
         self._deferred: list[tuple[int, tuple[int, ...]]] = []
+        self._replies: dict[int, tuple[int, int, bytes]] = {}
+        self._signals: list[Callable[[], None]] = []
         self.main: LThread | None = None
         self.lthreads: dict[int, LThread] = {}
 
@@ -143,9 +145,11 @@ class Scheduler:
         if seconds <= 0:
             self.yield_now()
             return
+        deadline = time.monotonic() + seconds
         timer = self.call_later(seconds, lambda: self.wake(lt))
         try:
-            self.park()
+            while time.monotonic() < deadline:
+                self.park()  # a spurious wake-up just parks again
         finally:
             timer.cancel()
 
@@ -153,6 +157,14 @@ class Scheduler:
         t = Timer(time.monotonic() + delay, fn)
         heapq.heappush(self._timers, (t.deadline, next(self._seq), t))
         return t
+
+    def post(self, op: int, args: tuple[int, ...]) -> None:
+        """Submit a call whose reply nobody waits for (it is dropped when it comes back)."""
+        if self.client.free:
+            sid = self.client.submit(op, 0, args, b"")
+            self._waiting[sid] = None
+        else:
+            self._deferred.append((op, args))
 
     def defer(self, op: int, args: tuple[int, ...]) -> None:
         """Queue a fire-and-forget host call (e.g. a close from a finalizer, which must not switch)."""
@@ -167,6 +179,25 @@ class Scheduler:
     def request_interrupt(self, exc: BaseException) -> None:
         """From a signal handler: deliver ``exc`` to the main lthread at the next switch."""
         self._interrupt = exc
+        self._kick()
+
+    def queue_signal_handler(self, run: Callable[[], None]) -> None:
+        """From the OS-level signal handler: run ``run`` in the hub at the next safe point."""
+        self._signals.append(run)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self.client.sleeping and greenlet.getcurrent() is self.hub:
+            self.client.sleeping = False
+            raise Wakeup
+
+    def _run_signal_handlers(self) -> None:
+        while self._signals:
+            run = self._signals.pop(0)
+            try:
+                run()
+            except BaseException as e:  # noqa: BLE001 - CPython raises it in the main thread
+                self._interrupt = e
 
     # -- the trap gateway ------------------------------------------------------------------
 
@@ -196,28 +227,39 @@ class Scheduler:
         flags = 1 if wait else 0
         if self.sync or greenlet.getcurrent() is self.hub:
             result, err, payload = self._call_in_place(op, flags, args, data, timeout)
-        else:
-            while not client.free:
-                self._slot_waiters.append(self.current)
+            return iago.validate(op, args, bytes(data), result, err, payload)
+        lt = self.current
+        assert lt is not None
+        while not client.free:
+            self._slot_waiters.append(lt)
+            self.park()
+        # Register as the waiter *before* publishing, and take the reply filed under our
+        # own slot: a nested call (a finalizer flushing a file) cannot steal or lose it.
+        sid = client.prepare(op, flags, args, data)
+        self._waiting[sid] = lt
+        timer = None
+        try:
+            client.publish(sid)
+            if timeout is not None:
+                timer = self.call_later(timeout, lambda: self._cancel(sid))
+            replies = self._replies
+            while (reply := replies.pop(sid, None)) is None:
                 self.park()
-            sid = client.submit(op, flags, args, data)
-            self._waiting[sid] = self.current
-            timer = self.call_later(timeout, lambda: self._cancel(sid)) if timeout is not None else None
-            try:
-                result, err, payload = self.park()
-            except BaseException:
-                # Interrupted while parked: the reply, when it comes, is dropped.
-                if self._waiting.get(sid) is not None:
-                    self._waiting[sid] = None
-                    self._cancel(sid)
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if err == errno.ECANCELED and sid in self._cancelled:
-                self._cancelled.discard(sid)
-                return -1, errno.ETIMEDOUT, None
+        except BaseException:
+            # Interrupted: the reply, when it comes, is dropped.
+            if self._waiting.get(sid) is lt:
+                self._waiting[sid] = None
+                self._cancel(sid)
+            self._replies.pop(sid, None)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        result, err, payload = reply
+        if sid in self._cancelled:
             self._cancelled.discard(sid)
+            if err == errno.ECANCELED:
+                return -1, errno.ETIMEDOUT, None
         return iago.validate(op, args, bytes(data), result, err, payload)
 
     def _call_in_place(
@@ -231,15 +273,21 @@ class Scheduler:
         self._waiting[sid] = None
         deadline = None if timeout is None else time.monotonic() + timeout
         cancelled = False
+        mine: tuple[int, int, bytes] | None = None
         while True:
+            # Every collected reply must be delivered, not just ours: a batch may hold
+            # answers for parked lthreads too (dropping them once hung an asyncio loop).
             for s in client.collect():
                 reply = client.read_reply(s)
                 if s == sid:
                     self._waiting.pop(sid, None)
-                    if cancelled and reply[1] == errno.ECANCELED:
-                        return -1, errno.ETIMEDOUT, b""
-                    return reply
-                self._dispatch_reply(s, reply)
+                    mine = reply
+                else:
+                    self._dispatch_reply(s, reply)
+            if mine is not None:
+                if cancelled and mine[1] == errno.ECANCELED:
+                    return -1, errno.ETIMEDOUT, b""
+                return mine
             if self._interrupt is not None and self.main is not None and greenlet.getcurrent() is self.main.glet:
                 # ^C while the main lthread waits in place (sync mode): abandon the call.
                 exc, self._interrupt = self._interrupt, None
@@ -272,7 +320,8 @@ class Scheduler:
     def _dispatch_reply(self, sid: int, reply: tuple[int, int, bytes]) -> None:
         lt = self._waiting.pop(sid, None)
         if lt is not None:
-            self.ready.append((lt, reply))
+            self._replies[sid] = reply
+            self.ready.append((lt, None))
         if self._slot_waiters:
             self.ready.append((self._slot_waiters.popleft(), None))
 
@@ -280,6 +329,8 @@ class Scheduler:
         client = self.client
         for sid in client.collect():
             self._dispatch_reply(sid, client.read_reply(sid))
+        if self._deferred:
+            self._flush_deferred()
         if self._pending_cancels and client.free:
             pending, self._pending_cancels = self._pending_cancels, []
             for sid in pending:
@@ -319,6 +370,8 @@ class Scheduler:
                     self._flush_deferred()
                 if self._stopping:
                     return
+            if self._signals:
+                self._run_signal_handlers()
             if self._interrupt is not None and self.main is not None:
                 exc, self._interrupt = self._interrupt, None
                 self._deliver(self.main, exc)
@@ -344,11 +397,25 @@ class Scheduler:
                 self._waiting[sid] = None
                 self._cancel(sid)
                 break
-        for i, (rlt, _) in enumerate(self.ready):
-            if rlt is lt:
-                del self.ready[i]
-                break
+        # Queued behind anything already handed to it (a lock, a reply), never instead.
         self.ready.append((lt, _Interrupt(exc)))
+
+
+def dump_lthreads(sched: Scheduler) -> str:
+    """Every lthread's stack, for debugging a hung enclave (``kill -USR2 <enclave pid>``)."""
+    import traceback
+
+    out = [
+        f"pyscone: {len(sched.lthreads)} lthreads, {len(sched.client.outstanding)} host calls outstanding, "
+        f"{len(sched.ready)} ready, waiting {dict(sched._waiting)}, replies {list(sched._replies)}, "
+        f"{len(sched._signals)} signals queued, {len(sched._timers)} timers, interrupt {sched._interrupt!r}, "
+        f"cancelled {sched._cancelled}, pending cancels {sched._pending_cancels}"
+    ]
+    for lt in list(sched.lthreads.values()):
+        out.append(f"--- lthread {lt.ident} {lt.name}")
+        frame = lt.glet.gr_frame
+        out.extend(line.rstrip() for line in traceback.format_stack(frame) if frame is not None)
+    return "\n".join(out) + "\n"
 
 
 def _report_crash(lt: LThread) -> None:

@@ -27,6 +27,10 @@ from pyscone.enclave.iago import HostViolation, fail_stop
 WATCHDOG_S = 0.05
 
 
+class Wakeup(Exception):
+    """Raised by the signal handler to cut an idle epoll_wait short."""
+
+
 class SyscallClient:
     def __init__(self, region: rings.SharedRegion, doorbell_host: int, doorbell_enclave: int, spin_us: int) -> None:
         self.region = region
@@ -50,9 +54,17 @@ class SyscallClient:
         self.doorbells = 0
         self.sleeps = 0
         self.watchdog_wakeups = 0
+        #: True only while blocked in epoll_wait: the one place a signal may interrupt.
+        self.sleeping = False
 
     def submit(self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview) -> int:
         """Copy a request into a free slot and publish it.  The caller ensured a slot is free."""
+        sid = self.prepare(op, flags, args, data)
+        self.publish(sid)
+        return sid
+
+    def prepare(self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview) -> int:
+        """Copy a request into a free slot without publishing it yet."""
         sid = self.free.popleft()
         off = self._slot_off[sid]
         n = len(data)
@@ -60,13 +72,16 @@ class SyscallClient:
         abi.REQ.pack_into(self.mm, off, op, flags, a[0], a[1], a[2], a[3], a[4], a[5], n)
         if n:
             self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + n] = data
+        return sid
+
+    def publish(self, sid: int) -> None:
+        """Hand a prepared slot to the host."""
         self.outstanding.add(sid)
         self.requests.push(sid)
         self.calls += 1
         if self.region.flag(abi.OFF_HOST_SLEEPING):
             self.doorbells += 1
             os.eventfd_write(self.doorbell_host, 1)
-        return sid
 
     def collect(self) -> list[int]:
         """Take every answered slot id from the response ring, checking the ring itself."""
@@ -96,16 +111,18 @@ class SyscallClient:
         return result, err, data
 
     def wait(self, timeout: float | None) -> None:
-        """Block until the response ring may have something, or ``timeout`` passes."""
+        """Block until the response ring may have something, or ``timeout`` passes.
+
+        Spin first, for an adaptive time: after a wait that ended within twice the
+        spin budget (a spin would have caught it) spin the full budget next time;
+        after a longer one (the host was blocked, not slow) halve it.
+        """
         resp = self.responses
-        spin_until = time.perf_counter() + self.spin
+        start = time.perf_counter()
+        spin_until = start + self.spin
         while time.perf_counter() < spin_until:
             if resp.pending():
-                self.spin = min(self.spin * 2, self.spin_max)
                 return
-        # The spin was wasted: halve it (not below 1/16 of the maximum), so an idle
-        # enclave stops burning the core that the host needs.
-        self.spin = max(self.spin / 2, self.spin_max / 16)
         region = self.region
         region.set_flag(abi.OFF_ENCLAVE_SLEEPING, 1)
         if resp.pending():
@@ -113,7 +130,13 @@ class SyscallClient:
             return
         self.sleeps += 1
         wait = WATCHDOG_S if timeout is None else min(max(timeout, 0.0), WATCHDOG_S)
-        events = self.ep.poll(wait)
+        events = []
+        try:
+            self.sleeping = True  # inside the try: a signal may land on any bytecode from here
+            events = self.ep.poll(wait)
+            self.sleeping = False
+        except Wakeup:  # a signal arrived: let the scheduler run its handler now
+            self.sleeping = False
         region.set_flag(abi.OFF_ENCLAVE_SLEEPING, 0)
         if events:
             try:
@@ -122,6 +145,10 @@ class SyscallClient:
                 pass
         elif resp.pending():
             self.watchdog_wakeups += 1
+        if time.perf_counter() - start < 2 * self.spin_max:
+            self.spin = self.spin_max
+        else:
+            self.spin = max(self.spin / 2, self.spin_max / 16)
 
 
-__all__ = ["HostViolation", "SyscallClient", "WATCHDOG_S"]
+__all__ = ["WATCHDOG_S", "HostViolation", "SyscallClient", "Wakeup"]

@@ -29,6 +29,7 @@ enclave said it is sleeping.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import queue
@@ -80,7 +81,7 @@ class Stats:
     doorbells_sent: int = 0
     sleeps: int = 0
     watchdog_wakeups: int = 0
-    by_op: dict[str, int] = field(default_factory=dict)
+    by_op: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
 def _err(e: OSError) -> Answer:
@@ -105,6 +106,7 @@ class Executor:
         self.region = region
         self.geometry = region.geometry
         self.mm = region.mm
+        self._slot_off = [region.geometry.slot_off(i) for i in range(region.geometry.nslots)]
         self.doorbell_in = doorbell_in
         self.doorbell_out = doorbell_out
         self.requests = rings.request_consumer(region)
@@ -253,9 +255,10 @@ class Executor:
     def _dispatch(self, sid: int, done: list[int]) -> None:
         if sid >= self.geometry.nslots:
             return  # a broken enclave; nothing sensible to answer
-        off = self.geometry.slot_off(sid)
+        off = self._slot_off[sid]
         op, flags, *args, dlen = abi.REQ.unpack_from(self.mm, off)
         self.stats.requests += 1
+        self.stats.by_op[op] += 1
         if op == Op.CANCEL:
             self._cancel(args[0], done)
             self._answer(sid, _OK)
@@ -299,7 +302,7 @@ class Executor:
         result, err, payload = ans
         if self.hostile is not None:
             result, err, payload = self.hostile.lie(op, args, result, err, payload, self)
-        off = self.geometry.slot_off(sid)
+        off = self._slot_off[sid]
         n = len(payload)
         if n:
             self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + n] = payload
@@ -321,7 +324,7 @@ class Executor:
             sid = self._pool_q.get()
             if sid is None:
                 return
-            off = self.geometry.slot_off(sid)
+            off = self._slot_off[sid]
             op, flags, *args, dlen = abi.REQ.unpack_from(self.mm, off)
             data = bytes(self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + dlen]) if dlen else b""
             done: list[int] = []
@@ -518,7 +521,9 @@ class Executor:
             conn, addr = lsock.accept()
         except BlockingIOError:
             raise _WouldBlock(a[0], _IN) from None
-        return (self._adopt(conn), 0, abi.encode_result_sockaddr(lsock.family, addr))
+        peer = abi.encode_result_sockaddr(lsock.family, addr)
+        local = abi.encode_result_sockaddr(lsock.family, conn.getsockname())
+        return (self._adopt(conn), 0, struct.pack("<I", len(peer)) + peer + local)
 
     def _connect(self, a: tuple[int, ...], d: bytes) -> Answer:
         fd = a[0]
@@ -680,7 +685,8 @@ class Hostile:
         if m == "bad-dirent" and op == Op.LISTDIR and result >= 0 and self._chance():
             return (1, 0, abi.DIRENTS_HEAD.pack(1, 0) + abi.DIRENT.pack(1, 6) + b"../etc")
         if m == "bad-sockaddr" and op in (Op.ACCEPT, Op.GETSOCKNAME, Op.GETPEERNAME) and result >= 0 and self._chance():
-            return (result, 0, abi.INET_ADDR.pack(80, 0, 0) + b"not-an-ip")
+            bad = abi.INET_ADDR.pack(80, 0, 0) + b"not-an-ip"
+            return (result, 0, struct.pack("<I", len(bad)) + bad + bad if op == Op.ACCEPT else bad)
         if m == "bad-poll" and op == Op.POLL and result >= 0 and payload and self._chance():
             fd, ev, _ = abi.POLLFD.unpack_from(payload, 0)
             return (1, 0, abi.POLLFD.pack(fd + 1000, ev, abi.POLLIN) + payload[abi.POLLFD.size :])

@@ -109,6 +109,8 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
             f"{s.doorbells_sent} doorbells, {s.sleeps} sleeps, {s.watchdog_wakeups} watchdog wake-ups",
             file=sys.stderr,
         )
+        top = ", ".join(f"{abi.Op(op).name.lower()} {n}" for op, n in s.by_op.most_common(10))
+        print(f"pyscone: host calls by kind: {top}", file=sys.stderr)
     region.close()
     os.close(bell_host)
     os.close(bell_enclave)

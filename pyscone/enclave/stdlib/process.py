@@ -5,12 +5,14 @@ than the barrier's bare ``EPERM``, the app gets ``OSError(ENOSYS, "... is not
 supported inside a pyscone enclave")``, which it can catch and report.
 
 Signals: CPython runs a Python signal handler between two bytecodes of the main
-OS thread, which here may be the hub or any lthread.  So the OS-level handler is
-always ours; it runs the app's handler (as ``signal.getsignal`` reports it), turns
-the default SIGINT handler into a KeyboardInterrupt *in the main lthread*, never
-lets an exception escape into the hub, and writes the signal number to the
-wakeup fd, if one is set, through a host call (so ``loop.add_signal_handler``
-works).  ``time.sleep`` parks only the calling lthread.
+OS thread, which here may be the hub or any lthread, even half-way through a host
+call.  So the OS-level handler is always ours and only queues; the hub runs the
+app's handler (as ``signal.getsignal`` reports it) at its next safe point, turns
+the default SIGINT handler into a KeyboardInterrupt *in the main lthread*, and
+writes the signal number to the wakeup fd, if one is set (so
+``loop.add_signal_handler`` works).  As in SCONE, a signal is therefore handled
+when the main lthread next waits, not in the middle of a CPU-bound loop.
+``time.sleep`` parks only the calling lthread.
 """
 
 from __future__ import annotations
@@ -55,32 +57,25 @@ _wakeup_fd = -1
 
 
 def _dispatch(signum: int, frame: Any) -> None:
+    """The OS-level handler for every caught signal.  It only queues work for the hub:
+    running the app's handler here, in the middle of whatever lthread was interrupted,
+    could re-enter a host call half-way through."""
     sched = scheduler.get()
     handler = _app_handlers.get(signum, signal.default_int_handler)
-    if _wakeup_fd >= 0:
-        try:
-            os.write(_wakeup_fd, bytes([signum]))
-        except OSError:
-            pass
-    if handler is signal.default_int_handler:
-        sched.request_interrupt(KeyboardInterrupt())
-        return
-    if not callable(handler):
-        return
-    main = sched.main
-    if main is not None and greenlet_current() is main.glet:
-        handler(signum, frame)  # exceptions propagate in the main thread, as in CPython
-        return
-    try:
-        handler(signum, frame)
-    except BaseException as e:  # noqa: BLE001 - CPython raises it in the main thread
-        sched.request_interrupt(e)
+    wakeup = _wakeup_fd
 
+    def deliver() -> None:
+        if wakeup >= 0:
+            try:
+                os.write(wakeup, bytes([signum]))
+            except OSError:
+                pass
+        if handler is signal.default_int_handler:
+            raise KeyboardInterrupt
+        if callable(handler):
+            handler(signum, None)
 
-def greenlet_current() -> Any:
-    import greenlet
-
-    return greenlet.getcurrent()
+    sched.queue_signal_handler(deliver)
 
 
 def _signal(signum: int, handler: Any) -> Any:

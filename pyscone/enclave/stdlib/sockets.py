@@ -70,6 +70,7 @@ class EnclaveSocket(_StdSocket):
         self._kind = type
         self._proto = proto
         self._timeout: float | None = timeout
+        self._sockname: Any = None
 
     @staticmethod
     def _opt(fd: int, opt: int) -> int:
@@ -147,12 +148,13 @@ class EnclaveSocket(_StdSocket):
         _call(Op.LISTEN, (self._live(), max(backlog, 0)))
 
     def _accept(self) -> tuple[int, Any]:  # type: ignore[override]
-        fd, (newfd, addr) = self._io(Op.ACCEPT, (self._live(),))
+        fd, (newfd, addr, _local) = self._io(Op.ACCEPT, (self._live(),))
         return newfd, addr
 
     def accept(self) -> tuple[EnclaveSocket, Any]:  # type: ignore[override]
-        fd, addr = self._accept()
+        _, (fd, addr, local) = self._io(Op.ACCEPT, (self._live(),))
         sock = EnclaveSocket(self._family, self._kind, self._proto, fileno=fd)
+        sock._sockname = local  # a connected socket's local address never changes
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)
         return sock, addr
@@ -237,6 +239,8 @@ class EnclaveSocket(_StdSocket):
         return bytes(v) if buflen else v
 
     def getsockname(self) -> Any:
+        if self._sockname is not None and self._fd >= 0:
+            return self._sockname
         return _call(Op.GETSOCKNAME, (self._live(),))[1]
 
     def getpeername(self) -> Any:
@@ -251,7 +255,9 @@ class EnclaveSocket(_StdSocket):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             _fds.forget(fd)  # before the host can reuse the number (see files.close)
-            _call(Op.CLOSE, (fd,))
+            # Posted, not awaited: a socket's close reports nothing worth a round trip,
+            # and the host runs the ring in order, so no later call can overtake it.
+            scheduler.get().post(Op.CLOSE, (fd,))
 
     def detach(self) -> int:
         fd, self._fd = self._fd, -1

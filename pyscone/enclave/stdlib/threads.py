@@ -73,7 +73,11 @@ class Lock:
 
             timer = s.call_later(timeout, expire)
         try:
-            got: bool = s.park()
+            while True:
+                got = s.park()
+                if got is True or got is False:  # handed the lock, or timed out
+                    return got
+                # anything else is a spurious wake-up: keep waiting
         except BaseException:
             if lt in self._waiters:
                 self._waiters.remove(lt)
@@ -81,7 +85,6 @@ class Lock:
         finally:
             if timer is not None:
                 timer.cancel()
-        return got
 
     def release(self) -> None:
         if not self._locked:
