@@ -94,6 +94,7 @@ class Scheduler:
         self._interrupt: BaseException | None = None
         self._deferred: list[tuple[int, tuple[int, ...]]] = []
         self._replies: dict[int, tuple[int, int, bytes]] = {}
+        self._inplace: set[int] = set()
         self._signals: list[Callable[[], None]] = []
         self.main: LThread | None = None
         self.lthreads: dict[int, LThread] = {}
@@ -187,7 +188,9 @@ class Scheduler:
         self._kick()
 
     def _kick(self) -> None:
-        if self.client.sleeping and greenlet.getcurrent() is self.hub:
+        # ``sleeping`` is true only inside SyscallClient.wait's epoll try-block of the
+        # greenlet we are running in, which catches Wakeup: cut that sleep short.
+        if self.client.sleeping:
             self.client.sleeping = False
             raise Wakeup
 
@@ -265,45 +268,48 @@ class Scheduler:
     def _call_in_place(
         self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview, timeout: float | None
     ) -> tuple[int, int, bytes]:
+        """Wait for one call without switching (the hub, or any lthread in sync mode)."""
         client = self.client
         while not client.free:
             self._drain()
             client.wait(None)
-        sid = client.submit(op, flags, args, data)
-        self._waiting[sid] = None
+        sid = client.prepare(op, flags, args, data)
+        self._inplace.add(sid)
         deadline = None if timeout is None else time.monotonic() + timeout
         cancelled = False
-        mine: tuple[int, int, bytes] | None = None
-        while True:
-            # Every collected reply must be delivered, not just ours: a batch may hold
-            # answers for parked lthreads too (dropping them once hung an asyncio loop).
-            for s in client.collect():
-                reply = client.read_reply(s)
-                if s == sid:
-                    self._waiting.pop(sid, None)
-                    mine = reply
-                else:
-                    self._dispatch_reply(s, reply)
-            if mine is not None:
-                if cancelled and mine[1] == errno.ECANCELED:
-                    return -1, errno.ETIMEDOUT, b""
-                return mine
-            if self._interrupt is not None and self.main is not None and greenlet.getcurrent() is self.main.glet:
-                # ^C while the main lthread waits in place (sync mode): abandon the call.
-                exc, self._interrupt = self._interrupt, None
-                self._send_cancel(sid)
-                raise exc
-            remaining = None
-            if deadline is not None and not cancelled:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    cancelled = True
-                    self._send_cancel(sid)
-                    remaining = None
-            client.wait(remaining)
+        try:
+            client.publish(sid)
+            while True:
+                self._drain()  # delivers every reply of the batch; ours lands in _replies
+                mine = self._replies.pop(sid, None)
+                if mine is not None:
+                    self._inplace.discard(sid)
+                    if cancelled and mine[1] == errno.ECANCELED:
+                        return -1, errno.ETIMEDOUT, b""
+                    return mine
+                if self._signals:
+                    self._run_signal_handlers()
+                if self._interrupt is not None and self.main is not None and greenlet.getcurrent() is self.main.glet:
+                    exc, self._interrupt = self._interrupt, None
+                    raise exc  # ^C while the main lthread waits in place (sync mode)
+                remaining = None
+                if deadline is not None and not cancelled:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        cancelled = True
+                        self._send_cancel(sid)
+                        remaining = None
+                client.wait(remaining)
+        except BaseException:
+            if sid in self._inplace:  # abandoned: drop the reply when it comes
+                self._inplace.discard(sid)
+                if self._replies.pop(sid, None) is None:
+                    self._waiting[sid] = None
+                    self._cancel(sid)
+            raise
 
     def _cancel(self, sid: int) -> None:
-        if sid not in self._waiting:
+        if sid not in self._waiting and sid not in self._inplace:
             return  # answered already
         self._cancelled.add(sid)
         if self.client.free:
@@ -318,6 +324,9 @@ class Scheduler:
     # -- the hub --------------------------------------------------------------------------
 
     def _dispatch_reply(self, sid: int, reply: tuple[int, int, bytes]) -> None:
+        if sid in self._inplace:  # someone waits for it in place: just file it
+            self._replies[sid] = reply
+            return
         lt = self._waiting.pop(sid, None)
         if lt is not None:
             self._replies[sid] = reply
