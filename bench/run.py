@@ -131,8 +131,13 @@ class Processes:
 
     def start(self, cmd: Sequence[str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            list(cmd), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-            start_new_session=True, preexec_fn=reset_sigint,
+            list(cmd),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=reset_sigint,
         )
         self.live.append(proc)
         return proc
@@ -210,8 +215,9 @@ def run_syscalls_once(procs: Processes, mode: str, threads: int, calls: int) -> 
         detail = "\n".join(stderr.splitlines()[-20:])
         raise BenchError(f"syscalls {mode} T={threads}: exit status {rc}, no result\n{detail}")
     r = json.loads(lines[-1])
-    return SyscallRun(mode, threads, int(r["calls"]), float(r["seconds"]), float(r["calls_per_s"]),
-                      float(r["us_per_call"]), cpu)
+    return SyscallRun(
+        mode, threads, int(r["calls"]), float(r["seconds"]), float(r["calls_per_s"]), float(r["us_per_call"]), cpu
+    )
 
 
 @dataclass
@@ -243,14 +249,19 @@ def bench_syscalls(procs: Processes, calls: int, reps: int, log: Any) -> list[Sy
         base = baselines[mode, threads]
         n = rs[0].calls
         cpu = statistics.median(r.cpu_s for r in rs)
-        results.append(SyscallResult(
-            mode=mode, threads=threads, calls=n,
-            calls_per_s=statistics.median(r.calls_per_s for r in rs),
-            us_per_call=statistics.median(r.us_per_call for r in rs),
-            cpu_us_per_call=max(0.0, cpu - base.cpu_s) / max(1, n - base.calls) * 1e6,
-            cpu_us_per_call_gross=cpu / n * 1e6,
-            runs=rs, baseline=base,
-        ))
+        results.append(
+            SyscallResult(
+                mode=mode,
+                threads=threads,
+                calls=n,
+                calls_per_s=statistics.median(r.calls_per_s for r in rs),
+                us_per_call=statistics.median(r.us_per_call for r in rs),
+                cpu_us_per_call=max(0.0, cpu - base.cpu_s) / max(1, n - base.calls) * 1e6,
+                cpu_us_per_call_gross=cpu / n * 1e6,
+                runs=rs,
+                baseline=base,
+            )
+        )
     return results
 
 
@@ -293,11 +304,16 @@ def parse_wrk(output: str, cpu_s: float) -> WrkResult:
         errors = dict(zip(errors, map(int, m.groups()), strict=True))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return WrkResult(
-        requests=int(req.group(1)), seconds=parse_ms(req.group(2) + req.group(3)) / 1e3,
+        requests=int(req.group(1)),
+        seconds=parse_ms(req.group(2) + req.group(3)) / 1e3,
         requests_per_s=float(rps.group(1)),
-        latency_avg_ms=parse_ms(lat.group(1)), latency_max_ms=parse_ms(lat.group(3)),
-        latency_p50_ms=pct.get("50"), latency_p99_ms=pct.get("99"),
-        socket_errors=errors, non_2xx=int(non2xx.group(1)) if non2xx else 0, cpu_s=cpu_s,
+        latency_avg_ms=parse_ms(lat.group(1)),
+        latency_max_ms=parse_ms(lat.group(3)),
+        latency_p50_ms=pct.get("50"),
+        latency_p99_ms=pct.get("99"),
+        socket_errors=errors,
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        cpu_s=cpu_s,
     )
 
 
@@ -336,8 +352,12 @@ class ServerRun:
         (wrk's socket errors alone are reported, not counted: a slow server times out.)"""
         w = self.wrk
         return bool(
-            self.error or self.stopped != "sigint" or self.exit_status not in (0, 130)
-            or w is None or w.requests == 0 or w.non_2xx
+            self.error
+            or self.stopped != "sigint"
+            or self.exit_status not in (0, 130)
+            or w is None
+            or w.requests == 0
+            or w.non_2xx
         )
 
 
@@ -366,8 +386,9 @@ def run_server_once(procs: Processes, app: str, runtime: str, rnd: int, duration
             run.ready_s = wait_ready(proc, port)
             w0 = children_cpu()
             try:
-                out = subprocess.run(wrk_cmd, cwd=ROOT, capture_output=True, text=True,
-                                     timeout=duration + 30, check=False)
+                out = subprocess.run(
+                    wrk_cmd, cwd=ROOT, capture_output=True, text=True, timeout=duration + 30, check=False
+                )
             finally:
                 wrk_cpu = children_cpu() - w0
             if out.returncode != 0:
@@ -409,7 +430,8 @@ def aggregate(app: str, runtime: str, runs: list[ServerRun]) -> ServerResult:
     seconds = sum(w.seconds for w in walls)
     p99s = [w.latency_p99_ms for w in walls if w.latency_p99_ms is not None]
     return ServerResult(
-        app=app, runtime=runtime,
+        app=app,
+        runtime=runtime,
         requests_per_s=requests / seconds if seconds else None,
         latency_avg_ms=statistics.fmean(w.latency_avg_ms for w in walls),
         latency_p99_ms=max(p99s) if p99s else None,
@@ -430,8 +452,10 @@ def bench_http(procs: Processes, duration: int, rounds: int, log: Any) -> list[S
                     r = run_server_once(procs, app, runtime, rnd, duration, www)
                     runs.setdefault((app, runtime), []).append(r)
                     rps = f"{r.wrk.requests_per_s:>9,.0f} req/s" if r.wrk else "no result"
-                    log(f"{app:<11} {runtime:<7} round {rnd}: {rps}, stopped by {r.stopped}, "
-                        f"status {r.exit_status}" + (f", ERROR: {r.error}" if r.error else ""))
+                    log(
+                        f"{app:<11} {runtime:<7} round {rnd}: {rps}, stopped by {r.stopped}, "
+                        f"status {r.exit_status}" + (f", ERROR: {r.error}" if r.error else "")
+                    )
         return [aggregate(app, runtime, rs) for (app, runtime), rs in runs.items()]
     finally:
         shutil.rmtree(www, ignore_errors=True)
@@ -465,14 +489,35 @@ def syscall_table(results: list[SyscallResult]) -> str:
         n, a, s = by.get(("native", t)), by.get(("async", t)), by.get(("sync", t))
         if not (n and a and s):
             continue
-        rows.append([
-            str(t), fmt(n.calls_per_s), fmt(a.calls_per_s), fmt(s.calls_per_s),
-            fmt_ratio(ratio(a.calls_per_s, s.calls_per_s)),
-            fmt_ratio(ratio(a.calls_per_s, n.calls_per_s)), fmt_ratio(ratio(s.calls_per_s, n.calls_per_s)),
-            fmt(n.cpu_us_per_call, ".2f"), fmt(a.cpu_us_per_call, ".2f"), fmt(s.cpu_us_per_call, ".2f"),
-        ])
-    return table(["threads", "native/s", "async/s", "sync/s", "async/sync", "async/nat", "sync/nat",
-                  "cpu-us nat", "cpu-us async", "cpu-us sync"], rows)
+        rows.append(
+            [
+                str(t),
+                fmt(n.calls_per_s),
+                fmt(a.calls_per_s),
+                fmt(s.calls_per_s),
+                fmt_ratio(ratio(a.calls_per_s, s.calls_per_s)),
+                fmt_ratio(ratio(a.calls_per_s, n.calls_per_s)),
+                fmt_ratio(ratio(s.calls_per_s, n.calls_per_s)),
+                fmt(n.cpu_us_per_call, ".2f"),
+                fmt(a.cpu_us_per_call, ".2f"),
+                fmt(s.cpu_us_per_call, ".2f"),
+            ]
+        )
+    return table(
+        [
+            "threads",
+            "native/s",
+            "async/s",
+            "sync/s",
+            "async/sync",
+            "async/nat",
+            "sync/nat",
+            "cpu-us nat",
+            "cpu-us async",
+            "cpu-us sync",
+        ],
+        rows,
+    )
 
 
 def http_table(results: list[ServerResult]) -> str:
@@ -481,14 +526,33 @@ def http_table(results: list[ServerResult]) -> str:
     for r in results:
         native = by.get((r.app, "native"))
         enclave = r.runtime == "enclave" and native is not None
-        rows.append([
-            r.app, r.runtime, fmt(r.requests_per_s), fmt(r.latency_avg_ms, ".2f", " ms"),
-            fmt(r.latency_p99_ms, ".2f", " ms"), str(r.errors), fmt(r.cpu_us_per_request, ".0f"),
-            fmt_ratio(ratio(r.requests_per_s, native.requests_per_s)) if enclave and native else "",
-            fmt_ratio(ratio(r.cpu_us_per_request, native.cpu_us_per_request)) if enclave and native else "",
-        ])
-    return table(["server", "runtime", "req/s", "lat avg", "lat p99", "errors", "cpu-us/req",
-                  "req/s enc/nat", "cpu/req enc/nat"], rows)
+        rows.append(
+            [
+                r.app,
+                r.runtime,
+                fmt(r.requests_per_s),
+                fmt(r.latency_avg_ms, ".2f", " ms"),
+                fmt(r.latency_p99_ms, ".2f", " ms"),
+                str(r.errors),
+                fmt(r.cpu_us_per_request, ".0f"),
+                fmt_ratio(ratio(r.requests_per_s, native.requests_per_s)) if enclave and native else "",
+                fmt_ratio(ratio(r.cpu_us_per_request, native.cpu_us_per_request)) if enclave and native else "",
+            ]
+        )
+    return table(
+        [
+            "server",
+            "runtime",
+            "req/s",
+            "lat avg",
+            "lat p99",
+            "errors",
+            "cpu-us/req",
+            "req/s enc/nat",
+            "cpu/req enc/nat",
+        ],
+        rows,
+    )
 
 
 def notes(results: list[ServerResult]) -> list[str]:
@@ -500,9 +564,13 @@ def notes(results: list[ServerResult]) -> list[str]:
             errs = "" if w is None else ", ".join(f"{k} {v}" for k, v in w.socket_errors.items() if v)
             if w is not None and w.non_2xx:
                 errs += f"{', ' if errs else ''}non-2xx {w.non_2xx}"
-            line = (f"{r.app} {r.runtime} round {r.round}: stopped by {r.stopped}, status {r.exit_status}, "
-                    f"ready in {r.ready_s:.2f} s" + (f"; wrk socket errors: {errs}" if errs else "")
-                    + (f"; stderr exceptions: {exc}" if exc else "") + (f"; ERROR: {r.error}" if r.error else ""))
+            line = (
+                f"{r.app} {r.runtime} round {r.round}: stopped by {r.stopped}, status {r.exit_status}, "
+                f"ready in {r.ready_s:.2f} s"
+                + (f"; wrk socket errors: {errs}" if errs else "")
+                + (f"; stderr exceptions: {exc}" if exc else "")
+                + (f"; ERROR: {r.error}" if r.error else "")
+            )
             out.append(line)
             if r.stderr_tail is not None:
                 out.append(f"  server misbehaved; tail of its stderr without access-log lines ({r.stderr_log}):")
@@ -516,8 +584,9 @@ def notes(results: list[ServerResult]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="pyscone benchmarks: enclave vs native Python, side by side")
     p.add_argument("--quick", action="store_true", help="short runs (under a minute)")
-    p.add_argument("--calls", type=int, default=None,
-                   help="os.pread calls per syscalls run (default 50000, quick 20000)")
+    p.add_argument(
+        "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
+    )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
     p.add_argument("--only", choices=("syscalls", "http"), default=None, help="run one part only")
     a = p.parse_args(argv)
@@ -561,25 +630,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs.kill_all()
     elapsed = time.monotonic() - started
 
-    header = (f"pyscone benchmarks{' (quick)' if a.quick else ''}: Python {platform.python_version()}, "
-              f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S', started_at)}, {elapsed:.0f} s, "
-              f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after")
+    header = (
+        f"pyscone benchmarks{' (quick)' if a.quick else ''}: Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S', started_at)}, {elapsed:.0f} s, "
+        f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after"
+    )
     out = [header, ""]
     if sys_results:
-        out += [f"syscalls: os.pread(fd, 64, 0), {sys_results[0].calls} calls per run in total over T threads, "
-                f"median of {reps}; cpu-us = CPU µs per call of the whole process tree, net of start-up", "",
-                syscall_table(sys_results), ""]
+        out += [
+            f"syscalls: os.pread(fd, 64, 0), {sys_results[0].calls} calls per run in total over T threads, "
+            f"median of {reps}; cpu-us = CPU µs per call of the whole process tree, net of start-up",
+            "",
+            syscall_table(sys_results),
+            "",
+        ]
     if http_results:
-        out += [f"http: wrk -t2 -c16 -d{duration}s --latency, {BODY_BYTES}-byte body, {rounds} round(s); "
-                "cpu-us/req = server process tree CPU µs per request (start-up included)", "",
-                http_table(http_results), ""]
+        out += [
+            f"http: wrk -t2 -c16 -d{duration}s --latency, {BODY_BYTES}-byte body, {rounds} round(s); "
+            "cpu-us/req = server process tree CPU µs per request (start-up included)",
+            "",
+            http_table(http_results),
+            "",
+        ]
         out += notes(http_results)
     print("\n".join(out), flush=True)
 
     report = {
-        "quick": a.quick, "python": platform.python_version(), "cpus": os.cpu_count(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", started_at), "elapsed_s": round(elapsed, 1),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
+        "quick": a.quick,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", started_at),
+        "elapsed_s": round(elapsed, 1),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
         "syscalls": [asdict(r) for r in sys_results],
         "http": [asdict(r) for r in http_results],
     }

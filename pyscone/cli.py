@@ -44,18 +44,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an unmodified Python program in a simulated enclave. Arguments after the program go to it.",
     )
     run.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script, like python -m")
-    run.add_argument("--syscalls", choices=("async", "sync"), default=os.environ.get("PYSCONE_SYSCALLS", "async"),
-                     help="asynchronous (default) or synchronous system calls  [PYSCONE_SYSCALLS]")
-    run.add_argument("--slots", type=int, default=None, help=f"syscall slots (default {abi.DEFAULT_SLOTS})  [PYSCONE_SLOTS]")
+    run.add_argument(
+        "--syscalls",
+        choices=("async", "sync"),
+        default=os.environ.get("PYSCONE_SYSCALLS", "async"),
+        help="asynchronous (default) or synchronous system calls  [PYSCONE_SYSCALLS]",
+    )
+    run.add_argument(
+        "--slots", type=int, default=None, help=f"syscall slots (default {abi.DEFAULT_SLOTS})  [PYSCONE_SLOTS]"
+    )
     run.add_argument("--slot-size", default=None, help="data bytes per slot (default 64K)  [PYSCONE_SLOT_SIZE]")
-    run.add_argument("--sthreads", type=int, default=None,
-                     help="host S-threads: 1 dispatcher/reactor + N-1 pool threads (default 3)  [PYSCONE_STHREADS]")
-    run.add_argument("--spin-us", type=int, default=None, help="max spin before sleeping, in microseconds (default 50)  [PYSCONE_SPIN_US]")
+    run.add_argument(
+        "--sthreads",
+        type=int,
+        default=None,
+        help="host S-threads: 1 dispatcher/reactor + N-1 pool threads (default 3)  [PYSCONE_STHREADS]",
+    )
+    run.add_argument(
+        "--spin-us",
+        type=int,
+        default=None,
+        help="max spin before sleeping, in microseconds (default 50)  [PYSCONE_SPIN_US]",
+    )
     run.add_argument("--heap", default=None, help="enclave heap limit, e.g. 512M (default 1G)  [PYSCONE_HEAP]")
-    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                     help="environment for the app (the host's environment never reaches the enclave)")
-    run.add_argument("--preload", action="append", default=[], metavar="MODULE",
-                     help="import MODULE before lockdown (for C extensions outside the standard library)")
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the app (the host's environment never reaches the enclave)",
+    )
+    run.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE before lockdown (for C extensions outside the standard library)",
+    )
     run.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
     run.add_argument("--stats", action="store_true", help="print system-call statistics at exit")
     run.add_argument("program", nargs="?", help="the script to run")
@@ -94,14 +119,27 @@ def cmd_run(a: argparse.Namespace) -> int:
     if spin < 0:
         raise UsageError("--spin-us must not be negative")
     if a.no_barrier:
-        print("pyscone: WARNING: --no-barrier: the enclave runs WITHOUT its seccomp barrier; "
-              "un-interposed I/O reaches the host in the clear. Debugging only.", file=sys.stderr)
+        print(
+            "pyscone: WARNING: --no-barrier: the enclave runs WITHOUT its seccomp barrier; "
+            "un-interposed I/O reaches the host in the clear. Debugging only.",
+            file=sys.stderr,
+        )
     enclave = launcher.EnclaveConfig(
-        argv=argv, module=bool(a.module), env=env, syscalls=a.syscalls, spin_us=spin, heap=heap,
-        barrier=not a.no_barrier, preload=a.preload, stats=a.stats,
+        argv=argv,
+        module=bool(a.module),
+        env=env,
+        syscalls=a.syscalls,
+        spin_us=spin,
+        heap=heap,
+        barrier=not a.no_barrier,
+        preload=a.preload,
+        stats=a.stats,
     )
     host = launcher.HostConfig(
-        slots=slots, slot_data=slot_data, sthreads=sthreads, spin_us=spin,
+        slots=slots,
+        slot_data=slot_data,
+        sthreads=sthreads,
+        spin_us=spin,
         hostile=os.environ.get("PYSCONE_TEST_HOSTILE") or None,
     )
     return launcher.run(enclave, host)

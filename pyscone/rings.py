@@ -22,7 +22,6 @@ import os
 from pyscone import abi
 
 
-
 class SharedRegion:
     """The mapping plus its geometry.  Both sides hold one."""
 
@@ -94,7 +93,7 @@ class SharedRegion:
 class Producer:
     """The producing end of one SPSC ring: owns the tail counter."""
 
-    __slots__ = ("_ring", "_words", "_mask", "_tail_word", "tail")
+    __slots__ = ("_mask", "_ring", "_tail_word", "_words", "tail")
 
     def __init__(self, region: SharedRegion, ring: int, tail_off: int) -> None:
         self._ring = region.ring_views[ring]
@@ -125,7 +124,7 @@ class Consumer:
     host violation, the host simply trusts its enclave).
     """
 
-    __slots__ = ("_ring", "_words", "_mask", "_head_word", "_tail_word", "head", "size")
+    __slots__ = ("_head_word", "_mask", "_ring", "_tail_word", "_words", "head", "size")
 
     def __init__(self, region: SharedRegion, ring: int, head_off: int, tail_off: int) -> None:
         self._ring = region.ring_views[ring]

@@ -44,7 +44,9 @@ def run_enclave(
     )
 
 
-def run_native(script: Path, *args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_native(
+    script: Path, *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(script), *args], cwd=cwd, capture_output=True, timeout=timeout, text=True
     )
@@ -75,9 +77,7 @@ class Server:
 
     def __init__(self, args: list[str], cwd: Path, port: int) -> None:
         self.port = port
-        self.proc = subprocess.Popen(
-            [*PYSCONE, "run", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen([*PYSCONE, "run", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_port(port, proc=self.proc)
 
     def stop(self) -> tuple[int, str, str]:

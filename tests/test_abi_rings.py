@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from pyscone import abi, rings
 
-names = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(
-    lambda n: n not in (".", "..")
-)
+names = st.text(
+    st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40
+).filter(lambda n: n not in (".", ".."))
 
 
 @given(st.lists(st.tuples(names, st.integers(0, abi.DT_OTHER)), unique_by=lambda e: e[0], max_size=30), st.booleans())

@@ -73,7 +73,9 @@ def test_lies_stop(op: int, args: tuple[int, ...], req: bytes, result: int, err:
     err=st.integers(-1, 5000),
     data=st.binary(max_size=300),
 )
-def test_random_replies_never_crash_the_enclave(op: int, args: tuple[int, ...], result: int, err: int, data: bytes) -> None:
+def test_random_replies_never_crash_the_enclave(
+    op: int, args: tuple[int, ...], result: int, err: int, data: bytes
+) -> None:
     req = abi.encode_pollfds([(args[0], abi.POLLIN)] * min(args[0], 4)) if op == Op.POLL else struct.pack("<I", 0)
     try:
         r, e, value = validate(op, args, req, result, err, data)

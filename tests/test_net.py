@@ -38,13 +38,18 @@ def test_http_server_module_serves_curl(tmp_path: Path, server: list[Server]) ->
     url = f"http://127.0.0.1:{port}"
     ok = subprocess.run(["curl", "-sS", f"{url}/index.html"], capture_output=True, text=True, timeout=20)
     assert ok.stdout == "<h1>inside the enclave</h1>\n", ok.stderr
-    missing = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{url}/nope"], capture_output=True, text=True, timeout=20)
+    missing = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{url}/nope"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert missing.stdout == "404"
     # Several clients at once.
     procs = [subprocess.Popen(["curl", "-s", f"{url}/index.html"], stdout=subprocess.PIPE) for _ in range(8)]
     assert all(p.communicate(timeout=20)[0] == b"<h1>inside the enclave</h1>\n" for p in procs)
     code, out, err = srv.stop()
-    assert "GET /index.html HTTP/1.1\" 200" in err
+    assert 'GET /index.html HTTP/1.1" 200' in err
     assert "Keyboard interrupt received, exiting." in out
     assert code == 0
 
@@ -64,7 +69,7 @@ def test_threading_tcp_server_with_plain_tcp_clients(tmp_path: Path, server: lis
 
 def test_thousand_blocked_connections_on_four_sthreads(tmp_path: Path, server: list[Server]) -> None:
     n = 1000
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 2 * n + 100:
         pytest.skip(f"needs {2 * n + 100} file descriptors, the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -78,7 +83,13 @@ def test_thousand_blocked_connections_on_four_sthreads(tmp_path: Path, server: l
             clients.append(socket.create_connection(("127.0.0.1", port), timeout=30))
         # Every connection now has an lthread blocked in recv inside the enclave.
         time.sleep(0.5)
-        threads = int(next(line.split()[1] for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines() if line.startswith("Threads:")))
+        threads = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines()
+                if line.startswith("Threads:")
+            )
+        )
         assert threads == 1 + 4, f"launcher has {threads} threads: main + 4 S-threads expected"
         for i, c in enumerate(clients):
             c.sendall(f"c{i}\n".encode())

@@ -45,7 +45,9 @@ def test_sigint_stops_an_asyncio_server_under_load(tmp_path: Path) -> None:
     app = write_app(tmp_path, AIO_SERVER)
     for _ in range(3):
         port = free_port()
-        proc = subprocess.Popen([*PYSCONE, "run", str(app), str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [*PYSCONE, "run", str(app), str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         wait_port(port, proc=proc)
         stop = threading.Event()
         clients = [threading.Thread(target=_hammer, args=(port, stop)) for _ in range(4)]
@@ -67,7 +69,9 @@ def test_sigint_stops_a_server_in_sync_mode(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [*PYSCONE, "run", "--syscalls", "sync", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     wait_port(port, proc=proc)
     proc.send_signal(signal.SIGINT)

@@ -151,7 +151,7 @@ def _finish(code: int) -> int:
     try:
         threading = sys.modules.get("threading")
         if threading is not None:
-            threading._shutdown()  # type: ignore[attr-defined]
+            threading._shutdown()
         atexit._run_exitfuncs()
     except SystemExit as e:
         code = _exit_code(e.code)

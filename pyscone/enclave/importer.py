@@ -98,7 +98,7 @@ class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
         record(path, data, "source")
         return compile(data, path, "exec", dont_inherit=True)
 
-    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+    def set_data(self, path: str, data: Any, *, _mode: int = 0o666) -> None:
         pass  # never write bytecode caches from inside the enclave
 
 
@@ -111,7 +111,7 @@ class EnclaveExtensionLoader(importlib.machinery.ExtensionFileLoader):
                 name=spec.name,
                 path=self.path,
             )
-        return super().create_module(spec)  # type: ignore[no-any-return]
+        return super().create_module(spec)
 
 
 class EnclaveFinder(importlib.abc.MetaPathFinder):
@@ -135,7 +135,9 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
     def invalidate_caches(self) -> None:
         self._dirs.clear()
 
-    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         tail = fullname.rpartition(".")[2]
         namespace: list[str] = []
         for entry in sys.path if path is None else path:
@@ -163,7 +165,9 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
         return None
 
     @staticmethod
-    def _file_spec(fullname: str, base: str, stem: str, names: frozenset[str], package: bool) -> importlib.machinery.ModuleSpec | None:
+    def _file_spec(
+        fullname: str, base: str, stem: str, names: frozenset[str], package: bool
+    ) -> importlib.machinery.ModuleSpec | None:
         import importlib.util
 
         locations = [base] if package else None
@@ -171,11 +175,15 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
             if stem + suffix in names:
                 path = os.path.join(base, stem + suffix)
                 ext_loader = EnclaveExtensionLoader(fullname, path)
-                return importlib.util.spec_from_file_location(fullname, path, loader=ext_loader, submodule_search_locations=locations)
+                return importlib.util.spec_from_file_location(
+                    fullname, path, loader=ext_loader, submodule_search_locations=locations
+                )
         if stem + ".py" in names:
             path = os.path.join(base, stem + ".py")
             loader = EnclaveSourceLoader(fullname, path)
-            return importlib.util.spec_from_file_location(fullname, path, loader=loader, submodule_search_locations=locations)
+            return importlib.util.spec_from_file_location(
+                fullname, path, loader=loader, submodule_search_locations=locations
+            )
         return None
 
 

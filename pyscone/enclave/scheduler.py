@@ -45,7 +45,7 @@ from pyscone.enclave.syscalls import SyscallClient, Wakeup
 class LThread:
     """One user-level thread."""
 
-    __slots__ = ("glet", "ident", "name", "on_exit", "done", "__weakref__")
+    __slots__ = ("__weakref__", "done", "glet", "ident", "name", "on_exit")
 
     def __init__(self, glet: greenlet.greenlet, ident: int, name: str) -> None:
         self.glet = glet
@@ -56,7 +56,7 @@ class LThread:
 
 
 class Timer:
-    __slots__ = ("deadline", "fn", "cancelled")
+    __slots__ = ("cancelled", "deadline", "fn")
 
     def __init__(self, deadline: float, fn: Callable[[], None]) -> None:
         self.deadline = deadline

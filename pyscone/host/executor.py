@@ -84,6 +84,12 @@ class Stats:
     by_op: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
+def _void(fn: Callable[..., object], *args: object) -> Answer:
+    """Run a call that returns nothing and answer success."""
+    fn(*args)
+    return _OK
+
+
 def _err(e: OSError) -> Answer:
     return (-1, e.errno or errno.EIO, b"")
 
@@ -142,29 +148,29 @@ class Executor:
             Op.FSTAT: lambda a, d: (0, 0, abi.stat_from_os(os.fstat(a[0])).pack()),
             Op.STAT: self._stat,
             Op.LISTDIR: self._listdir,
-            Op.MKDIR: lambda a, d: (os.mkdir(_path(d), a[0]), _OK)[1],
-            Op.RMDIR: lambda a, d: (os.rmdir(_path(d)), _OK)[1],
-            Op.UNLINK: lambda a, d: (os.unlink(_path(d)), _OK)[1],
+            Op.MKDIR: lambda a, d: _void(os.mkdir, _path(d), a[0]),
+            Op.RMDIR: lambda a, d: _void(os.rmdir, _path(d)),
+            Op.UNLINK: lambda a, d: _void(os.unlink, _path(d)),
             Op.RENAME: self._rename,
-            Op.FSYNC: lambda a, d: (os.fsync(a[0]), _OK)[1],
-            Op.FTRUNCATE: lambda a, d: (os.ftruncate(a[0], a[1]), _OK)[1],
+            Op.FSYNC: lambda a, d: _void(os.fsync, a[0]),
+            Op.FTRUNCATE: lambda a, d: _void(os.ftruncate, a[0], a[1]),
             Op.ACCESS: lambda a, d: (int(not os.access(_path(d), a[0])), 0, b""),
-            Op.CHMOD: lambda a, d: (os.chmod(_path(d), a[0]), _OK)[1],
+            Op.CHMOD: lambda a, d: _void(os.chmod, _path(d), a[0]),
             Op.UTIME: self._utime,
             Op.READLINK: lambda a, d: (0, 0, os.fsencode(os.readlink(_path(d)))),
             Op.SYMLINK: self._symlink,
             Op.ISATTY: lambda a, d: (int(os.isatty(a[0])), 0, b""),
             Op.SOCKET: self._socket,
             Op.SOCKETPAIR: self._socketpair,
-            Op.BIND: lambda a, d: (self._sock(a[0]).bind(self._addr(a[0], d)), _OK)[1],
-            Op.LISTEN: lambda a, d: (self._sock(a[0]).listen(a[1]), _OK)[1],
+            Op.BIND: lambda a, d: _void(self._sock(a[0]).bind, self._addr(a[0], d)),
+            Op.LISTEN: lambda a, d: _void(self._sock(a[0]).listen, a[1]),
             Op.ACCEPT: self._accept,
             Op.CONNECT: self._connect,
             Op.SEND: self._send,
             Op.RECV: self._recv,
             Op.SENDTO: self._sendto,
             Op.RECVFROM: self._recvfrom,
-            Op.SHUTDOWN: lambda a, d: (self._sock(a[0]).shutdown(a[1]), _OK)[1],
+            Op.SHUTDOWN: lambda a, d: _void(self._sock(a[0]).shutdown, a[1]),
             Op.SETSOCKOPT: self._setsockopt,
             Op.GETSOCKOPT: self._getsockopt,
             Op.GETSOCKNAME: lambda a, d: self._name(a[0], self._sock(a[0]).getsockname()),
@@ -264,7 +270,9 @@ class Executor:
             self._answer(sid, _OK)
             done.append(sid)
             return
-        if op in self._pooled or (op in (Op.READ, Op.WRITE) and args[0] not in self._socks and args[0] not in self._files):
+        if op in self._pooled or (
+            op in (Op.READ, Op.WRITE) and args[0] not in self._socks and args[0] not in self._files
+        ):
             self.stats.pooled += 1
             self._pool_q.put(sid)
             return
@@ -337,7 +345,7 @@ class Executor:
     def _park(self, w: _Waiter) -> None:
         self.stats.parked += 1
         self._parked[w.sid] = w
-        for fd, mask in w.fds:
+        for fd, _mask in w.fds:
             self._fdwait.setdefault(fd, []).append(w)
             self._rearm(fd)
 
@@ -486,7 +494,10 @@ class Executor:
         return _OK
 
     def _utime(self, a: tuple[int, ...], d: bytes) -> Answer:
-        os.utime(_path(d), ns=(a[1], a[2]) if a[0] else None)
+        if a[0]:
+            os.utime(_path(d), ns=(a[1], a[2]))
+        else:
+            os.utime(_path(d))
         return _OK
 
     # -- sockets ---------------------------------------------------------------------------
@@ -586,7 +597,9 @@ class Executor:
             infos = socket.getaddrinfo(host, port, a[0], a[1], a[2], a[3])
         except socket.gaierror as e:
             return (-1, 0, str(e.errno).encode())  # errno 0 + payload: a resolver error code
-        keep = [(f, t, p, c, sa) for f, t, p, c, sa in infos if f in (socket.AF_INET, socket.AF_INET6)]
+        keep: list[tuple[int, int, int, str, object]] = [
+            (f, t, p, c, sa) for f, t, p, c, sa in infos if f in (socket.AF_INET, socket.AF_INET6)
+        ]
         return (len(keep), 0, abi.encode_addrinfo(keep))
 
     def _getnameinfo(self, a: tuple[int, ...], d: bytes) -> Answer:

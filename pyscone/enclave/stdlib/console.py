@@ -15,6 +15,7 @@ from typing import Any
 
 from pyscone.abi import Op
 from pyscone.enclave import scheduler
+from pyscone.enclave.stdlib import interpose
 
 
 class ConsoleIO(io.RawIOBase):
@@ -60,6 +61,5 @@ def install(slot_data: int, stdout_tty: bool) -> None:
         buf: Any = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
         return io.TextIOWrapper(buf, "utf-8", errors, None, line_buffering=line, write_through=fd == 2)
 
-    sys.stdin = sys.__stdin__ = text(0, False, "strict")
-    sys.stdout = sys.__stdout__ = text(1, stdout_tty, "strict")
-    sys.stderr = sys.__stderr__ = text(2, True, "backslashreplace")
+    stdin, stdout, stderr = text(0, False, "strict"), text(1, stdout_tty, "strict"), text(2, True, "backslashreplace")
+    interpose(sys, stdin=stdin, stdout=stdout, stderr=stderr, __stdin__=stdin, __stdout__=stdout, __stderr__=stderr)

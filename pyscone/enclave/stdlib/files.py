@@ -24,6 +24,7 @@ from typing import Any
 
 from pyscone.abi import DT_DIR, DT_LNK, DT_REG, Op, StatResult
 from pyscone.enclave import iago, scheduler
+from pyscone.enclave.stdlib import interpose
 
 _fds = iago.fds
 _cwd = "/"
@@ -32,7 +33,9 @@ _slot_data = 65536
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 
-def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"", filename: object = None, **kw: Any) -> tuple[int, Any]:
+def _call(
+    op: int, args: tuple[int, ...] = (), data: bytes = b"", filename: object = None, **kw: Any
+) -> tuple[int, Any]:
     result, err, value = scheduler.get().host_call(op, args, data, **kw)
     if result < 0:
         raise OSError(err, os.strerror(err), filename) if filename is not None else OSError(err, os.strerror(err))
@@ -158,7 +161,7 @@ def listdir(path: Path | None = None) -> list[Any]:
 class DirEntry:
     """What ``os.scandir`` yields: the directory entry type, with lazily fetched stats."""
 
-    __slots__ = ("name", "path", "_dtype", "_stat", "_lstat")
+    __slots__ = ("_dtype", "_lstat", "_stat", "name", "path")
 
     def __init__(self, name: Any, path: Any, dtype: int) -> None:
         self.name = name
@@ -186,7 +189,7 @@ class DirEntry:
     def _test(self, want: int, check: Any, follow_symlinks: bool) -> bool:
         if self._dtype == want:
             return True
-        if self._dtype == DT_LNK and follow_symlinks or self._dtype == 0:
+        if (self._dtype == DT_LNK and follow_symlinks) or self._dtype == 0:
             try:
                 return bool(check(self.stat(follow_symlinks=follow_symlinks).st_mode))
             except FileNotFoundError:
@@ -214,7 +217,7 @@ class _ScandirIterator:
         raw = os.fspath(path) if path is not None else "."
         base = abspath(raw)
         self._bytes = isinstance(raw, bytes)
-        self._raw = raw
+        self._raw: Any = raw
         self._it = _dirents(base)
 
     def __iter__(self) -> _ScandirIterator:
@@ -292,7 +295,9 @@ def truncate(path: Path | int, length: int) -> None:
         close(fd)
 
 
-def access(path: Path, mode: int, *, dir_fd: int | None = None, effective_ids: bool = False, follow_symlinks: bool = True) -> bool:
+def access(
+    path: Path, mode: int, *, dir_fd: int | None = None, effective_ids: bool = False, follow_symlinks: bool = True
+) -> bool:
     _no_dir_fd(dir_fd)
     r, _ = _call(Op.ACCESS, (mode,), _enc(abspath(path)))
     return r == 0
@@ -303,7 +308,14 @@ def chmod(path: Path, mode: int, *, dir_fd: int | None = None, follow_symlinks: 
     _call(Op.CHMOD, (mode,), _enc(abspath(path)), filename=os.fspath(path))
 
 
-def utime(path: Path, times: tuple[float, float] | None = None, *, ns: tuple[int, int] | None = None, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:
+def utime(
+    path: Path,
+    times: tuple[float, float] | None = None,
+    *,
+    ns: tuple[int, int] | None = None,
+    dir_fd: int | None = None,
+    follow_symlinks: bool = True,
+) -> None:
     _no_dir_fd(dir_fd)
     if times is not None and ns is not None:
         raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
@@ -404,7 +416,7 @@ class EnclaveFileIO(io.RawIOBase):
             raise
 
     @property
-    def mode(self) -> str:  # type: ignore[override]
+    def mode(self) -> str:
         if self._created:
             return "xb+" if self._readable else "xb"
         if self._append:
@@ -506,7 +518,7 @@ class EnclaveFileIO(io.RawIOBase):
                     close(fd)
 
     @property
-    def closed(self) -> bool:  # type: ignore[override]
+    def closed(self) -> bool:
         return self._fd < 0
 
     def _dealloc_warn(self, source: object) -> None:
@@ -537,9 +549,11 @@ _BUFFERED_METHODS = (
 def _lthread_safe(cls: type) -> type:
     from pyscone.enclave.stdlib.threads import RLock
 
+    base_init = cls.__init__  # type: ignore[misc] # the C class's own, captured before subclassing
+
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         self._pyscone_lock = RLock()
-        cls.__init__(self, *args, **kwargs)
+        base_init(self, *args, **kwargs)
 
     ns: dict[str, Any] = {"__init__": init, "__module__": "io", "__qualname__": cls.__qualname__}
     for name in _BUFFERED_METHODS:
@@ -602,7 +616,7 @@ def open(  # noqa: A001 - it *is* open
     result: Any = raw
     try:
         line_buffering = False
-        if buffering == 1 or buffering < 0 and raw.isatty():
+        if buffering == 1 or (buffering < 0 and raw.isatty()):
             buffering = -1
             line_buffering = True
         if buffering < 0:
@@ -644,29 +658,21 @@ def install(cwd: str, slot_data: int) -> None:
     global _cwd, _slot_data
     _cwd = os.path.normpath(cwd)
     _slot_data = slot_data
-    for name, fn in {
-        "open": os_open, "close": close, "read": read, "write": write, "pread": pread, "pwrite": pwrite,
-        "lseek": lseek, "fstat": fstat, "stat": stat, "lstat": lstat, "listdir": listdir, "scandir": scandir,
-        "mkdir": mkdir, "rmdir": rmdir, "unlink": unlink, "remove": unlink, "rename": rename,
-        "replace": replace, "fsync": fsync, "fdatasync": fsync, "ftruncate": ftruncate, "truncate": truncate,
-        "access": access, "chmod": chmod, "utime": utime, "readlink": readlink, "symlink": symlink,
-        "isatty": isatty, "getcwd": getcwd, "getcwdb": getcwdb, "chdir": chdir,
-    }.items():  # fmt: skip
-        setattr(os, name, fn)
-    os.DirEntry = DirEntry  # type: ignore[misc,assignment]
-    # No dir_fd support: stdlib code (shutil.rmtree, os.fwalk) then takes its path-based route.
-    os.supports_dir_fd = set()  # type: ignore[misc]
-    os.supports_fd = {os.stat, os.truncate}  # type: ignore[misc]
-    os.supports_follow_symlinks = {os.stat, os.access, os.chmod, os.utime}  # type: ignore[misc]
-    os.supports_effective_ids = set()  # type: ignore[misc]
+    interpose(
+        os, open=os_open, close=close, read=read, write=write, pread=pread, pwrite=pwrite, lseek=lseek,
+        fstat=fstat, stat=stat, lstat=lstat, listdir=listdir, scandir=scandir, mkdir=mkdir, rmdir=rmdir,
+        unlink=unlink, remove=unlink, rename=rename, replace=replace, fsync=fsync, fdatasync=fsync,
+        ftruncate=ftruncate, truncate=truncate, access=access, chmod=chmod, utime=utime, readlink=readlink,
+        symlink=symlink, isatty=isatty, getcwd=getcwd, getcwdb=getcwdb, chdir=chdir, DirEntry=DirEntry,
+        # No dir_fd support: stdlib code (shutil.rmtree, os.fwalk) then takes its path-based route.
+        supports_dir_fd=set(), supports_fd={stat, truncate}, supports_effective_ids=set(),
+        supports_follow_symlinks={stat, access, chmod, utime},
+    )  # fmt: skip
     for name in ("BufferedReader", "BufferedWriter", "BufferedRandom", "BufferedRWPair"):
-        setattr(io, name, _lthread_safe(getattr(io, name)))
-    builtins.open = open
+        interpose(io, **{name: _lthread_safe(getattr(io, name))})
+    interpose(io, open=open, open_code=open_code, FileIO=EnclaveFileIO)
+    interpose(builtins, open=open)
     import tokenize
 
-    tokenize._builtin_open = open  # type: ignore[attr-defined] # linecache reads sources through it
-    io.open = open
-    io.open_code = open_code
-    io.FileIO = EnclaveFileIO  # type: ignore[misc]
-    shutil._USE_CP_SENDFILE = False  # type: ignore[attr-defined]
-    shutil._use_fd_functions = False  # type: ignore[attr-defined]
+    interpose(tokenize, _builtin_open=open)  # linecache reads sources through it
+    interpose(shutil, _USE_CP_SENDFILE=False, _use_fd_functions=False)

@@ -24,6 +24,7 @@ import time
 from typing import Any, NoReturn
 
 from pyscone.enclave import scheduler
+from pyscone.enclave.stdlib import interpose
 
 _REFUSED_OS = (
     "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
@@ -117,14 +118,12 @@ def install(cpu_count: int) -> None:
 
     for name in _REFUSED_OS:
         if hasattr(os, name):
-            setattr(os, name, _refuser(f"os.{name}"))
-    os.cpu_count = lambda: cpu_count
-    subprocess.Popen = _RefusedPopen  # type: ignore[misc,assignment]
+            interpose(os, **{name: _refuser(f"os.{name}")})
+    interpose(os, cpu_count=lambda: cpu_count)
+    interpose(subprocess, Popen=_RefusedPopen)
     for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        setattr(subprocess, name, _refuser(f"subprocess.{name}"))
-    time.sleep = sleep
+        interpose(subprocess, **{name: _refuser(f"subprocess.{name}")})
+    interpose(time, sleep=sleep)
     _app_handlers[signal.SIGINT] = signal.default_int_handler
     _real_signal(signal.SIGINT, _dispatch)
-    signal.signal = _signal
-    signal.getsignal = getsignal
-    signal.set_wakeup_fd = set_wakeup_fd
+    interpose(signal, signal=_signal, getsignal=getsignal, set_wakeup_fd=set_wakeup_fd)

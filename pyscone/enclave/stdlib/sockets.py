@@ -25,6 +25,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
+from pyscone.enclave.stdlib import interpose
 
 _fds = iago.fds
 _slot_data = 65536
@@ -74,25 +75,25 @@ class EnclaveSocket(_StdSocket):
 
     @staticmethod
     def _opt(fd: int, opt: int) -> int:
-        r, v = _call(Op.GETSOCKOPT, (fd, socket.SOL_SOCKET, opt, 0))
+        _r, v = _call(Op.GETSOCKOPT, (fd, socket.SOL_SOCKET, opt, 0))
         return int(v)
 
     # -- identity -----------------------------------------------------------------------------
 
     @property
-    def family(self) -> socket.AddressFamily:  # type: ignore[override]
+    def family(self) -> socket.AddressFamily:
         return socket._intenum_converter(self._family, socket.AddressFamily)  # type: ignore[attr-defined,no-any-return]
 
     @property
-    def type(self) -> socket.SocketKind:  # type: ignore[override]
+    def type(self) -> socket.SocketKind:
         return socket._intenum_converter(self._kind, socket.SocketKind)  # type: ignore[attr-defined,no-any-return]
 
     @property
-    def proto(self) -> int:  # type: ignore[override]
+    def proto(self) -> int:
         return self._proto
 
     @property
-    def timeout(self) -> float | None:  # type: ignore[override]
+    def timeout(self) -> float | None:
         return self._timeout
 
     def fileno(self) -> int:
@@ -147,11 +148,11 @@ class EnclaveSocket(_StdSocket):
     def listen(self, backlog: int = min(socket.SOMAXCONN, 128)) -> None:
         _call(Op.LISTEN, (self._live(), max(backlog, 0)))
 
-    def _accept(self) -> tuple[int, Any]:  # type: ignore[override]
-        fd, (newfd, addr, _local) = self._io(Op.ACCEPT, (self._live(),))
+    def _accept(self) -> tuple[int, Any]:
+        _fd, (newfd, addr, _local) = self._io(Op.ACCEPT, (self._live(),))
         return newfd, addr
 
-    def accept(self) -> tuple[EnclaveSocket, Any]:  # type: ignore[override]
+    def accept(self) -> tuple[EnclaveSocket, Any]:
         _, (fd, addr, local) = self._io(Op.ACCEPT, (self._live(),))
         sock = EnclaveSocket(self._family, self._kind, self._proto, fileno=fd)
         sock._sockname = local  # a connected socket's local address never changes
@@ -234,8 +235,8 @@ class EnclaveSocket(_StdSocket):
         else:
             _call(Op.SETSOCKOPT, (self._live(), level, optname, 1, 0), bytes(value))
 
-    def getsockopt(self, level: int, optname: int, buflen: int = 0) -> Any:  # type: ignore[override]
-        r, v = _call(Op.GETSOCKOPT, (self._live(), level, optname, buflen))
+    def getsockopt(self, level: int, optname: int, buflen: int = 0) -> Any:
+        _r, v = _call(Op.GETSOCKOPT, (self._live(), level, optname, buflen))
         return bytes(v) if buflen else v
 
     def getsockname(self) -> Any:
@@ -287,7 +288,11 @@ def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"") -> tuple[int, 
     return result, value
 
 
-def socketpair(family: int = socket.AF_UNIX, type: int = socket.SOCK_STREAM, proto: int = 0) -> tuple[EnclaveSocket, EnclaveSocket]:  # noqa: A002
+def socketpair(
+    family: int = socket.AF_UNIX,
+    type: int = socket.SOCK_STREAM,  # noqa: A002 - the stdlib's parameter name
+    proto: int = 0,
+) -> tuple[EnclaveSocket, EnclaveSocket]:
     _, (fd1, fd2) = _call(Op.SOCKETPAIR, (family, type & ~_SOCK_FLAGS, proto))
     return (EnclaveSocket(family, type, proto, fileno=fd1), EnclaveSocket(family, type, proto, fileno=fd2))
 
@@ -297,7 +302,11 @@ def socketpair(family: int = socket.AF_UNIX, type: int = socket.SOCK_STREAM, pro
 
 def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> list[Any]:  # noqa: A002
     h = b"" if host is None else (host.encode("idna") if isinstance(host, str) else bytes(host))
-    p = b"" if port is None else (str(port).encode() if isinstance(port, int) else port.encode() if isinstance(port, str) else bytes(port))
+    p = (
+        b""
+        if port is None
+        else (str(port).encode() if isinstance(port, int) else port.encode() if isinstance(port, str) else bytes(port))
+    )
     result, err, value = scheduler.get().host_call(Op.GETADDRINFO, (family, type, proto, flags), h + b"\0" + p)
     if result < 0:
         if err:
@@ -487,18 +496,12 @@ class Epoll:
 def install(slot_data: int) -> None:
     global _slot_data
     _slot_data = slot_data
-    socket.socket = EnclaveSocket  # type: ignore[misc]
-    socket.SocketType = EnclaveSocket  # type: ignore[misc]
-    socket.socketpair = socketpair
-    socket.getaddrinfo = getaddrinfo
-    socket.gethostname = gethostname
-    socket.gethostbyname = gethostbyname
-    socket.gethostbyname_ex = gethostbyname_ex
-    socket.gethostbyaddr = gethostbyaddr
-    socket.getnameinfo = getnameinfo
-    select.select = select_
-    select.poll = Poll  # type: ignore[assignment]
-    select.epoll = Epoll  # type: ignore[misc,assignment]
+    interpose(
+        socket, socket=EnclaveSocket, SocketType=EnclaveSocket, socketpair=socketpair, getaddrinfo=getaddrinfo,
+        gethostname=gethostname, gethostbyname=gethostbyname, gethostbyname_ex=gethostbyname_ex,
+        gethostbyaddr=gethostbyaddr, getnameinfo=getnameinfo,
+    )  # fmt: skip
+    interpose(select, select=select_, poll=Poll, epoll=Epoll)
     for name in ("devpoll", "kqueue"):
         if hasattr(select, name):
             delattr(select, name)

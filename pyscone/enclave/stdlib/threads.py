@@ -21,6 +21,7 @@ from typing import Any
 
 from pyscone.enclave import scheduler
 from pyscone.enclave.scheduler import LThread, Scheduler
+from pyscone.enclave.stdlib import interpose
 
 TIMEOUT_MAX = float(2**31)
 _main_ident = 1
@@ -38,7 +39,7 @@ def get_ident() -> int:
 class Lock:
     """A non-reentrant lock whose waiters are parked lthreads."""
 
-    __slots__ = ("_locked", "_waiters", "__weakref__")
+    __slots__ = ("__weakref__", "_locked", "_waiters")
 
     def __init__(self) -> None:
         self._locked = False
@@ -118,7 +119,7 @@ class Lock:
 class RLock:
     """A reentrant lock; also provides what ``threading.Condition`` uses."""
 
-    __slots__ = ("_block", "_owner", "_count", "__weakref__")
+    __slots__ = ("__weakref__", "_block", "_count", "_owner")
 
     def __init__(self) -> None:
         self._block = Lock()
@@ -246,7 +247,7 @@ def install() -> types.ModuleType:
     # source lines through the interposed open (the C one would hit the barrier).
     del real
     sys.modules["_thread"] = mod
-    bootstrap._thread = mod  # type: ignore[attr-defined]
+    interpose(bootstrap, _thread=mod)
     # Modules that bound the OS-thread primitives at import must be imported afresh.
     for name in ("threading", "_threading_local", "queue", "_dummy_thread"):
         sys.modules.pop(name, None)
@@ -254,8 +255,8 @@ def install() -> types.ModuleType:
     import queue
     import threading
 
-    mod._local = _threading_local.local  # type: ignore[attr-defined]
-    threading.local = _threading_local.local  # type: ignore[misc]
+    interpose(mod, _local=_threading_local.local)
+    interpose(threading, local=_threading_local.local)
     # The C SimpleQueue blocks the OS thread; the pure-Python one blocks an lthread.
-    queue.SimpleQueue = queue._PySimpleQueue  # type: ignore[misc,attr-defined]
+    interpose(queue, SimpleQueue=queue._PySimpleQueue)  # type: ignore[attr-defined]
     return mod

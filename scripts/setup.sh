@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything pyscone needs on a Debian machine with Python >= 3.11, idempotently:
+# system packages (libseccomp, curl, wrk, a C compiler), then a virtualenv in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+python=""
+for candidate in python3.13 python3.12 python3.11 python3; do
+  if command -v "$candidate" >/dev/null 2>&1 &&
+     "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    python=$(command -v "$candidate"); break
+  fi
+done
+[[ -n $python ]] || { echo "error: pyscone needs Python 3.11 or newer" >&2; exit 1; }
+
+# System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc (a test builds
+# a C extension), venv support and headers for the interpreter in use.
+packages=(libseccomp2 curl wrk gcc libc6-dev)
+"$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+"$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || packages+=(python3-dev)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  log "creating .venv with $python"
+  "$python" -m venv .venv
+fi
+stamp=.venv/.pyscone-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  log "installing pyscone and its development tools into .venv"
+  pip_log=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev]'; } >"$pip_log" 2>&1; then
+    cat "$pip_log" >&2; rm -f "$pip_log"; echo "error: pip install failed" >&2; exit 1
+  fi
+  rm -f "$pip_log"
+  touch "$stamp"
+fi
