@@ -180,6 +180,8 @@ SYSCALL_MODES: dict[str, list[str]] = {
     "native": [PYTHON, str(SYSCALLS_PY)],
     "async": [*pyscone_cmd(), "run", "--syscalls", "async", str(SYSCALLS_PY)],
     "sync": [*pyscone_cmd(), "run", "--syscalls", "sync", str(SYSCALLS_PY)],
+    # One outstanding call like sync, but both sides spin: isolates what overlap alone buys.
+    "sync+spin": [*pyscone_cmd(), "run", "--syscalls", "sync", "--spin-us", "50", str(SYSCALLS_PY)],
 }
 
 
@@ -487,7 +489,8 @@ def syscall_table(results: list[SyscallResult]) -> str:
     rows = []
     for t in THREAD_COUNTS:
         n, a, s = by.get(("native", t)), by.get(("async", t)), by.get(("sync", t))
-        if not (n and a and s):
+        ss = by.get(("sync+spin", t))
+        if not (n and a and s and ss):
             continue
         rows.append(
             [
@@ -495,7 +498,9 @@ def syscall_table(results: list[SyscallResult]) -> str:
                 fmt(n.calls_per_s),
                 fmt(a.calls_per_s),
                 fmt(s.calls_per_s),
+                fmt(ss.calls_per_s),
                 fmt_ratio(ratio(a.calls_per_s, s.calls_per_s)),
+                fmt_ratio(ratio(a.calls_per_s, ss.calls_per_s)),
                 fmt_ratio(ratio(a.calls_per_s, n.calls_per_s)),
                 fmt_ratio(ratio(s.calls_per_s, n.calls_per_s)),
                 fmt(n.cpu_us_per_call, ".2f"),
@@ -509,7 +514,9 @@ def syscall_table(results: list[SyscallResult]) -> str:
             "native/s",
             "async/s",
             "sync/s",
+            "sync+spin/s",
             "async/sync",
+            "async/sync+spin",
             "async/nat",
             "sync/nat",
             "cpu-us nat",

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spin-us",
         type=int,
         default=None,
-        help="max spin before sleeping, in microseconds (default 50)  [PYSCONE_SPIN_US]",
+        help="max spin before sleeping, in microseconds (default 150; 0 in sync mode)  [PYSCONE_SPIN_US]",
     )
     run.add_argument("--heap", default=None, help="enclave heap limit, e.g. 512M (default 1G)  [PYSCONE_HEAP]")
     run.add_argument(
@@ -108,7 +108,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     slots = a.slots if a.slots is not None else _env_int("PYSCONE_SLOTS", abi.DEFAULT_SLOTS)
     slot_data = parse_size(a.slot_size) if a.slot_size else _env_int("PYSCONE_SLOT_SIZE", abi.DEFAULT_SLOT_DATA)
     sthreads = a.sthreads if a.sthreads is not None else _env_int("PYSCONE_STHREADS", 3)
-    spin = a.spin_us if a.spin_us is not None else _env_int("PYSCONE_SPIN_US", 50)
+    # Sync mode models an enclave exit per call: the thread leaves (hands the call to the host
+    # through the kernel and sleeps), so by default neither side spins.  --spin-us overrides.
+    spin_default = 0 if a.syscalls == "sync" else 150
+    spin = a.spin_us if a.spin_us is not None else _env_int("PYSCONE_SPIN_US", spin_default)
     heap = parse_size(a.heap) if a.heap else _env_int("PYSCONE_HEAP", 1 << 30)
     try:
         abi.Geometry(slots, slot_data)

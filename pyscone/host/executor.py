@@ -104,7 +104,7 @@ class Executor:
         doorbell_out: int,
         *,
         sthreads: int = 3,
-        spin_us: int = 50,
+        spin_us: int = 150,
         hostile: str | None = None,
     ) -> None:
         if sthreads < 1:
