@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spin-us",
         type=int,
         default=None,
-        help="max spin before sleeping, in microseconds (default 150; 0 in sync mode)  [PYSCONE_SPIN_US]",
+        help="max spin before sleeping, in microseconds (default 400; 0 in sync mode)  [PYSCONE_SPIN_US]",
     )
     run.add_argument("--heap", default=None, help="enclave heap limit, e.g. 512M (default 1G)  [PYSCONE_HEAP]")
     run.add_argument(
@@ -110,7 +110,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     sthreads = a.sthreads if a.sthreads is not None else _env_int("PYSCONE_STHREADS", 3)
     # Sync mode models an enclave exit per call: the thread leaves (hands the call to the host
     # through the kernel and sleeps), so by default neither side spins.  --spin-us overrides.
-    spin_default = 0 if a.syscalls == "sync" else 150
+    spin_default = 0 if a.syscalls == "sync" else 400
     spin = a.spin_us if a.spin_us is not None else _env_int("PYSCONE_SPIN_US", spin_default)
     heap = parse_size(a.heap) if a.heap else _env_int("PYSCONE_HEAP", 1 << 30)
     try:

@@ -123,6 +123,7 @@ class SyscallClient:
         while time.perf_counter() < spin_until:
             if resp.pending():
                 return
+            os.sched_yield()  # spin politely: on 2 cores the host may need this one
         region = self.region
         region.set_flag(abi.OFF_ENCLAVE_SLEEPING, 1)
         if resp.pending():

@@ -104,7 +104,7 @@ class Executor:
         doorbell_out: int,
         *,
         sthreads: int = 3,
-        spin_us: int = 150,
+        spin_us: int = 400,
         hostile: str | None = None,
     ) -> None:
         if sthreads < 1:
@@ -237,6 +237,7 @@ class Executor:
                 spin_until = now + self.spin
                 continue
             if now < spin_until:
+                os.sched_yield()  # spin politely: the enclave or the client may need this core
                 continue
             # Idle: announce that we sleep, re-check, then wait for the doorbell or a socket.
             region.set_flag(abi.OFF_HOST_SLEEPING, 1)

@@ -34,7 +34,7 @@ class EnclaveConfig:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = ""
     syscalls: str = "async"
-    spin_us: int = 150
+    spin_us: int = 400
     heap: int = 1 << 30
     barrier: bool = True
     preload: list[str] = field(default_factory=list)
@@ -49,7 +49,7 @@ class HostConfig:
     slots: int = abi.DEFAULT_SLOTS
     slot_data: int = abi.DEFAULT_SLOT_DATA
     sthreads: int = 3
-    spin_us: int = 150
+    spin_us: int = 400
     hostile: str | None = None
 
 

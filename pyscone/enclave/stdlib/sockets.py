@@ -231,7 +231,15 @@ class EnclaveSocket(_StdSocket):
 
     def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
         if isinstance(value, int):
-            _call(Op.SETSOCKOPT, (self._live(), level, optname, 0, value))
+            args = (self._live(), level, optname, 0, value)
+            if (level, optname) in _INFALLIBLE_OPTIONS and self._kind == socket.SOCK_STREAM and -(2**31) <= value < 2**31:
+                # Linux can fail these only with EBADF, ENOTSOCK, ENOPROTOOPT or a bad length, all
+                # ruled out here (the fd is ours, a TCP socket, the value an int): post, don't wait.
+                tcp = self._family in (socket.AF_INET, socket.AF_INET6) and self._proto in (0, socket.IPPROTO_TCP)
+                if tcp or level == socket.SOL_SOCKET:
+                    scheduler.get().post(Op.SETSOCKOPT, args)
+                    return
+            _call(Op.SETSOCKOPT, args)
         else:
             _call(Op.SETSOCKOPT, (self._live(), level, optname, 1, 0), bytes(value))
 
@@ -279,6 +287,16 @@ class EnclaveSocket(_StdSocket):
             self._fd = -1
             _fds.forget(fd)
             scheduler._scheduler.defer(Op.CLOSE, (fd,))
+
+
+#: Boolean-style options whose setsockopt cannot fail on a stream socket the enclave knows.
+_INFALLIBLE_OPTIONS = frozenset(
+    {
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    }
+)
 
 
 def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"") -> tuple[int, Any]:
