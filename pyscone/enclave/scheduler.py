@@ -247,7 +247,15 @@ class Scheduler:
                 timer = self.call_later(timeout, lambda: self._cancel(sid))
             replies = self._replies
             while (reply := replies.pop(sid, None)) is None:
-                self.park()
+                if self.ready or self._signals or self._interrupt is not None or self._timer_due():
+                    self.park()  # someone else can run: the hub wakes us when our reply comes
+                    continue
+                # Direct wait: nothing else is runnable, so wait here rather than switch to
+                # the hub and back.  Replies for other lthreads are still delivered, and the
+                # moment one of them becomes ready we park and let it run.
+                self._drain()
+                if sid not in replies and not self.ready:
+                    client.wait(self._next_timeout())
         except BaseException:
             # Interrupted: the reply, when it comes, is dropped.
             if self._waiting.get(sid) is lt:
@@ -330,7 +338,8 @@ class Scheduler:
         lt = self._waiting.pop(sid, None)
         if lt is not None:
             self._replies[sid] = reply
-            self.ready.append((lt, None))
+            if lt is not self.current or greenlet.getcurrent() is self.hub:
+                self.ready.append((lt, None))  # (a direct waiter finds its reply itself)
         if self._slot_waiters:
             self.ready.append((self._slot_waiters.popleft(), None))
 
@@ -344,6 +353,15 @@ class Scheduler:
             pending, self._pending_cancels = self._pending_cancels, []
             for sid in pending:
                 self._cancel(sid)
+
+    def _timer_due(self) -> bool:
+        return bool(self._timers) and self._timers[0][0] <= time.monotonic()
+
+    def _next_timeout(self) -> float | None:
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        return timers[0][0] - time.monotonic() if timers else None
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -391,13 +409,7 @@ class Scheduler:
                 self._fire_timers()
             if ready:
                 continue
-            timeout = None
-            if self._timers:
-                while self._timers and self._timers[0][2].cancelled:
-                    heapq.heappop(self._timers)
-                if self._timers:
-                    timeout = self._timers[0][0] - time.monotonic()
-            client.wait(timeout)
+            client.wait(self._next_timeout())
 
     def _deliver(self, lt: LThread, exc: BaseException) -> None:
         """Interrupt ``lt`` wherever it is parked (host call, sleep) with ``exc``."""

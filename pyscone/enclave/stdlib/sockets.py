@@ -232,7 +232,8 @@ class EnclaveSocket(_StdSocket):
     def setsockopt(self, level: int, optname: int, value: Any, optlen: int | None = None) -> None:
         if isinstance(value, int):
             args = (self._live(), level, optname, 0, value)
-            if (level, optname) in _INFALLIBLE_OPTIONS and self._kind == socket.SOCK_STREAM and -(2**31) <= value < 2**31:
+            infallible = (level, optname) in _INFALLIBLE_OPTIONS and self._kind == socket.SOCK_STREAM
+            if infallible and -(2**31) <= value < 2**31:
                 # Linux can fail these only with EBADF, ENOTSOCK, ENOPROTOOPT or a bad length, all
                 # ruled out here (the fd is ours, a TCP socket, the value an int): post, don't wait.
                 tcp = self._family in (socket.AF_INET, socket.AF_INET6) and self._proto in (0, socket.IPPROTO_TCP)
