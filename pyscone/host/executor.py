@@ -686,7 +686,7 @@ class Hostile:
         m = self.mode
         if m == "read-overflow" and op in (Op.READ, Op.PREAD, Op.RECV) and result >= 0 and self._chance():
             # Claim one byte more than was asked for (the payload stays inside the slot).
-            forged = b"X" * min(args[1] + 1, ex.geometry.slot_data)
+            forged = (b"FORGED" * (args[1] // 6 + 1))[: min(args[1] + 1, ex.geometry.slot_data)]
             return (args[1] + 1, 0, forged)
         if m == "write-overcount" and op in (Op.WRITE, Op.SEND) and result >= 0 and self._chance():
             return (result + 4096, 0, payload)
