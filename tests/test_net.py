@@ -186,7 +186,7 @@ def test_socket_timeouts_select_and_client_connections(tmp_path: Path) -> None:
         try:
             lsock.accept()
         except TimeoutError as e:
-            out["accept_timeout"] = [str(e), round(time.monotonic() - t0, 1)]
+            out["accept_timeout"] = [str(e), 0.15 <= time.monotonic() - t0 < 2.0]
         c = socket.create_connection(("127.0.0.1", port), timeout=5)
         s, addr = lsock.accept()
         out["peer_is_client"] = addr == c.getsockname()
@@ -225,7 +225,7 @@ def test_socket_timeouts_select_and_client_connections(tmp_path: Path) -> None:
     r = run_enclave(app, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {
-        "accept_timeout": ["timed out", 0.2],
+        "accept_timeout": ["timed out", True],
         "peer_is_client": True,
         "accepted_blocking": None,
         "recv_timeout": True,
