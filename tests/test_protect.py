@@ -159,3 +159,129 @@ def test_fspf_consistency_rules() -> None:
     g = fspf.FSPF(regions=[fspf.Region("/data", "encrypted")])
     with pytest.raises(ValueError):
         g.validate()  # no root region
+
+
+# -- protected files -------------------------------------------------------------------------
+
+from hypothesis import settings  # noqa: E402
+
+from pyscone.protect.pfile import ProtectedFile  # noqa: E402
+
+
+class MemoryStore:
+    """A host file, in memory: the backing store the sans-IO file writes records to."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes = 0
+        self.crash_after: int | None = None
+
+    def pread(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset : offset + size])
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        if self.crash_after is not None and self.writes >= self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.writes += 1
+        if len(self.data) < offset + len(data):
+            self.data.extend(bytes(offset + len(data) - len(self.data)))
+        self.data[offset : offset + len(data)] = data
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 120), st.binary(min_size=1, max_size=50)),
+        st.tuples(st.just("truncate"), st.integers(0, 120), st.just(b"")),
+        st.tuples(st.just("commit"), st.just(0), st.just(b"")),
+        st.tuples(st.just("reopen"), st.just(0), st.just(b"")),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, encrypted=st.booleans())
+def test_protected_file_behaves_like_a_plain_file(ops: list[tuple[str, int, bytes]], encrypted: bool) -> None:
+    fk = FileKey(KEY, FILE_ID, encrypted, chunk_size=16)
+    store = MemoryStore()
+    pf = ProtectedFile(fspf.FileEntry(fk), store)
+    model, committed_model = bytearray(), b""
+    entry = fspf.FileEntry(fk)
+    for op, n, data in ops:
+        if op == "write":
+            if len(model) < n:
+                model.extend(bytes(n - len(model)))
+            model[n : n + len(data)] = data
+            pf.write(n, data)
+        elif op == "truncate":
+            del model[n:]
+            model.extend(bytes(max(0, n - len(model))))
+            pf.truncate(n)
+        elif op == "commit":
+            entry = pf.commit()
+            committed_model = bytes(model)
+        else:  # close without commit and reopen: only the committed state survives
+            pf = ProtectedFile(entry, store)
+            model = bytearray(committed_model)
+        assert pf.length == len(model)
+        assert pf.read(0, 1000) == bytes(model)
+        assert pf.read(5, 7) == bytes(model[5:12])
+
+
+def _two_commits(crash_after: int | None) -> tuple[MemoryStore, fspf.FileEntry, ProtectedFile]:
+    fk = FileKey(KEY, FILE_ID, chunk_size=16)
+    store = MemoryStore()
+    pf = ProtectedFile(fspf.FileEntry(fk), store)
+    pf.write(0, b"A" * 70)
+    committed = pf.commit()
+    pf.write(5, b"B" * 50)
+    pf.truncate(60)
+    if crash_after is not None:
+        store.crash_after = store.writes + crash_after
+    return store, committed, pf
+
+
+def test_a_kill_at_every_write_of_a_commit_leaves_the_last_committed_state() -> None:
+    store, _, pf = _two_commits(None)
+    before = store.writes
+    pf.commit()
+    writes = store.writes - before
+    assert writes == 4
+    for crash_after in range(writes):
+        store, committed, pf = _two_commits(crash_after)
+        with pytest.raises(KeyboardInterrupt):
+            pf.commit()
+        # The FSPF was never replaced: the old entry still opens, with the old content.
+        assert ProtectedFile(committed, store).read(0, 100) == b"A" * 70
+
+
+def test_tampered_swapped_or_rolled_back_records_are_refused() -> None:
+    fk = FileKey(KEY, FILE_ID, chunk_size=16)
+    store = MemoryStore()
+    pf = ProtectedFile(fspf.FileEntry(fk), store)
+    pf.write(0, b"0123456789abcdef" * 3)
+    first = pf.commit()
+    snapshot = bytes(store.data)
+    pf.write(0, b"X" * 16)
+    second = pf.commit()
+    # Flip a byte of the committed record of chunk 0.
+    stride = 16 + chunks.OVERHEAD
+    bad = MemoryStore()
+    bad.data = bytearray(store.data)
+    bad.data[second.slots[0] * stride + 20] ^= 1
+    with pytest.raises(IntegrityError):
+        ProtectedFile(second, bad).read(0, 16)
+    # Swap the records of chunks 1 and 2 (both in slot 0).
+    swapped = MemoryStore()
+    swapped.data = bytearray(store.data)
+    a, b = 2 * 1 * stride, 2 * 2 * stride
+    swapped.data[a : a + stride], swapped.data[b : b + stride] = store.data[b : b + stride], store.data[a : a + stride]
+    with pytest.raises(IntegrityError):
+        ProtectedFile(second, swapped).read(16, 32)
+    # Roll the whole file back to the first version while the FSPF names the second.
+    old = MemoryStore()
+    old.data = bytearray(snapshot)
+    old.data[stride : 2 * stride] = b"\0" * stride  # the slot the second commit used is gone
+    with pytest.raises(IntegrityError):
+        ProtectedFile(second, old).read(0, 16)
+    assert ProtectedFile(first, old).read(0, 16) == b"0123456789abcdef"

@@ -56,13 +56,19 @@ class Region:
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One protected file: its key material, committed length and chunk tags."""
+    """One protected file: its key material, committed length, chunk tags, and for each
+    chunk which of its two record slots on the host holds the committed version."""
 
     key: FileKey
     length: int = 0
     tags: tuple[bytes, ...] = ()
+    slots: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.slots and self.tags:
+            object.__setattr__(self, "slots", (0,) * len(self.tags))
+        if len(self.slots) != len(self.tags) or any(s not in (0, 1) for s in self.slots):
+            raise ValueError("every chunk needs a slot bit (0 or 1)")
         if self.length < 0:
             raise ValueError("file length must not be negative")
         if len(self.tags) != chunk_count(self.length, self.key.chunk_size):
@@ -122,6 +128,7 @@ class FSPF:
                     "chunk_size": e.key.chunk_size,
                     "length": e.length,
                     "tags": _b64(b"".join(e.tags)),
+                    "slots": "".join(map(str, e.slots)),
                 }
                 for path, e in sorted(self.files.items())
             },
@@ -139,9 +146,9 @@ class FSPF:
             for path, f in doc["files"].items():
                 key = FileKey(_unb64(f["key"]), _unb64(f["id"]), bool(f["encrypted"]), int(f["chunk_size"]))
                 tags = _unb64(f["tags"])
-                files[path] = FileEntry(
-                    key, int(f["length"]), tuple(tags[i : i + TAG_SIZE] for i in range(0, len(tags), TAG_SIZE))
-                )
+                tag_list = tuple(tags[i : i + TAG_SIZE] for i in range(0, len(tags), TAG_SIZE))
+                slot_bits = tuple(int(c) for c in f["slots"])
+                files[path] = FileEntry(key, int(f["length"]), tag_list, slot_bits)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed FSPF: {e}") from None
         fspf = cls(regions, files)
