@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 from pyscone import rings
 from pyscone.enclave import barrier, iago, importer, scheduler
@@ -36,7 +36,7 @@ def _read_config(fd: int) -> dict[str, Any]:
     return cfg
 
 
-def _boot_error(message: str) -> None:
+def _boot_error(message: str) -> NoReturn:
     print(f"pyscone: enclave boot failed: {message}", file=sys.stderr, flush=True)
     os._exit(70)
 
@@ -50,8 +50,8 @@ def main() -> None:
     scheduler.install(sched)
 
     # 2. Load from files while we still can.
-    failed = importer.preload_extensions(importer.extension_dirs())
-    del failed  # optional extensions (e.g. _tkinter without Tk) simply stay unavailable
+    # An extension that cannot load (e.g. _tkinter without Tk) simply stays unavailable.
+    importer.preload_extensions(importer.extension_dirs())
     from pyscone.enclave.stdlib import console, files, process, sockets, threads
 
     # 3. Interpose.
