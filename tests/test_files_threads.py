@@ -89,3 +89,26 @@ def test_bad_fd_is_ebadf_without_asking_the_host(tmp_path: Path) -> None:
     )
     r = run_enclave("--stats", app, cwd=tmp_path)
     assert r.stdout == "9\n9\n9\n9\n", r.stderr
+
+
+def test_more_lthreads_than_slots_wait_for_a_free_slot(tmp_path: Path) -> None:
+    # 8 lthreads share 2 slots: each call waits for a free slot and is woken when one returns.
+    app = write_app(
+        tmp_path,
+        """
+        import os, threading
+        def work(i):
+            for j in range(30):
+                with open(f"f{i}.txt", "a") as f:
+                    f.write(f"{j}\\n")
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print(sorted(len(open(f"f{i}.txt").read().split()) for i in range(8)))
+        """,
+    )
+    for extra in (["--slots", "2"], ["--slots", "2", "--sthreads", "1"], ["--sthreads", "1", "--syscalls", "sync"]):
+        r = run_enclave(*extra, app, cwd=tmp_path)
+        assert r.returncode == 0, (extra, r.stderr)
+        assert r.stdout == "[30, 30, 30, 30, 30, 30, 30, 30]\n", extra
+        for f in tmp_path.glob("f*.txt"):
+            f.unlink()

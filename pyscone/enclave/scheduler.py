@@ -67,6 +67,17 @@ class Timer:
         self.cancelled = True
 
 
+class _Call:
+    """One call in flight: who waits for it, and the token its reply is filed under."""
+
+    __slots__ = ("cancelled", "lt", "token")
+
+    def __init__(self, token: int, lt: LThread | None) -> None:
+        self.token = token
+        self.lt = lt  # None: waited for in place
+        self.cancelled = False
+
+
 class _Interrupt:
     """Delivered to a parked lthread instead of its value: raise ``exc``."""
 
@@ -86,15 +97,14 @@ class Scheduler:
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._idents = itertools.count(1)
-        self._waiting: dict[int, LThread | None] = {}  # slot -> parked lthread (None: orphan)
+        self._waiting: dict[int, _Call | None] = {}  # slot -> the call it carries (None: orphan)
+        self._tokens = itertools.count(1)
         self._slot_waiters: deque[LThread] = deque()
-        self._pending_cancels: list[int] = []
-        self._cancelled: set[int] = set()
+        self._pending_cancels: list[tuple[int, _Call]] = []
         self._stopping = False
         self._interrupt: BaseException | None = None
         self._deferred: list[tuple[int, tuple[int, ...]]] = []
-        self._replies: dict[int, tuple[int, int, bytes]] = {}
-        self._inplace: set[int] = set()
+        self._replies: dict[int, tuple[int, int, bytes]] = {}  # call token -> reply
         self._signals: list[Callable[[], None]] = []
         self.main: LThread | None = None
         self.lthreads: dict[int, LThread] = {}
@@ -236,17 +246,19 @@ class Scheduler:
         while not client.free:
             self._slot_waiters.append(lt)
             self.park()
-        # Register as the waiter *before* publishing, and take the reply filed under our
-        # own slot: a nested call (a finalizer flushing a file) cannot steal or lose it.
+        # Register before publishing, and take only the reply filed under this call's own
+        # token: a nested call (a finalizer flushing a file) cannot steal or lose it, and a
+        # slot reused at once by another call cannot hand us its reply.
+        call = _Call(next(self._tokens), lt)
         sid = client.prepare(op, flags, args, data)
-        self._waiting[sid] = lt
+        self._waiting[sid] = call
         timer = None
+        replies = self._replies
         try:
             client.publish(sid)
             if timeout is not None:
-                timer = self.call_later(timeout, lambda: self._cancel(sid))
-            replies = self._replies
-            while (reply := replies.pop(sid, None)) is None:
+                timer = self.call_later(timeout, lambda: self._cancel(sid, call))
+            while (reply := replies.pop(call.token, None)) is None:
                 if self.ready or self._signals or self._interrupt is not None or self._timer_due():
                     self.park()  # someone else can run: the hub wakes us when our reply comes
                     continue
@@ -254,23 +266,17 @@ class Scheduler:
                 # the hub and back.  Replies for other lthreads are still delivered, and the
                 # moment one of them becomes ready we park and let it run.
                 self._drain()
-                if sid not in replies and not self.ready:
+                if call.token not in replies and not self.ready:
                     client.wait(self._next_timeout())
         except BaseException:
-            # Interrupted: the reply, when it comes, is dropped.
-            if self._waiting.get(sid) is lt:
-                self._waiting[sid] = None
-                self._cancel(sid)
-            self._replies.pop(sid, None)
+            self._abandon(sid, call)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
         result, err, payload = reply
-        if sid in self._cancelled:
-            self._cancelled.discard(sid)
-            if err == errno.ECANCELED:
-                return -1, errno.ETIMEDOUT, None
+        if call.cancelled and err == errno.ECANCELED:
+            return -1, errno.ETIMEDOUT, None
         return iago.validate(op, args, bytes(data), result, err, payload)
 
     def _call_in_place(
@@ -281,18 +287,17 @@ class Scheduler:
         while not client.free:
             self._drain()
             client.wait(None)
+        call = _Call(next(self._tokens), None)
         sid = client.prepare(op, flags, args, data)
-        self._inplace.add(sid)
+        self._waiting[sid] = call
         deadline = None if timeout is None else time.monotonic() + timeout
-        cancelled = False
         try:
             client.publish(sid)
             while True:
                 self._drain()  # delivers every reply of the batch; ours lands in _replies
-                mine = self._replies.pop(sid, None)
+                mine = self._replies.pop(call.token, None)
                 if mine is not None:
-                    self._inplace.discard(sid)
-                    if cancelled and mine[1] == errno.ECANCELED:
+                    if call.cancelled and mine[1] == errno.ECANCELED:
                         return -1, errno.ETIMEDOUT, b""
                     return mine
                 if self._signals:
@@ -301,29 +306,32 @@ class Scheduler:
                     exc, self._interrupt = self._interrupt, None
                     raise exc  # ^C while the main lthread waits in place (sync mode)
                 remaining = None
-                if deadline is not None and not cancelled:
+                if deadline is not None and not call.cancelled:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        cancelled = True
-                        self._send_cancel(sid)
+                        self._cancel(sid, call)
                         remaining = None
                 client.wait(remaining)
         except BaseException:
-            if sid in self._inplace:  # abandoned: drop the reply when it comes
-                self._inplace.discard(sid)
-                if self._replies.pop(sid, None) is None:
-                    self._waiting[sid] = None
-                    self._cancel(sid)
+            self._abandon(sid, call)
             raise
 
-    def _cancel(self, sid: int) -> None:
-        if sid not in self._waiting and sid not in self._inplace:
-            return  # answered already
-        self._cancelled.add(sid)
+    def _abandon(self, sid: int, call: _Call) -> None:
+        """The caller gave up (an exception): drop the reply, now or when it comes."""
+        self._replies.pop(call.token, None)
+        if self._waiting.get(sid) is call:
+            self._cancel(sid, call)
+            self._waiting[sid] = None  # an orphan: its reply is dropped
+
+    def _cancel(self, sid: int, call: _Call) -> None:
+        """Ask the host to abandon ``call`` (which holds slot ``sid``), if it is still pending."""
+        if self._waiting.get(sid) is not call or call.cancelled:
+            return  # answered already (the slot may even belong to another call by now)
+        call.cancelled = True
         if self.client.free:
             self._send_cancel(sid)
         else:
-            self._pending_cancels.append(sid)
+            self._pending_cancels.append((sid, call))
 
     def _send_cancel(self, target: int) -> None:
         sid = self.client.submit(Op.CANCEL, 0, (target,), b"")
@@ -332,14 +340,12 @@ class Scheduler:
     # -- the hub --------------------------------------------------------------------------
 
     def _dispatch_reply(self, sid: int, reply: tuple[int, int, bytes]) -> None:
-        if sid in self._inplace:  # someone waits for it in place: just file it
-            self._replies[sid] = reply
-            return
-        lt = self._waiting.pop(sid, None)
-        if lt is not None:
-            self._replies[sid] = reply
-            if lt is not self.current or greenlet.getcurrent() is self.hub:
-                self.ready.append((lt, None))  # (a direct waiter finds its reply itself)
+        call = self._waiting.pop(sid, None)
+        if call is not None:
+            self._replies[call.token] = reply
+            lt = call.lt
+            if lt is not None and (lt is not self.current or greenlet.getcurrent() is self.hub):
+                self.ready.append((lt, None))  # (a direct or in-place waiter finds it itself)
         if self._slot_waiters:
             self.ready.append((self._slot_waiters.popleft(), None))
 
@@ -351,8 +357,9 @@ class Scheduler:
             self._flush_deferred()
         if self._pending_cancels and client.free:
             pending, self._pending_cancels = self._pending_cancels, []
-            for sid in pending:
-                self._cancel(sid)
+            for sid, call in pending:
+                if self._waiting.get(sid) is call or self._waiting.get(sid, call) is None:
+                    self._send_cancel(sid)
 
     def _timer_due(self) -> bool:
         return bool(self._timers) and self._timers[0][0] <= time.monotonic()
@@ -413,10 +420,9 @@ class Scheduler:
 
     def _deliver(self, lt: LThread, exc: BaseException) -> None:
         """Interrupt ``lt`` wherever it is parked (host call, sleep) with ``exc``."""
-        for sid, waiter in self._waiting.items():
-            if waiter is lt:
-                self._waiting[sid] = None
-                self._cancel(sid)
+        for sid, call in list(self._waiting.items()):
+            if call is not None and call.lt is lt:
+                self._abandon(sid, call)
                 break
         # Queued behind anything already handed to it (a lock, a reply), never instead.
         self.ready.append((lt, _Interrupt(exc)))
@@ -428,9 +434,9 @@ def dump_lthreads(sched: Scheduler) -> str:
 
     out = [
         f"pyscone: {len(sched.lthreads)} lthreads, {len(sched.client.outstanding)} host calls outstanding, "
-        f"{len(sched.ready)} ready, waiting {dict(sched._waiting)}, replies {list(sched._replies)}, "
+        f"{len(sched.ready)} ready, {len(sched._waiting)} slots in flight, {len(sched._replies)} replies unclaimed, "
         f"{len(sched._signals)} signals queued, {len(sched._timers)} timers, interrupt {sched._interrupt!r}, "
-        f"cancelled {sched._cancelled}, pending cancels {sched._pending_cancels}"
+        f"pending cancels {len(sched._pending_cancels)}"
     ]
     for lt in list(sched.lthreads.values()):
         out.append(f"--- lthread {lt.ident} {lt.name}")

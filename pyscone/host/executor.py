@@ -272,7 +272,7 @@ class Executor:
             done.append(sid)
             return
         if op in self._pooled or (
-            op in (Op.READ, Op.WRITE) and args[0] not in self._socks and args[0] not in self._files
+            self._pool and op in (Op.READ, Op.WRITE) and args[0] not in self._socks and args[0] not in self._files
         ):
             self.stats.pooled += 1
             self._pool_q.put(sid)
