@@ -65,9 +65,6 @@ class SharedRegion:
     def load(self, off: int) -> int:
         return int(self.words[off >> 3])
 
-    def store(self, off: int, value: int) -> None:
-        self.words[off >> 3] = value
-
     def flag(self, off: int) -> int:
         return int(self.words[off >> 3])
 
@@ -124,13 +121,12 @@ class Consumer:
     host violation, the host simply trusts its enclave).
     """
 
-    __slots__ = ("_head_word", "_mask", "_ring", "_tail_word", "_words", "head", "size")
+    __slots__ = ("_head_word", "_mask", "_ring", "_tail_word", "_words", "head")
 
     def __init__(self, region: SharedRegion, ring: int, head_off: int, tail_off: int) -> None:
         self._ring = region.ring_views[ring]
         self._words = region.words
         self._mask = region.geometry.ring_size - 1
-        self.size = region.geometry.ring_size
         self._head_word = head_off >> 3
         self._tail_word = tail_off >> 3
         self.head = region.load(head_off)

@@ -238,3 +238,31 @@ def test_socket_timeouts_select_and_client_connections(tmp_path: Path) -> None:
         "socketpair": "pair",
         "refused": True,
     }
+
+
+def test_closing_a_socket_fails_the_calls_parked_on_it(tmp_path: Path) -> None:
+    # An lthread blocked in recv must not stay parked on the host for a closed socket:
+    # the host fails the parked call with EBADF when the fd is closed.
+    app = write_app(
+        tmp_path,
+        """
+        import socket, threading, time
+        a, b = socket.socketpair()
+        out = []
+        def reader():
+            try:
+                a.recv(10)
+                out.append("returned")
+            except OSError as e:
+                out.append(f"errno {e.errno}")
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.2)
+        a.close()
+        t.join(5)
+        print(out, t.is_alive())
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "['errno 9'] False\n"

@@ -285,3 +285,17 @@ def test_tampered_swapped_or_rolled_back_records_are_refused() -> None:
     with pytest.raises(IntegrityError):
         ProtectedFile(second, old).read(0, 16)
     assert ProtectedFile(first, old).read(0, 16) == b"0123456789abcdef"
+
+
+def test_generated_keys_and_the_dirty_flag() -> None:
+    a, b = FileKey.generate(), FileKey.generate(encrypted=False, chunk_size=64)
+    assert a.key != b.key and a.file_id != b.file_id and not b.encrypted and b.chunk_size == 64
+    assert len(fspf.generate_fspf_key()) == 32
+    pf = ProtectedFile(fspf.FileEntry(a), MemoryStore())
+    assert not pf.dirty
+    pf.write(0, b"x")
+    assert pf.dirty
+    pf.commit()
+    assert not pf.dirty
+    pf.truncate(0)
+    assert pf.dirty

@@ -70,9 +70,6 @@ class FileKey:
     def generate(cls, *, encrypted: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileKey:
         return cls(os.urandom(KEY_SIZE), os.urandom(FILE_ID_SIZE), encrypted, chunk_size)
 
-    def record_size(self, plaintext_len: int) -> int:
-        return plaintext_len + OVERHEAD
-
 
 def _ad(fk: FileKey, index: int, length: int) -> bytes:
     if index < 0:
