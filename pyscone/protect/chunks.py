@@ -26,6 +26,7 @@ fspf`` tools and the tests drive the same functions.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ class FileKey:
         return cls(os.urandom(KEY_SIZE), os.urandom(FILE_ID_SIZE), encrypted, chunk_size)
 
 
+@functools.lru_cache(maxsize=256)
+def _aead(key: bytes) -> AESGCM:
+    # Building the cipher object costs about as much as sealing a small chunk: keep it.
+    return AESGCM(key)
+
+
 def _ad(fk: FileKey, index: int, length: int) -> bytes:
     if index < 0:
         raise ValueError("chunk index must not be negative")
@@ -95,7 +102,7 @@ def seal_chunk(fk: FileKey, index: int, plaintext: bytes, *, nonce: bytes | None
     if len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
     ad = _ad(fk, index, len(plaintext))
-    aead = AESGCM(fk.key)
+    aead = _aead(fk.key)
     if fk.encrypted:
         return nonce + aead.encrypt(nonce, plaintext, ad)
     return nonce + plaintext + aead.encrypt(nonce, b"", ad + plaintext)
@@ -128,7 +135,7 @@ def open_chunk(fk: FileKey, index: int, record: bytes, expected_tag: bytes | Non
     nonce, body = record[:NONCE_SIZE], record[NONCE_SIZE:]
     length = len(body) - TAG_SIZE
     ad = _ad(fk, index, length)
-    aead = AESGCM(fk.key)
+    aead = _aead(fk.key)
     try:
         if fk.encrypted:
             return aead.decrypt(nonce, body, ad)

@@ -32,7 +32,17 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pyscone.protect.chunks import FILE_ID_SIZE, KEY_SIZE, NONCE_SIZE, TAG_SIZE, FileKey, IntegrityError, chunk_count
+from pyscone.protect.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    FILE_ID_SIZE,
+    KEY_SIZE,
+    MAX_CHUNK_SIZE,
+    NONCE_SIZE,
+    TAG_SIZE,
+    FileKey,
+    IntegrityError,
+    chunk_count,
+)
 
 KINDS = ("unprotected", "authenticated", "encrypted", "memory")
 FORMAT_VERSION = 1
@@ -43,8 +53,11 @@ _MAGIC = b"PYSFSPF1"
 class Region:
     prefix: str
     kind: str
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # for files created in the region
 
     def __post_init__(self) -> None:
+        if not 1 <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size must be between 1 and {MAX_CHUNK_SIZE} bytes")
         if self.kind not in KINDS:
             raise ValueError(f"region kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if not self.prefix.startswith("/") or posixpath.normpath(self.prefix) != self.prefix:
@@ -57,12 +70,17 @@ class Region:
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     """One protected file: its key material, committed length, chunk tags, and for each
-    chunk which of its two record slots on the host holds the committed version."""
+    chunk which of its two record slots on the host holds the committed version.
+
+    ``store`` is set only while a rename is in flight: the host path that still holds
+    the records (normally they live at the file's own path).
+    """
 
     key: FileKey
     length: int = 0
     tags: tuple[bytes, ...] = ()
     slots: tuple[int, ...] = ()
+    store: str = ""
 
     def __post_init__(self) -> None:
         if not self.slots and self.tags:
@@ -94,8 +112,8 @@ class FSPF:
             raise ValueError("the FSPF has no root region")
         return best
 
-    def add_region(self, prefix: str, kind: str) -> None:
-        region = Region(prefix, kind)
+    def add_region(self, prefix: str, kind: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        region = Region(prefix, kind, chunk_size)
         if any(r.prefix == prefix for r in self.regions):
             raise ValueError(f"a region for {prefix} already exists")
         self.regions.append(region)
@@ -119,7 +137,10 @@ class FSPF:
         """Canonical encoding: the same FSPF always gives the same bytes."""
         doc: dict[str, Any] = {
             "version": FORMAT_VERSION,
-            "regions": [{"prefix": r.prefix, "kind": r.kind} for r in sorted(self.regions, key=lambda r: r.prefix)],
+            "regions": [
+                {"prefix": r.prefix, "kind": r.kind, "chunk_size": r.chunk_size}
+                for r in sorted(self.regions, key=lambda r: r.prefix)
+            ],
             "files": {
                 path: {
                     "key": _b64(e.key.key),
@@ -129,6 +150,7 @@ class FSPF:
                     "length": e.length,
                     "tags": _b64(b"".join(e.tags)),
                     "slots": "".join(map(str, e.slots)),
+                    **({"store": e.store} if e.store else {}),
                 }
                 for path, e in sorted(self.files.items())
             },
@@ -141,14 +163,14 @@ class FSPF:
             doc = json.loads(raw)
             if doc["version"] != FORMAT_VERSION:
                 raise ValueError(f"FSPF format version {doc['version']} is not supported")
-            regions = [Region(r["prefix"], r["kind"]) for r in doc["regions"]]
+            regions = [Region(r["prefix"], r["kind"], int(r["chunk_size"])) for r in doc["regions"]]
             files = {}
             for path, f in doc["files"].items():
                 key = FileKey(_unb64(f["key"]), _unb64(f["id"]), bool(f["encrypted"]), int(f["chunk_size"]))
                 tags = _unb64(f["tags"])
                 tag_list = tuple(tags[i : i + TAG_SIZE] for i in range(0, len(tags), TAG_SIZE))
                 slot_bits = tuple(int(c) for c in f["slots"])
-                files[path] = FileEntry(key, int(f["length"]), tag_list, slot_bits)
+                files[path] = FileEntry(key, int(f["length"]), tag_list, slot_bits, str(f.get("store", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed FSPF: {e}") from None
         fspf = cls(regions, files)
