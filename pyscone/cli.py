@@ -81,11 +81,119 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="import MODULE before lockdown (for C extensions outside the standard library)",
     )
+    run.add_argument(
+        "--fspf",
+        metavar="PATH",
+        default=os.environ.get("PYSCONE_FSPF") or None,
+        help="mount the file-system shield described by this FSPF  [PYSCONE_FSPF]",
+    )
+    run.add_argument(
+        "--fspf-key-file",
+        metavar="FILE",
+        help="DEV MODE: the FSPF key, hex (default PATH.key; in production the CAS delivers it)",
+    )
+    run.add_argument(
+        "--fspf-tag",
+        metavar="TAG",
+        help="pin this FSPF tag: an older FSPF is refused (default: the one in PATH.tag)",
+    )
+    run.add_argument(
+        "--fspf-tag-file",
+        metavar="FILE",
+        help="where the newest FSPF tag is kept and pinned from (default PATH.tag)",
+    )
     run.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
     run.add_argument("--stats", action="store_true", help="print system-call statistics at exit")
     run.add_argument("program", nargs="?", help="the script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
+
+    fs = sub.add_parser(
+        "fspf",
+        help="make and inspect file-system protection files (FSPF)",
+        description="Make and inspect a file-system protection file (FSPF). Run on the owner's machine, "
+        "where the plaintext is. FSPF.key holds the key (dev mode), FSPF.tag the newest tag.",
+    )
+    fsub = fs.add_subparsers(dest="fspf_command", required=True)
+    c = fsub.add_parser("create", help="a new FSPF with one region: / unprotected; writes FSPF, FSPF.key, FSPF.tag")
+    c.add_argument("fspf", metavar="FSPF")
+    c.add_argument("--force", action="store_true", help="replace an existing FSPF and key")
+    r = fsub.add_parser("addr", help="add (or change) a region: a path prefix and how files below it are protected")
+    r.add_argument("fspf", metavar="FSPF")
+    r.add_argument("prefix", help="an absolute path prefix, as the enclave sees it")
+    r.add_argument("--kind", required=True, choices=("unprotected", "authenticated", "encrypted", "memory"))
+    r.add_argument("--chunk-size", default="4K", help="chunk size for files in this region (default 4K)")
+    f = fsub.add_parser("addf", help="protect a file or a directory tree into a protected region")
+    f.add_argument("fspf", metavar="FSPF")
+    f.add_argument("dest", help="where the files are in the enclave (written there on this machine)")
+    f.add_argument("src", nargs="?", help="the plaintext file or directory (default: DEST itself, in place)")
+    sh = fsub.add_parser("show", help="print regions, protected files and the tag")
+    sh.add_argument("fspf", metavar="FSPF")
+    t = fsub.add_parser("tag", help="print the FSPF's tag")
+    t.add_argument("fspf", metavar="FSPF")
+    ca = fsub.add_parser("cat", help="print a protected file's plaintext (the owner's check)")
+    ca.add_argument("fspf", metavar="FSPF")
+    ca.add_argument("path", help="the file's path in the enclave")
+    for sp in (c, r, f, sh, t, ca):
+        sp.add_argument("--key-file", help="the FSPF key file (default FSPF.key)")
     return p
+
+
+def cmd_fspf(a: argparse.Namespace) -> int:
+    from pyscone.host import fspf_tool as tool
+
+    paths = tool.Paths.of(a.fspf, a.key_file)
+    try:
+        if a.fspf_command == "create":
+            tag = tool.create(paths, a.force)
+            print(f"created {paths.fspf} (key in {paths.key}, keep it secret); tag {tag}")
+        elif a.fspf_command == "addr":
+            tag = tool.add_region(paths, a.prefix, a.kind, parse_size(a.chunk_size))
+            print(f"region {os.path.normpath(a.prefix)}: {a.kind}; tag {tag}")
+        elif a.fspf_command == "addf":
+            tag, added = tool.add_files(paths, a.dest, a.src if a.src is not None else a.dest)
+            print(f"protected {len(added)} file(s) under {os.path.normpath(a.dest)}; tag {tag}")
+        elif a.fspf_command == "show":
+            sys.stdout.write(tool.show(paths))
+        elif a.fspf_command == "tag":
+            print(tool.load(paths)[2])
+        elif a.fspf_command == "cat":
+            sys.stdout.flush()
+            tool.cat(paths, a.path, sys.stdout.buffer)
+    except tool.ToolError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"{e.filename or paths.fspf}: {e.strerror}") from None
+    return 0
+
+
+def _fspf_config(a: argparse.Namespace) -> dict[str, str | None] | None:
+    """Dev mode: the FSPF key and pinned tag, read on the host (the CAS replaces this)."""
+    if not a.fspf:
+        return None
+    from pyscone.host import fspf_tool as tool
+
+    path = os.path.abspath(a.fspf)
+    if not os.path.isfile(path):
+        raise UsageError(f"--fspf {a.fspf}: no such file (make one with: pyscone fspf create {a.fspf})")
+    env_key = os.environ.get("PYSCONE_FSPF_KEY")
+    if a.fspf_key_file or not env_key:
+        try:
+            key = tool.read_key(a.fspf_key_file or path + ".key").hex()
+        except tool.ToolError as e:
+            raise UsageError(str(e)) from None
+    else:
+        key = env_key
+    tag_file = os.path.abspath(a.fspf_tag_file or path + ".tag")
+    tag = a.fspf_tag
+    if tag is None and os.path.isfile(tag_file):
+        with open(tag_file) as fh:
+            tag = fh.read().strip() or None
+    print(
+        "pyscone: WARNING: dev mode: the FSPF key comes from the host; "
+        "in production the CAS delivers it only after attestation.",
+        file=sys.stderr,
+    )
+    return {"path": path, "key": key, "tag": tag, "tag_file": tag_file}
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -137,6 +245,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         barrier=not a.no_barrier,
         preload=a.preload,
         stats=a.stats,
+        fspf=_fspf_config(a),
     )
     host = launcher.HostConfig(
         slots=slots,
@@ -154,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.command == "run":
             return cmd_run(a)
+        if a.command == "fspf":
+            return cmd_fspf(a)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

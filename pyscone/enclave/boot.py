@@ -54,6 +54,10 @@ def main() -> None:
     importer.preload_extensions(importer.extension_dirs())
     from pyscone.enclave.stdlib import console, files, process, sockets, threads
 
+    if cfg.get("fspf"):
+        # The shield's crypto is a C extension: load it while loading is still possible.
+        import pyscone.enclave.shields.fs  # noqa: F401
+
     # 3. Interpose.
     threads.install()
     # sys.path[0] as python sets it: the script's directory, or the cwd for -m.
@@ -65,6 +69,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
             _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     slot_data = region.geometry.slot_data
+    cfg["slot_data"] = slot_data
     files.install(cfg["cwd"], slot_data)
     sockets.install(slot_data)
     process.install(cfg["cpu_count"])
@@ -99,11 +104,56 @@ def main() -> None:
     os._exit(status[0])
 
 
+def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
+    """Mount the file-system shield, if the configuration names an FSPF.  Returns an error."""
+    spec = cfg.get("fspf")
+    if not spec:
+        return None
+    from pyscone.enclave.shields import fs
+    from pyscone.protect.chunks import IntegrityError
+
+    try:
+        key = bytes.fromhex(spec["key"])
+        table, tag = fs.load(spec["path"], key, spec.get("tag") or None)
+    except IntegrityError as e:
+        return f"cannot mount the file-system shield: {spec['path']}: {e}"
+    except OSError as e:
+        return f"cannot mount the file-system shield: {spec['path']}: {e.strerror}"
+    except ValueError as e:
+        return f"cannot mount the file-system shield: {e}"
+    shield = fs.mount(table, key, spec["path"], tag, slot_data)
+    if spec.get("tag_file"):
+        fs.on_commit(lambda new: _write_tag(spec["tag_file"], new))
+        _write_tag(spec["tag_file"], shield.tag)
+    return None
+
+
+def _write_tag(path: str, tag: str) -> None:
+    """Dev mode: keep the newest FSPF tag where the next run's launcher pins it from."""
+    from pyscone.enclave.stdlib import files
+
+    fd = files.host_open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        files.write(fd, (tag + "\n").encode())
+    finally:
+        files.close(fd)
+
+
 def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
     import types
 
+    from pyscone.enclave.stdlib import files
+
     argv: list[str] = cfg["argv"]
     sys.argv = list(argv)
+    try:
+        error = _mount(cfg, cfg["slot_data"])
+    except Exception as e:  # noqa: BLE001 - reported in one line, the app never starts
+        error = f"cannot mount the file-system shield: {type(e).__name__}: {e}"
+    if error is not None:
+        print(f"pyscone: {error}", file=sys.stderr, flush=True)
+        status[0] = 70
+        return
     code = 0
     try:
         main_mod = types.ModuleType("__main__")
@@ -114,8 +164,6 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
 
             runpy._run_module_as_main(argv[0], alter_argv=False)  # type: ignore[attr-defined]
         else:
-            from pyscone.enclave.stdlib import files
-
             path = files.abspath(argv[0])
             with open(path, "rb") as f:
                 source = f.read()
@@ -157,6 +205,13 @@ def _finish(code: int) -> int:
         code = _exit_code(e.code)
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
+    try:
+        from pyscone.enclave.stdlib import files
+
+        files.at_exit()  # flush what the app left open; commit the shield's files
+    except OSError as e:
+        print(f"pyscone: at exit: {e}", file=sys.stderr)
+        code = code or 1
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -174,5 +229,9 @@ def _print_stats(client: SyscallClient) -> None:
             file=sys.stderr,
             flush=True,
         )
+        from pyscone.enclave.shields import fs
+
+        if (shield := fs.shield()) is not None:
+            print(f"pyscone: fs shield: {shield.commits} commits, FSPF tag {shield.tag}", file=sys.stderr, flush=True)
     except Exception:  # noqa: BLE001
         pass

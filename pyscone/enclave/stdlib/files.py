@@ -19,16 +19,25 @@ import errno
 import io
 import os
 import stat as stat_mod
+import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyscone.abi import DT_DIR, DT_LNK, DT_REG, Op, StatResult
+from pyscone.abi import DT_DIR, DT_LNK, DT_REG, MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
 from pyscone.enclave.stdlib import interpose
+
+if TYPE_CHECKING:
+    from pyscone.enclave.shields.fs import FsShield
 
 _fds = iago.fds
 _cwd = "/"
 _slot_data = 65536
+# The file-system shield, once mounted: it serves paths in protected regions and the
+# virtual fds (>= MAX_FD, numbers the host can never return) it hands out for them.
+_shield: FsShield | None = None
+# Buffered file objects open() made: flushed at exit, as the interpreter's finalization would.
+_buffered: weakref.WeakSet[Any] = weakref.WeakSet()
 
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -64,17 +73,114 @@ def _no_dir_fd(dir_fd: int | None) -> None:
         raise NotImplementedError("dir_fd unavailable on this platform")
 
 
+def set_shield(shield: FsShield | None) -> None:
+    global _shield
+    _shield = shield
+
+
+def _shielded(path: str) -> FsShield | None:
+    """The shield, if it governs ``path``."""
+    return _shield if _shield is not None and _shield.governs(path) else None
+
+
+def _vfd(fd: int) -> FsShield | None:
+    """The shield, if ``fd`` is one of its virtual fds."""
+    return _shield if fd >= MAX_FD and _shield is not None else None
+
+
+def at_exit() -> None:
+    """Flush what the app left open and commit the shield's files (the interpreter's exit)."""
+    for f in list(_buffered):
+        try:
+            if not f.closed:
+                f.flush()
+        except Exception:  # noqa: BLE001 - as at interpreter exit: best effort
+            pass
+    if _shield is not None:
+        _shield.commit_all()
+
+
+# -- host operations on paths (the shield uses these for its stores) ----------------------
+
+
+def host_open(p: str, flags: int, mode: int) -> int:
+    fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=p)
+    return int(fd)
+
+
+def host_stat(p: str, follow: bool) -> StatResult | None:
+    """The host's stat of ``p``, or ``None`` if there is nothing there."""
+    try:
+        return _call(Op.STAT, (int(follow),), _enc(p), filename=p)[1]  # type: ignore[no-any-return]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def host_fstat(fd: int) -> StatResult:
+    return _call(Op.FSTAT, (fd,))[1]  # type: ignore[no-any-return]
+
+
+def host_listdir(path: str) -> Iterator[tuple[str, int]]:
+    start = 0
+    while True:
+        _, (entries, more) = _call(Op.LISTDIR, (start,), _enc(path), filename=path)
+        for e in entries:
+            yield e.name, e.dtype
+        start += len(entries)
+        if not more:
+            return
+
+
+def host_mkdir(p: str, mode: int) -> None:
+    _call(Op.MKDIR, (mode,), _enc(p), filename=p)
+
+
+def host_rmdir(p: str) -> None:
+    _call(Op.RMDIR, (), _enc(p), filename=p)
+
+
+def host_unlink(p: str) -> None:
+    _call(Op.UNLINK, (), _enc(p), filename=p)
+
+
+def host_rename(src: str, dst: str, replace: bool) -> None:
+    _call(Op.RENAME, (int(replace),), _enc(src) + b"\0" + _enc(dst), filename=src)
+
+
+def host_access(p: str, mode: int) -> bool:
+    r, _ = _call(Op.ACCESS, (mode,), _enc(p))
+    return r == 0
+
+
+def host_chmod(p: str, mode: int) -> None:
+    _call(Op.CHMOD, (mode,), _enc(p), filename=p)
+
+
+def host_utime(p: str, args: tuple[int, int, int]) -> None:
+    _call(Op.UTIME, args, _enc(p), filename=p)
+
+
+def host_readlink(p: str) -> bytes:
+    _, target = _call(Op.READLINK, (), _enc(p), filename=p)
+    return bytes(target)
+
+
 # -- os functions ------------------------------------------------------------------------
 
 
 def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
     _no_dir_fd(dir_fd)
     p = abspath(path)
+    if sh := _shielded(p):
+        return sh.open(p, flags, mode)
     fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=os.fspath(path))
     return int(fd)
 
 
 def close(fd: int) -> None:
+    if sh := _vfd(fd):
+        sh.close(fd)
+        return
     _fds.kind(fd)
     # Forget the fd *before* the host closes it (Linux releases it even if close fails):
     # the host may hand the number out again at once, to a call answered before ours.
@@ -86,12 +192,16 @@ def close(fd: int) -> None:
 def read(fd: int, n: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    if sh := _vfd(fd):
+        return sh.read(fd, n)
     kind = _fds.kind(fd)
     _, data = _call(Op.READ, (fd, min(n, _slot_data)), wait=kind != iago.FdTable.FILE)
     return bytes(data)
 
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    if sh := _vfd(fd):
+        return sh.write(fd, data)
     kind = _fds.kind(fd)
     view = memoryview(data).cast("B")[:_slot_data]
     n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE)
@@ -99,36 +209,45 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
 
 
 def pread(fd: int, n: int, offset: int) -> bytes:
-    _fds.kind(fd)
     if n < 0:
         raise ValueError("negative length")
+    if sh := _vfd(fd):
+        return sh.pread(fd, n, offset)
+    _fds.kind(fd)
     _, data = _call(Op.PREAD, (fd, min(n, _slot_data), offset))
     return bytes(data)
 
 
 def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    if sh := _vfd(fd):
+        return sh.pwrite(fd, data, offset)
     _fds.kind(fd)
     n, _ = _call(Op.PWRITE, (fd, offset), bytes(memoryview(data).cast("B")[:_slot_data]))
     return int(n)
 
 
 def lseek(fd: int, pos: int, how: int) -> int:
+    if sh := _vfd(fd):
+        return sh.lseek(fd, pos, how)
     _fds.kind(fd)
     r, _ = _call(Op.LSEEK, (fd, pos, how))
     return int(r)
 
 
 def fstat(fd: int) -> os.stat_result:
-    _fds.kind(fd)
-    _, st = _call(Op.FSTAT, (fd,))
-    return st.to_os()  # type: ignore[no-any-return]
+    return _stat(fd, True).to_os()  # type: ignore[return-value]
 
 
 def _stat(path: Path | int, follow: bool) -> StatResult:
     if isinstance(path, int):
+        if sh := _vfd(path):
+            return sh.fstat(path)
         _fds.kind(path)
         return _call(Op.FSTAT, (path,))[1]  # type: ignore[no-any-return]
-    return _call(Op.STAT, (int(follow),), _enc(abspath(path)), filename=os.fspath(path))[1]  # type: ignore[no-any-return]
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.stat(p, follow)
+    return _call(Op.STAT, (int(follow),), _enc(p), filename=os.fspath(path))[1]  # type: ignore[no-any-return]
 
 
 def stat(path: Path | int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> os.stat_result:
@@ -142,14 +261,15 @@ def lstat(path: Path, *, dir_fd: int | None = None) -> os.stat_result:
 
 
 def _dirents(path: str) -> Iterator[tuple[str, int]]:
-    start = 0
-    while True:
-        _, (entries, more) = _call(Op.LISTDIR, (start,), _enc(path), filename=path)
-        for e in entries:
-            yield e.name, e.dtype
-        start += len(entries)
-        if not more:
-            return
+    if sh := _shielded(path):
+        yield from sh.listdir(path)
+        return
+    seen = set()
+    for name, dtype in host_listdir(path):
+        seen.add(name)
+        yield name, dtype
+    if _shield is not None:  # memory regions have no host directory: show them in their parent
+        yield from ((n, t) for n, t in _shield.region_children(path).items() if n not in seen)
 
 
 def listdir(path: Path | None = None) -> list[Any]:
@@ -246,21 +366,36 @@ def scandir(path: Path | None = None) -> _ScandirIterator:
 
 def mkdir(path: Path, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
-    _call(Op.MKDIR, (mode,), _enc(abspath(path)), filename=os.fspath(path))
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.mkdir(p, mode)
+    _call(Op.MKDIR, (mode,), _enc(p), filename=os.fspath(path))
 
 
 def rmdir(path: Path, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
-    _call(Op.RMDIR, (), _enc(abspath(path)), filename=os.fspath(path))
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.rmdir(p)
+    _call(Op.RMDIR, (), _enc(p), filename=os.fspath(path))
 
 
 def unlink(path: Path, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
-    _call(Op.UNLINK, (), _enc(abspath(path)), filename=os.fspath(path))
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.unlink(p)
+    _call(Op.UNLINK, (), _enc(p), filename=os.fspath(path))
 
 
 def _rename(src: Path, dst: Path, replace: bool) -> None:
-    _call(Op.RENAME, (int(replace),), _enc(abspath(src)) + b"\0" + _enc(abspath(dst)), filename=os.fspath(src))
+    s, d = abspath(src), abspath(dst)
+    if _shield is not None and (_shield.governs(s) or _shield.governs(d)):
+        try:
+            return _shield.rename(s, d)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.fspath(src), None, os.fspath(dst)) from None
+    _call(Op.RENAME, (int(replace),), _enc(s) + b"\0" + _enc(d), filename=os.fspath(src))
 
 
 def rename(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
@@ -275,11 +410,15 @@ def replace(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: 
 
 def fsync(fd: Any) -> None:
     fd = fd if isinstance(fd, int) else fd.fileno()
+    if sh := _vfd(fd):
+        return sh.fsync(fd)
     _fds.kind(fd)
     _call(Op.FSYNC, (fd,))
 
 
 def ftruncate(fd: int, length: int) -> None:
+    if sh := _vfd(fd):
+        return sh.ftruncate(fd, length)
     _fds.kind(fd)
     _call(Op.FTRUNCATE, (fd, length))
 
@@ -299,13 +438,18 @@ def access(
     path: Path, mode: int, *, dir_fd: int | None = None, effective_ids: bool = False, follow_symlinks: bool = True
 ) -> bool:
     _no_dir_fd(dir_fd)
-    r, _ = _call(Op.ACCESS, (mode,), _enc(abspath(path)))
-    return r == 0
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.access(p, mode)
+    return host_access(p, mode)
 
 
 def chmod(path: Path, mode: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:
     _no_dir_fd(dir_fd)
-    _call(Op.CHMOD, (mode,), _enc(abspath(path)), filename=os.fspath(path))
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.chmod(p, mode)
+    _call(Op.CHMOD, (mode,), _enc(p), filename=os.fspath(path))
 
 
 def utime(
@@ -322,23 +466,33 @@ def utime(
     if times is not None:
         ns = (int(times[0] * 1e9), int(times[1] * 1e9))
     args = (1, ns[0], ns[1]) if ns is not None else (0, 0, 0)
-    _call(Op.UTIME, args, _enc(abspath(path)), filename=os.fspath(path))
+    p = abspath(path)
+    if sh := _shielded(p):
+        return sh.utime(p, args)
+    _call(Op.UTIME, args, _enc(p), filename=os.fspath(path))
 
 
 def readlink(path: Path, *, dir_fd: int | None = None) -> Any:
     _no_dir_fd(dir_fd)
     raw = os.fspath(path)
-    _, target = _call(Op.READLINK, (), _enc(abspath(raw)), filename=raw)
+    p = abspath(raw)
+    sh = _shielded(p)
+    target = sh.readlink(p) if sh else host_readlink(p)
     return bytes(target) if isinstance(raw, bytes) else bytes(target).decode("utf-8", "surrogateescape")
 
 
 def symlink(src: Path, dst: Path, target_is_directory: bool = False, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
     s = os.fsdecode(os.fspath(src))  # a link target is stored as given, not made absolute
-    _call(Op.SYMLINK, (), _enc(s) + b"\0" + _enc(abspath(dst)), filename=os.fspath(dst))
+    d = abspath(dst)
+    if sh := _shielded(d):
+        return sh.symlink(d)
+    _call(Op.SYMLINK, (), _enc(s) + b"\0" + _enc(d), filename=os.fspath(dst))
 
 
 def isatty(fd: int) -> bool:
+    if _vfd(fd):
+        return False
     try:
         _fds.kind(fd)
     except OSError:
@@ -390,7 +544,8 @@ class EnclaveFileIO(io.RawIOBase):
         if isinstance(file, int):
             if file < 0:
                 raise ValueError("negative file descriptor")
-            _fds.kind(file)
+            if not _vfd(file):
+                _fds.kind(file)
             self._fd = file
         else:
             if not closefd:
@@ -632,6 +787,7 @@ def open(  # noqa: A001 - it *is* open
         else:
             buffer = io.BufferedReader(raw, buffering)
         result = buffer
+        _buffered.add(buffer)
         if binary:
             return result
         encoding = io.text_encoding(encoding)
