@@ -166,7 +166,7 @@ def cmd_fspf(a: argparse.Namespace) -> int:
     return 0
 
 
-def _fspf_config(a: argparse.Namespace) -> dict[str, str | None] | None:
+def _fspf_config(a: argparse.Namespace) -> dict[str, object] | None:
     """Dev mode: the FSPF key and pinned tag, read on the host (the CAS replaces this)."""
     if not a.fspf:
         return None
@@ -184,16 +184,16 @@ def _fspf_config(a: argparse.Namespace) -> dict[str, str | None] | None:
     else:
         key = env_key
     tag_file = os.path.abspath(a.fspf_tag_file or path + ".tag")
-    tag = a.fspf_tag
-    if tag is None and os.path.isfile(tag_file):
+    tags = [a.fspf_tag] if a.fspf_tag else None
+    if tags is None and os.path.isfile(tag_file):
         with open(tag_file) as fh:
-            tag = fh.read().strip() or None
+            tags = fh.read().split() or None
     print(
         "pyscone: WARNING: dev mode: the FSPF key comes from the host; "
         "in production the CAS delivers it only after attestation.",
         file=sys.stderr,
     )
-    return {"path": path, "key": key, "tag": tag, "tag_file": tag_file}
+    return {"path": path, "key": key, "tags": tags, "tag_file": tag_file}
 
 
 def cmd_run(a: argparse.Namespace) -> int:

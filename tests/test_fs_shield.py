@@ -241,9 +241,9 @@ def test_a_file_added_by_the_host_does_not_exist_for_the_app(fs: FS) -> None:
         fs.root,
         f"""
         import os
-        print(os.listdir({str(fs.enc)!r}), os.path.exists({str(fs.enc / 'planted.py')!r}))
+        print(os.listdir({str(fs.enc)!r}), os.path.exists({str(fs.enc / "planted.py")!r}))
         try:
-            open({str(fs.enc / 'planted.py')!r})
+            open({str(fs.enc / "planted.py")!r})
         except FileNotFoundError:
             print("ENOENT")
         """,
@@ -306,7 +306,7 @@ def test_rename_unlink_truncate_and_open_fds(fs: FS) -> None:
         os.mkdir(d + "/dir"); os.rename(p, d + "/dir/p"); os.rename(d + "/dir", d + "/dir2")
         print(os.listdir(d), os.listdir(d + "/dir2"), len(open(d + "/dir2/p").read()))
         try:
-            os.rename(d + "/dir2/p", {str(fs.root / 'outside')!r})
+            os.rename(d + "/dir2/p", {str(fs.root / "outside")!r})
         except OSError as e:
             print("EXDEV" if e.errno == 18 else e)
         os.remove(d + "/dir2/p"); os.rmdir(d + "/dir2"); print(os.listdir(d))
@@ -334,7 +334,9 @@ def test_an_interrupted_rename_is_finished_at_the_next_mount(fs: FS) -> None:
     entry = table.files.pop(str(fs.enc / "src"))
     table.files[str(fs.enc / "dst")] = dataclasses.replace(entry, store=str(fs.enc / "src"))
     tool.save(fs.paths, table, key)
-    app = write_app(fs.root, "import os, sys; print(sorted(os.listdir(sys.argv[1])), open(sys.argv[1] + '/dst').read())")
+    app = write_app(
+        fs.root, "import os, sys; print(sorted(os.listdir(sys.argv[1])), open(sys.argv[1] + '/dst').read())"
+    )
     r = fs.run(app, str(fs.enc))
     assert r.returncode == 0 and r.stdout.strip() == "['dst'] payload", r.stderr
     assert sorted(os.listdir(fs.enc)) == ["dst"]

@@ -114,7 +114,7 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 
     try:
         key = bytes.fromhex(spec["key"])
-        table, tag = fs.load(spec["path"], key, spec.get("tag") or None)
+        table, tag = fs.load(spec["path"], key, spec.get("tags") or None)
     except IntegrityError as e:
         return f"cannot mount the file-system shield: {spec['path']}: {e}"
     except OSError as e:
@@ -123,20 +123,31 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
         return f"cannot mount the file-system shield: {e}"
     shield = fs.mount(table, key, spec["path"], tag, slot_data)
     if spec.get("tag_file"):
-        fs.on_commit(lambda new: _write_tag(spec["tag_file"], new))
-        _write_tag(spec["tag_file"], shield.tag)
+        shield.pin = TagFile(spec["tag_file"])
+        shield.pin.commit(shield.tag)
     return None
 
 
-def _write_tag(path: str, tag: str) -> None:
-    """Dev mode: keep the newest FSPF tag where the next run's launcher pins it from."""
-    from pyscone.enclave.stdlib import files
+class TagFile:
+    """Dev mode's pin: the tags the next run's launcher accepts, one per line (no CAS)."""
 
-    fd = files.host_open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        files.write(fd, (tag + "\n").encode())
-    finally:
-        files.close(fd)
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _write(self, text: str) -> None:
+        from pyscone.enclave.stdlib import files
+
+        fd = files.host_open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            files.write(fd, text.encode())
+        finally:
+            files.close(fd)
+
+    def prepare(self, old: str, new: str) -> None:
+        self._write(f"{old}\n{new}\n")
+
+    def commit(self, new: str) -> None:
+        self._write(f"{new}\n")
 
 
 def _run_app(cfg: dict[str, Any], status: list[int]) -> None:

@@ -40,7 +40,7 @@ class EnclaveConfig:
     preload: list[str] = field(default_factory=list)
     stats: bool = False
     cpu_count: int = 1
-    fspf: dict[str, str | None] | None = None  # path, key (hex), pinned tag, tag file
+    fspf: dict[str, object] | None = None  # path, key (hex), accepted tags, tag file
 
 
 @dataclass

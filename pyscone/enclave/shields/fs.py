@@ -18,6 +18,11 @@ goes to the host as before.
   into free slots, the store is fsynced, and a new sealed FSPF replaces the old
   one (write temporary, fsync, rename, fsync directory) — the commit point.  Its
   tag is :func:`current_tag`; :func:`on_commit` callbacks learn each new one.
+* **Pinning** the newest tag where the next start checks it (the CAS in production, a
+  tag file in dev mode) is two-phase, so a kill cannot strand the file system: the
+  :class:`TagPin` accepts the new tag as *pending* before the FSPF is replaced, and
+  as the only one after.  A kill in between leaves both acceptable: the old one is
+  then a legitimate crash outcome (that commit never returned to the app).
 * **Rename** of a protected file is an FSPF change first (the entry names its old
   host path as ``store``), then a host rename, then a second FSPF change; a crash
   between them is finished at the next mount (:meth:`FsShield.recover`).
@@ -36,7 +41,7 @@ import stat as stat_mod
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from pyscone import abi
 from pyscone.abi import DT_DIR, DT_REG, StatResult
@@ -160,6 +165,16 @@ class OpenFile:
         self.append = append
 
 
+class TagPin(Protocol):
+    """Where the newest FSPF tag is pinned (dev mode: a file; production: the CAS)."""
+
+    def prepare(self, old: str, new: str) -> None:
+        """Before the commit point: accept ``new`` besides ``old``."""
+
+    def commit(self, new: str) -> None:
+        """After it: accept ``new`` only."""
+
+
 class FsShield:
     def __init__(self, table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int) -> None:
         self.fspf = table
@@ -172,6 +187,7 @@ class FsShield:
         self.opens: dict[int, OpenFile] = {}
         self.next_vfd = VFD_BASE
         self.listeners: list[Callable[[str], None]] = []
+        self.pin: TagPin | None = None
         self.commits = 0
         self.mem_dirs = {r.prefix for r in table.regions if r.kind == "memory"}
         self.mem_files: dict[str, Node] = {}
@@ -208,6 +224,8 @@ class FsShield:
     def _write_fspf(self) -> None:
         """Seal and atomically replace the FSPF on the host: the commit point."""
         blob, tag = fspf_mod.seal(self.fspf, self.key)
+        if self.pin is not None:
+            self.pin.prepare(self.tag, tag)
         tmp = self.fspf_path + ".tmp"
         fd = files.host_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -224,6 +242,8 @@ class FsShield:
             files.close(dfd)
         self.tag = tag
         self.commits += 1
+        if self.pin is not None:
+            self.pin.commit(tag)
         for callback in list(self.listeners):
             callback(tag)
 
@@ -665,6 +685,7 @@ class FsShield:
         if self.kind(dst) != kind:
             raise _err(errno.EXDEV, src)
         if dst == src:
+            self.stat(src, False)  # renaming a file onto itself: nothing to do, if it exists
             return
         if dst.startswith(src + "/"):
             raise _err(errno.EINVAL, src)
@@ -821,11 +842,12 @@ def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int) -> FsS
     return shield
 
 
-def load(path: str, key: bytes, pinned_tag: str | None) -> tuple[FSPF, str]:
+def load(path: str, key: bytes, pinned: list[str] | None) -> tuple[FSPF, str]:
     """Read and open the sealed FSPF at ``path`` (a host path) with ``key``.
 
     Raises:
-        IntegrityError: wrong key, altered, or not the pinned version.
+        IntegrityError: wrong key, altered, or not a pinned version (``pinned``: the tags
+            accepted, normally one; two after a kill between the phases of a pin).
         OSError: it cannot be read.
     """
     fd = files.host_open(path, os.O_RDONLY, 0)
@@ -834,7 +856,10 @@ def load(path: str, key: bytes, pinned_tag: str | None) -> tuple[FSPF, str]:
         blob = HostStore(fd, 65536).pread(0, size)
     finally:
         files.close(fd)
-    return fspf_mod.open_sealed(blob, key, pinned_tag), fspf_mod.tag_of(blob)
+    tag = fspf_mod.tag_of(blob)
+    if pinned is not None and tag not in [t.lower() for t in pinned]:
+        raise IntegrityError("the FSPF is not the pinned version")
+    return fspf_mod.open_sealed(blob, key), tag
 
 
 def current_tag() -> str | None:
