@@ -364,3 +364,56 @@ def test_cli_mistakes_are_one_line_errors(fs: FS, tmp_path: Path) -> None:
     (tmp_path / "bad.key").write_text("zz")
     r = cli("fspf", "show", fs.fspf, "--key-file", tmp_path / "bad.key")
     assert r.returncode == 2 and "64 hex digits" in r.stderr
+
+
+def test_files_left_open_are_committed_at_exit(fs: FS) -> None:
+    app = write_app(
+        fs.root,
+        f"""
+        import sys
+        f = open({str(fs.enc / 'left-open.txt')!r}, "w")
+        f.write("written, never closed")
+        g = open({str(fs.enc / 'exits.txt')!r}, "w")
+        g.write("sys.exit with a buffered write")
+        sys.exit(3)
+        """,
+    )
+    r = fs.run(app)
+    assert r.returncode == 3, r.stderr
+    reader = write_app(fs.root, READER, "reader.py")
+    r = fs.run(reader, str(fs.enc / "left-open.txt"), str(fs.enc / "exits.txt"))
+    assert r.stdout.splitlines() == [
+        f"OK {fs.enc / 'left-open.txt'} written, never closed",
+        f"OK {fs.enc / 'exits.txt'} sys.exit with a buffered write",
+    ]
+
+
+def test_lthreads_writing_concurrently(fs: FS) -> None:
+    app = write_app(
+        fs.root,
+        f"""
+        import os, threading
+        d = {str(fs.enc)!r}
+        shared = open(d + "/shared.bin", "w+b")
+        def worker(n):
+            with open(d + f"/own{{n}}.txt", "w") as f:
+                for i in range(300):
+                    f.write(f"{{n}}:{{i}}\\n")
+                    if i % 100 == 0:
+                        f.flush(); os.fsync(f.fileno())
+            for i in range(50):
+                os.pwrite(shared.fileno(), bytes([65 + n]) * 1000, (n * 50 + i) * 1000)
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        shared.close()
+        data = open(d + "/shared.bin", "rb").read()
+        ok = all(data[(n * 50 + i) * 1000:(n * 50 + i + 1) * 1000] == bytes([65 + n]) * 1000
+                 for n in range(8) for i in range(50))
+        own = all(open(d + f"/own{{n}}.txt").read().splitlines()[299] == f"{{n}}:299" for n in range(8))
+        print(len(data), ok, own, len(os.listdir(d)))
+        """,
+    )
+    r = fs.run(app)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["400000", "True", "True", "9"]

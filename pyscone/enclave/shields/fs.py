@@ -319,13 +319,14 @@ class FsShield:
                 if isinstance(found, int):
                     return found  # a directory: the host's own fd
                 node = found
-            if flags & os.O_TRUNC and writable:
-                node.file.truncate(0)
             vfd = self.next_vfd
             self.next_vfd += 1
             self.opens[vfd] = OpenFile(node, readable, writable, bool(flags & os.O_APPEND))
             node.refs += 1
-            return vfd
+        if flags & os.O_TRUNC and writable:
+            with node.lock:  # outside the shield lock: the lock order is file, then shield
+                node.file.truncate(0)
+        return vfd
 
     def _open_memory(self, path: str, flags: int) -> Node:
         node = self.mem_files.get(path)

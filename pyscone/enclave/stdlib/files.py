@@ -793,6 +793,7 @@ def open(  # noqa: A001 - it *is* open
         encoding = io.text_encoding(encoding)
         text_io = io.TextIOWrapper(buffer, encoding, errors, newline, line_buffering)
         result = text_io
+        _buffered.add(text_io)
         text_io.mode = mode  # type: ignore[misc]
         return result
     except BaseException:
