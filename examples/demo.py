@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYSCONE = [sys.executable, "-m", "pyscone.cli", "run"]
+FSPF_TOOL = [sys.executable, "-m", "pyscone.cli", "fspf"]
 
 
 def say(text: str) -> None:
@@ -34,21 +35,36 @@ def http(method: str, url: str, body: bytes | None = None) -> object:
         return json.loads(r.read())
 
 
+def tool(*args: str) -> None:
+    print("$ pyscone fspf", " ".join(args))
+    r = subprocess.run([*FSPF_TOOL, *args], capture_output=True, text=True, check=True)
+    print(r.stdout.rstrip())
+
+
 def main() -> int:
-    data = Path(tempfile.mkdtemp(prefix="pyscone-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="pyscone-demo-"))
+    data = work / "notes"
+    data.mkdir()
+    fspf = work / "notes.fspf"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    say("Start examples/notes_app.py, unmodified, inside an enclave")
+    say("The owner declares the notes directory an encrypted region of the file-system shield")
+    tool("create", str(fspf))
+    tool("addr", str(fspf), str(data), "--kind", "encrypted")
+
+    say("Start examples/notes_app.py, unmodified, inside an enclave, with the shield mounted")
     cmd = [
         *PYSCONE,
         "--stats",
+        "--fspf",
+        str(fspf),
         "--env",
         "NOTES_TITLE=enclave notes",
         str(ROOT / "examples/notes_app.py"),
         str(port),
         str(data),
     ]
-    print("$ pyscone run --stats --env NOTES_TITLE='enclave notes' examples/notes_app.py", port, data)
+    print(f"$ pyscone run --stats --fspf {fspf} --env NOTES_TITLE='enclave notes' examples/notes_app.py", port, data)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "SECRET_ON_HOST": "hunter2"}
     )
@@ -68,7 +84,10 @@ def main() -> int:
         for text in ("buy milk", "attest the CAS", "ship pyscone"):
             print("POST /notes ->", http("POST", f"{base}/notes", text.encode()))
         print("GET /notes  ->", http("GET", f"{base}/notes"))
+        say("The host's view of the notes: the files exist, their contents are ciphertext")
         print("files on the host:", sorted(p.name for p in data.iterdir()))
+        leaked = [p.name for p in data.iterdir() if b"milk" in p.read_bytes()]
+        print(f"host files containing 'milk': {leaked or 'none'}")
 
         say("The app tries to bypass the runtime with a direct libc open(2): the barrier refuses it")
         print("GET /escape ->", http("GET", f"{base}/escape"))
@@ -93,8 +112,26 @@ def main() -> int:
             proc.kill()
             proc.wait()
 
+    say("The owner reads a note back with the FSPF key (on a trusted machine)")
+    print(f"$ pyscone fspf cat {fspf} {data / '0000.txt'}")
+    r = subprocess.run([*FSPF_TOOL, "cat", str(fspf), str(data / "0000.txt")], capture_output=True, text=True)
+    print(r.stdout)
+
+    say("The host flips one bit of a stored note: the enclave refuses it (EIO), never wrong data")
+    note = data / "0001.txt"
+    raw = bytearray(note.read_bytes())
+    raw[20] ^= 1
+    note.write_bytes(bytes(raw))
+    reader = work / "read_note.py"
+    reader.write_text(
+        "import sys\ntry:\n    print(open(sys.argv[1]).read())\nexcept OSError as e:\n    print('the app sees:', e)\n"
+    )
+    r = subprocess.run([*PYSCONE, "--fspf", str(fspf), str(reader), str(note)], capture_output=True, text=True)
+    print(r.stdout.rstrip())
+    print("\n".join(line for line in r.stderr.splitlines() if "refused" in line))
+
     say("A lying host (Iago attack): the host claims a read returned more bytes than asked")
-    probe = data / "probe.py"
+    probe = work / "probe.py"
     probe.write_text("print(open(__file__).read(5))\n")
     r = subprocess.run(
         [*PYSCONE, str(probe)],
@@ -104,7 +141,10 @@ def main() -> int:
     )
     print(f"exit status {r.returncode}; stdout {r.stdout!r}")
     print(r.stderr.strip().splitlines()[-1])
-    say("Done: unmodified app, asynchronous system calls, a barrier that fails closed, an enclave that stops on a lie")
+    say(
+        "Done: unmodified app, asynchronous system calls, encrypted files, a barrier that fails closed, "
+        "an enclave that stops on a lie"
+    )
     return 0
 
 
