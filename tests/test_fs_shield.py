@@ -371,9 +371,9 @@ def test_files_left_open_are_committed_at_exit(fs: FS) -> None:
         fs.root,
         f"""
         import sys
-        f = open({str(fs.enc / 'left-open.txt')!r}, "w")
+        f = open({str(fs.enc / "left-open.txt")!r}, "w")
         f.write("written, never closed")
-        g = open({str(fs.enc / 'exits.txt')!r}, "w")
+        g = open({str(fs.enc / "exits.txt")!r}, "w")
         g.write("sys.exit with a buffered write")
         sys.exit(3)
         """,
