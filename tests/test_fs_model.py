@@ -95,7 +95,7 @@ operation = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(operation, max_size=40))
 def test_the_shield_behaves_like_a_plain_file_system(
     enclave: Enclave, tmp_path: Path, ops: list[tuple[Any, ...]]

@@ -102,7 +102,7 @@ def _sample() -> fspf.FSPF:
     f.add_region("/data/public", "authenticated")
     f.add_region("/tmp", "memory")
     fk = FileKey(KEY, FILE_ID, encrypted=True, chunk_size=8)
-    tags = tuple(record_tag(seal_chunk(fk, i, b"12345678")) for i in range(2))
+    tags = b"".join(record_tag(seal_chunk(fk, i, b"12345678")) for i in range(2))
     f.files["/data/db.sqlite"] = fspf.FileEntry(fk, 13, tags)
     return f
 
@@ -134,7 +134,7 @@ def test_fspf_seal_open_round_trip_and_canonical_encoding() -> None:
 def test_fspf_tampering_wrong_key_and_stale_version_are_refused() -> None:
     f = _sample()
     old_blob, old_tag = fspf.seal(f, KEY)
-    f.files["/data/db.sqlite"] = fspf.FileEntry(f.files["/data/db.sqlite"].key, 0, ())
+    f.files["/data/db.sqlite"] = fspf.FileEntry(f.files["/data/db.sqlite"].key, 0, b"")
     new_blob, new_tag = fspf.seal(f, KEY)
     for i in range(0, len(new_blob), 7):
         bad = bytearray(new_blob)

@@ -72,29 +72,36 @@ class FileEntry:
     """One protected file: its key material, committed length, chunk tags, and for each
     chunk which of its two record slots on the host holds the committed version.
 
+    Packed, so that a commit of a large file copies memory instead of looping in Python:
+    ``tags`` is every chunk's 16-byte tag end to end, ``slots`` one byte (0 or 1) a chunk.
+
     ``store`` is set only while a rename is in flight: the host path that still holds
     the records (normally they live at the file's own path).
     """
 
     key: FileKey
     length: int = 0
-    tags: tuple[bytes, ...] = ()
-    slots: tuple[int, ...] = ()
+    tags: bytes = b""
+    slots: bytes = b""
     store: str = ""
 
     def __post_init__(self) -> None:
-        if not self.slots and self.tags:
-            object.__setattr__(self, "slots", (0,) * len(self.tags))
-        if len(self.slots) != len(self.tags) or any(s not in (0, 1) for s in self.slots):
-            raise ValueError("every chunk needs a slot bit (0 or 1)")
         if self.length < 0:
             raise ValueError("file length must not be negative")
-        if len(self.tags) != chunk_count(self.length, self.key.chunk_size):
-            raise ValueError(
-                f"a file of {self.length} bytes has {chunk_count(self.length, self.key.chunk_size)} chunks"
-            )
-        if any(len(t) != TAG_SIZE for t in self.tags):
-            raise ValueError("chunk tags are 16 bytes")
+        n = chunk_count(self.length, self.key.chunk_size)
+        if len(self.tags) != n * TAG_SIZE:
+            raise ValueError(f"a file of {self.length} bytes has {n} chunks: {n * TAG_SIZE} bytes of tags")
+        if not self.slots and self.tags:
+            object.__setattr__(self, "slots", bytes(n))
+        if len(self.slots) != n or self.slots.translate(None, b"\x00\x01"):
+            raise ValueError("every chunk needs a slot bit (0 or 1)")
+
+    @property
+    def chunks(self) -> int:
+        return len(self.slots)
+
+    def tag(self, index: int) -> bytes:
+        return self.tags[index * TAG_SIZE : (index + 1) * TAG_SIZE]
 
 
 @dataclass
@@ -148,8 +155,8 @@ class FSPF:
                     "encrypted": e.key.encrypted,
                     "chunk_size": e.key.chunk_size,
                     "length": e.length,
-                    "tags": _b64(b"".join(e.tags)),
-                    "slots": "".join(map(str, e.slots)),
+                    "tags": _b64(e.tags),
+                    "slots": e.slots.translate(_SLOT_DIGITS).decode(),
                     **({"store": e.store} if e.store else {}),
                 }
                 for path, e in sorted(self.files.items())
@@ -167,15 +174,17 @@ class FSPF:
             files = {}
             for path, f in doc["files"].items():
                 key = FileKey(_unb64(f["key"]), _unb64(f["id"]), bool(f["encrypted"]), int(f["chunk_size"]))
-                tags = _unb64(f["tags"])
-                tag_list = tuple(tags[i : i + TAG_SIZE] for i in range(0, len(tags), TAG_SIZE))
-                slot_bits = tuple(int(c) for c in f["slots"])
-                files[path] = FileEntry(key, int(f["length"]), tag_list, slot_bits, str(f.get("store", "")))
+                slot_bits = str(f["slots"]).encode().translate(_SLOT_BITS)
+                files[path] = FileEntry(key, int(f["length"]), _unb64(f["tags"]), slot_bits, str(f.get("store", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed FSPF: {e}") from None
         fspf = cls(regions, files)
         fspf.validate()
         return fspf
+
+
+_SLOT_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+_SLOT_BITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
 def _b64(b: bytes) -> str:

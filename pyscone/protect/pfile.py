@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-from pyscone.protect.chunks import OVERHEAD, chunk_count, open_chunk, record_tag, seal_chunk
+from pyscone.protect.chunks import OVERHEAD, TAG_SIZE, chunk_count, open_chunk, record_tag, seal_chunk
 from pyscone.protect.fspf import FileEntry
 
 GROUP_BYTES = 256 * 1024  # plaintext per layout group
@@ -96,8 +96,8 @@ class ProtectedFile:
         if p is not None:
             return p
         cs, entry = self.key.chunk_size, self._committed
-        if i < len(entry.tags) and i * cs < self._valid_end:
-            return entry.slots[i], entry.tags[i], min(cs, entry.length - i * cs)
+        if i < entry.chunks and i * cs < self._valid_end:
+            return entry.slots[i], entry.tag(i), min(cs, entry.length - i * cs)
         return None
 
     def _load(self, first: int, last: int) -> dict[int, bytes]:
@@ -253,29 +253,40 @@ class ProtectedFile:
         """Seal every changed chunk into its free slot; return the entry to put in the FSPF.
 
         The caller must flush the store before it replaces the FSPF with one holding the
-        returned entry: that replacement is the commit point.
+        returned entry: that replacement is the commit point.  The work is proportional to
+        the chunks that changed (plus a copy of the tag array), not to the file's size.
         """
         entry, cs = self._committed, self.key.chunk_size
         n = chunk_count(self.length, cs)
-        for i in range(n):
-            size = min(cs, self.length - i * cs)
-            if i in self._dirty:
-                if len(self._dirty[i]) != size:
-                    self._dirty[i] = self._dirty[i][:size] + bytes(size - len(self._dirty[i]))
+        # Chunks that must be (re)sealed besides the dirty ones: the committed ones whose
+        # extent changed (the old last chunk), those the file grew over or truncated away,
+        # and early-sealed ones that the file has since grown past.
+        first_gone = min(entry.chunks, chunk_count(self._valid_end, cs))
+        candidates = set(range(first_gone, n))
+        candidates.update(i for i in self._pending if i < n)
+        if entry.chunks:
+            candidates.add(entry.chunks - 1)
+        for i in sorted(candidates):
+            if i >= n or i in self._dirty:
                 continue
+            size = min(cs, self.length - i * cs)
             where = self._stored(i)
             if where is None or where[2] != size:
-                # Never stored, or stored with another extent (the file grew past it): reseal.
                 plaintext = self._chunk(i)[:size]
                 self._dirty[i] = plaintext + bytes(size - len(plaintext))
+        for i, chunk in list(self._dirty.items()):
+            size = min(cs, self.length - i * cs)
+            if len(chunk) != size:  # a dirty chunk the file has grown past: pad it to its extent
+                self._dirty[i] = chunk[:size] + bytes(size - len(chunk))
         self._seal_dirty()
-        tags, slots = [], []
-        for i in range(n):
-            where = self._stored(i)
-            assert where is not None
-            slots.append(where[0])
-            tags.append(where[1])
-        self._committed = FileEntry(entry.key, self.length, tuple(tags), tuple(slots), entry.store)
+        tags = bytearray(entry.tags[: n * TAG_SIZE])
+        tags.extend(bytes(n * TAG_SIZE - len(tags)))
+        slots = bytearray(entry.slots[:n])
+        slots.extend(bytes(n - len(slots)))
+        for i, p in self._pending.items():
+            tags[i * TAG_SIZE : (i + 1) * TAG_SIZE] = p.tag
+            slots[i] = p.slot
+        self._committed = FileEntry(entry.key, self.length, bytes(tags), bytes(slots), entry.store)
         self._pending.clear()
         self._valid_end = self.length
         return self._committed
