@@ -1,7 +1,8 @@
 """Run pyscone's benchmarks side by side with native Python and print one table.
 
-    .venv/bin/python bench/run.py            # about 2-3 minutes
+    .venv/bin/python bench/run.py            # about 3 minutes
     .venv/bin/python bench/run.py --quick    # under a minute
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http or fs
 
 What is measured, native Python against ``pyscone run``:
 
@@ -9,7 +10,11 @@ What is measured, native Python against ``pyscone run``:
   T = 1, 8, 64) natively, in an enclave with asynchronous system calls and in
   one with synchronous system calls;
 * http.server: ``python -m http.server`` driven by ``wrk``;
-* asyncio: ``bench/apps/aio_http.py`` driven by ``wrk``.
+* asyncio: ``bench/apps/aio_http.py`` driven by ``wrk``;
+* fs: the file-system shield, ``bench/fs.py``: ``bench/apps/fs_io.py`` (sequential and
+  random reads and writes, 4 KiB and 64 KiB blocks) natively and in an enclave on an
+  encrypted, an authenticated and an unprotected path; a per-chunk crypto
+  micro-benchmark; where an encrypted 64 KiB write and read spend their time.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -41,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import fs  # bench/fs.py, next to this script
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -595,14 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    p.add_argument("--only", choices=("syscalls", "http"), default=None, help="run one part only")
+    p.add_argument("--only", choices=("syscalls", "http", "fs"), default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
     duration = a.duration or (3 if a.quick else 10)
     reps = 1 if a.quick else 3
     rounds = 1 if a.quick else 2
 
-    if a.only != "syscalls" and shutil.which("wrk") is None:
+    if a.only in (None, "http") and shutil.which("wrk") is None:
         print("error: wrk not found: run scripts/setup.sh", file=sys.stderr)
         return 2
 
@@ -622,12 +629,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     sys_results: list[SyscallResult] = []
     http_results: list[ServerResult] = []
+    fs_report: fs.FsReport | None = None
     try:
-        if a.only != "http":
+        if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
-        if a.only != "syscalls":
+        if a.only in (None, "http"):
             http_results = bench_http(procs, duration, rounds, log)
-    except BenchError as e:
+        if a.only in (None, "fs"):
+            fs_report = fs.bench_fs(a.quick, log)
+    except (BenchError, fs.FsBenchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -660,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
         ]
         out += notes(http_results)
+    if fs_report is not None:
+        out += ["", *fs.report_lines(fs_report)] if http_results else fs.report_lines(fs_report)
     print("\n".join(out), flush=True)
 
     report = {
@@ -672,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_after": os.getloadavg()[0],
         "syscalls": [asdict(r) for r in sys_results],
         "http": [asdict(r) for r in http_results],
+        "fs": asdict(fs_report) if fs_report is not None else None,
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)
