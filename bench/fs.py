@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import runpy
 import shutil
 import signal
 import statistics
@@ -48,16 +49,7 @@ BREAKDOWN_PY = BENCH / "apps" / "fs_breakdown.py"
 PYTHON = sys.executable
 CONFIGS = ("native", "encrypted", "authenticated", "unprotected")
 ENCLAVE_CONFIGS = CONFIGS[1:]
-PATTERNS = (
-    "seq-write-4k",
-    "seq-write-64k",
-    "seq-read-4k",
-    "seq-read-64k",
-    "rand-read-4k",
-    "rand-read-64k",
-    "rand-write-4k",
-    "rand-write-64k",
-)
+PATTERNS: tuple[str, ...] = runpy.run_path(str(FS_IO_PY))["PATTERNS"]  # the app's own list
 CHUNK = 4096
 APP_TIMEOUT_S = 300.0
 

@@ -450,21 +450,21 @@ class FsShield:
             o.node.mtime_ns = time.time_ns()
             return n
 
-    def pread(self, vfd: int, n: int, offset: int) -> bytes:
+    def _positioned(self, vfd: int, offset: int, writing: bool) -> OpenFile:
         o = self._open_file(vfd)
-        if not o.readable:
+        if not (o.writable if writing else o.readable):
             raise _err(errno.EBADF)
         if offset < 0:
             raise _err(errno.EINVAL)
+        return o
+
+    def pread(self, vfd: int, n: int, offset: int) -> bytes:
+        o = self._positioned(vfd, offset, writing=False)
         with o.node.lock:
             return self._read(o.node, offset, n)
 
     def pwrite(self, vfd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
-        o = self._open_file(vfd)
-        if not o.writable:
-            raise _err(errno.EBADF)
-        if offset < 0:
-            raise _err(errno.EINVAL)
+        o = self._positioned(vfd, offset, writing=True)
         with o.node.lock:
             o.node.mtime_ns = time.time_ns()
             return self._write(o.node, offset, data)
