@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any
 
 import fs  # bench/fs.py, next to this script
+from report import table  # bench/report.py, next to this script
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -479,16 +480,6 @@ def fmt(value: float | None, spec: str = ",.0f", suffix: str = "") -> str:
 
 def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
 def syscall_table(results: list[SyscallResult]) -> str:

@@ -417,3 +417,43 @@ def test_lthreads_writing_concurrently(fs: FS) -> None:
     r = fs.run(app)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["400000", "True", "True", "9"]
+
+
+def test_permissions_times_and_access(fs: FS) -> None:
+    app = write_app(
+        fs.root,
+        f"""
+        import os
+        for p in ({str(fs.enc / "f")!r}, {str(fs.mem / "f")!r}):
+            open(p, "w").write("x")
+            os.chmod(p, 0o600)
+            os.utime(p, ns=(1_000_000_000, 2_000_000_000))
+            st = os.stat(p)
+            print(oct(st.st_mode & 0o777), st.st_mtime_ns, os.access(p, os.R_OK), os.access(p + "-no", os.F_OK))
+        """,
+    )
+    r = fs.run(app)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["0o600 2000000000 True False"] * 2
+    assert (fs.enc / "f").stat().st_mode & 0o777 == 0o600  # permissions are host metadata
+
+
+def test_small_slots_and_orphans_left_by_a_crash(fs: FS) -> None:
+    # Slots smaller than the FSPF (5 KB) and a record (4,124 bytes): both move in several host calls.
+    fs.add(fs.enc / "d/big", bytes(range(256)) * 4096)
+    (fs.enc / "d/orphan").write_bytes(b"created, never committed")  # what a kill before a first commit leaves
+    app = write_app(
+        fs.root,
+        f"""
+        import os
+        d = {str(fs.enc / "d")!r}
+        print(open(d + "/big", "rb").read() == bytes(range(256)) * 4096, os.listdir(d))
+        os.remove(d + "/big")
+        os.rmdir(d)
+        print(os.path.exists(d))
+        """,
+    )
+    r = fs.run(app, extra=("--slot-size", "4K"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True ['big']", "False"]
+    assert not (fs.enc / "d").exists()

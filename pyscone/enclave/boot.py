@@ -114,7 +114,7 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 
     try:
         key = bytes.fromhex(spec["key"])
-        table, tag = fs.load(spec["path"], key, spec.get("tags") or None)
+        table, tag = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
     except IntegrityError as e:
         return f"cannot mount the file-system shield: {spec['path']}: {e}"
     except OSError as e:

@@ -17,7 +17,7 @@ goes to the host as before.
 * **Commit** (fsync, close of a writer, exit): the file's changed chunks are sealed
   into free slots, the store is fsynced, and a new sealed FSPF replaces the old
   one (write temporary, fsync, rename, fsync directory) — the commit point.  Its
-  tag is :func:`current_tag`; :func:`on_commit` callbacks learn each new one.
+  tag is ``shield().tag``.
 * **Pinning** the newest tag where the next start checks it (the CAS in production, a
   tag file in dev mode) is two-phase, so a kill cannot strand the file system: the
   :class:`TagPin` accepts the new tag as *pending* before the FSPF is replaced, and
@@ -40,7 +40,7 @@ import posixpath
 import stat as stat_mod
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pyscone import abi
@@ -186,7 +186,6 @@ class FsShield:
         self.nodes: dict[bytes, Node] = {}  # file id -> open protected file
         self.opens: dict[int, OpenFile] = {}
         self.next_vfd = VFD_BASE
-        self.listeners: list[Callable[[str], None]] = []
         self.pin: TagPin | None = None
         self.commits = 0
         self.mem_dirs = {r.prefix for r in table.regions if r.kind == "memory"}
@@ -244,8 +243,6 @@ class FsShield:
         self.commits += 1
         if self.pin is not None:
             self.pin.commit(tag)
-        for callback in list(self.listeners):
-            callback(tag)
 
     def recover(self) -> None:
         """Finish renames a crash interrupted (entries whose records are still at ``store``)."""
@@ -784,41 +781,40 @@ class FsShield:
             self.fspf.files[new] = dataclasses.replace(self.fspf.files[new], store="")
         self._write_fspf()
 
+    def _metadata(self, path: str) -> tuple[Node | None, str]:
+        """Where ``path``'s permissions and times live: its memory node (``None`` for a memory
+        directory), or the host path that holds it.  Raises if ``path`` does not exist."""
+        if self.kind(path) == "memory":
+            node = self.mem_files.get(path)
+            if node is None and path not in self.mem_dirs:
+                raise _err(errno.ENOENT, path)
+            return node, ""
+        self.stat(path, True)
+        entry = self.fspf.files.get(path)
+        return None, (entry.store or path) if entry else path
+
     def access(self, path: str, mode: int) -> bool:
         try:
-            st = self.stat(path, True)
+            _, host = self._metadata(path)
         except OSError:
             return False
-        if mode == os.F_OK or self.kind(path) == "memory":
-            return True
-        entry = self.fspf.files.get(path)
-        return files.host_access(entry.store or path if entry else path, mode) if st else False
+        return mode == os.F_OK or not host or files.host_access(host, mode)
 
     def chmod(self, path: str, mode: int) -> None:
         with self.lock:
-            if self.kind(path) == "memory":
-                node = self.mem_files.get(path)
-                if node is None and path not in self.mem_dirs:
-                    raise _err(errno.ENOENT, path)
-                if node is not None:
-                    node.mode = stat_mod.S_IMODE(mode)
-                return
-            self.stat(path, True)
-            entry = self.fspf.files.get(path)
-            files.host_chmod(entry.store or path if entry else path, mode)
+            node, host = self._metadata(path)
+            if host:
+                files.host_chmod(host, mode)
+            elif node is not None:
+                node.mode = stat_mod.S_IMODE(mode)
 
     def utime(self, path: str, args: tuple[int, int, int]) -> None:
         with self.lock:
-            if self.kind(path) == "memory":
-                node = self.mem_files.get(path)
-                if node is None and path not in self.mem_dirs:
-                    raise _err(errno.ENOENT, path)
-                if node is not None:
-                    node.mtime_ns = args[2] if args[0] else time.time_ns()
-                return
-            self.stat(path, True)
-            entry = self.fspf.files.get(path)
-            files.host_utime(entry.store or path if entry else path, args)
+            node, host = self._metadata(path)
+            if host:
+                files.host_utime(host, args)
+            elif node is not None:
+                node.mtime_ns = args[2] if args[0] else time.time_ns()
 
     def symlink(self, path: str) -> None:
         raise OSError(errno.EPERM, "symbolic links cannot be created in a protected region", path)
@@ -843,7 +839,7 @@ def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int) -> FsS
     return shield
 
 
-def load(path: str, key: bytes, pinned: list[str] | None) -> tuple[FSPF, str]:
+def load(path: str, key: bytes, pinned: list[str] | None, max_io: int) -> tuple[FSPF, str]:
     """Read and open the sealed FSPF at ``path`` (a host path) with ``key``.
 
     Raises:
@@ -854,25 +850,13 @@ def load(path: str, key: bytes, pinned: list[str] | None) -> tuple[FSPF, str]:
     fd = files.host_open(path, os.O_RDONLY, 0)
     try:
         size = files.fstat(fd).st_size
-        blob = HostStore(fd, 65536).pread(0, size)
+        blob = HostStore(fd, max_io).pread(0, size)
     finally:
         files.close(fd)
     tag = fspf_mod.tag_of(blob)
     if pinned is not None and tag not in [t.lower() for t in pinned]:
         raise IntegrityError("the FSPF is not the pinned version")
     return fspf_mod.open_sealed(blob, key), tag
-
-
-def current_tag() -> str | None:
-    """The tag of the FSPF as last committed (``None`` when no shield is mounted)."""
-    return _shield.tag if _shield is not None else None
-
-
-def on_commit(callback: Callable[[str], None]) -> None:
-    """Call ``callback(tag)`` after every FSPF commit (the CAS client pins each new tag)."""
-    if _shield is None:
-        raise RuntimeError("no file-system shield is mounted")
-    _shield.listeners.append(callback)
 
 
 def shield() -> FsShield | None:
