@@ -254,7 +254,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         spin_us=spin,
         hostile=os.environ.get("PYSCONE_TEST_HOSTILE") or None,
     )
-    return launcher.run(enclave, host)
+    try:
+        return launcher.run(enclave, host)
+    except launcher.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # e.g. an unknown PYSCONE_TEST_HOSTILE mode
         print(f"error: {e}", file=sys.stderr)
         return 2
+
     parser.error(f"unknown command {a.command}")
     return 2
 

@@ -85,17 +85,19 @@ class FdTable:
 
 fds = FdTable()
 
-Validator = Callable[[tuple[int, ...], bytes, int, bytes], object]
+#: A request's payload as the caller passed it (validators only measure or unpack it).
+Req = bytes | bytearray | memoryview
+Validator = Callable[[tuple[int, ...], Req, int, bytes], object]
 
 
-def _none(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _none(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0 or data:
         raise HostViolation(f"expected an empty success, got result {result} with {len(data)} bytes")
     return None
 
 
 def _bytes_upto(limit_arg: int) -> Validator:
-    def check(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+    def check(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
         if result != len(data) or result > args[limit_arg]:
             raise HostViolation(f"host returned {len(data)} bytes (result {result}) for a request of {args[limit_arg]}")
         return data
@@ -103,38 +105,38 @@ def _bytes_upto(limit_arg: int) -> Validator:
     return check
 
 
-def _count_upto_request(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _count_upto_request(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if not 0 <= result <= len(req) or data:
         raise HostViolation(f"host claims {result} bytes written of {len(req)}")
     return result
 
 
-def _sendto(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _sendto(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     (alen,) = struct.unpack_from("<I", req, 0)
     if not 0 <= result <= len(req) - 4 - alen or data:
         raise HostViolation(f"host claims {result} bytes sent of {len(req) - 4 - alen}")
     return result
 
 
-def _nonneg(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _nonneg(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result < 0 or data:
         raise HostViolation(f"host returned an impossible result {result}")
     return result
 
 
-def _bool(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _bool(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result not in (0, 1) or data:
         raise HostViolation(f"host returned {result} where 0 or 1 was expected")
     return bool(result)
 
 
-def _stat(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _stat(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0:
         raise HostViolation("stat result is not 0")
     return abi.StatResult.unpack(data)
 
 
-def _dirents(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _dirents(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     entries, more = abi.decode_dirents(data)
     if result != len(entries):
         raise HostViolation("directory count does not match its entries")
@@ -142,7 +144,7 @@ def _dirents(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> obj
 
 
 def _new_fd(kind: str) -> Validator:
-    def check(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+    def check(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
         if data:
             raise HostViolation("unexpected payload with a new fd")
         fds.adopt(result, kind, args[0] if kind == FdTable.SOCKET else 0)
@@ -151,7 +153,7 @@ def _new_fd(kind: str) -> Validator:
     return check
 
 
-def _socketpair(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _socketpair(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if len(data) != 4:
         raise HostViolation("socketpair payload is not one fd")
     (second,) = struct.unpack("<i", data)
@@ -160,7 +162,7 @@ def _socketpair(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> 
     return result, second
 
 
-def _accept(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _accept(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     family = fds.families.get(args[0], 0)
     if len(data) < 4:
         raise HostViolation("accept payload too short")
@@ -173,13 +175,13 @@ def _accept(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> obje
     return result, peer, local
 
 
-def _sockaddr(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _sockaddr(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0:
         raise HostViolation("address query result is not 0")
     return abi.decode_sockaddr(fds.families.get(args[0], 0), data)
 
 
-def _recvfrom(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _recvfrom(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if len(data) < 4:
         raise HostViolation("recvfrom payload too short")
     (alen,) = struct.unpack_from("<I", data, 0)
@@ -192,7 +194,7 @@ def _recvfrom(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> ob
     return payload, addr
 
 
-def _getsockopt(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _getsockopt(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if args[3]:
         if len(data) > args[3] or result != 0:
             raise HostViolation("getsockopt returned more than the buffer")
@@ -202,13 +204,13 @@ def _getsockopt(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> 
     return result
 
 
-def _text(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _text(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0 or b"\0" in data or len(data) > 4096:
         raise HostViolation("malformed text reply")
     return data
 
 
-def _poll(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _poll(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     asked = [abi.POLLFD.unpack_from(req, i * abi.POLLFD.size)[:2] for i in range(args[0])]
     ready = abi.decode_pollfds(asked, data)
     if result != len(ready):
@@ -216,14 +218,14 @@ def _poll(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object
     return ready
 
 
-def _addrinfo(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _addrinfo(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     infos = abi.decode_addrinfo(data)
     if result != len(infos):
         raise HostViolation("address-info count does not match its entries")
     return infos
 
 
-def _nameinfo(args: tuple[int, ...], req: bytes, result: int, data: bytes) -> object:
+def _nameinfo(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     host, sep, port = data.partition(b"\0")
     if not sep or b"\0" in port or result != 0:
         raise HostViolation("malformed name-info reply")
@@ -280,7 +282,7 @@ VALIDATORS: dict[int, Validator] = {
 _GAI_OPS = frozenset({Op.GETADDRINFO, Op.GETNAMEINFO})
 
 
-def validate(op: int, args: tuple[int, ...], req: bytes, result: int, err: int, data: bytes) -> tuple[int, int, object]:
+def validate(op: int, args: tuple[int, ...], req: Req, result: int, err: int, data: bytes) -> tuple[int, int, object]:
     """Check one reply.  Returns (result, errno, decoded value); fail-stops on a lie."""
     try:
         if result < 0:

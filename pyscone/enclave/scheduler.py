@@ -70,12 +70,25 @@ class Timer:
 class _Call:
     """One call in flight: who waits for it, and the token its reply is filed under."""
 
-    __slots__ = ("cancelled", "lt", "token")
+    __slots__ = ("cancelled", "lt", "sid", "token")
 
     def __init__(self, token: int, lt: LThread | None) -> None:
         self.token = token
-        self.lt = lt  # None: waited for in place
+        self.lt = lt  # None: waited for in place, or started and not yet waited for
+        self.sid = -1
         self.cancelled = False
+
+
+class InFlight:
+    """A host call started by :meth:`Scheduler.start`: what :meth:`Scheduler.finish` needs."""
+
+    __slots__ = ("args", "call", "data", "op")
+
+    def __init__(self, call: _Call, op: int, args: tuple[int, ...], data: bytes | memoryview) -> None:
+        self.call = call
+        self.op = op
+        self.args = args
+        self.data = data
 
 
 class _Interrupt:
@@ -240,24 +253,64 @@ class Scheduler:
         flags = 1 if wait else 0
         if self.sync or greenlet.getcurrent() is self.hub:
             result, err, payload = self._call_in_place(op, flags, args, data, timeout)
-            return iago.validate(op, args, bytes(data), result, err, payload)
+            return iago.validate(op, args, data, result, err, payload)
         lt = self.current
         assert lt is not None
         while not client.free:
             self._slot_waiters.append(lt)
             self.park()
+        call = self._publish(op, flags, args, data, lt)
+        return self._await(call, op, args, data, timeout)
+
+    def start(self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b"") -> InFlight | None:
+        """Start a host call and return at once; :meth:`finish` takes its reply later.
+
+        For work the caller can overlap with its own (read-ahead, write-behind).  Returns
+        ``None`` when the call cannot be started this way now: no slot is free, or the
+        caller may not switch (the hub, sync mode).  A started call must be finished or
+        :meth:`dropped <drop>`.
+        """
+        if self.sync or not self.client.free or greenlet.getcurrent() is self.hub:
+            return None
+        return InFlight(self._publish(op, 0, args, data, None), op, args, data)
+
+    def finish(self, pending: InFlight) -> tuple[int, int, Any]:
+        """Wait for a call made by :meth:`start`; the same result as :meth:`host_call`."""
+        lt = self.current
+        assert lt is not None, "the hub cannot wait for a started call"
+        pending.call.lt = lt
+        return self._await(pending.call, pending.op, pending.args, pending.data, None)
+
+    def drop(self, pending: InFlight) -> None:
+        """Give up a call made by :meth:`start`: its reply, now or later, is discarded."""
+        if self._replies.pop(pending.call.token, None) is None:
+            for sid, call in self._waiting.items():
+                if call is pending.call:
+                    self._waiting[sid] = None  # an orphan: its reply is dropped
+                    break
+
+    def _publish(
+        self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview, lt: LThread | None
+    ) -> _Call:
         # Register before publishing, and take only the reply filed under this call's own
         # token: a nested call (a finalizer flushing a file) cannot steal or lose it, and a
         # slot reused at once by another call cannot hand us its reply.
         call = _Call(next(self._tokens), lt)
-        sid = client.prepare(op, flags, args, data)
+        sid = self.client.prepare(op, flags, args, data)
         self._waiting[sid] = call
+        call.sid = sid
+        self.client.publish(sid)
+        return call
+
+    def _await(
+        self, call: _Call, op: int, args: tuple[int, ...], data: bytes | memoryview, timeout: float | None
+    ) -> tuple[int, int, Any]:
+        client = self.client
         timer = None
         replies = self._replies
         try:
-            client.publish(sid)
             if timeout is not None:
-                timer = self.call_later(timeout, lambda: self._cancel(sid, call))
+                timer = self.call_later(timeout, lambda: self._cancel(call.sid, call))
             while (reply := replies.pop(call.token, None)) is None:
                 if self.ready or self._signals or self._interrupt is not None or self._timer_due():
                     self.park()  # someone else can run: the hub wakes us when our reply comes
@@ -269,7 +322,7 @@ class Scheduler:
                 if call.token not in replies and not self.ready:
                     client.wait(self._next_timeout())
         except BaseException:
-            self._abandon(sid, call)
+            self._abandon(call.sid, call)
             raise
         finally:
             if timer is not None:
@@ -277,7 +330,7 @@ class Scheduler:
         result, err, payload = reply
         if call.cancelled and err == errno.ECANCELED:
             return -1, errno.ETIMEDOUT, None
-        return iago.validate(op, args, bytes(data), result, err, payload)
+        return iago.validate(op, args, data, result, err, payload)
 
     def _call_in_place(
         self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview, timeout: float | None

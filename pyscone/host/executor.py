@@ -277,8 +277,35 @@ class Executor:
             self.stats.pooled += 1
             self._pool_q.put(sid)
             return
+        if op in (Op.PREAD, Op.PWRITE) and self.hostile is None:
+            self._positioned_io(sid, off, op, args, dlen)
+            done.append(sid)
+            return
         data = bytes(self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + dlen]) if dlen else b""
         self._run(sid, op, flags, tuple(args), data, done)
+
+    def _positioned_io(self, sid: int, off: int, op: int, args: list[int], dlen: int) -> None:
+        """pread straight into the slot, pwrite straight from it: file data is copied once here."""
+        start = off + abi.SLOT_HEADER
+        n = args[1] if op == Op.PREAD else dlen
+        if not 0 <= n <= self.geometry.slot_data:
+            self._answer(sid, (-1, errno.EINVAL, b""))
+            return
+        view = memoryview(self.mm)[start : start + n]
+        try:
+            if op == Op.PREAD:
+                result = got = os.preadv(args[0], [view], args[2])
+            else:
+                result, got = os.pwrite(args[0], view, args[1]), 0
+        except OSError as e:
+            self._answer(sid, _err(e))
+            return
+        except (ValueError, OverflowError):
+            self._answer(sid, (-1, errno.EINVAL, b""))
+            return
+        finally:
+            view.release()
+        abi.RESP.pack_into(self.mm, off + abi.RESP_OFF, result, 0, got)
 
     def _run(self, sid: int, op: int, flags: int, args: tuple[int, ...], data: bytes, done: list[int]) -> None:
         handler = self._handlers.get(op)

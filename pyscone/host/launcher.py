@@ -54,6 +54,10 @@ class HostConfig:
     hostile: str | None = None
 
 
+class LaunchError(Exception):
+    """The host cannot start the enclave (reported as one ``error:`` line)."""
+
+
 def run(enclave: EnclaveConfig, host: HostConfig) -> int:
     """Run one enclave to completion; return its exit status (128+N for signal N)."""
     # The host holds every fd the enclave opens: allow as many as the hard limit does.
@@ -61,7 +65,13 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     geometry = abi.Geometry(host.slots, host.slot_data)
-    region = rings.SharedRegion.create(geometry)
+    try:
+        region = rings.SharedRegion.create(geometry)
+    except OSError as e:
+        size = geometry.total_size >> 20
+        raise LaunchError(
+            f"cannot create the {size} MiB shared-memory region for the system calls: {e.strerror}"
+        ) from None
     bell_host = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     bell_enclave = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     executor = Executor(
