@@ -457,3 +457,51 @@ def test_small_slots_and_orphans_left_by_a_crash(fs: FS) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["True ['big']", "False"]
     assert not (fs.enc / "d").exists()
+
+
+def test_a_full_disk_fails_the_writer_and_keeps_the_last_commit(fs: FS) -> None:
+    # The host may grow no file past 2 MiB (RLIMIT_FSIZE on pyscone run: host writes past it
+    # fail with EFBIG, as on a full disk; 16 slots keep the shared region under it too).  The write-behind error reaches the app, the commit
+    # fails, and the file keeps its last committed contents, in this run and the next.
+    import resource
+
+    original = bytes(range(256)) * 800  # 200 KiB: its records fit under the limit
+    app = write_app(
+        fs.root,
+        f"""
+        import errno, os
+        p = os.path.join({str(fs.enc)!r}, "kept.bin")
+        with open(p, "wb") as f:
+            f.write({original!r})
+        try:
+            with open(p, "r+b") as f:
+                for _ in range(64):
+                    f.write(os.urandom(65536))  # 4 MiB: its records cannot fit
+            print("no error")
+        except OSError as e:
+            print("write failed:", errno.errorcode[e.errno])
+        with open(p, "rb") as f:
+            print("kept" if f.read() == {original!r} else "changed")
+        """,
+    )
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    cmd = [*PYSCONE, "run", "--slots", "16", "--fspf", str(fs.fspf), str(app)]
+    r = subprocess.run(cmd, cwd=fs.root, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["write failed: EFBIG", "kept"], r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    check = f"""
+        with open({str(fs.enc / "kept.bin")!r}, "rb") as f:
+            print("kept" if f.read() == {original!r} else "changed")
+        """
+    again = fs.run(write_app(fs.root, check, name="check.py"))
+    assert (again.returncode, again.stdout) == (0, "kept\n"), again.stderr
+    # With the default 1024 slots the shared region itself cannot be made: one error line.
+    cmd = [*PYSCONE, "run", "--fspf", str(fs.fspf), str(app)]
+    r = subprocess.run(cmd, cwd=fs.root, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1].startswith("error: cannot create the 64 MiB shared-memory region"), r.stderr
+    assert "Traceback" not in r.stderr

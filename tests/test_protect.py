@@ -165,10 +165,10 @@ def test_fspf_consistency_rules() -> None:
 
 from hypothesis import settings  # noqa: E402
 
-from pyscone.protect.pfile import ProtectedFile, record_offset  # noqa: E402
+from pyscone.protect.pfile import LocalStore, ProtectedFile, record_offset  # noqa: E402
 
 
-class MemoryStore:
+class MemoryStore(LocalStore):
     """A host file, in memory: the backing store the sans-IO file writes records to."""
 
     def __init__(self) -> None:
@@ -179,7 +179,7 @@ class MemoryStore:
     def pread(self, offset: int, size: int) -> bytes:
         return bytes(self.data[offset : offset + size])
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None:
         torn = self.crash_after is not None and self.writes >= self.crash_after
         if torn:
             data = data[: len(data) // 2]  # the kill lands in the middle of this write
@@ -195,6 +195,7 @@ ops = st.lists(
     st.one_of(
         st.tuples(st.just("write"), st.integers(0, 120), st.binary(min_size=1, max_size=50)),
         st.tuples(st.just("truncate"), st.integers(0, 120), st.just(b"")),
+        st.tuples(st.just("read"), st.integers(0, 130), st.binary(max_size=60)),  # reads len(data) bytes
         st.tuples(st.just("commit"), st.just(0), st.just(b"")),
         st.tuples(st.just("reopen"), st.just(0), st.just(b"")),
     ),
@@ -202,15 +203,21 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
-@given(ops=ops, encrypted=st.booleans(), cache=st.sampled_from([16, 48, 1 << 20]))
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=ops,
+    encrypted=st.booleans(),
+    cache=st.sampled_from([16, 48, 1 << 20]),
+    stream=st.sampled_from([16, 40, 1 << 20]),
+)
 def test_protected_file_behaves_like_a_plain_file(
-    ops: list[tuple[str, int, bytes]], encrypted: bool, cache: int
+    ops: list[tuple[str, int, bytes]], encrypted: bool, cache: int, stream: int
 ) -> None:
-    # cache=16 seals every write early into the free slot; 1 MiB keeps all of it dirty until commit.
+    # cache=16 seals every write early into the free slot; 1 MiB keeps all of it dirty until
+    # commit.  stream=16 seals every whole chunk a write covers at once; 1 MiB never does.
     fk = FileKey(KEY, FILE_ID, encrypted, chunk_size=16)
     store = MemoryStore()
-    pf = ProtectedFile(fspf.FileEntry(fk), store, cache_bytes=cache)
+    pf = ProtectedFile(fspf.FileEntry(fk), store, cache_bytes=cache, stream_bytes=stream)
     model, committed_model = bytearray(), b""
     entry = fspf.FileEntry(fk)
     for op, n, data in ops:
@@ -226,8 +233,13 @@ def test_protected_file_behaves_like_a_plain_file(
         elif op == "commit":
             entry = pf.commit()
             committed_model = bytes(model)
+        elif op == "read":  # from n, then on from where it stopped (a reader going forward)
+            out = bytearray(len(data))
+            got = pf.readinto(n, memoryview(out))
+            assert bytes(out[:got]) == bytes(model[n : n + len(data)])
+            assert pf.read(n + got, 20) == bytes(model[n + got : n + got + 20])
         else:  # close without commit and reopen: only the committed state survives
-            pf = ProtectedFile(entry, store, cache_bytes=cache)
+            pf = ProtectedFile(entry, store, cache_bytes=cache, stream_bytes=stream)
             model = bytearray(committed_model)
         assert pf.length == len(model)
         assert pf.read(0, 1000) == bytes(model)
@@ -306,3 +318,41 @@ def test_generated_keys_and_the_dirty_flag() -> None:
     assert not pf.dirty
     pf.truncate(0)
     assert pf.dirty
+
+
+def test_a_large_write_over_chunks_in_both_slots_never_touches_committed_records() -> None:
+    # Chunk 1 is committed in slot 1, its neighbours in slot 0: a write sealed at once over
+    # all of them must put each chunk in its own free slot, so the committed version survives.
+    fk = FileKey(KEY, FILE_ID, chunk_size=16)
+    store = MemoryStore()
+    pf = ProtectedFile(fspf.FileEntry(fk), store, stream_bytes=16)
+    pf.write(0, b"a" * 64)
+    pf.commit()
+    pf.write(16, b"b" * 16)
+    committed = pf.commit()
+    assert committed.slots == b"\0\1\0\0"
+    pf.write(0, b"c" * 64)  # sealed at once: four whole chunks
+    assert ProtectedFile(committed, store).read(0, 64) == b"a" * 16 + b"b" * 16 + b"a" * 32
+    assert ProtectedFile(pf.commit(), store).read(0, 64) == b"c" * 64
+
+
+def test_a_run_of_records_opens_as_one_and_refuses_as_one() -> None:
+    fk = FileKey(KEY, FILE_ID, chunk_size=16)
+    plaintexts = [bytes([65 + i]) * 16 for i in range(3)] + [b"tail"]
+    blob = bytearray(sum(map(len, plaintexts)) + 4 * chunks.OVERHEAD)
+    tags = b"".join(chunks.seal_run_into(fk, 5, plaintexts, memoryview(blob)))
+    out = bytearray(52)
+    chunks.open_run_into(fk, 5, memoryview(blob), memoryview(tags), memoryview(out))
+    assert bytes(out) == b"".join(plaintexts)
+    assert [open_chunk(fk, 5 + i, blob[i * 44 : i * 44 + 44]) for i in range(3)] == plaintexts[:3]
+    zeroed, untouched = bytes(52), b"x" * 52
+    for bad_blob, bad_tags, first, left in (
+        (blob[:60] + bytes([blob[60] ^ 1]) + blob[61:], tags, 5, zeroed),  # a flipped bit in the second record
+        (blob, tags[:16] + tags[32:48] + tags[16:32] + tags[48:], 5, zeroed),  # tags of chunks 1 and 2 swapped
+        (blob, tags, 6, zeroed),  # the run moved
+        (blob[:-1], tags, 5, untouched),  # cut short: refused before anything is opened
+    ):
+        out = bytearray(untouched)
+        with pytest.raises(IntegrityError):
+            chunks.open_run_into(fk, first, memoryview(bytearray(bad_blob)), memoryview(bad_tags), memoryview(out))
+        assert out == left  # never any unverified plaintext

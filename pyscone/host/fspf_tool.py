@@ -20,14 +20,14 @@ from typing import BinaryIO
 from pyscone.protect import fspf as fspf_mod
 from pyscone.protect.chunks import FileKey, IntegrityError, chunk_count
 from pyscone.protect.fspf import FSPF, FileEntry
-from pyscone.protect.pfile import ProtectedFile
+from pyscone.protect.pfile import LocalStore, ProtectedFile
 
 
 class ToolError(Exception):
     """A user mistake or an unusable file: one ``error: ...`` line."""
 
 
-class FileStore:
+class FileStore(LocalStore):
     """A protected file's records in a local file."""
 
     def __init__(self, f: BinaryIO) -> None:
@@ -36,7 +36,7 @@ class FileStore:
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self.f.fileno(), size, offset)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.f.fileno(), view, offset)

@@ -29,21 +29,55 @@ tag, so an older record for the same chunk (a rollback by the host) fails to ope
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
-from pyscone.protect.chunks import OVERHEAD, TAG_SIZE, chunk_count, open_chunk, record_tag, seal_chunk
+from pyscone.protect.chunks import (
+    OVERHEAD,
+    TAG_SIZE,
+    chunk_count,
+    open_chunk,
+    open_run_into,
+    seal_run_into,
+)
 from pyscone.protect.fspf import FileEntry
 
 GROUP_BYTES = 256 * 1024  # plaintext per layout group
 CACHE_BYTES = 1 << 20  # dirty plaintext kept in the enclave per file before early sealing
+READ_AHEAD_BYTES = 256 * 1024  # plaintext a forward reader has requested ahead of it
+STREAM_BYTES = 32 * 1024  # whole chunks written at once from this much up are sealed at once
 
 
 class Store(Protocol):
     """Where records live: the host file (through host calls) or, in tests, memory."""
 
-    def pread(self, offset: int, size: int) -> bytes: ...
+    def pread(self, offset: int, size: int) -> bytes | memoryview: ...
 
-    def pwrite(self, offset: int, data: bytes) -> None: ...
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None: ...
+
+    def prefetch(self, offset: int, size: int) -> None:
+        """A hint: ``pread(offset, size)`` is likely soon (a store may ignore it)."""
+
+    def forget(self) -> None:
+        """A hint: drop what :meth:`prefetch` asked for."""
+
+
+class LocalStore:
+    """Base of stores that are read synchronously: read-ahead hints are ignored."""
+
+    def prefetch(self, offset: int, size: int) -> None:
+        pass
+
+    def forget(self) -> None:
+        pass
+
+
+def _put(out: memoryview, dst: int, chunk: bytes | bytearray, within: int, take: int) -> None:
+    """Copy ``take`` bytes of ``chunk`` from ``within`` to ``out[dst:]``; zeros past its end."""
+    piece = chunk[within : within + take]
+    out[dst : dst + len(piece)] = piece
+    if len(piece) < take:
+        out[dst + len(piece) : dst + take] = bytes(take - len(piece))
 
 
 def group_size(chunk_size: int) -> int:
@@ -67,7 +101,9 @@ class _Pending(NamedTuple):
 class ProtectedFile:
     """One protected file's contents as the app sees them (not thread-safe: callers lock)."""
 
-    def __init__(self, entry: FileEntry, store: Store, *, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(
+        self, entry: FileEntry, store: Store, *, cache_bytes: int = CACHE_BYTES, stream_bytes: int = STREAM_BYTES
+    ) -> None:
         self.key = entry.key
         self.store = store
         self.length = entry.length
@@ -75,9 +111,12 @@ class ProtectedFile:
         self._dirty: dict[int, bytes] = {}
         self._pending: dict[int, _Pending] = {}
         self._cache_chunks = max(1, cache_bytes // self.key.chunk_size)
+        self._stream = max(1, stream_bytes // self.key.chunk_size) * self.key.chunk_size
         # Committed bytes at or beyond this offset were truncated away: they read as zeros
         # if the file grows again, never as their old contents.
         self._valid_end = entry.length
+        self._next_read = -1  # where a reader going forward reads next
+        self._ahead_to = 0  # chunks before this one have been prefetched
 
     @property
     def entry(self) -> FileEntry:
@@ -85,10 +124,6 @@ class ProtectedFile:
         return self._committed
 
     # -- where a chunk's current record is --------------------------------------------------
-
-    def _free_slot(self, i: int) -> int:
-        slots = self._committed.slots
-        return 1 - slots[i] if i < len(slots) else 0
 
     def _stored(self, i: int) -> tuple[int, bytes, int] | None:
         """(slot, tag, size) of chunk ``i``'s current sealed record, if it is on the store."""
@@ -100,47 +135,17 @@ class ProtectedFile:
             return entry.slots[i], entry.tag(i), min(cs, entry.length - i * cs)
         return None
 
-    def _load(self, first: int, last: int) -> dict[int, bytes]:
-        """Open chunks ``first..last`` that are not dirty, reading runs of adjacent records at once."""
-        cs = self.key.chunk_size
-        out: dict[int, bytes] = {}
-        run: list[tuple[int, bytes, int]] = []  # (index, tag, size)
-        run_start = run_end = -1
-
-        def flush() -> None:
-            if not run:
-                return
-            blob = self.store.pread(run_start, run_end - run_start)
-            pos = 0
-            for index, tag, size in run:
-                out[index] = open_chunk(self.key, index, blob[pos : pos + size + OVERHEAD], tag)
-                pos += cs + OVERHEAD
-            run.clear()
-
-        for i in range(first, last + 1):
-            if i in self._dirty:
-                continue
-            where = self._stored(i)
-            if where is None:
-                out[i] = b""
-                continue
-            slot, tag, size = where
-            off = record_offset(cs, i, slot)
-            if run and (off != run_end or run[-1][2] != cs):
-                flush()
-            if not run:
-                run_start = off
-            run.append((i, tag, size))
-            run_end = off + size + OVERHEAD
-        flush()
-        return out
-
     def _chunk(self, i: int) -> bytes:
         """Chunk ``i`` as the app sees it now (may be shorter than its extent: zeros follow)."""
         dirty = self._dirty.get(i)
         if dirty is not None:
             return dirty
-        return self._load(i, i)[i]
+        where = self._stored(i)
+        if where is None:
+            return b""
+        slot, tag, size = where
+        record = self.store.pread(record_offset(self.key.chunk_size, i, slot), size + OVERHEAD)
+        return open_chunk(self.key, i, record, tag)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -152,24 +157,143 @@ class ProtectedFile:
         """
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
-        end = min(self.length, offset + size)
+        out = bytearray(max(0, min(size, self.length - offset)))
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def readinto(self, offset: int, out: memoryview) -> int:
+        """Read into ``out`` from ``offset``; returns how many bytes (fewer at end of file).
+
+        Verified chunks are decrypted straight into ``out``; runs of records that are
+        adjacent on the host are fetched with one store read.  On an error ``out`` holds
+        nothing unverified.
+
+        Raises:
+            IntegrityError: a chunk on the host was altered, moved, or rolled back.
+        """
+        if offset < 0:
+            raise ValueError("negative offset")
+        end = min(self.length, offset + len(out))
         if end <= offset:
-            return b""
-        cs = self.key.chunk_size
-        first, last = offset // cs, (end - 1) // cs
-        loaded = self._load(first, last)
-        out = []
+            return 0
+        forward, self._next_read = offset == self._next_read, end
+        if not forward and self._ahead_to:
+            self.store.forget()
+            self._ahead_to = 0
+        if not self._dirty and not self._pending and end <= self._valid_end:
+            self._read_committed(offset, end, out, forward)
+            return end - offset
+        cs, key = self.key.chunk_size, self.key
+        run: list[tuple[int, bytes, int, int, int, int]] = []  # index, tag, size, dst, within, take
+        run_start = run_end = -1
+
+        def fetch() -> None:
+            blob = memoryview(self.store.pread(run_start, run_end - run_start))
+            pos = 0
+            for index, tag, size, dst, within, take in run:
+                record = blob[pos : pos + size + OVERHEAD]
+                if within == 0 and take == size:
+                    open_run_into(key, index, record, memoryview(tag), out[dst : dst + size])
+                else:
+                    plaintext = bytearray(size)
+                    open_run_into(key, index, record, memoryview(tag), memoryview(plaintext))
+                    _put(out, dst, plaintext, within, take)
+                pos += cs + OVERHEAD
+            run.clear()
+
+        dirty = self._dirty
         pos = offset
         while pos < end:
             i, within = divmod(pos, cs)
             take = min(cs - within, end - pos)
-            chunk = self._dirty.get(i)
-            if chunk is None:
-                chunk = loaded[i]
-            piece = chunk[within : within + take] if within or take < len(chunk) else chunk
-            out.append(piece if len(piece) == take else piece + bytes(take - len(piece)))
+            dst = pos - offset
             pos += take
-        return b"".join(out)
+            chunk = dirty.get(i)
+            if chunk is not None:
+                _put(out, dst, chunk, within, take)
+                continue
+            where = self._stored(i)
+            if where is None:
+                out[dst : dst + take] = bytes(take)
+                continue
+            slot, tag, size = where
+            off = record_offset(cs, i, slot)
+            if run and (off != run_end or run[-1][2] != cs):
+                fetch()
+            if not run:
+                run_start = off
+            run.append((i, tag, size, dst, within, take))
+            run_end = off + size + OVERHEAD
+        if run:
+            fetch()
+        return end - offset
+
+    def _committed_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
+        """Committed chunks ``first..last`` as runs whose records lie back to back on the
+        host (same group, same slot): ``(i, j, offset, size)`` for chunks ``i..j-1``."""
+        cs = self.key.chunk_size
+        stride = cs + OVERHEAD
+        g = group_size(cs)
+        entry = self._committed
+        slots = entry.slots
+        i = first
+        while i <= last:
+            slot = slots[i]
+            stop = min((i // g + 1) * g, last + 1)
+            other = slots.find(1 - slot, i, stop)
+            j = stop if other < 0 else other
+            tail = min(cs, entry.length - (j - 1) * cs)  # the file's last chunk may be short
+            yield i, j, record_offset(cs, i, slot), (j - i - 1) * stride + tail + OVERHEAD
+            i = j
+
+    def _read_committed(self, offset: int, end: int, out: memoryview, forward: bool) -> None:
+        """``readinto`` when every chunk in range is committed (nothing written since).
+
+        Each run of adjacent records is fetched with one store read; its whole chunks are
+        opened in one :func:`open_run_into` pass, the partial ones at either end one by
+        one.  A reader going forward has the records after these requested before it
+        opens these, so the host reads them meanwhile.
+        """
+        key = self.key
+        cs = key.chunk_size
+        stride = cs + OVERHEAD
+        entry = self._committed
+        tags = memoryview(entry.tags)
+        last = (end - 1) // cs
+        for i, j, where, size in self._committed_runs(offset // cs, last):
+            blob = memoryview(self.store.pread(where, size))
+            if forward:
+                self._read_ahead(last + 1)
+                forward = False
+            tail = size - (j - i - 1) * stride - OVERHEAD
+            lo = i if i * cs >= offset else i + 1
+            hi = max(lo, j if j * cs <= end and tail == cs else j - 1)
+            if hi > lo:
+                open_run_into(
+                    key,
+                    lo,
+                    blob[(lo - i) * stride : (hi - i) * stride],
+                    tags[lo * TAG_SIZE : hi * TAG_SIZE],
+                    out[lo * cs - offset : hi * cs - offset],
+                )
+            for k in (*range(i, lo), *range(hi, j)):
+                n = min(cs, entry.length - k * cs)
+                plaintext = bytearray(n)
+                pos = (k - i) * stride
+                record = blob[pos : pos + n + OVERHEAD]
+                open_run_into(key, k, record, tags[k * TAG_SIZE : (k + 1) * TAG_SIZE], memoryview(plaintext))
+                start = max(k * cs, offset)
+                _put(out, start - offset, plaintext, start - k * cs, min((k + 1) * cs, end) - start)
+
+    def _read_ahead(self, first: int) -> None:
+        cs = self.key.chunk_size
+        first = max(first, self._ahead_to)
+        stop = min(first + max(1, READ_AHEAD_BYTES // cs), chunk_count(self._valid_end, cs))
+        if first >= stop:
+            return
+        for _, _, where, size in self._committed_runs(first, stop - 1):
+            self.store.prefetch(where, size)
+        self._ahead_to = stop
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -182,6 +306,17 @@ class ProtectedFile:
         n = len(view)
         while view:
             i, within = divmod(pos, cs)
+            if within == 0 and len(view) >= self._stream:
+                # A large write of whole chunks (a buffered writer's flush, a copy) is sealed
+                # now, straight from the caller's buffer: caching it would only cost a copy.
+                whole = len(view) // cs
+                for k in range(i, i + whole) if self._dirty else ():
+                    self._dirty.pop(k, None)
+                self.length = max(self.length, pos + whole * cs)  # before: a failed seal leaves it right
+                self._seal(i, [view[k * cs : (k + 1) * cs] for k in range(whole)])
+                view = view[whole * cs :]
+                pos += whole * cs
+                continue
             take = min(cs - within, len(view))
             if within == 0 and (take == cs or pos + take >= self.length):
                 # The chunk's old contents don't matter: all of it, or all that remains, is new.
@@ -228,26 +363,43 @@ class ProtectedFile:
 
     def _seal_dirty(self) -> None:
         """Seal every dirty chunk into its free slot (nothing committed is touched)."""
-        cs = self.key.chunk_size
-        batch: list[bytes] = []
-        batch_start = batch_end = -1
-        for i in sorted(self._dirty):
-            plaintext = self._dirty[i]
-            slot = self._free_slot(i)
-            record = seal_chunk(self.key, i, plaintext)
-            off = record_offset(cs, i, slot)
-            if batch and off != batch_end:
-                self.store.pwrite(batch_start, b"".join(batch))
-                batch.clear()
-            if not batch:
-                batch_start = off
-            batch.append(record)
-            # A short record ends a run: the next slot does not start where it ends.
-            batch_end = off + cs + OVERHEAD if len(plaintext) == cs else -2
-            self._pending[i] = _Pending(slot, record_tag(record), len(plaintext))
-        if batch:
-            self.store.pwrite(batch_start, b"".join(batch))
-        self._dirty.clear()
+        dirty = self._dirty
+        order = sorted(dirty)
+        start = 0
+        for k in range(1, len(order) + 1):
+            # A run ends where the next record does not follow on the host, and after a short chunk.
+            if k == len(order) or order[k] != order[k - 1] + 1 or len(dirty[order[k - 1]]) != self.key.chunk_size:
+                self._seal(order[start], [dirty[i] for i in order[start:k]])
+                start = k
+        dirty.clear()
+
+    def _seal(self, first: int, plaintexts: list[bytes] | list[memoryview]) -> None:
+        """Seal chunks ``first, first + 1, …`` (all full but the last) into their free slots.
+
+        Records that are adjacent on the host are sealed in place into one buffer and
+        written with one store call: the store starts the write and returns.
+        """
+        cs, key = self.key.chunk_size, self.key
+        g = group_size(cs)
+        slots = self._committed.slots
+        n_committed = len(slots)
+        i, k = first, 0
+        while k < len(plaintexts):
+            # Chunks i.. in one group, all with the same free slot, are back to back on the host.
+            slot = 1 - slots[i] if i < n_committed else 0
+            stop = min(len(plaintexts), k + (i // g + 1) * g - i)
+            j = k + 1
+            while j < stop and (1 - slots[first + j] if first + j < n_committed else 0) == slot:
+                j += 1
+            run = plaintexts[k:j]
+            buf = bytearray(sum(len(pt) for pt in run) + OVERHEAD * len(run))
+            tags = seal_run_into(key, i, run, memoryview(buf))
+            self.store.pwrite(record_offset(cs, i, slot), buf)
+            for m, tag in enumerate(tags):
+                self._pending[i + m] = _Pending(slot, tag, len(run[m]))
+            i += j - k
+            k = j
+        self._ahead_to = 0  # the store forgot its read-ahead when it was written
 
     def commit(self) -> FileEntry:
         """Seal every changed chunk into its free slot; return the entry to put in the FSPF.

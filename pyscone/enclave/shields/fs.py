@@ -40,11 +40,13 @@ import posixpath
 import stat as stat_mod
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pyscone import abi
-from pyscone.abi import DT_DIR, DT_REG, StatResult
+from pyscone.abi import DT_DIR, DT_REG, Op, StatResult
+from pyscone.enclave import scheduler
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect import fspf as fspf_mod
@@ -70,37 +72,177 @@ def log(message: str) -> None:
         pass
 
 
-class HostStore:
-    """A protected file's records in its host file, moved in slot-sized host calls."""
+#: Read-ahead segments (slot-sized host reads) a store keeps at most.
+READ_AHEAD_CALLS = 8
+#: Slot-sized writes in flight before a writer waits for the oldest.
+WRITE_BEHIND_CALLS = 8
 
-    __slots__ = ("fd", "max_io", "wrote")
+
+class _Segment:
+    """Bytes of the host file asked for by one host call: in flight, or arrived."""
+
+    __slots__ = ("call", "data", "end", "start")
+
+    def __init__(self, start: int, end: int, call: scheduler.InFlight | None, data: bytes = b"") -> None:
+        self.start = start
+        self.end = end
+        self.call = call
+        self.data = data
+
+
+class HostStore:
+    """A protected file's records in its host file, moved in slot-sized host calls.
+
+    The calls overlap with the enclave's own work (SCONE's asynchronous system calls
+    put to use): a read that needs several calls starts them all before it waits;
+    :meth:`prefetch` starts reads of what the file expects to need next, so the host
+    reads them while the enclave verifies what it has (read-ahead); writes are started
+    and not waited for, up to :data:`WRITE_BEHIND_CALLS` at a time (write-behind).
+
+    The first write that fails is kept, and every later :meth:`drain` raises it: a
+    commit after a lost write fails rather than name records that never reached the
+    disk, and the last committed state stays as it was.  A read drains first, so it
+    never races a write; a write forgets the read-ahead, which may predate it.  (The
+    host runs file calls in the order they were queued; one that does not can only
+    make a read fail verification.)
+    """
+
+    __slots__ = ("_ahead", "_error", "_writes", "fd", "max_io", "wrote")
 
     def __init__(self, fd: int, max_io: int) -> None:
         self.fd = fd
         self.max_io = max_io
         self.wrote = False
+        self._ahead: list[_Segment] = []  # read-ahead, sorted by offset, not overlapping
+        self._writes: deque[tuple[scheduler.InFlight, int]] = deque()
+        self._error: OSError | None = None
 
-    def pread(self, offset: int, size: int) -> bytes:
-        parts = []
-        while size > 0:
-            n = min(size, self.max_io)
-            data = files.pread(self.fd, n, offset)
-            parts.append(data)
-            if len(data) < n:
-                break  # end of the host file: the record will fail to verify
-            offset += n
-            size -= n
-        return b"".join(parts)
+    def _segment_at(self, pos: int) -> tuple[_Segment | None, int]:
+        """The read-ahead segment holding ``pos``, else None and where the next one starts."""
+        for seg in self._ahead:
+            if seg.start <= pos < seg.end:
+                return seg, seg.start
+            if seg.start > pos:
+                return None, seg.start
+        return None, -1
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
+    def pread(self, offset: int, size: int) -> bytes | memoryview:
+        self.drain()
+        end = offset + size
+        plan: list[tuple[_Segment, int, int]] = []  # segment, offset in it, length
+        pos = offset
+        while pos < end:
+            seg, nxt = self._segment_at(pos)
+            if seg is None:
+                take = min(self.max_io, end - pos, nxt - pos if nxt >= 0 else end)
+                seg = self._start_read(pos, take)
+            else:
+                take = min(end, seg.end) - pos
+            plan.append((seg, pos - seg.start, take))
+            pos += take
+        if self._ahead:  # what this read used up is no longer ahead
+            self._ahead = [seg for seg in self._ahead if not offset < seg.end <= end]
+        parts: list[bytes | memoryview] = []
+        for seg, lo, n in plan:
+            piece = memoryview(self._arrived(seg))[lo : lo + n]
+            parts.append(piece)
+            if len(piece) < n:
+                break  # end of the host file: the records will fail to verify
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def prefetch(self, offset: int, size: int) -> None:
+        """Start reading ``size`` bytes at ``offset`` for a later :meth:`pread` (best effort)."""
+        end = offset + size
+        pos = offset
+        while pos < end and len(self._ahead) < READ_AHEAD_CALLS:
+            seg, nxt = self._segment_at(pos)
+            if seg is not None:
+                pos = seg.end
+                continue
+            seg = self._start_read(pos, min(self.max_io, end - pos, nxt - pos if nxt >= 0 else end))
+            if seg.call is None:
+                return  # no slot free (or the hub): read-ahead is an optimisation only
+            self._ahead.append(seg)
+            self._ahead.sort(key=lambda s: s.start)
+            pos = seg.end
+
+    def forget(self) -> None:
+        """Drop the read-ahead (the reader went elsewhere)."""
+        sched = scheduler.get()
+        for seg in self._ahead:
+            if seg.call is not None:
+                sched.drop(seg.call)
+        self._ahead = []
+
+    def _start_read(self, pos: int, n: int) -> _Segment:
+        return _Segment(pos, pos + n, scheduler.get().start(Op.PREAD, (self.fd, n, pos)))
+
+    def _arrived(self, seg: _Segment) -> bytes:
+        sched = scheduler.get()
+        call, seg.call = seg.call, None
+        if call is not None:
+            result, err, value = sched.finish(call)
+        elif seg.data or seg.end == seg.start:
+            return seg.data
+        else:
+            result, err, value = sched.host_call(Op.PREAD, (self.fd, seg.end - seg.start, seg.start))
+        if result < 0:
+            raise _err(err)
+        seg.data = value
+        return seg.data
+
+    def pwrite(self, offset: int, data: bytes | bytearray) -> None:
+        if self._error is not None:
+            raise self._error
         self.wrote = True
+        self.forget()
+        sched = scheduler.get()
+        view = memoryview(data)
         while view:
-            n = files.pwrite(self.fd, view[: self.max_io], offset)
-            if n <= 0:
-                raise _err(errno.EIO)
-            offset += n
-            view = view[n:]
+            piece = view[: self.max_io]
+            if len(self._writes) >= WRITE_BEHIND_CALLS:
+                self._written(*self._writes.popleft())
+            call = sched.start(Op.PWRITE, (self.fd, offset), piece)
+            if call is None:
+                self._check_write(*sched.host_call(Op.PWRITE, (self.fd, offset), piece)[:2], len(piece))
+            else:
+                self._writes.append((call, len(piece)))
+            offset += len(piece)
+            view = view[len(piece) :]
+        if self._error is not None:
+            raise self._error
+
+    def _written(self, call: scheduler.InFlight, n: int) -> None:
+        result, err, _ = scheduler.get().finish(call)
+        self._check_write(result, err, n)
+
+    def _check_write(self, result: int, err: int, n: int) -> None:
+        if self._error is None and result != n:
+            # A short write to a regular file means the disk is full.
+            self._error = _err(err if result < 0 else errno.ENOSPC)
+
+    def drain(self) -> None:
+        """Wait for every write in flight; raise the first write error this store has had."""
+        while self._writes:
+            self._written(*self._writes.popleft())
+        if self._error is not None:
+            raise self._error
+
+    def write_all(self, data: bytes) -> None:
+        """Write ``data`` from offset 0 and wait until all of it is written."""
+        try:
+            self.pwrite(0, data)
+            self.drain()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Before the fd is closed: nothing may stay in flight on it."""
+        self.forget()
+        try:
+            self.drain()
+        except OSError:
+            pass  # already raised to the app by the commit that hit it
 
 
 class MemoryFile:
@@ -119,8 +261,10 @@ class MemoryFile:
     def dirty(self) -> bool:
         return False
 
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset : offset + size])
+    def readinto(self, offset: int, out: memoryview) -> int:
+        data = self.data[offset : offset + len(out)]
+        out[: len(data)] = data
+        return len(data)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         if offset > len(self.data):
@@ -228,8 +372,7 @@ class FsShield:
         tmp = self.fspf_path + ".tmp"
         fd = files.host_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            store = HostStore(fd, self.max_io)
-            store.pwrite(0, blob)
+            HostStore(fd, self.max_io).write_all(blob)
             files.fsync(fd)
         finally:
             files.close(fd)
@@ -283,6 +426,7 @@ class FsShield:
                 entry = pf.commit()
             except IntegrityError as e:
                 raise self._integrity(node.path or "(unlinked file)", e) from None
+            store.drain()
             if store.wrote:
                 files.fsync(node.host_fd)
                 store.wrote = False
@@ -410,13 +554,20 @@ class FsShield:
             if node.refs == 0 and node.kind != "memory":
                 assert isinstance(node.file, ProtectedFile)
                 self.nodes.pop(node.file.key.file_id, None)
+                assert isinstance(node.file.store, HostStore)
+                node.file.store.release()
                 files.close(node.host_fd)
 
     # -- data ---------------------------------------------------------------------------------
 
     def _read(self, node: Node, offset: int, size: int) -> bytes:
+        out = bytearray(max(0, min(size, node.file.length - offset)))
+        self._readinto(node, offset, memoryview(out))
+        return bytes(out)
+
+    def _readinto(self, node: Node, offset: int, out: memoryview) -> int:
         try:
-            return node.file.read(offset, size)
+            return node.file.readinto(offset, out)
         except IntegrityError as e:
             raise self._integrity(node.path or "(unlinked file)", e) from None
 
@@ -434,6 +585,15 @@ class FsShield:
             data = self._read(o.node, o.pos, n)
             o.pos += len(data)
             return data
+
+    def readinto(self, vfd: int, out: memoryview) -> int:
+        o = self._open_file(vfd)
+        if not o.readable:
+            raise _err(errno.EBADF)
+        with o.node.lock:
+            n = self._readinto(o.node, o.pos, out)
+            o.pos += n
+            return n
 
     def write(self, vfd: int, data: bytes | bytearray | memoryview) -> int:
         o = self._open_file(vfd)
@@ -850,7 +1010,7 @@ def load(path: str, key: bytes, pinned: list[str] | None, max_io: int) -> tuple[
     fd = files.host_open(path, os.O_RDONLY, 0)
     try:
         size = files.fstat(fd).st_size
-        blob = HostStore(fd, max_io).pread(0, size)
+        blob = bytes(HostStore(fd, max_io).pread(0, size))
     finally:
         files.close(fd)
     tag = fspf_mod.tag_of(blob)

@@ -615,6 +615,8 @@ class EnclaveFileIO(io.RawIOBase):
         if not self._readable:
             raise io.UnsupportedOperation("File not open for reading")
         view = memoryview(b).cast("B")
+        if sh := _vfd(self._fd):
+            return sh.readinto(self._fd, view)  # decrypted straight into the caller's buffer
         data = read(self._fd, len(view))
         n = len(data)
         view[:n] = data
