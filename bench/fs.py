@@ -9,6 +9,7 @@ Four configurations run ``bench/apps/fs_io.py`` (every pattern, one process each
 * native: plain ``python`` on a plain temp directory;
 * encrypted / authenticated: ``python -m pyscone.cli run --fspf FSPF`` with the file in a
   region of that kind (4 KiB chunks, the default), the FSPF made with ``pyscone.host.fspf_tool``;
+* encrypted-64k: the same with an encrypted region of 64 KiB chunks (``fspf addr --chunk-size``);
 * unprotected: the same enclave and FSPF, the file on an unprotected path (the plain host
   pass-through, for reference).
 
@@ -49,10 +50,11 @@ RESULTS = BENCH / "results"
 FS_IO_PY = BENCH / "apps" / "fs_io.py"
 BREAKDOWN_PY = BENCH / "apps" / "fs_breakdown.py"
 PYTHON = sys.executable
-CONFIGS = ("native", "encrypted", "authenticated", "unprotected")
+CONFIGS = ("native", "encrypted", "authenticated", "encrypted-64k", "unprotected")
 ENCLAVE_CONFIGS = CONFIGS[1:]
+SHORT_NAMES = ("enc", "auth", "enc64k", "unprot")
 PATTERNS: tuple[str, ...] = runpy.run_path(str(FS_IO_PY))["PATTERNS"]  # the app's own list
-CHUNK = 4096
+CHUNK = 4096  # the default chunk size; the encrypted-64k region has 64 KiB chunks
 APP_TIMEOUT_S = 300.0
 
 
@@ -68,14 +70,14 @@ class Settings:
     size: int  # bytes of the file
     ops: int  # operations per random pattern
     rounds: int
-    micro_chunks: int  # chunks per micro-benchmark repetition
+    micro_chunks: int  # calls per micro-benchmark repetition (a call seals or opens a run)
     micro_repeats: int
 
     @classmethod
     def of(cls, quick: bool) -> Settings:
         if quick:
-            return cls(size=8 << 20, ops=500, rounds=1, micro_chunks=2_000, micro_repeats=5)
-        return cls(size=64 << 20, ops=2000, rounds=3, micro_chunks=5_000, micro_repeats=15)
+            return cls(size=8 << 20, ops=500, rounds=1, micro_chunks=300, micro_repeats=5)
+        return cls(size=64 << 20, ops=2000, rounds=3, micro_chunks=1_000, micro_repeats=15)
 
 
 # --------------------------------------------------------------------------- processes
@@ -152,7 +154,8 @@ def config_dir(config: str) -> Iterator[tuple[Path, list[str]]]:
         paths = tool.Paths.of(str(fspf))
         tool.create(paths)
         if config != "unprotected":
-            tool.add_region(paths, str(data), config, CHUNK)
+            kind, _, big = config.partition("-")
+            tool.add_region(paths, str(data), kind, 65536 if big else CHUNK)
         yield data, pyscone_run(fspf)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -237,33 +240,51 @@ def time_us(fns: dict[str, Callable[[], object]], n: int, repeats: int) -> dict[
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
+RUN = 16  # chunks per run in the micro-benchmark: what one 64 KiB read or write moves
+
+
 def micro_chunks(s: Settings) -> list[ChunkMicro]:
-    """``seal_chunk`` / ``open_chunk`` of one 4 KiB chunk in this process; and, as the floor,
-    the AES-GCM library call alone (the same sizes, no pyscone code around it)."""
+    """Per 4 KiB chunk, in this process: ``seal_run_into`` / ``open_run_into`` over a run of
+    ``RUN`` chunks (the path reads and writes take), and, as the floor, the AES-GCM library
+    call alone on one chunk (``encrypt_into`` / ``decrypt_into``, no pyscone code around it)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from pyscone.protect.chunks import FileKey, open_chunk, record_tag, seal_chunk
+    from pyscone.protect.chunks import OVERHEAD, FileKey, open_run_into, seal_run_into
 
-    plaintext = os.urandom(CHUNK)
+    plaintexts = [os.urandom(CHUNK) for _ in range(RUN)]
     fns: dict[str, Callable[[], object]] = {}
     for kind in ("encrypted", "authenticated"):
         fk = FileKey.generate(encrypted=kind == "encrypted", chunk_size=CHUNK)
-        record = seal_chunk(fk, 7, plaintext)
-        tag = record_tag(record)
-        if open_chunk(fk, 7, record, tag) != plaintext:
-            raise FsBenchError(f"{kind} chunk does not open to its plaintext")
-        fns[f"{kind} seal"] = functools.partial(seal_chunk, fk, 7, plaintext)
-        fns[f"{kind} open"] = functools.partial(open_chunk, fk, 7, record, tag)
+        blob = memoryview(bytearray(RUN * (CHUNK + OVERHEAD)))
+        out = memoryview(bytearray(RUN * CHUNK))
+        tags = memoryview(b"".join(seal_run_into(fk, 7, plaintexts, blob)))
+        open_run_into(fk, 7, blob, tags, out)
+        if out != b"".join(plaintexts):
+            raise FsBenchError(f"{kind} run does not open to its plaintext")
+        sealed = memoryview(bytearray(blob))  # sealing again must not change what is opened
+        fns[f"{kind} seal"] = functools.partial(seal_run_into, fk, 7, plaintexts, blob)
+        fns[f"{kind} open"] = functools.partial(open_run_into, fk, 7, sealed, tags, out)
     aead, nonce, ad = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(42)  # 42: the chunk AD's size
-    sealed = aead.encrypt(nonce, plaintext, ad)
-    fns["aes-gcm seal"] = lambda: aead.encrypt(nonce, plaintext, ad)
-    fns["aes-gcm open"] = lambda: aead.decrypt(nonce, sealed, ad)
+    one = plaintexts[0]
+    sealed_one = aead.encrypt(nonce, one, ad)
+    record, plain = bytearray(CHUNK + 16), bytearray(CHUNK)
+    fns["aes-gcm seal"] = lambda: aead.encrypt_into(nonce, one, ad, record)
+    fns["aes-gcm open"] = lambda: aead.decrypt_into(nonce, sealed_one, ad, plain)
     us = time_us(fns, s.micro_chunks, s.micro_repeats)
-    out = []
+    out_rows = []
     for what in ("encrypted", "authenticated", "aes-gcm"):
+        per = 1 if what == "aes-gcm" else RUN
         seal, opened = us[f"{what} seal"], us[f"{what} open"]
-        out.append(ChunkMicro(what, round(seal[0], 3), round(opened[0], 3), round(seal[1], 3), round(opened[1], 3)))
-    return out
+        out_rows.append(
+            ChunkMicro(
+                what,
+                round(seal[0] / per, 3),
+                round(opened[0] / per, 3),
+                round(seal[1] / per, 3),
+                round(opened[1] / per, 3),
+            )
+        )
+    return out_rows
 
 
 # --------------------------------------------------------------------------- breakdown
@@ -376,7 +397,7 @@ def throughput_table(results: list[PatternResult]) -> str:
             row += [mbs(v), "-" if v is None or not native else f"{v / native:.3f}"]
         rows.append(row)
     headers = ["pattern", "native MB/s"]
-    for config, short in zip(ENCLAVE_CONFIGS, ("enc", "auth", "unprot"), strict=True):
+    for config, short in zip(ENCLAVE_CONFIGS, SHORT_NAMES, strict=True):
         headers += [f"{config} MB/s", f"{short}/nat"]
     return table(headers, rows)
 
@@ -447,15 +468,16 @@ def report_lines(r: FsReport) -> list[str]:
         "MB/s = 10^6 bytes/s; x/nat = enclave MB/s / native MB/s (1.0 = native speed)",
         f"    page-cache warm (the cache is not dropped); each configuration in a fresh temp dir under "
         f"{r.tmpdir} ({r.tmpdir_fs}); writes are timed open..fsync+close (the shield commits there); "
-        "4 KiB chunks",
+        "4 KiB chunks (the default) but for encrypted-64k, a region with 64 KiB chunks",
         "",
         throughput_table(r.results),
         "",
         f"    CPU s per whole app run (process tree, start-up included, median): {cpu}",
         *([f"    spread over rounds, max/min - 1, median over patterns: {spread(r.results)}"] if r.rounds > 1 else []),
         "",
-        "chunk crypto in-process, one 4 KiB chunk (best and median of the repetitions): "
-        "pyscone.protect.chunks.seal_chunk / open_chunk, and the AES-GCM library call alone",
+        "chunk crypto in-process, per 4 KiB chunk (best and median of the repetitions): "
+        f"pyscone.protect.chunks.seal_run_into / open_run_into over runs of {RUN} chunks, "
+        "and the AES-GCM library call alone",
         "",
         micro_table(r.micro),
         "",

@@ -9,7 +9,7 @@ then seq-read-64k), on ``DIR/data.bin`` through the file-system shield; ``DIR`` 
 protected region.  The shield's functions are wrapped to time them (a diagnostic, not
 how an app should touch the runtime):
 
-* ``chunk_crypto``: ``pyscone.protect.pfile``'s ``seal_chunk`` / ``open_chunk``;
+* ``chunk_crypto``: ``pyscone.protect.pfile``'s ``seal_run_into`` / ``open_run_into`` / ``open_chunk``;
 * ``host_calls``: every host call but fsync (``Scheduler.host_call``: slot copy in, the
   host's system call, the wait, slot copy out, iago's check);
 * ``fsync``: the fsync host calls (the disk flush native Python pays too);
@@ -101,8 +101,8 @@ def instrument_protect(clock: Clock) -> None:
     from pyscone.protect import fspf, pfile
 
     pf: Any = pfile  # ProtectedFile looks these up in its module at every call
-    pf.seal_chunk = clock.wrap("chunk_crypto", pf.seal_chunk)
-    pf.open_chunk = clock.wrap("chunk_crypto", pf.open_chunk)
+    for name in ("open_chunk", "open_run_into", "seal_run_into"):
+        setattr(pf, name, clock.wrap("chunk_crypto", getattr(pf, name)))
     fm: Any = fspf  # the shield and the FSPF tool call fspf.seal at every commit
     fm.seal = clock.wrap("fspf_seal", fm.seal)
 
@@ -118,6 +118,8 @@ def enclave(directory: str, size: int) -> list[dict[str, object]]:
     instrument_protect(clock)
     cls: Any = type(scheduler.get())
     cls.host_call = clock.wrap(lambda _self, op, *_: "fsync" if op == Op.FSYNC else "host_calls", cls.host_call)
+    cls.start = clock.wrap("host_calls", cls.start)  # read-ahead and write-behind
+    cls.finish = clock.wrap("host_calls", cls.finish)
     path = os.path.join(directory, fs_io.FILE_NAME)
     out = []
     for pattern in ("seq-write-64k", "seq-read-64k"):
@@ -132,7 +134,7 @@ def inprocess(directory: str, size: int, kind: str) -> list[dict[str, object]]:
     from pyscone.host import fspf_tool as tool
     from pyscone.protect.chunks import FileKey
     from pyscone.protect.fspf import FileEntry
-    from pyscone.protect.pfile import ProtectedFile
+    from pyscone.protect.pfile import LocalStore, ProtectedFile
 
     clock = Clock()
     instrument_protect(clock)
@@ -140,7 +142,7 @@ def inprocess(directory: str, size: int, kind: str) -> list[dict[str, object]]:
     tool._write_atomic = clock.wrap("host_calls", tool._write_atomic)  # the FSPF and its tag file
     os.fsync = clock.wrap("fsync", os.fsync)
 
-    class SplitStore:
+    class SplitStore(LocalStore):
         """``HostStore`` without the enclave: records in a plain file, at most MAX_IO a call."""
 
         def __init__(self, fd: int) -> None:
@@ -158,7 +160,7 @@ def inprocess(directory: str, size: int, kind: str) -> list[dict[str, object]]:
                 size -= n
             return b"".join(parts)
 
-        def pwrite(self, offset: int, data: bytes) -> None:
+        def pwrite(self, offset: int, data: bytes | bytearray) -> None:
             view = memoryview(data)
             while view:
                 n: int = io_call(os.pwrite, self.fd, view[:MAX_IO], offset)
