@@ -579,12 +579,9 @@ class FsShield:
 
     def read(self, vfd: int, n: int) -> bytes:
         o = self._open_file(vfd)
-        if not o.readable:
-            raise _err(errno.EBADF)
-        with o.node.lock:
-            data = self._read(o.node, o.pos, n)
-            o.pos += len(data)
-            return data
+        out = bytearray(max(0, min(n, o.node.file.length - o.pos)))
+        got = self.readinto(vfd, memoryview(out))
+        return bytes(out) if got == len(out) else bytes(out[:got])
 
     def readinto(self, vfd: int, out: memoryview) -> int:
         o = self._open_file(vfd)
