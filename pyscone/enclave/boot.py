@@ -123,7 +123,7 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
         return f"cannot mount the file-system shield: {e}"
     shield = fs.mount(table, key, spec["path"], tag, slot_data)
     if spec.get("tag_file"):
-        shield.pin = TagFile(spec["tag_file"])
+        shield.pin = TagFile(spec["tag_file"], slot_data)
         shield.pin.commit(shield.tag)
     return None
 
@@ -131,17 +131,15 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 class TagFile:
     """Dev mode's pin: the tags the next run's launcher accepts, one per line (no CAS)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_io: int) -> None:
         self.path = path
+        self.max_io = max_io
 
     def _write(self, text: str) -> None:
-        from pyscone.enclave.stdlib import files
+        # Replaced whole and durably: a torn or lost tag file would strand the file system.
+        from pyscone.enclave.shields import fs
 
-        fd = files.host_open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            files.write(fd, text.encode())
-        finally:
-            files.close(fd)
+        fs.replace_host_file(self.path, text.encode(), self.max_io)
 
     def prepare(self, old: str, new: str) -> None:
         self._write(f"{old}\n{new}\n")

@@ -369,19 +369,7 @@ class FsShield:
         blob, tag = fspf_mod.seal(self.fspf, self.key)
         if self.pin is not None:
             self.pin.prepare(self.tag, tag)
-        tmp = self.fspf_path + ".tmp"
-        fd = files.host_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            HostStore(fd, self.max_io).write_all(blob)
-            files.fsync(fd)
-        finally:
-            files.close(fd)
-        files.host_rename(tmp, self.fspf_path, True)
-        dfd = files.host_open(posixpath.dirname(self.fspf_path) or "/", os.O_RDONLY, 0)
-        try:
-            files.fsync(dfd)
-        finally:
-            files.close(dfd)
+        replace_host_file(self.fspf_path, blob, self.max_io)
         self.tag = tag
         self.commits += 1
         if self.pin is not None:
@@ -984,6 +972,25 @@ class FsShield:
 
 
 _shield: FsShield | None = None
+
+
+def replace_host_file(path: str, data: bytes, max_io: int) -> None:
+    """Replace the host file ``path`` with ``data`` atomically and durably: write a temporary
+    file, fsync it, rename it over ``path``, fsync the directory.  A kill or a power loss
+    leaves the old contents or the new, never a mix or an empty file."""
+    tmp = path + ".tmp"
+    fd = files.host_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        HostStore(fd, max_io).write_all(data)
+        files.fsync(fd)
+    finally:
+        files.close(fd)
+    files.host_rename(tmp, path, True)
+    dfd = files.host_open(posixpath.dirname(path) or "/", os.O_RDONLY, 0)
+    try:
+        files.fsync(dfd)
+    finally:
+        files.close(dfd)
 
 
 def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int) -> FsShield:
