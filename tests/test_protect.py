@@ -209,15 +209,21 @@ ops = st.lists(
     encrypted=st.booleans(),
     cache=st.sampled_from([16, 48, 1 << 20]),
     stream=st.sampled_from([16, 40, 1 << 20]),
+    io=st.sampled_from([None, 88, 132]),
 )
 def test_protected_file_behaves_like_a_plain_file(
-    ops: list[tuple[str, int, bytes]], encrypted: bool, cache: int, stream: int
+    ops: list[tuple[str, int, bytes]], encrypted: bool, cache: int, stream: int, io: int | None
 ) -> None:
     # cache=16 seals every write early into the free slot; 1 MiB keeps all of it dirty until
     # commit.  stream=16 seals every whole chunk a write covers at once; 1 MiB never does.
+    # io=88 or 132: store writes of at most 2 or 3 records (44 bytes each), a short tail held back.
     fk = FileKey(KEY, FILE_ID, encrypted, chunk_size=16)
     store = MemoryStore()
-    pf = ProtectedFile(fspf.FileEntry(fk), store, cache_bytes=cache, stream_bytes=stream)
+
+    def opened(entry: fspf.FileEntry) -> ProtectedFile:
+        return ProtectedFile(entry, store, cache_bytes=cache, stream_bytes=stream, io_bytes=io)
+
+    pf = opened(fspf.FileEntry(fk))
     model, committed_model = bytearray(), b""
     entry = fspf.FileEntry(fk)
     for op, n, data in ops:
@@ -239,7 +245,7 @@ def test_protected_file_behaves_like_a_plain_file(
             assert bytes(out[:got]) == bytes(model[n : n + len(data)])
             assert pf.read(n + got, 20) == bytes(model[n + got : n + got + 20])
         else:  # close without commit and reopen: only the committed state survives
-            pf = ProtectedFile(entry, store, cache_bytes=cache, stream_bytes=stream)
+            pf = opened(entry)
             model = bytearray(committed_model)
         assert pf.length == len(model)
         assert pf.read(0, 1000) == bytes(model)

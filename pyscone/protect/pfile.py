@@ -29,8 +29,8 @@ tag, so an older record for the same chunk (a rollback by the host) fails to ope
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from pyscone.protect.chunks import (
     OVERHEAD,
@@ -92,26 +92,30 @@ def record_offset(chunk_size: int, index: int, slot: int) -> int:
     return ((index // g) * 2 * g + slot * g + index % g) * stride
 
 
-class _Pending(NamedTuple):
-    slot: int
-    tag: bytes
-    size: int
-
-
 class ProtectedFile:
     """One protected file's contents as the app sees them (not thread-safe: callers lock)."""
 
     def __init__(
-        self, entry: FileEntry, store: Store, *, cache_bytes: int = CACHE_BYTES, stream_bytes: int = STREAM_BYTES
+        self,
+        entry: FileEntry,
+        store: Store,
+        *,
+        cache_bytes: int = CACHE_BYTES,
+        stream_bytes: int = STREAM_BYTES,
+        io_bytes: int | None = None,
     ) -> None:
         self.key = entry.key
         self.store = store
         self.length = entry.length
         self._committed = entry
         self._dirty: dict[int, bytes] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, tuple[int, bytes, int]] = {}  # chunk -> its sealed record's slot, tag, size
         self._cache_chunks = max(1, cache_bytes // self.key.chunk_size)
         self._stream = max(1, stream_bytes // self.key.chunk_size) * self.key.chunk_size
+        # Records per store write: as many as fit one store call (``io_bytes``), so that the
+        # calls are full and few.
+        stride = self.key.chunk_size + OVERHEAD
+        self._per_write = max(1, io_bytes // stride) if io_bytes else 1 << 62
         # Committed bytes at or beyond this offset were truncated away: they read as zeros
         # if the file grows again, never as their old contents.
         self._valid_end = entry.length
@@ -310,10 +314,19 @@ class ProtectedFile:
                 # A large write of whole chunks (a buffered writer's flush, a copy) is sealed
                 # now, straight from the caller's buffer: caching it would only cost a copy.
                 whole = len(view) // cs
-                for k in range(i, i + whole) if self._dirty else ():
-                    self._dirty.pop(k, None)
+                dirty = self._dirty
+                for k in range(i, i + whole) if dirty else ():
+                    dirty.pop(k, None)
+                # Whole chunks held back by the previous write join this run.
+                first = i
+                while first - 1 in dirty and len(dirty[first - 1]) == cs and i - first < self._per_write:
+                    first -= 1
+                run: list[bytes | memoryview] = [dirty.pop(k) for k in range(first, i)]
+                run += [view[k * cs : (k + 1) * cs] for k in range(whole)]
                 self.length = max(self.length, pos + whole * cs)  # before: a failed seal leaves it right
-                self._seal(i, [view[k * cs : (k + 1) * cs] for k in range(whole)])
+                held = self._seal(first, run, hold_tail=True)
+                for k in range(len(run) - held, len(run)):
+                    dirty[first + k] = bytes(run[k])  # too few to fill a store call: held for the next write
                 view = view[whole * cs :]
                 pos += whole * cs
                 continue
@@ -373,33 +386,42 @@ class ProtectedFile:
                 start = k
         dirty.clear()
 
-    def _seal(self, first: int, plaintexts: list[bytes] | list[memoryview]) -> None:
+    def _seal(self, first: int, plaintexts: Sequence[bytes | memoryview], *, hold_tail: bool = False) -> int:
         """Seal chunks ``first, first + 1, …`` (all full but the last) into their free slots.
 
         Records that are adjacent on the host are sealed in place into one buffer and
-        written with one store call: the store starts the write and returns.
+        written with one store call (the store starts the write and returns); a call
+        carries at most as many records as fit one store call.  With ``hold_tail`` a last
+        call that would carry fewer is not made: returns how many chunks were held back.
         """
         cs, key = self.key.chunk_size, self.key
         g = group_size(cs)
+        per = self._per_write
         slots = self._committed.slots
         n_committed = len(slots)
+        n = len(plaintexts)
         i, k = first, 0
-        while k < len(plaintexts):
+        while k < n:
             # Chunks i.. in one group, all with the same free slot, are back to back on the host.
             slot = 1 - slots[i] if i < n_committed else 0
-            stop = min(len(plaintexts), k + (i // g + 1) * g - i)
+            stop = min(n, k + (i // g + 1) * g - i, k + per)
             j = k + 1
             while j < stop and (1 - slots[first + j] if first + j < n_committed else 0) == slot:
                 j += 1
+            if hold_tail and j == n and j - k < per and (first + j) % g:
+                return n - k
             run = plaintexts[k:j]
-            buf = bytearray(sum(len(pt) for pt in run) + OVERHEAD * len(run))
+            sizes = [len(pt) for pt in run]
+            buf = bytearray(sum(sizes) + OVERHEAD * len(run))
             tags = seal_run_into(key, i, run, memoryview(buf))
             self.store.pwrite(record_offset(cs, i, slot), buf)
+            pending = self._pending
             for m, tag in enumerate(tags):
-                self._pending[i + m] = _Pending(slot, tag, len(run[m]))
+                pending[i + m] = (slot, tag, sizes[m])
             i += j - k
             k = j
         self._ahead_to = 0  # the store forgot its read-ahead when it was written
+        return 0
 
     def commit(self) -> FileEntry:
         """Seal every changed chunk into its free slot; return the entry to put in the FSPF.
@@ -435,9 +457,9 @@ class ProtectedFile:
         tags.extend(bytes(n * TAG_SIZE - len(tags)))
         slots = bytearray(entry.slots[:n])
         slots.extend(bytes(n - len(slots)))
-        for i, p in self._pending.items():
-            tags[i * TAG_SIZE : (i + 1) * TAG_SIZE] = p.tag
-            slots[i] = p.slot
+        for i, (slot, tag, _) in self._pending.items():
+            tags[i * TAG_SIZE : (i + 1) * TAG_SIZE] = tag
+            slots[i] = slot
         self._committed = FileEntry(entry.key, self.length, bytes(tags), bytes(slots), entry.store)
         self._pending.clear()
         self._valid_end = self.length

@@ -495,7 +495,9 @@ class FsShield:
         fd = files.host_open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode & 0o777)
         entry = FileEntry(key)
         self.fspf.files[path] = entry
-        node = Node(path, kind, ProtectedFile(entry, HostStore(fd, self.max_io)), fd, self._new_ino())
+        node = Node(
+            path, kind, ProtectedFile(entry, HostStore(fd, self.max_io), io_bytes=self.max_io), fd, self._new_ino()
+        )
         node.created = True
         self.nodes[key.file_id] = node
         return node
@@ -525,7 +527,7 @@ class FsShield:
             log(f"{path}: refused: listed in the FSPF but not a regular file on the host")
             raise _err(errno.EIO, path)
         kind = "encrypted" if entry.key.encrypted else "authenticated"
-        node = Node(path, kind, ProtectedFile(entry, HostStore(fd, self.max_io)), fd, st.st_ino)
+        node = Node(path, kind, ProtectedFile(entry, HostStore(fd, self.max_io), io_bytes=self.max_io), fd, st.st_ino)
         self.nodes[entry.key.file_id] = node
         return node
 
