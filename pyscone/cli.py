@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pyscone import abi
 
@@ -35,6 +36,29 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"{name}={raw!r} is not a number") from None
 
 
+def add_identity_options(p: argparse.ArgumentParser) -> None:
+    """Options that are part of the enclave's identity (measured into MRENCLAVE)."""
+    p.add_argument(
+        "--syscalls",
+        choices=("async", "sync"),
+        default=os.environ.get("PYSCONE_SYSCALLS", "async"),
+        help="asynchronous (default) or synchronous system calls  [PYSCONE_SYSCALLS]",
+    )
+    p.add_argument(
+        "--slots", type=int, default=None, help=f"syscall slots (default {abi.DEFAULT_SLOTS})  [PYSCONE_SLOTS]"
+    )
+    p.add_argument("--slot-size", default=None, help="data bytes per slot (default 64K)  [PYSCONE_SLOT_SIZE]")
+    p.add_argument("--heap", default=None, help="enclave heap limit, e.g. 512M (default 1G)  [PYSCONE_HEAP]")
+    p.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE before lockdown (for C extensions outside the standard library)",
+    )
+    p.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyscone", description="Secure containers for unmodified Python applications.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,16 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an unmodified Python program in a simulated enclave. Arguments after the program go to it.",
     )
     run.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script, like python -m")
-    run.add_argument(
-        "--syscalls",
-        choices=("async", "sync"),
-        default=os.environ.get("PYSCONE_SYSCALLS", "async"),
-        help="asynchronous (default) or synchronous system calls  [PYSCONE_SYSCALLS]",
-    )
-    run.add_argument(
-        "--slots", type=int, default=None, help=f"syscall slots (default {abi.DEFAULT_SLOTS})  [PYSCONE_SLOTS]"
-    )
-    run.add_argument("--slot-size", default=None, help="data bytes per slot (default 64K)  [PYSCONE_SLOT_SIZE]")
+    add_identity_options(run)
     run.add_argument(
         "--sthreads",
         type=int,
@@ -66,20 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="max spin before sleeping, in microseconds (default 400; 0 in sync mode)  [PYSCONE_SPIN_US]",
     )
-    run.add_argument("--heap", default=None, help="enclave heap limit, e.g. 512M (default 1G)  [PYSCONE_HEAP]")
     run.add_argument(
         "--env",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="environment for the app (the host's environment never reaches the enclave)",
-    )
-    run.add_argument(
-        "--preload",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE before lockdown (for C extensions outside the standard library)",
     )
     run.add_argument(
         "--fspf",
@@ -102,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="where the newest FSPF tag is kept and pinned from (default PATH.tag)",
     )
-    run.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
+    run.add_argument(
+        "--signature",
+        metavar="FILE",
+        help="the enclave's signature (pyscone sign): it measures itself and refuses to run unless it matches",
+    )
     run.add_argument("--stats", action="store_true", help="print system-call statistics at exit")
     run.add_argument("program", nargs="?", help="the script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
@@ -135,7 +146,66 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("path", help="the file's path in the enclave")
     for sp in (c, r, f, sh, t, ca):
         sp.add_argument("--key-file", help="the FSPF key file (default FSPF.key)")
+
+    m = sub.add_parser("measure", help="print the enclave's MRENCLAVE (the same options as pyscone run)")
+    tc = sub.add_parser("tcb", help="list exactly what MRENCLAVE covers: every measured file, with sizes")
+    sg = sub.add_parser(
+        "sign",
+        help="sign the enclave: MRENCLAVE, product id, security version (an SGX SIGSTRUCT analogue)",
+    )
+    for sp in (m, tc, sg):
+        add_identity_options(sp)
+        sp.add_argument("program", nargs="?", help="the app (only its directory matters: --preload looks there)")
+    sg.add_argument("--key", required=True, help="the signer's private key (pyscone keygen)")
+    sg.add_argument("--product-id", type=int, default=0, help="product id, 0-65535 (default 0)")
+    sg.add_argument("--svn", type=int, default=0, help="security version, 0-65535 (default 0)")
+    sg.add_argument("--debug", action="store_true", help="also allow the enclave to run as a debug enclave")
+    sg.add_argument("-o", "--out", required=True, help="where to write the signature")
+    k = sub.add_parser("keygen", help="make an enclave signer key (ECDSA P-256, PEM, mode 0600)")
+    k.add_argument("path")
+    k.add_argument("--force", action="store_true", help="replace an existing key")
     return p
+
+
+def cmd_identity(a: argparse.Namespace) -> int:
+    """``measure``, ``tcb``, ``sign`` and ``keygen``."""
+    from pyscone.host import identity, launcher
+    from pyscone.platform import sigstruct
+
+    try:
+        if a.command == "keygen":
+            mrsigner = identity.keygen(a.path, a.force)
+            print(f"wrote {a.path} (keep it secret); MRSIGNER {mrsigner.hex()}")
+            return 0
+        key = identity.read_signer_key(a.key) if a.command == "sign" else None
+        program = a.program or "-"
+        enclave, host = launch_configs(a, [program])
+        doc = identity.measure_enclave(enclave, host)
+    except identity.IdentityError as e:
+        raise UsageError(str(e)) from None
+    except launcher.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if a.command == "measure":
+        print(doc["mrenclave"])
+    elif a.command == "tcb":
+        sys.stdout.write(identity.format_tcb(doc))
+    else:
+        assert key is not None
+        try:
+            s = sigstruct.sign(bytes.fromhex(doc["mrenclave"]), key, product_id=a.product_id, svn=a.svn, debug=a.debug)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        try:
+            with open(a.out, "wb") as f:
+                f.write(s.encode())
+        except OSError as e:
+            raise UsageError(f"{a.out}: {e.strerror}") from None
+        print(
+            f"signed MRENCLAVE {doc['mrenclave']}: MRSIGNER {s.mrsigner.hex()}, product id {s.product_id}, "
+            f"security version {s.svn}, {'debug allowed' if s.debug else 'production only'}; wrote {a.out}"
+        )
+    return 0
 
 
 def cmd_fspf(a: argparse.Namespace) -> int:
@@ -196,9 +266,58 @@ def _fspf_config(a: argparse.Namespace) -> dict[str, object] | None:
     return {"path": path, "key": key, "tags": tags, "tag_file": tag_file}
 
 
-def cmd_run(a: argparse.Namespace) -> int:
+def launch_configs(a: argparse.Namespace, argv: list[str], module: bool = False) -> tuple[Any, Any]:
+    """The enclave and host configurations from the options every enclave command shares."""
     from pyscone.host import launcher
 
+    slots = a.slots if a.slots is not None else _env_int("PYSCONE_SLOTS", abi.DEFAULT_SLOTS)
+    slot_data = parse_size(a.slot_size) if a.slot_size else _env_int("PYSCONE_SLOT_SIZE", abi.DEFAULT_SLOT_DATA)
+    sthreads = getattr(a, "sthreads", None)
+    sthreads = sthreads if sthreads is not None else _env_int("PYSCONE_STHREADS", 3)
+    # Sync mode models an enclave exit per call: the thread leaves (hands the call to the host
+    # through the kernel and sleeps), so by default neither side spins.  --spin-us overrides.
+    spin_default = 0 if a.syscalls == "sync" else 400
+    spin = getattr(a, "spin_us", None)
+    spin = spin if spin is not None else _env_int("PYSCONE_SPIN_US", spin_default)
+    heap = parse_size(a.heap) if a.heap else _env_int("PYSCONE_HEAP", 1 << 30)
+    try:
+        abi.Geometry(slots, slot_data)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if sthreads < 1:
+        raise UsageError("--sthreads must be at least 1")
+    if spin < 0:
+        raise UsageError("--spin-us must not be negative")
+    enclave = launcher.EnclaveConfig(
+        argv=argv,
+        module=module,
+        syscalls=a.syscalls,
+        spin_us=spin,
+        heap=heap,
+        barrier=not a.no_barrier,
+        preload=a.preload,
+    )
+    host = launcher.HostConfig(
+        slots=slots,
+        slot_data=slot_data,
+        sthreads=sthreads,
+        spin_us=spin,
+        hostile=os.environ.get("PYSCONE_TEST_HOSTILE") or None,
+    )
+    return enclave, host
+
+
+def launch(enclave: Any, host: Any) -> int:
+    from pyscone.host import launcher
+
+    try:
+        return launcher.run(enclave, host)
+    except launcher.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_run(a: argparse.Namespace) -> int:
     if a.module:
         argv = [a.module] + ([a.program] if a.program else []) + a.args
     elif a.program:
@@ -213,52 +332,24 @@ def cmd_run(a: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
-    slots = a.slots if a.slots is not None else _env_int("PYSCONE_SLOTS", abi.DEFAULT_SLOTS)
-    slot_data = parse_size(a.slot_size) if a.slot_size else _env_int("PYSCONE_SLOT_SIZE", abi.DEFAULT_SLOT_DATA)
-    sthreads = a.sthreads if a.sthreads is not None else _env_int("PYSCONE_STHREADS", 3)
-    # Sync mode models an enclave exit per call: the thread leaves (hands the call to the host
-    # through the kernel and sleeps), so by default neither side spins.  --spin-us overrides.
-    spin_default = 0 if a.syscalls == "sync" else 400
-    spin = a.spin_us if a.spin_us is not None else _env_int("PYSCONE_SPIN_US", spin_default)
-    heap = parse_size(a.heap) if a.heap else _env_int("PYSCONE_HEAP", 1 << 30)
-    try:
-        abi.Geometry(slots, slot_data)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if sthreads < 1:
-        raise UsageError("--sthreads must be at least 1")
-    if spin < 0:
-        raise UsageError("--spin-us must not be negative")
+    enclave, host = launch_configs(a, argv, bool(a.module))
+    enclave.env = env
+    enclave.stats = a.stats
+    if a.signature:
+        try:
+            with open(a.signature, "rb") as f:
+                enclave.signature = f.read().hex()
+        except OSError as e:
+            raise UsageError(f"--signature {a.signature}: {e.strerror}") from None
+        enclave.measure = True
     if a.no_barrier:
         print(
             "pyscone: WARNING: --no-barrier: the enclave runs WITHOUT its seccomp barrier; "
             "un-interposed I/O reaches the host in the clear. Debugging only.",
             file=sys.stderr,
         )
-    enclave = launcher.EnclaveConfig(
-        argv=argv,
-        module=bool(a.module),
-        env=env,
-        syscalls=a.syscalls,
-        spin_us=spin,
-        heap=heap,
-        barrier=not a.no_barrier,
-        preload=a.preload,
-        stats=a.stats,
-        fspf=_fspf_config(a),
-    )
-    host = launcher.HostConfig(
-        slots=slots,
-        slot_data=slot_data,
-        sthreads=sthreads,
-        spin_us=spin,
-        hostile=os.environ.get("PYSCONE_TEST_HOSTILE") or None,
-    )
-    try:
-        return launcher.run(enclave, host)
-    except launcher.LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    enclave.fspf = _fspf_config(a)
+    return launch(enclave, host)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(a)
         if a.command == "fspf":
             return cmd_fspf(a)
+        if a.command in ("measure", "tcb", "sign", "keygen"):
+            return cmd_identity(a)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

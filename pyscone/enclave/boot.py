@@ -36,6 +36,32 @@ def _read_config(fd: int) -> dict[str, Any]:
     return cfg
 
 
+def _measure(cfg: dict[str, Any], geometry: Any) -> None:
+    """Measure the enclave; write the TCB out and exit (``pyscone measure``), or admit it."""
+    import posix
+
+    from pyscone.enclave import attest
+    from pyscone.platform import measure
+
+    cfg["slots"], cfg["slot_data"] = geometry.nslots, geometry.slot_data
+    mrenclave, tcb = attest.measure_self(cfg)
+    if cfg.get("measure_out"):
+        doc = {
+            "mrenclave": mrenclave.hex(),
+            "config": measure.identity_config(cfg),
+            "files": [[f.name, f.path, f.size, f.sha256] for f in tcb],
+        }
+        fd = posix.open(cfg["measure_out"], os.O_WRONLY | os.O_TRUNC)
+        posix.write(fd, json.dumps(doc).encode())
+        posix.close(fd)
+        os._exit(0)
+    signature = bytes.fromhex(cfg["signature"]) if cfg.get("signature") else None
+    try:
+        attest.identity = attest.admit(mrenclave, signature, debug=not cfg["barrier"])
+    except attest.AdmissionError as e:
+        _boot_error(f"refused to start: {e}")
+
+
 def _boot_error(message: str) -> NoReturn:
     print(f"pyscone: enclave boot failed: {message}", file=sys.stderr, flush=True)
     os._exit(70)
@@ -54,8 +80,9 @@ def main() -> None:
     importer.preload_extensions(importer.extension_dirs())
     from pyscone.enclave.stdlib import console, files, process, sockets, threads
 
-    if cfg.get("fspf"):
+    if cfg.get("fspf") or cfg.get("measure"):
         # The shield's crypto is a C extension: load it while loading is still possible.
+        # A measured enclave always has it, so that its MRENCLAVE does not depend on the FSPF.
         import pyscone.enclave.shields.fs  # noqa: F401
 
     # 3. Interpose.
@@ -76,6 +103,8 @@ def main() -> None:
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
     importer.install()
+    if cfg.get("measure"):
+        _measure(cfg, region.geometry)
 
     # 4. Scrub, bound, lock down.
     os.environ.clear()

@@ -41,6 +41,9 @@ class EnclaveConfig:
     stats: bool = False
     cpu_count: int = 1
     fspf: dict[str, object] | None = None  # path, key (hex), accepted tags, tag file
+    measure: bool = False  # measure the enclave before lockdown (MRENCLAVE)
+    measure_out: str | None = None  # write the measurement here and exit (pyscone measure)
+    signature: str | None = None  # the enclave signature (hex of the file), checked against MRENCLAVE
 
 
 @dataclass
