@@ -161,10 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--svn", type=int, default=0, help="security version, 0-65535 (default 0)")
     sg.add_argument("--debug", action="store_true", help="also allow the enclave to run as a debug enclave")
     sg.add_argument("-o", "--out", required=True, help="where to write the signature")
+    las = sub.add_parser("las", help="run the local attestation service (simulated platform; one per host)")
+    las.add_argument("--dir", help="where the platform key is kept (default ~/.pyscone/las)  [PYSCONE_LAS_DIR]")
+    las.add_argument("--listen", default="127.0.0.1:18766", help="HOST:PORT (default 127.0.0.1:18766)")
+    las.add_argument("--show", action="store_true", help="print the platform's public key (for a CAS) and exit")
     k = sub.add_parser("keygen", help="make an enclave signer key (ECDSA P-256, PEM, mode 0600)")
     k.add_argument("path")
     k.add_argument("--force", action="store_true", help="replace an existing key")
     return p
+
+
+def cmd_las(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyscone.platform import las
+
+    try:
+        return las.main(Path(a.dir) if a.dir else las.default_dir(), a.listen, a.show)
+    except las.LasError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_identity(a: argparse.Namespace) -> int:
@@ -362,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_fspf(a)
         if a.command in ("measure", "tcb", "sign", "keygen"):
             return cmd_identity(a)
+        if a.command == "las":
+            return cmd_las(a)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

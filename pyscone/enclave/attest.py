@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import _io
 import importlib.machinery
+import json
 import os
 import sys
 import sysconfig
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from pyscone.enclave import importer
-from pyscone.platform import measure, sigstruct
+from pyscone.platform import measure, quote, sigstruct
 from pyscone.platform.measure import TcbFile
+
+MAX_REPLY = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -106,3 +112,57 @@ def admit(mrenclave: bytes, signature: bytes | None, debug: bool) -> Identity:
     if debug and not s.debug:
         raise AdmissionError("the enclave signature does not allow a debug enclave (--no-barrier)")
     return Identity(mrenclave, s.mrsigner, s.product_id, s.svn, debug)
+
+
+class AttestationError(Exception):
+    """Attestation could not be done (the LAS or the CAS failed or refused)."""
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """The enclave's ephemeral key for one attestation: it never leaves enclave memory."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def public_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def my_report(data: bytes) -> quote.Report:
+    """This enclave's report with ``data`` as report data (needs a measured enclave)."""
+    me = identity
+    if me is None:
+        raise AttestationError("this enclave was not measured (start it with --signature or a CAS)")
+    return quote.Report(me.mrenclave, me.mrsigner, me.product_id, me.svn, me.debug, data)
+
+
+def request_quote(las: tuple[str, int], report: quote.Report, timeout: float = 10.0) -> bytes:
+    """Have the LAS at ``las`` sign ``report`` (over the enclave's own sockets).
+
+    Raises:
+        AttestationError: the LAS cannot be reached, refuses, or answers with a quote
+            for another report.
+    """
+    import socket  # the enclave's socket module: the connection goes through host calls
+
+    body = report.pack()
+    try:
+        with socket.create_connection(las, timeout=timeout) as s:
+            s.sendall(json.dumps({"op": "quote", "report": body.hex()}).encode() + b"\n")
+            with s.makefile("rb") as f:
+                line = f.readline(MAX_REPLY)
+    except OSError as e:
+        raise AttestationError(f"the LAS at {las[0]}:{las[1]} cannot be reached: {e.strerror or e}") from None
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    try:
+        blob = bytes.fromhex(reply["quote"]) if isinstance(reply, dict) else b""
+    except (KeyError, TypeError, ValueError):
+        blob = b""
+    if not blob:
+        why = reply.get("error") if isinstance(reply, dict) else None
+        raise AttestationError(f"the LAS refused: {why or 'malformed reply'}")
+    if blob[len(quote.MAGIC) : len(quote.MAGIC) + quote.REPORT_SIZE] != body:
+        raise AttestationError("the LAS returned a quote for another report")
+    return blob
