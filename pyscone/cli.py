@@ -57,6 +57,38 @@ def add_identity_options(p: argparse.ArgumentParser) -> None:
         help="import MODULE before lockdown (for C extensions outside the standard library)",
     )
     p.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
+    p.add_argument(
+        "--cas",
+        default=os.environ.get("PYSCONE_CAS") or None,
+        metavar="URL",
+        help="the CAS this enclave attests to (pinned by --cas-cert; part of MRENCLAVE)  [PYSCONE_CAS]",
+    )
+    p.add_argument(
+        "--cas-cert",
+        default=os.environ.get("PYSCONE_CAS_CERT") or None,
+        metavar="FILE",
+        help="the CAS's certificate (default ~/.pyscone/cas/cas-cert.pem)  [PYSCONE_CAS_CERT]",
+    )
+
+
+def _cas_pin(a: argparse.Namespace) -> dict[str, str] | None:
+    """The CAS identity an enclave pins: its URL and the SHA-256 of its certificate."""
+    if not a.cas:
+        return None
+    from pyscone.cas import cli as cas_cli
+    from pyscone.cas.server import cert_fingerprint
+
+    cert = a.cas_cert or str(cas_cli.default_dir() / "cas-cert.pem")
+    try:
+        with open(cert, "rb") as f:
+            fingerprint = cert_fingerprint(f.read())
+    except OSError as e:
+        raise UsageError(f"--cas-cert {cert}: {e.strerror}") from None
+    except ValueError:
+        raise UsageError(f"--cas-cert {cert}: not a PEM certificate") from None
+    if not a.cas.startswith("https://"):
+        raise UsageError(f"--cas {a.cas}: the CAS URL starts with https://")
+    return {"url": a.cas.rstrip("/"), "cert_sha256": fingerprint}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the newest FSPF tag is kept and pinned from (default PATH.tag)",
     )
     run.add_argument(
+        "--session",
+        metavar="NAME/SERVICE",
+        help="with --cas: the session and service to attest for; the CAS supplies argv, env, files and the FSPF",
+    )
+    run.add_argument(
+        "--las",
+        default=os.environ.get("PYSCONE_LAS", "127.0.0.1:18766"),
+        metavar="HOST:PORT",
+        help="this host's attestation service (default 127.0.0.1:18766)  [PYSCONE_LAS]",
+    )
+    run.add_argument(
         "--signature",
         metavar="FILE",
         help="the enclave's signature (pyscone sign): it measures itself and refuses to run unless it matches",
@@ -161,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--svn", type=int, default=0, help="security version, 0-65535 (default 0)")
     sg.add_argument("--debug", action="store_true", help="also allow the enclave to run as a debug enclave")
     sg.add_argument("-o", "--out", required=True, help="where to write the signature")
+    from pyscone.cas import cli as cas_cli
+
+    cas_cli.add_parser(sub)
     las = sub.add_parser("las", help="run the local attestation service (simulated platform; one per host)")
     las.add_argument("--dir", help="where the platform key is kept (default ~/.pyscone/las)  [PYSCONE_LAS_DIR]")
     las.add_argument("--listen", default="127.0.0.1:18766", help="HOST:PORT (default 127.0.0.1:18766)")
@@ -169,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("path")
     k.add_argument("--force", action="store_true", help="replace an existing key")
     return p
+
+
+def cmd_cas(a: argparse.Namespace) -> int:
+    from pyscone.cas import cli as cas_cli
+
+    try:
+        return cas_cli.run(a)
+    except cas_cli.CliError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_las(a: argparse.Namespace) -> int:
@@ -311,7 +366,9 @@ def launch_configs(a: argparse.Namespace, argv: list[str], module: bool = False)
         heap=heap,
         barrier=not a.no_barrier,
         preload=a.preload,
+        cas=_cas_pin(a),
     )
+    enclave.measure = enclave.cas is not None
     host = launcher.HostConfig(
         slots=slots,
         slot_data=slot_data,
@@ -333,6 +390,10 @@ def launch(enclave: Any, host: Any) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if a.cas:
+        return _run_attested(a)
+    if a.session:
+        raise UsageError("--session needs --cas (the CAS that holds the session)")
     if a.module:
         argv = [a.module] + ([a.program] if a.program else []) + a.args
     elif a.program:
@@ -367,6 +428,29 @@ def cmd_run(a: argparse.Namespace) -> int:
     return launch(enclave, host)
 
 
+def _run_attested(a: argparse.Namespace) -> int:
+    """``pyscone run --cas URL --session NAME/SERVICE``: nothing secret comes from the host."""
+    if a.program or a.module or a.env or a.fspf:
+        raise UsageError("with --cas the CAS supplies the program, its arguments, environment and FSPF")
+    name, sep, service = (a.session or "").partition("/")
+    if not (name and sep and service):
+        raise UsageError("--cas needs --session NAME/SERVICE")
+    host, _, port = a.las.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--las {a.las!r}: expected HOST:PORT")
+    enclave, host_cfg = launch_configs(a, ["-"])
+    enclave.session = a.session
+    enclave.las = a.las
+    enclave.stats = a.stats
+    if a.signature:
+        try:
+            with open(a.signature, "rb") as f:
+                enclave.signature = f.read().hex()
+        except OSError as e:
+            raise UsageError(f"--signature {a.signature}: {e.strerror}") from None
+    return launch(enclave, host_cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -379,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_identity(a)
         if a.command == "las":
             return cmd_las(a)
+        if a.command == "cas":
+            return cmd_cas(a)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,6 +43,9 @@ def _measure(cfg: dict[str, Any], geometry: Any) -> None:
     from pyscone.enclave import attest
     from pyscone.platform import measure
 
+    if cfg.get("cas"):
+        import pyscone.enclave.cas_client  # noqa: F401 - TLS and the CAS protocol, before lockdown
+
     cfg["slots"], cfg["slot_data"] = geometry.nslots, geometry.slot_data
     mrenclave, tcb = attest.measure_self(cfg)
     if cfg.get("measure_out"):
@@ -133,6 +136,47 @@ def main() -> None:
     os._exit(status[0])
 
 
+def _attest(cfg: dict[str, Any]) -> str | None:
+    """Production start: attest to the CAS and take argv, env, files and the FSPF from it."""
+    from pyscone.enclave import cas_client
+    from pyscone.enclave.attest import AttestationError
+
+    session, _, service = cfg["session"].partition("/")
+    host, _, port = cfg["las"].rpartition(":")
+    try:
+        config = cas_client.attest_to(cfg["cas"], session, service, (host, int(port)))
+    except AttestationError as e:
+        return f"attestation failed: {e}"
+    argv = list(config["argv"])
+    cfg["module"] = argv[0] == "-m"
+    cfg["argv"] = argv[1:] if cfg["module"] else argv
+    if not cfg["argv"]:
+        return "attestation failed: the CAS gave no program to run"
+    app_dir = cfg["cwd"] if cfg["module"] else os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0]))
+    sys.path[0] = os.path.normpath(app_dir)
+    os.environ.clear()
+    os.environ.update(config["env"])
+    cfg["files"] = config["files"]
+    if config.get("fspf"):
+        cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
+    return None
+
+
+def _inject(injected: dict[str, str]) -> str | None:
+    """Write the CAS's files into memory regions of the file-system shield."""
+    from pyscone.enclave.shields import fs
+
+    shield = fs.shield()
+    for path, content in injected.items():
+        if shield is None or shield.kind(path) != "memory":
+            return f"the CAS injects {path}, which is not in a memory region of the FSPF"
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(content)
+    return None
+
+
 def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
     """Mount the file-system shield, if the configuration names an FSPF.  Returns an error."""
     spec = cfg.get("fspf")
@@ -151,7 +195,9 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
     except ValueError as e:
         return f"cannot mount the file-system shield: {e}"
     shield = fs.mount(table, key, spec["path"], tag, slot_data)
-    if spec.get("tag_file"):
+    if spec.get("pin") is not None:
+        shield.pin = spec["pin"]  # the CAS
+    elif spec.get("tag_file"):
         shield.pin = TagFile(spec["tag_file"], slot_data)
         shield.pin.commit(shield.tag)
     return None
@@ -182,12 +228,16 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
 
     from pyscone.enclave.stdlib import files
 
+    error = _attest(cfg) if cfg.get("cas") else None
     argv: list[str] = cfg["argv"]
     sys.argv = list(argv)
-    try:
-        error = _mount(cfg, cfg["slot_data"])
-    except Exception as e:  # noqa: BLE001 - reported in one line, the app never starts
-        error = f"cannot mount the file-system shield: {type(e).__name__}: {e}"
+    if error is None:
+        try:
+            error = _mount(cfg, cfg["slot_data"])
+        except Exception as e:  # noqa: BLE001 - reported in one line, the app never starts
+            error = f"cannot mount the file-system shield: {type(e).__name__}: {e}"
+    if error is None and cfg.get("files"):
+        error = _inject(cfg["files"])
     if error is not None:
         print(f"pyscone: {error}", file=sys.stderr, flush=True)
         status[0] = 70

@@ -44,6 +44,9 @@ class EnclaveConfig:
     measure: bool = False  # measure the enclave before lockdown (MRENCLAVE)
     measure_out: str | None = None  # write the measurement here and exit (pyscone measure)
     signature: str | None = None  # the enclave signature (hex of the file), checked against MRENCLAVE
+    cas: dict[str, str] | None = None  # the CAS this enclave attests to: url, cert_sha256 (measured)
+    session: str | None = None  # NAME/SERVICE at the CAS
+    las: str | None = None  # HOST:PORT of this host's LAS
 
 
 @dataclass

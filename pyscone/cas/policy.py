@@ -1,0 +1,287 @@
+"""Session policies: the YAML a session owner gives the CAS (sans-IO).
+
+A policy names the session, the version it replaces, the services it may start and
+what each receives once its enclave has attested; and the secrets the CAS makes for
+it.  Example::
+
+    name: notes
+    predecessor: null            # or the version (SHA-256 of the YAML) this one replaces
+    platforms: [<platform id>]   # optional: only these platforms (else any the CAS trusts)
+    services:
+      api:
+        mrenclaves: [<hex>]      # and/or a signer:
+        mrsigner: <hex>
+        product_id: 7
+        min_svn: 2
+        debug: false             # allow a debug enclave (default false)
+        argv: [app.py, --port, "8443"]
+        env: {DB_PASSWORD: "${secret:db_password}", MODE: production}
+        files: {/run/secrets/api.key: "${secret:api_tls.key}"}
+        fspf: {path: /data/app.fspf, key: <hex>, tag: <hex>}
+    secrets:
+      db_password: {kind: password, length: 24}
+      token: {kind: random, bytes: 32}        # hex
+      signing: {kind: ecdsa}                  # PEM private key; .public is the public key
+      api_tls: {kind: x509, common_name: api.notes}   # .key, .cert, and .ca for the session CA
+
+``${secret:NAME}`` (or ``NAME.part``) in argv, env and files is replaced by the
+secret's value in the configuration an attested enclave receives; no API returns
+it to anyone else.  A mistake is a :class:`PolicyError` that names the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pyscone.platform.quote import Expected
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': it separates a secret's parts
+HEX32 = re.compile(r"^[0-9a-fA-F]{64}$")
+SECRET_REF = re.compile(r"\$\{secret:([A-Za-z0-9_.-]+)\}")
+SECRET_KINDS = {
+    "random": {"bytes"},
+    "password": {"length"},
+    "ecdsa": set(),
+    "x509": {"common_name"},
+}
+SECRET_PARTS = {"random": {""}, "password": {""}, "ecdsa": {"", "public"}, "x509": {"key", "cert", "ca"}}
+MAX_POLICY = 256 * 1024
+
+
+class PolicyError(Exception):
+    """A policy is not valid: the message names the line and the reason."""
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    name: str
+    kind: str
+    size: int = 0  # bytes (random) or characters (password)
+    common_name: str = ""
+
+
+@dataclass(frozen=True)
+class FspfSpec:
+    path: str
+    key: str  # hex, or a secret reference
+    tag: str  # hex: the FSPF version the service must start from
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    expected: Expected
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    files: Mapping[str, str]
+    fspf: FspfSpec | None
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    predecessor: str | None
+    platforms: frozenset[bytes] | None
+    services: Mapping[str, Service]
+    secrets: Mapping[str, SecretSpec]
+    text: str = field(repr=False)
+
+    @property
+    def version(self) -> str:
+        """The policy's version: SHA-256 of its text (what a successor names as predecessor)."""
+        return version_of(self.text)
+
+
+def version_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Node:
+    """A YAML node with where it is, for messages."""
+
+    def __init__(self, node: yaml.Node, path: str) -> None:
+        self.node = node
+        self.path = path
+
+    def fail(self, why: str) -> PolicyError:
+        return PolicyError(f"line {self.node.start_mark.line + 1}: {self.path}: {why}")
+
+    def mapping(self, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, _Node]:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.fail("expected a mapping")
+        out: dict[str, _Node] = {}
+        for key_node, value_node in self.node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Node(key_node, self.path).fail("keys must be plain names")
+            key = key_node.value
+            child = _Node(value_node, f"{self.path}.{key}" if self.path else key)
+            if key in out:
+                raise child.fail("given twice")
+            if allowed and key not in allowed:
+                raise child.fail(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            out[key] = child
+        for key in sorted(required - out.keys()):
+            raise self.fail(f"missing {key!r}")
+        return out
+
+    def items(self) -> dict[str, _Node]:
+        return self.mapping(set())
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.fail("expected a single value")
+        return yaml.safe_load(yaml.serialize(self.node))
+
+    def string(self, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        # The text as written: YAML would read an all-digit hex string as a number and drop
+        # its leading zeros, or "1e5" as a float.
+        if not isinstance(self.node, yaml.ScalarNode) or self.node.tag == "tag:yaml.org,2002:null":
+            raise self.fail("expected a string")
+        text = str(self.node.value)
+        if pattern is not None and not pattern.match(text):
+            raise self.fail(f"expected {what}")
+        return text
+
+    def integer(self, low: int, high: int) -> int:
+        value = self.scalar()
+        if type(value) is not int or not low <= value <= high:
+            raise self.fail(f"expected an integer from {low} to {high}")
+        return value
+
+    def boolean(self) -> bool:
+        value = self.scalar()
+        if type(value) is not bool:
+            raise self.fail("expected true or false")
+        return value
+
+    def sequence(self) -> list[_Node]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.fail("expected a list")
+        return [_Node(n, f"{self.path}[{i}]") for i, n in enumerate(self.node.value)]
+
+
+def parse(text: str) -> Policy:
+    """Parse and validate a policy.
+
+    Raises:
+        PolicyError: the YAML is malformed or the policy is not valid (with the line).
+    """
+    if len(text) > MAX_POLICY:
+        raise PolicyError(f"the policy is larger than {MAX_POLICY} bytes")
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise PolicyError(f"{where}not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if root_node is None:
+        raise PolicyError("line 1: the policy is empty")
+    root = _Node(root_node, "").mapping(
+        {"name", "predecessor", "platforms", "services", "secrets"}, {"name", "services"}
+    )
+    name = root["name"].string(NAME, "a name of letters, digits, '_', '.', '-' (at most 64)")
+    predecessor = None
+    if "predecessor" in root and root["predecessor"].scalar() is not None:
+        predecessor = root["predecessor"].string(HEX32, "the 64-hex-digit version of the policy this replaces")
+    platforms = None
+    if "platforms" in root:
+        platforms = frozenset(
+            bytes.fromhex(n.string(HEX32, "a 64-hex-digit platform id")) for n in root["platforms"].sequence()
+        )
+    secrets: dict[str, SecretSpec] = {}
+    for sname, snode in (root["secrets"].items() if "secrets" in root else {}).items():
+        secrets[sname] = _secret(sname, snode)
+    services: dict[str, Service] = {}
+    for svc_name, svc_node in root["services"].items().items():
+        if not NAME.match(svc_name):
+            raise svc_node.fail("a service name is letters, digits, '_', '.', '-'")
+        services[svc_name] = _service(svc_name, svc_node, secrets)
+    if not services:
+        raise root["services"].fail("a session needs at least one service")
+    return Policy(name, predecessor, platforms, services, secrets, text)
+
+
+def _secret(name: str, node: _Node) -> SecretSpec:
+    if not SECRET_NAME.match(name):
+        raise node.fail("a secret name is letters, digits, '_' and '-'")
+    m = node.mapping({"kind", "bytes", "length", "common_name"}, {"kind"})
+    kind = m["kind"].string()
+    if kind not in SECRET_KINDS:
+        raise m["kind"].fail(f"unknown kind (expected one of: {', '.join(sorted(SECRET_KINDS))})")
+    for key, child in m.items():
+        if key != "kind" and key not in SECRET_KINDS[kind]:
+            raise child.fail(f"not a setting of a {kind} secret")
+    size = 0
+    if kind == "random":
+        size = m["bytes"].integer(1, 4096) if "bytes" in m else 32
+    elif kind == "password":
+        size = m["length"].integer(8, 256) if "length" in m else 24
+    cn = m["common_name"].string() if "common_name" in m else (name if kind == "x509" else "")
+    return SecretSpec(name, kind, size, cn)
+
+
+def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Service:
+    m = node.mapping(
+        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf"}, {"argv"}
+    )
+    mrenclaves = frozenset(
+        bytes.fromhex(n.string(HEX32, "a 64-hex-digit MRENCLAVE"))
+        for n in (m["mrenclaves"].sequence() if "mrenclaves" in m else [])
+    )
+    mrsigner = bytes.fromhex(m["mrsigner"].string(HEX32, "a 64-hex-digit MRSIGNER")) if "mrsigner" in m else None
+    if not mrenclaves and mrsigner is None:
+        raise node.fail("a service needs 'mrenclaves' or 'mrsigner' (who may run it)")
+    expected = Expected(
+        mrenclaves=mrenclaves,
+        mrsigner=mrsigner,
+        product_id=m["product_id"].integer(0, 0xFFFF) if "product_id" in m else 0,
+        min_svn=m["min_svn"].integer(0, 0xFFFF) if "min_svn" in m else 0,
+        allow_debug=m["debug"].boolean() if "debug" in m else False,
+    )
+    check = _ref_checker(secrets)
+    argv = tuple(check(n, n.string()) for n in m["argv"].sequence())
+    if not argv:
+        raise m["argv"].fail("argv needs at least the program")
+    env = {k: check(v, v.string()) for k, v in (m["env"].items() if "env" in m else {}).items()}
+    files = {}
+    for path, v in (m["files"].items() if "files" in m else {}).items():
+        if not path.startswith("/"):
+            raise v.fail("an injected file's path is absolute")
+        files[path] = check(v, v.string())
+    fspf = None
+    if "fspf" in m:
+        f = m["fspf"].mapping({"path", "key", "tag"}, {"path", "key", "tag"})
+        key = check(f["key"], f["key"].string())
+        if not SECRET_REF.fullmatch(key) and not HEX32.match(key):
+            raise f["key"].fail("expected the FSPF key (64 hex digits) or a secret reference")
+        fspf = FspfSpec(
+            f["path"].string(), key, f["tag"].string(re.compile(r"^[0-9a-fA-F]{32}$"), "a 32-hex-digit tag")
+        )
+    return Service(name, expected, argv, env, files, fspf)
+
+
+def _ref_checker(secrets: Mapping[str, SecretSpec]) -> Callable[[_Node, str], str]:
+    def check(node: _Node, text: str) -> str:
+        for ref in SECRET_REF.findall(text):
+            base, _, part = ref.partition(".")
+            spec = secrets.get(base)
+            if spec is None:
+                raise node.fail(f"refers to an undefined secret {base!r}")
+            if part not in SECRET_PARTS[spec.kind]:
+                parts = ", ".join(repr(p) for p in sorted(SECRET_PARTS[spec.kind]) if p) or "none"
+                raise node.fail(f"a {spec.kind} secret has no part {part!r} (parts: {parts})")
+        return text
+
+    return check
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+    """Replace every secret reference in ``text`` with its value (``values`` by reference)."""
+    return SECRET_REF.sub(lambda m: values[m.group(1)], text)

@@ -1,0 +1,243 @@
+"""``pyscone cas serve``: the CAS over HTTPS (Starlette on uvicorn).
+
+On first start the CAS makes, in its directory (mode 0700): a TLS key and a
+self-signed certificate (enclaves pin its SHA-256, which is part of their measured
+configuration; owners' clients verify it), and a master key that encrypts secrets
+at rest.  The database is ``DIR/cas.db`` (SQLite) unless ``--db`` names another.
+
+API (JSON unless noted; owner requests are signed, see ``protocol.py``)::
+
+    POST /v1/sessions               owner   body: the policy YAML -> {name, version}
+    GET  /v1/sessions/{name}        owner   -> {name, version, policy}
+    GET  /v1/sessions/{name}/audit  owner   -> {name, events}
+    POST /v1/challenge              enclave {session, service} -> {nonce}
+    POST /v1/attest                 enclave {session, service, nonce, quote, public_key} -> {sealed}
+    POST /v1/tags                   enclave {session, service, run, seq, tags, mac} -> {tags}
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pyscone.cas import protocol
+from pyscone.cas.service import Answer, Cas
+from pyscone.cas.store import Store
+
+KEY_FILE, CERT_FILE, MASTER_FILE = "cas-key.pem", "cas-cert.pem", "master.key"
+MAX_BODY = 512 * 1024
+
+
+class CasError(Exception):
+    """The CAS cannot start; reported as one line."""
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def ensure_identity(directory: Path, names: list[str]) -> tuple[Path, Path, bytes]:
+    """The CAS's TLS key and certificate, and its master key: read, or made on first start.
+
+    Returns:
+        (key file, certificate file, master key)
+    """
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_path, cert_path, master_path = directory / KEY_FILE, directory / CERT_FILE, directory / MASTER_FILE
+        if not master_path.exists():
+            _write_private(master_path, os.urandom(32).hex().encode())
+        master = bytes.fromhex(master_path.read_text().strip())
+        if not cert_path.exists():
+            key = ec.generate_private_key(ec.SECP256R1())
+            _write_private(
+                key_path,
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+            )
+            cert_path.write_bytes(_self_signed(key, names).public_bytes(serialization.Encoding.PEM))
+    except (OSError, ValueError) as e:
+        raise CasError(f"{directory}: cannot set up the CAS's keys: {e}") from None
+    if len(master) != 32:
+        raise CasError(f"{directory / MASTER_FILE}: not a 32-byte master key")
+    return key_path, cert_path, master
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, names: list[str]) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyscone CAS")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def cert_fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of the certificate (DER): what an enclave pins."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _json(answer: Answer) -> Response:
+    return JSONResponse(answer.body, status_code=answer.status)
+
+
+async def _body(request: Request) -> bytes | None:
+    body = await request.body()
+    return None if len(body) > MAX_BODY else body
+
+
+def build_app(cas: Cas) -> Starlette:
+    def owned(handler: Callable[[str, Request, bytes], Answer]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            body = await _body(request)
+            if body is None:
+                return _json(Answer(413, {"error": "request too large"}))
+            try:
+                owner = cas.owner(request.headers, request.method, request.url.path, body)
+            except protocol.AuthError as e:
+                return _json(Answer(401, {"error": str(e)}))
+            return _json(await run_in_threadpool(handler, owner, request, body))
+
+        return endpoint
+
+    def enclave(handler: Callable[[dict[str, Any]], Answer], fields: tuple[str, ...]) -> Callable[..., Any]:
+        async def endpoint(request: Request) -> Response:
+            body = await _body(request)
+            try:
+                doc = json.loads(body or b"")
+                if not isinstance(doc, dict) or any(not isinstance(doc.get(f), (str, int, list)) for f in fields):
+                    raise ValueError
+            except ValueError:
+                return _json(Answer(400, {"error": f"expected a JSON object with {', '.join(fields)}"}))
+            return _json(await run_in_threadpool(handler, doc))
+
+        return endpoint
+
+    def put(owner: str, request: Request, body: bytes) -> Answer:
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return Answer(400, {"error": "the policy is not UTF-8 text"})
+        return cas.put_session(owner, text)
+
+    routes = [
+        Route("/v1/sessions", owned(put), methods=["POST"]),
+        Route(
+            "/v1/sessions/{name}",
+            owned(lambda o, r, b: cas.get_session(o, r.path_params["name"])),
+            methods=["GET"],
+        ),
+        Route(
+            "/v1/sessions/{name}/audit",
+            owned(lambda o, r, b: cas.audit(o, r.path_params["name"])),
+            methods=["GET"],
+        ),
+        Route(
+            "/v1/challenge",
+            enclave(lambda d: cas.challenge(str(d["session"]), str(d["service"])), ("session", "service")),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/attest",
+            enclave(
+                lambda d: cas.attest(
+                    str(d["session"]), str(d["service"]), str(d["nonce"]), str(d["quote"]), str(d["public_key"])
+                ),
+                ("session", "service", "nonce", "quote", "public_key"),
+            ),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/tags",
+            enclave(
+                lambda d: cas.report_tags(
+                    str(d["session"]),
+                    str(d["service"]),
+                    str(d["run"]),
+                    int(d["seq"]),
+                    [str(t) for t in d["tags"]],
+                    str(d["mac"]),
+                ),
+                ("session", "service", "run", "seq", "tags", "mac"),
+            ),
+            methods=["POST"],
+        ),
+    ]
+    return Starlette(routes=routes)
+
+
+def serve(directory: Path, listen: str, db: str | None, names: list[str]) -> int:
+    """``pyscone cas serve``.
+
+    Raises:
+        CasError: a mistake or an unusable directory, database or address.
+    """
+    import uvicorn
+
+    host, _, port_text = listen.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise CasError(f"--listen {listen!r}: expected HOST:PORT")
+    key_path, cert_path, master = ensure_identity(directory, sorted({host, "localhost", "127.0.0.1", *names}))
+    url = db or f"sqlite:///{directory / 'cas.db'}"
+    try:
+        store = Store(url, master)
+    except Exception as e:  # noqa: BLE001 - any driver's error, reported in one line
+        raise CasError(f"cannot open the database {url.split('@')[-1]}: {type(e).__name__}: {e}") from None
+    try:
+        sock = socket.create_server((host, int(port_text)), reuse_port=False)
+    except OSError as e:
+        raise CasError(f"cannot listen on {listen}: {e.strerror}") from None
+    port = sock.getsockname()[1]
+    fingerprint = cert_fingerprint(cert_path.read_bytes())
+    print(f"pyscone cas: listening on https://{host}:{port}; certificate {cert_path} sha256 {fingerprint}", flush=True)
+    config = uvicorn.Config(
+        build_app(Cas(store)),
+        fd=sock.fileno(),
+        ssl_keyfile=str(key_path),
+        ssl_certfile=str(cert_path),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    uvicorn.Server(config).run()
+    sock.close()
+    print("pyscone cas: stopped", file=sys.stderr, flush=True)
+    return 0

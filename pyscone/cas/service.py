@@ -1,0 +1,178 @@
+"""What the CAS does, without HTTP: sessions for their owners, configurations for attested enclaves.
+
+Every refusal of an enclave is logged with its reason (audit table and the CAS's
+log) and answered with a bare "attestation refused": the operator learns why, an
+attacker probing the CAS learns nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pyscone.cas import policy as policy_mod
+from pyscone.cas import protocol, secrets
+from pyscone.cas.store import Conflict, Store
+from pyscone.platform import quote
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+def _error(status: int, message: str) -> Answer:
+    return Answer(status, {"error": message})
+
+
+REFUSED = Answer(403, {"error": "attestation refused"})
+
+
+class Cas:
+    def __init__(self, store: Store, log: Any = None) -> None:
+        self.store = store
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._seen: dict[bytes, float] = {}  # owner request signatures, until they expire
+        self._lock = threading.Lock()
+
+    # -- owners -------------------------------------------------------------------------------
+
+    def owner(self, headers: Any, method: str, path: str, body: bytes) -> str:
+        """The owner a request comes from.
+
+        Raises:
+            protocol.AuthError: not signed, stale, forged, or replayed.
+        """
+        now = time.time()
+        owner, signature = protocol.verify_request(headers, method, path, body, now)
+        with self._lock:
+            for sig in [s for s, until in self._seen.items() if until < now]:
+                del self._seen[sig]
+            if signature in self._seen:
+                raise protocol.AuthError("the request was already used (a replay)")
+            self._seen[signature] = now + 2 * protocol.MAX_SKEW
+        return owner
+
+    def put_session(self, owner: str, text: str) -> Answer:
+        try:
+            new = policy_mod.parse(text)
+        except policy_mod.PolicyError as e:
+            return _error(400, f"invalid policy: {e}")
+        old = self.store.session(new.name)
+        if old is None:
+            if new.predecessor is not None:
+                return _error(409, f"session {new.name!r} does not exist: a new session has no predecessor")
+            values = secrets.fill(dict(new.secrets), {}, {}, new.name)
+        else:
+            if old.owner != owner:
+                self.store.log(new.name, "", "update", False, f"refused: not the owner ({owner[:16]})")
+                return _error(403, f"session {new.name!r} belongs to another owner")
+            if new.predecessor is None:
+                return _error(409, f"session {new.name!r} exists: an update names its predecessor ({old.version})")
+            if new.predecessor != old.version:
+                return _error(
+                    409, f"stale predecessor: session {new.name!r} is at version {old.version}, not {new.predecessor}"
+                )
+            values = secrets.fill(dict(new.secrets), old.values, old.kinds, new.name)
+        kinds = {name: spec.kind for name, spec in new.secrets.items()}
+        try:
+            self.store.put_session(new.name, owner, new.version, text, values, kinds, old.version if old else None)
+        except Conflict as e:
+            return _error(409, f"session {new.name!r}: {e}")
+        old_policy = policy_mod.parse(old.policy) if old else None
+        for name, svc in new.services.items():
+            before = old_policy.services.get(name) if old_policy else None
+            if svc.fspf is not None and (before is None or before.fspf is None or before.fspf.tag != svc.fspf.tag):
+                self.store.reset_tags(new.name, name, [svc.fspf.tag.lower()])
+        self.store.log(new.name, "", "create" if old is None else "update", True, f"version {new.version}")
+        return Answer(201 if old is None else 200, {"name": new.name, "version": new.version})
+
+    def get_session(self, owner: str, name: str) -> Answer:
+        row = self.store.session(name)
+        if row is None or row.owner != owner:
+            return _error(404, f"no session {name!r} of yours")
+        return Answer(200, {"name": name, "version": row.version, "policy": row.policy})
+
+    def audit(self, owner: str, name: str) -> Answer:
+        row = self.store.session(name)
+        if row is None or row.owner != owner:
+            return _error(404, f"no session {name!r} of yours")
+        return Answer(200, {"name": name, "events": self.store.audit_of(name)})
+
+    # -- enclaves -----------------------------------------------------------------------------
+
+    def challenge(self, session: str, service: str) -> Answer:
+        return Answer(200, {"nonce": self.store.new_challenge(session, service)})
+
+    def _refuse(self, session: str, service: str, reason: str) -> Answer:
+        self.store.log(session, service, "attest", False, reason)
+        self._log(f"pyscone cas: refused {session}/{service}: {reason}")
+        return REFUSED
+
+    def attest(self, session: str, service: str, nonce: str, quote_hex: str, public_hex: str) -> Answer:
+        try:
+            blob, public, nonce_bytes = bytes.fromhex(quote_hex), bytes.fromhex(public_hex), bytes.fromhex(nonce)
+        except ValueError:
+            return self._refuse(session, service, "malformed request")
+        row = self.store.session(session)
+        if row is None:
+            return self._refuse(session, service, "no such session")
+        pol = policy_mod.parse(row.policy)
+        svc = pol.services.get(service)
+        if svc is None:
+            return self._refuse(session, service, "no such service")
+        if not self.store.take_challenge(nonce, session, service):
+            return self._refuse(session, service, "unknown, expired or already used nonce (a replay?)")
+        trusted: dict[bytes, ec.EllipticCurvePublicKey] = {}
+        for pid, pem in self.store.platforms().items():
+            if pol.platforms is None or bytes.fromhex(pid) in pol.platforms:
+                trusted[bytes.fromhex(pid)] = quote.public_key_from_pem(pem.encode())
+        try:
+            report = quote.verify_quote(blob, trusted)
+            if report.report_data != quote.report_data(public, nonce_bytes):
+                raise quote.QuoteError("the quote is not bound to this key and nonce")
+            svc.expected.check(report)
+        except quote.QuoteError as e:
+            return self._refuse(session, service, str(e))
+        tags, run_id, run_key = self.store.start_run(session, service, [svc.fspf.tag.lower()] if svc.fspf else [])
+
+        def render(text: str) -> str:
+            return policy_mod.render(text, row.values)
+
+        config: dict[str, Any] = {
+            "argv": [render(a) for a in svc.argv],
+            "env": {k: render(v) for k, v in svc.env.items()},
+            "files": {p: render(v) for p, v in svc.files.items()},
+            "fspf": None,
+            "run": {"session": session, "service": service, "id": run_id, "key": run_key.hex()},
+        }
+        if svc.fspf is not None:
+            config["fspf"] = {"path": svc.fspf.path, "key": render(svc.fspf.key), "tags": tags}
+        try:
+            sealed = protocol.seal_config(public, nonce_bytes, config)
+        except ValueError as e:
+            return self._refuse(session, service, str(e))
+        self.store.log(
+            session,
+            service,
+            "attest",
+            True,
+            f"MRENCLAVE {report.mrenclave.hex()} MRSIGNER {report.mrsigner.hex()} SVN {report.svn} run {run_id}",
+        )
+        return Answer(200, {"sealed": sealed.hex()})
+
+    def report_tags(self, session: str, service: str, run_id: str, seq: int, tags: list[str], mac: str) -> Answer:
+        found = self.store.run_key(session, service, run_id)
+        if found is None or not protocol.check_tag_mac(found[0], session, service, seq, tags, mac):
+            self.store.log(session, service, "tags", False, f"refused: not authentic (run {run_id[:16]})")
+            return _error(403, "tag report refused")
+        if not self.store.pin_tags(session, service, run_id, seq, tags):
+            self.store.log(session, service, "tags", False, f"refused: stale report {seq} (run {run_id[:16]})")
+            return _error(409, "tag report refused: stale")
+        return Answer(200, {"tags": tags})
