@@ -16,8 +16,9 @@ done
 [[ -n $python ]] || { echo "error: pyscone needs Python 3.11 or newer" >&2; exit 1; }
 
 # System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc (a test builds
-# a C extension), venv support and headers for the interpreter in use.
-packages=(libseccomp2 curl wrk gcc libc6-dev)
+# a C extension), PostgreSQL (the CAS's store is tested against a real server), venv support and
+# headers for the interpreter in use.
+packages=(libseccomp2 curl wrk gcc libc6-dev postgresql)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || packages+=(python3-dev)

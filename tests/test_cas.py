@@ -344,3 +344,22 @@ def test_a_restarted_cas_keeps_its_sessions_identity_and_secrets(world: World) -
     assert world.owner("session", "show", "restart").returncode == 0
     after = world.run("restart/app")
     assert (after.returncode, after.stdout) == (0, before.stdout), after.stderr  # the same secret
+
+
+def test_a_cas_on_postgresql(world: World, postgres_url: str) -> None:
+    directory = world.root / "cas-pg"
+    cas = Service(["cas", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", "--db", postgres_url], r":(\d+);")
+    try:
+        trust = cli("cas", "trust", "--dir", directory, "--db", postgres_url, "platform.pem", cwd=world.root)
+        assert trust.returncode == 0, trust.stderr
+        pin = ["--cas", f"https://127.0.0.1:{cas.port}", "--cas-cert", str(directory / "cas-cert.pem")]
+        mre = cli("measure", *pin, cwd=world.root).stdout.strip()
+        policy = world.policy("pg", _service(mre, "[app.py, '${secret:tok}']"), "secrets:\n  tok: {kind: random}\n")
+        created = cli("cas", "session", "create", str(policy), *pin, "--key", "owner.pem", cwd=world.root)
+        assert created.returncode == 0, created.stderr
+        las = f"127.0.0.1:{world.las.port}"
+        r = cli("run", *pin, "--session", "pg/app", "--las", las, cwd=world.root)
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"argv \['[0-9a-f]{64}'\]", r.stdout), r.stdout
+    finally:
+        cas.stop()

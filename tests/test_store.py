@@ -1,0 +1,92 @@
+"""The CAS store against SQLite and a real PostgreSQL server: races, replays, encryption at rest, restarts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pyscone.cas.store import Conflict, Store
+
+MASTER = bytes(range(32))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cas.db'}"
+        return
+    base: str = request.getfixturevalue("postgres_url")
+    engine = sa.create_engine(base)
+    with engine.begin() as db:  # every test starts from empty tables
+        for table in ("platforms", "sessions", "services", "challenges", "audit"):
+            db.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+    engine.dispose()
+    yield base
+
+
+def test_sessions_are_created_once_and_updated_only_from_their_version(url: str) -> None:
+    store = Store(url, MASTER)
+    store.put_session("s", "owner", "v1", "policy 1", {"pw": "hunter2"}, {"pw": "password"}, None)
+    with pytest.raises(Conflict):
+        store.put_session("s", "owner", "v1", "again", {}, {}, None)
+    with pytest.raises(Conflict):
+        store.put_session("s", "owner", "v3", "policy 3", {}, {}, "v2")  # a stale predecessor
+    store.put_session("s", "owner", "v2", "policy 2", {"pw": "hunter3"}, {"pw": "password"}, "v1")
+    row = Store(url, MASTER).session("s")  # a restarted CAS sees it
+    assert row is not None and (row.version, row.policy, row.values) == ("v2", "policy 2", {"pw": "hunter3"})
+
+
+def test_concurrent_updates_from_one_version_have_one_winner(url: str) -> None:
+    store = Store(url, MASTER)
+    store.put_session("race", "owner", "v0", "p", {}, {}, None)
+
+    def update(i: int) -> bool:
+        try:
+            store.put_session("race", "owner", f"v{i + 1}", "p", {}, {}, "v0")
+            return True
+        except Conflict:
+            return False
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(update, range(16))) == 1
+
+
+def test_a_challenge_is_taken_once_for_its_own_service(url: str) -> None:
+    store = Store(url, MASTER)
+    nonce = store.new_challenge("s", "api")
+    assert not store.take_challenge(nonce, "s", "other")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(lambda _: store.take_challenge(nonce, "s", "api"), range(16))) == 1
+    assert not store.take_challenge("00" * 32, "s", "api")
+
+
+def test_tag_reports_only_move_forward_and_only_for_the_latest_run(url: str) -> None:
+    store = Store(url, MASTER)
+    tags, run, key = store.start_run("s", "api", ["t0"])
+    assert tags == ["t0"] and len(key) == 32
+    assert store.run_key("s", "api", run) == (key, 0)
+    assert store.pin_tags("s", "api", run, 1, ["t0", "t1"])
+    assert store.pin_tags("s", "api", run, 2, ["t1"])
+    assert not store.pin_tags("s", "api", run, 1, ["t0", "t1"])  # a replayed old report
+    tags2, run2, _ = store.start_run("s", "api", ["ignored"])
+    assert tags2 == ["t1"]  # the pin survives into the next run
+    assert not store.pin_tags("s", "api", run, 3, ["t0"])  # the old run can no longer move it
+    assert store.run_key("s", "api", run) is None
+
+
+def test_secrets_and_run_keys_are_encrypted_at_rest(url: str) -> None:
+    store = Store(url, MASTER)
+    store.put_session("s", "owner", "v1", "p", {"pw": "correct horse battery"}, {"pw": "password"}, None)
+    _, run, key = store.start_run("s", "api", [])
+    with store.engine.connect() as db:
+        dump = repr(db.execute(sa.text("SELECT * FROM sessions")).all()) + repr(
+            db.execute(sa.text("SELECT * FROM services")).all()
+        )
+    assert "correct horse" not in dump and key.hex() not in dump and repr(key) not in dump
+    with pytest.raises(Exception):  # another master key cannot open them
+        Store(url, os.urandom(32)).session("s")
