@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py            # about 3 minutes
     .venv/bin/python bench/run.py --quick    # under a minute
-    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http or fs
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs or attest
 
 What is measured, native Python against ``pyscone run``:
 
@@ -14,7 +14,9 @@ What is measured, native Python against ``pyscone run``:
 * fs: the file-system shield, ``bench/fs.py``: ``bench/apps/fs_io.py`` (sequential and
   random reads and writes, 4 KiB and 64 KiB blocks) natively and in an enclave on an
   encrypted, an authenticated and an unprotected path; a per-chunk crypto
-  micro-benchmark; where an encrypted 64 KiB write and read spend their time.
+  micro-benchmark; where an encrypted 64 KiB write and read spend their time;
+* attest: ``bench/attest.py``: start-up of an attested run against native, dev-mode and
+  signed runs; attestations per second of one CAS on SQLite and on PostgreSQL.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -47,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import attest  # bench/attest.py, next to this script
 import fs  # bench/fs.py, next to this script
 from report import table  # bench/report.py, next to this script
 
@@ -593,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    p.add_argument("--only", choices=("syscalls", "http", "fs"), default=None, help="run one part only")
+    p.add_argument("--only", choices=("syscalls", "http", "fs", "attest"), default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
     duration = a.duration or (3 if a.quick else 10)
@@ -621,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys_results: list[SyscallResult] = []
     http_results: list[ServerResult] = []
     fs_report: fs.FsReport | None = None
+    attest_report: attest.AttestReport | None = None
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -628,7 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_results = bench_http(procs, duration, rounds, log)
         if a.only in (None, "fs"):
             fs_report = fs.bench_fs(a.quick, log)
-    except (BenchError, fs.FsBenchError) as e:
+        if a.only in (None, "attest"):
+            attest_report = attest.bench_attest(a.quick, log)
+    except (BenchError, fs.FsBenchError, attest.AttestBenchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -663,6 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += notes(http_results)
     if fs_report is not None:
         out += ["", *fs.report_lines(fs_report)] if http_results else fs.report_lines(fs_report)
+    if attest_report is not None:
+        out += attest.report_lines(attest_report)
     print("\n".join(out), flush=True)
 
     report = {
@@ -676,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "syscalls": [asdict(r) for r in sys_results],
         "http": [asdict(r) for r in http_results],
         "fs": asdict(fs_report) if fs_report is not None else None,
+        "attest": asdict(attest_report) if attest_report is not None else None,
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -104,40 +103,8 @@ def server(tmp_path: Path) -> Iterator[list[Server]]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL server for this test run (scripts/setup.sh installs it): a fresh cluster
-    in a temporary directory, reachable only through its Unix socket there."""
-    import glob
-    import shutil
+    """A real PostgreSQL server for this test run (scripts/setup.sh installs it)."""
+    from pyscone.cas import localpg
 
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if initdb is None:
-        raise RuntimeError("PostgreSQL is not installed: run scripts/setup.sh")
-    bindir = os.path.dirname(initdb)
-    # Not under pytest's temp dir: that is private to root, and the server runs as its own user.
-    root = Path(tempfile.mkdtemp(prefix="pyscone-postgres-"))
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL does not run as root: run it as its own user
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    options = f"-k {root} -p {port} -c listen_addresses='' -c fsync=off"
-    subprocess.run(
-        [*as_user, os.path.join(bindir, "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        subprocess.run(
-            [*as_user, os.path.join(bindir, "createdb"), "-h", str(root), "-p", str(port), "-U", "postgres", "cas"],
-            check=True,
-            capture_output=True,
-        )
-        yield f"postgresql+psycopg://postgres@/cas?host={root}&port={port}"
-    finally:
-        subprocess.run(
-            [*as_user, os.path.join(bindir, "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
+    with localpg.cluster() as url:
+        yield url

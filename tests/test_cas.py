@@ -348,7 +348,9 @@ def test_a_restarted_cas_keeps_its_sessions_identity_and_secrets(world: World) -
 
 def test_a_cas_on_postgresql(world: World, postgres_url: str) -> None:
     directory = world.root / "cas-pg"
-    cas = Service(["cas", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", "--db", postgres_url], r":(\d+);")
+    cas = Service(
+        ["cas", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", "--db", postgres_url], r":(\d+);"
+    )
     try:
         trust = cli("cas", "trust", "--dir", directory, "--db", postgres_url, "platform.pem", cwd=world.root)
         assert trust.returncode == 0, trust.stderr

@@ -200,23 +200,26 @@ class Store:
     def start_run(self, session: str, service: str, initial_tags: list[str]) -> tuple[list[str], str, bytes]:
         """A new attested run of a service: its accepted FSPF tags, its run id and key."""
         run_id, run_key = _random.token_hex(16), _random.token_bytes(32)
-        ad = f"run:{session}/{service}"
-        with self.engine.begin() as db:
-            r = db.execute(
-                sa.select(services).where(services.c.session == session, services.c.service == service)
-            ).first()
-            values = {"run_id": run_id, "run_key": self._seal(run_key, ad), "seq": 0}
-            if r is None:
-                tags = initial_tags
-                db.execute(services.insert().values(session=session, service=service, tags=json.dumps(tags), **values))
-            else:
-                tags = json.loads(r.tags)
-                db.execute(
-                    services.update()
-                    .where(services.c.session == session, services.c.service == service)
-                    .values(**values)
-                )
-        return tags, run_id, run_key
+        values = {"run_id": run_id, "run_key": self._seal(run_key, f"run:{session}/{service}"), "seq": 0}
+        where = (services.c.session == session, services.c.service == service)
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as db:
+                    r = db.execute(sa.select(services.c.tags).where(*where)).first()
+                    if r is None:
+                        tags = initial_tags
+                        db.execute(
+                            services.insert().values(session=session, service=service, tags=json.dumps(tags), **values)
+                        )
+                    else:
+                        tags = json.loads(r.tags)
+                        db.execute(services.update().where(*where).values(**values))
+                return tags, run_id, run_key
+            except sa.exc.IntegrityError:
+                if attempt == 2:
+                    raise
+                # The first runs of a service raced to insert its row: now it exists, update it.
+        raise AssertionError("unreachable")
 
     def run_key(self, session: str, service: str, run_id: str) -> tuple[bytes, int] | None:
         with self.engine.connect() as db:
@@ -245,10 +248,14 @@ class Store:
             return bool(done.rowcount == 1)
 
     def reset_tags(self, session: str, service: str, tags: list[str]) -> None:
-        """The owner named a new FSPF tag in the policy: start from it."""
+        """The owner named a new FSPF tag in the policy: start from it (and end the current run)."""
+        where = (services.c.session == session, services.c.service == service)
         with self.engine.begin() as db:
-            db.execute(services.delete().where(services.c.session == session, services.c.service == service))
-            db.execute(services.insert().values(session=session, service=service, tags=json.dumps(tags), seq=0))
+            done = db.execute(
+                services.update().where(*where).values(tags=json.dumps(tags), run_id="", run_key=None, seq=0)
+            )
+            if done.rowcount == 0:
+                db.execute(services.insert().values(session=session, service=service, tags=json.dumps(tags), seq=0))
 
     # -- audit --------------------------------------------------------------------------------
 
