@@ -76,7 +76,7 @@ def _cas_pin(a: argparse.Namespace) -> dict[str, str] | None:
     if not a.cas:
         return None
     from pyscone.cas import cli as cas_cli
-    from pyscone.cas.server import cert_fingerprint
+    from pyscone.cas.protocol import cert_fingerprint
 
     cert = a.cas_cert or str(cas_cli.default_dir() / "cas-cert.pem")
     try:

@@ -48,6 +48,18 @@ class SealError(Exception):
     """A sealed configuration does not open."""
 
 
+def cert_fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of a certificate (DER): how an enclave pins its CAS.
+
+    Raises:
+        ValueError: not a PEM certificate.
+    """
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 def owner_id(public_der: bytes) -> str:
     return hashlib.sha256(public_der).hexdigest()
 

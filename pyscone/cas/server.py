@@ -18,7 +18,6 @@ API (JSON unless noted; owner requests are signed, see ``protocol.py``)::
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
@@ -39,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pyscone.cas import protocol
+from pyscone.cas.protocol import cert_fingerprint
 from pyscone.cas.service import Answer, Cas
 from pyscone.cas.store import Store
 
@@ -107,12 +107,6 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, names: list[str]) -> x509.Cert
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-
-
-def cert_fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of the certificate (DER): what an enclave pins."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def _json(answer: Answer) -> Response:
