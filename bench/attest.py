@@ -36,11 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric import ec
 from report import table  # bench/report.py, next to this script
 
 from pyscone.cas import localpg, protocol
-from pyscone.platform import quote
+from pyscone.platform import keys, quote
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -157,8 +156,8 @@ def _throughput_session(root: Path, pin: list[str], name: str) -> bytes:
 
 def _one_attestation(http: httpx.Client, url: str, las_port: int, session: str, mre: bytes) -> None:
     nonce = http.post(url + "/v1/challenge", json={"session": session, "service": "app"}).json()["nonce"]
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = protocol.public_der(key)
+    key = keys.generate()
+    public = keys.public_der(key)
     report = quote.Report(mre, bytes(32), 0, 0, False, quote.report_data(public, bytes.fromhex(nonce)))
     with socket.create_connection(("127.0.0.1", las_port)) as s, s.makefile("rb") as f:
         s.sendall(json.dumps({"op": "quote", "report": report.pack().hex()}).encode() + b"\n")

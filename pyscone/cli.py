@@ -411,13 +411,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     enclave, host = launch_configs(a, argv, bool(a.module))
     enclave.env = env
     enclave.stats = a.stats
-    if a.signature:
-        try:
-            with open(a.signature, "rb") as f:
-                enclave.signature = f.read().hex()
-        except OSError as e:
-            raise UsageError(f"--signature {a.signature}: {e.strerror}") from None
-        enclave.measure = True
+    enclave.signature = _signature(a)
+    enclave.measure = enclave.measure or enclave.signature is not None
     if a.no_barrier:
         print(
             "pyscone: WARNING: --no-barrier: the enclave runs WITHOUT its seccomp barrier; "
@@ -442,13 +437,19 @@ def _run_attested(a: argparse.Namespace) -> int:
     enclave.session = a.session
     enclave.las = a.las
     enclave.stats = a.stats
-    if a.signature:
-        try:
-            with open(a.signature, "rb") as f:
-                enclave.signature = f.read().hex()
-        except OSError as e:
-            raise UsageError(f"--signature {a.signature}: {e.strerror}") from None
+    enclave.signature = _signature(a)
     return launch(enclave, host_cfg)
+
+
+def _signature(a: argparse.Namespace) -> str | None:
+    """The enclave signature file named by ``--signature``, as hex for the enclave."""
+    if not a.signature:
+        return None
+    try:
+        with open(a.signature, "rb") as f:
+            return f.read().hex()
+    except OSError as e:
+        raise UsageError(f"--signature {a.signature}: {e.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

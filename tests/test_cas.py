@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import PYSCONE, write_app
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from pyscone.cas import protocol
-from pyscone.platform import quote, sigstruct
+from pyscone.platform import keys, quote, sigstruct
 
 
 def cli(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -133,7 +132,7 @@ def test_an_attested_enclave_gets_its_configuration_and_secrets_and_the_host_non
 )
 def test_refused_enclaves_are_told_nothing_and_the_operator_why(world: World, case: str, reason: str) -> None:
     name = case.replace(" ", "-")
-    signer = sigstruct.mrsigner_of(sigstruct.key_from_pem(_signer(world, "signer.pem", debug=True)))
+    signer = sigstruct.mrsigner_of(keys.load_private(_signer(world, "signer.pem", debug=True)))
     options: list[str] = ["--signature", "signer.sig"]
     if case == "wrong mrenclave":
         service = _service(world.measure("--heap", "512M"))
@@ -184,8 +183,8 @@ def _api(world: World, path: str, doc: dict[str, object]) -> httpx.Response:
 def _fake_enclave_request(world: World, session: str, mrenclave: bytes) -> dict[str, object]:
     """What an enclave sends to /v1/attest, made here (the simulated LAS signs any report)."""
     nonce = _api(world, "/v1/challenge", {"session": session, "service": "app"}).json()["nonce"]
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = protocol.public_der(key)
+    key = keys.generate()
+    public = keys.public_der(key)
     report = quote.Report(mrenclave, bytes(32), 0, 0, False, quote.report_data(public, bytes.fromhex(nonce)))
     with socket.create_connection(("127.0.0.1", world.las.port)) as s, s.makefile("rb") as f:
         s.sendall(json.dumps({"op": "quote", "report": report.pack().hex()}).encode() + b"\n")
@@ -207,7 +206,7 @@ def test_replayed_or_tampered_quotes_and_nonces_are_refused(world: World) -> Non
     tampered = bytearray(bytes.fromhex(str(fresh["quote"])))
     tampered[10] ^= 1
     assert _api(world, "/v1/attest", {**fresh, "quote": tampered.hex()}).json() == {"error": "attestation refused"}
-    other_key = protocol.public_der(ec.generate_private_key(ec.SECP256R1())).hex()
+    other_key = keys.public_der(keys.generate()).hex()
     fresh = _fake_enclave_request(world, "replay", mre)
     assert _api(world, "/v1/attest", {**fresh, "public_key": other_key}).status_code == 403  # key swapped
     audit = world.owner("audit", "replay").stdout
@@ -241,7 +240,7 @@ def test_only_the_owner_updates_and_only_from_the_current_version(world: World) 
 
 
 def test_owner_requests_cannot_be_forged_or_replayed(world: World) -> None:
-    key = sigstruct.key_from_pem((world.root / "owner.pem").read_bytes())
+    key = keys.load_private((world.root / "owner.pem").read_bytes())
     body = world.policy("signed", _service("22" * 32)).read_bytes()
     headers = protocol.sign_request(key, "POST", "/v1/sessions", body, time.time())
     with httpx.Client(verify=_tls(world), timeout=30) as http:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import PYSCONE, run_enclave, write_app
 
-from pyscone.platform import sigstruct
+from pyscone.platform import keys, sigstruct
 
 
 def pyscone(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -96,6 +96,6 @@ def test_keygen_and_sign_mistakes_are_one_line(signed: Path) -> None:
     assert r.returncode == 2 and r.stderr == "error: security version must be between 0 and 65535\n"
     r = run_enclave("--signature", "nope.sig", "app.py", cwd=signed)
     assert r.returncode == 2 and r.stderr.startswith("error: --signature nope.sig: No such file")
-    key = sigstruct.key_from_pem((signed / "signer.pem").read_bytes())
+    key = keys.load_private((signed / "signer.pem").read_bytes())
     assert (signed / "signer.pem").stat().st_mode & 0o777 == 0o600
     assert sigstruct.decode((signed / "app.sig").read_bytes()).mrsigner == sigstruct.mrsigner_of(key)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import PYSCONE, run_enclave, write_app
 
-from pyscone.platform import quote, sigstruct
+from pyscone.platform import keys, quote, sigstruct
 
 
 class Las:
@@ -52,7 +52,7 @@ def las(tmp_path: Path) -> Iterator[Las]:
 def _public_key(service: Las) -> quote.ec.EllipticCurvePublicKey:
     shown = subprocess.run([*PYSCONE, "las", "--dir", str(service.dir), "--show"], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
-    return quote.public_key_from_pem(shown.stdout.encode())
+    return keys.load_public(shown.stdout.encode())
 
 
 def test_the_platform_key_is_made_once_and_kept(las: Las) -> None:
@@ -84,7 +84,7 @@ def test_quotes_verify_and_bad_requests_get_an_error_on_a_live_connection(las: L
     trusted = {bytes.fromhex(las.platform_id): _public_key(las)}
     assert quote.verify_quote(bytes.fromhex(str(answers[3]["quote"])), trusted) == report
     assert answers[4]["platform_id"] == las.platform_id
-    assert answers[4]["public_key"] == quote.public_key_pem(_public_key(las)).decode()
+    assert answers[4]["public_key"] == keys.public_pem(_public_key(las)).decode()
     # A line longer than the limit is refused; the service lives on.
     with socket.create_connection(("127.0.0.1", las.port), timeout=10) as s, s.makefile("rb") as f:
         s.sendall(b"x" * (100 * 1024) + b"\n")
@@ -95,15 +95,16 @@ def test_quotes_verify_and_bad_requests_get_an_error_on_a_live_connection(las: L
 ENCLAVE_APP = """
     import sys
     from pyscone.enclave import attest
+    from pyscone.platform import keys
     nonce = bytes.fromhex(sys.argv[2])
-    key = attest.new_key()
+    key = keys.generate()
     try:
         blob = attest.request_quote(("127.0.0.1", int(sys.argv[1])), attest.my_report(
-            attest.quote.report_data(attest.public_der(key), nonce)))
+            attest.quote.report_data(keys.public_der(key), nonce)))
     except attest.AttestationError as e:
         print("ERR", e)
     else:
-        print(attest.public_der(key).hex(), blob.hex())
+        print(keys.public_der(key).hex(), blob.hex())
 """
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyscone.platform import measure, quote, sigstruct
+from pyscone.platform import keys, measure, quote, sigstruct
 from pyscone.platform.measure import TcbFile
 from pyscone.platform.quote import Expected, QuoteError, Report
 from pyscone.platform.sigstruct import SignatureError
@@ -44,8 +44,8 @@ def test_mrenclave_covers_contents_and_identity_config_but_not_paths_or_order() 
 
 # -- enclave signatures -------------------------------------------------------------------------
 
-KEY = sigstruct.generate_key()
-OTHER_KEY = sigstruct.generate_key()
+KEY = keys.generate()
+OTHER_KEY = keys.generate()
 MRE = bytes(range(32))
 
 
@@ -54,7 +54,7 @@ def test_a_signature_round_trips_and_names_its_signer() -> None:
     back = sigstruct.decode(s.encode())
     assert back == s
     assert back.mrsigner == sigstruct.mrsigner_of(KEY) != sigstruct.mrsigner_of(OTHER_KEY)
-    assert sigstruct.key_from_pem(sigstruct.key_to_pem(KEY)).private_numbers() == KEY.private_numbers()
+    assert keys.load_private(keys.private_pem(KEY)).private_numbers() == KEY.private_numbers()
 
 
 @pytest.mark.parametrize(
@@ -89,13 +89,13 @@ def test_signature_field_types_and_ranges_are_checked() -> None:
     with pytest.raises(ValueError):
         sigstruct.sign(MRE, KEY, product_id=-1, svn=0, debug=False)
     with pytest.raises(ValueError):
-        sigstruct.key_from_pem(b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+        keys.load_private(b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
 
 
 # -- reports and quotes -------------------------------------------------------------------------
 
-PLATFORM = sigstruct.generate_key()
-ROGUE = sigstruct.generate_key()
+PLATFORM = keys.generate()
+ROGUE = keys.generate()
 TRUSTED = {quote.platform_id(PLATFORM.public_key()): PLATFORM.public_key()}
 
 

@@ -81,11 +81,11 @@ def run(a: argparse.Namespace) -> int:
 def _trust(a: argparse.Namespace) -> int:
     from pyscone.cas import server
     from pyscone.cas.store import Store
-    from pyscone.platform import quote
+    from pyscone.platform import keys, quote
 
     try:
         pem = Path(a.platform_key).read_bytes()
-        key = quote.public_key_from_pem(pem)
+        key = keys.load_public(pem)
     except OSError as e:
         raise CliError(f"{a.platform_key}: {e.strerror}") from None
     except ValueError as e:
@@ -94,7 +94,7 @@ def _trust(a: argparse.Namespace) -> int:
     _, _, master = server.ensure_identity(directory, ["localhost", "127.0.0.1"])
     store = Store(a.db or f"sqlite:///{directory / 'cas.db'}", master)
     pid = quote.platform_id(key).hex()
-    store.trust_platform(pid, quote.public_key_pem(key).decode(), a.note)
+    store.trust_platform(pid, keys.public_pem(key).decode(), a.note)
     print(f"trusted platform {pid}")
     return 0
 

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pyscone.platform import keys
+
 MAX_SKEW = 300  # seconds an owner request's timestamp may differ from the CAS's clock
 H_OWNER, H_TIME, H_SIGNATURE = "x-pyscone-owner", "x-pyscone-time", "x-pyscone-signature"
 _REQUEST_DOMAIN = b"pyscone-owner-request-v1\n"
@@ -64,10 +66,6 @@ def owner_id(public_der: bytes) -> str:
     return hashlib.sha256(public_der).hexdigest()
 
 
-def public_der(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def _request_message(method: str, path: str, timestamp: str, body: bytes) -> bytes:
     digest = hashlib.sha256(body).hexdigest()
     return _REQUEST_DOMAIN + f"{method.upper()}\n{path}\n{timestamp}\n{digest}".encode()
@@ -78,7 +76,7 @@ def sign_request(key: ec.EllipticCurvePrivateKey, method: str, path: str, body: 
     timestamp = str(int(now))
     signature = key.sign(_request_message(method, path, timestamp, body), ec.ECDSA(hashes.SHA256()))
     return {
-        H_OWNER: base64.b64encode(public_der(key)).decode(),
+        H_OWNER: base64.b64encode(keys.public_der(key)).decode(),
         H_TIME: timestamp,
         H_SIGNATURE: base64.b64encode(signature).decode(),
     }
@@ -124,11 +122,11 @@ def seal_config(enclave_public_der: bytes, nonce: bytes, config: Mapping[str, An
     peer = serialization.load_der_public_key(enclave_public_der)
     if not isinstance(peer, ec.EllipticCurvePublicKey) or not isinstance(peer.curve, ec.SECP256R1):
         raise ValueError("the enclave's key is not an ECDSA P-256 key")
-    mine = ec.generate_private_key(ec.SECP256R1())
+    mine = keys.generate()
     key = _seal_key(mine.exchange(ec.ECDH(), peer), nonce)
     iv = os.urandom(12)
     body = AESGCM(key).encrypt(iv, json.dumps(config, sort_keys=True).encode(), nonce)
-    mine_der = public_der(mine)
+    mine_der = keys.public_der(mine)
     return len(mine_der).to_bytes(2, "big") + mine_der + iv + body
 
 

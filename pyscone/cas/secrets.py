@@ -19,24 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pyscone.cas.policy import SecretSpec
+from pyscone.platform import keys
 
 PASSWORD_ALPHABET = string.ascii_letters + string.digits + "-_.:+"
 CA_KEY, CA_CERT = "@ca.key", "@ca.cert"  # where a session keeps its CA among its secret values
 VALIDITY = datetime.timedelta(days=365)
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-
-
-def _pem_public(key: ec.EllipticCurvePrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 def _certificate(
@@ -65,9 +52,9 @@ def _certificate(
 
 def session_ca(session: str) -> dict[str, str]:
     """A new CA for a session: its key and self-signed certificate, as secret values."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = keys.generate()
     cert = _certificate(f"pyscone session CA: {session}", key, None, key, ca=True)
-    return {CA_KEY: _pem_key(key), CA_CERT: cert.public_bytes(serialization.Encoding.PEM).decode()}
+    return {CA_KEY: keys.private_pem(key).decode(), CA_CERT: cert.public_bytes(serialization.Encoding.PEM).decode()}
 
 
 def generate(spec: SecretSpec, values: dict[str, str], session: str) -> None:
@@ -77,18 +64,18 @@ def generate(spec: SecretSpec, values: dict[str, str], session: str) -> None:
     elif spec.kind == "password":
         values[spec.name] = "".join(_random.choice(PASSWORD_ALPHABET) for _ in range(spec.size))
     elif spec.kind == "ecdsa":
-        key = ec.generate_private_key(ec.SECP256R1())
-        values[spec.name] = _pem_key(key)
-        values[spec.name + ".public"] = _pem_public(key)
+        key = keys.generate()
+        values[spec.name] = keys.private_pem(key).decode()
+        values[spec.name + ".public"] = keys.public_pem(key).decode()
     elif spec.kind == "x509":
         if CA_KEY not in values:
             values.update(session_ca(session))
         ca_key = serialization.load_pem_private_key(values[CA_KEY].encode(), password=None)
         ca_cert = x509.load_pem_x509_certificate(values[CA_CERT].encode())
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = keys.generate()
         cert = _certificate(spec.common_name, key, ca_cert.subject, ca_key, ca=False)
-        values[spec.name + ".key"] = _pem_key(key)
+        values[spec.name + ".key"] = keys.private_pem(key).decode()
         values[spec.name + ".cert"] = cert.public_bytes(serialization.Encoding.PEM).decode()
         values[spec.name + ".ca"] = values[CA_CERT]
     else:

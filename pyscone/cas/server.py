@@ -41,6 +41,7 @@ from pyscone.cas import protocol
 from pyscone.cas.protocol import cert_fingerprint
 from pyscone.cas.service import Answer, Cas
 from pyscone.cas.store import Store
+from pyscone.platform import keys
 
 KEY_FILE, CERT_FILE, MASTER_FILE = "cas-key.pem", "cas-cert.pem", "master.key"
 MAX_BODY = 512 * 1024
@@ -71,13 +72,8 @@ def ensure_identity(directory: Path, names: list[str]) -> tuple[Path, Path, byte
             _write_private(master_path, os.urandom(32).hex().encode())
         master = bytes.fromhex(master_path.read_text().strip())
         if not cert_path.exists():
-            key = ec.generate_private_key(ec.SECP256R1())
-            _write_private(
-                key_path,
-                key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ),
-            )
+            key = keys.generate()
+            _write_private(key_path, keys.private_pem(key))
             cert_path.write_bytes(_self_signed(key, names).public_bytes(serialization.Encoding.PEM))
     except (OSError, ValueError) as e:
         raise CasError(f"{directory}: cannot set up the CAS's keys: {e}") from None

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pyscone.cas import policy as policy_mod
 from pyscone.cas import protocol, secrets
 from pyscone.cas.store import Conflict, Store
-from pyscone.platform import quote
+from pyscone.platform import keys, quote
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Cas:
         trusted: dict[bytes, ec.EllipticCurvePublicKey] = {}
         for pid, pem in self.store.platforms().items():
             if pol.platforms is None or bytes.fromhex(pid) in pol.platforms:
-                trusted[bytes.fromhex(pid)] = quote.public_key_from_pem(pem.encode())
+                trusted[bytes.fromhex(pid)] = keys.load_public(pem.encode())
         try:
             report = quote.verify_quote(blob, trusted)
             if report.report_data != quote.report_data(public, nonce_bytes):

@@ -25,9 +25,6 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from pyscone.enclave import importer
 from pyscone.platform import measure, quote, sigstruct
 from pyscone.platform.measure import TcbFile
@@ -116,15 +113,6 @@ def admit(mrenclave: bytes, signature: bytes | None, debug: bool) -> Identity:
 
 class AttestationError(Exception):
     """Attestation could not be done (the LAS or the CAS failed or refused)."""
-
-
-def new_key() -> ec.EllipticCurvePrivateKey:
-    """The enclave's ephemeral key for one attestation: it never leaves enclave memory."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def public_der(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def my_report(data: bytes) -> quote.Report:

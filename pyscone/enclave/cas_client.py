@@ -27,7 +27,7 @@ from typing import Any
 from pyscone.cas import protocol
 from pyscone.enclave import attest
 from pyscone.enclave.attest import AttestationError
-from pyscone.platform import quote
+from pyscone.platform import keys, quote
 
 TIMEOUT = 30.0
 MAX_RESPONSE = 4 << 20
@@ -135,8 +135,8 @@ def attest_to(cas: dict[str, str], session: str, service: str, las: tuple[str, i
         nonce = bytes.fromhex(nonce_hex)
     except ValueError:
         raise AttestationError("the CAS's challenge is not hex") from None
-    key = attest.new_key()
-    public = attest.public_der(key)
+    key = keys.generate()
+    public = keys.public_der(key)
     blob = attest.request_quote(las, attest.my_report(quote.report_data(public, nonce)))
     status, reply = https_post(
         url,

@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from pyscone.host import launcher
-from pyscone.platform import sigstruct
+from pyscone.platform import keys, sigstruct
 
 
 class IdentityError(Exception):
@@ -74,14 +74,14 @@ def read_signer_key(path: str) -> Any:
     except OSError as e:
         raise IdentityError(f"{path}: {e.strerror} (make a signer key with: pyscone keygen {path})") from None
     try:
-        return sigstruct.key_from_pem(pem)
+        return keys.load_private(pem)
     except ValueError as e:
         raise IdentityError(f"{path}: {e}") from None
 
 
 def keygen(path: str, force: bool = False) -> bytes:
     """Write a new ECDSA P-256 signer key (mode 0600); return its MRSIGNER."""
-    key = sigstruct.generate_key()
+    key = keys.generate()
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o600)
@@ -90,5 +90,5 @@ def keygen(path: str, force: bool = False) -> bytes:
     except OSError as e:
         raise IdentityError(f"{path}: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
-        f.write(sigstruct.key_to_pem(key))
+        f.write(keys.private_pem(key))
     return sigstruct.mrsigner_of(key)

@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pyscone.platform import quote, sigstruct
+from pyscone.platform import keys, quote
 
 DEFAULT_PORT = 18766
 KEY_FILE = "platform-key.pem"
@@ -61,20 +61,20 @@ def load_or_create_key(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, boo
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = path.read_bytes()
     except FileNotFoundError:
-        key = sigstruct.generate_key()
+        key = keys.generate()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise LasError(f"{path}: {e.strerror}") from None
         with os.fdopen(fd, "wb") as f:
-            f.write(sigstruct.key_to_pem(key))
+            f.write(keys.private_pem(key))
             f.flush()
             os.fsync(f.fileno())
         return key, True
     except OSError as e:
         raise LasError(f"{e.filename or path}: {e.strerror}") from None
     try:
-        return sigstruct.key_from_pem(pem), False
+        return keys.load_private(pem), False
     except ValueError as e:
         raise LasError(f"{path}: {e}") from None
 
@@ -99,7 +99,7 @@ class Platform:
         if op == "platform":
             return {
                 "platform_id": self.platform_id.hex(),
-                "public_key": quote.public_key_pem(self.key.public_key()).decode(),
+                "public_key": keys.public_pem(self.key.public_key()).decode(),
             }
         if op != "quote":
             return {"error": f"unknown op {op!r}"}
@@ -157,7 +157,7 @@ def main(directory: Path, listen: str, show: bool) -> int:
     if made:
         print(f"pyscone las: made a new platform key in {directory / KEY_FILE}", file=sys.stderr)
     if show:
-        sys.stdout.write(quote.public_key_pem(key.public_key()).decode())
+        sys.stdout.write(keys.public_pem(key.public_key()).decode())
         print(f"platform id {platform.platform_id.hex()}", file=sys.stderr)
         return 0
     try:

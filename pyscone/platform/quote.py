@@ -30,8 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from pyscone.platform import keys
 
 MAGIC = b"PSQ1"
 REPORT_VERSION = 1
@@ -97,8 +99,7 @@ def report_data(enclave_public_key: bytes, nonce: bytes) -> bytes:
 
 
 def platform_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
+    return hashlib.sha256(keys.public_der(public_key)).digest()
 
 
 def sign_quote(report: Report, key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -171,18 +172,3 @@ class Expected:
             raise QuoteError(f"product id {report.product_id} is not {self.product_id}")
         if report.svn < self.min_svn:
             raise QuoteError(f"security version {report.svn} is below the minimum {self.min_svn}")
-
-
-def public_key_from_pem(pem: bytes) -> ec.EllipticCurvePublicKey:
-    """Raises ValueError if ``pem`` is not an ECDSA P-256 public key."""
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"not a PEM public key ({e})") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError("not an ECDSA P-256 public key")
-    return key
-
-
-def public_key_pem(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pyscone.platform import keys
 from pyscone.platform.measure import MRENCLAVE_SIZE
 
 _DOMAIN = b"pyscone-sigstruct-v1\0"
@@ -80,7 +81,7 @@ def sign(mrenclave: bytes, key: ec.EllipticCurvePrivateKey, *, product_id: int, 
         ValueError: a field is out of range.
     """
     _check_fields(mrenclave, product_id, svn)
-    signer = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    signer = keys.public_der(key)
     unsigned = SigStruct(mrenclave, product_id, svn, debug, signer, b"")
     signature = key.sign(unsigned.body(), ec.ECDSA(hashes.SHA256()))
     return SigStruct(mrenclave, product_id, svn, debug, signer, signature)
@@ -108,13 +109,11 @@ def decode(blob: bytes) -> SigStruct:
             base64.b64decode(doc["signature"], validate=True),
         )
         _check_fields(s.mrenclave, s.product_id, s.svn)
-        public = serialization.load_der_public_key(s.signer)
+        public = keys.load_public_der(s.signer)
     except SignatureError:
         raise
     except (ValueError, KeyError, TypeError, binascii.Error) as e:
         raise SignatureError(f"malformed enclave signature ({type(e).__name__})") from None
-    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
-        raise SignatureError("the signer key is not an ECDSA P-256 key")
     try:
         public.verify(s.signature, s.body(), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
@@ -122,27 +121,5 @@ def decode(blob: bytes) -> SigStruct:
     return s
 
 
-def generate_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def key_from_pem(pem: bytes) -> ec.EllipticCurvePrivateKey:
-    """Raises ValueError if ``pem`` is not an unencrypted ECDSA P-256 private key."""
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"not an unencrypted PEM private key ({e})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError("not an ECDSA P-256 key")
-    return key
-
-
 def mrsigner_of(key: ec.EllipticCurvePrivateKey) -> bytes:
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
+    return hashlib.sha256(keys.public_der(key)).digest()
