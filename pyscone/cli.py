@@ -425,8 +425,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _run_attested(a: argparse.Namespace) -> int:
     """``pyscone run --cas URL --session NAME/SERVICE``: nothing secret comes from the host."""
-    if a.program or a.module or a.env or a.fspf:
-        raise UsageError("with --cas the CAS supplies the program, its arguments, environment and FSPF")
+    if a.args or a.module or a.env or a.fspf:
+        raise UsageError("with --cas the CAS supplies the program's arguments, environment and FSPF")
     name, sep, service = (a.session or "").partition("/")
     if not (name and sep and service):
         raise UsageError("--cas needs --session NAME/SERVICE")
@@ -434,6 +434,7 @@ def _run_attested(a: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         raise UsageError(f"--las {a.las!r}: expected HOST:PORT")
     enclave, host_cfg = launch_configs(a, ["-"])
+    enclave.expect_program = a.program  # if named, the session must run this program
     enclave.session = a.session
     enclave.las = a.las
     enclave.stats = a.stats

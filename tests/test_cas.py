@@ -104,9 +104,11 @@ def test_an_attested_enclave_gets_its_configuration_and_secrets_and_the_host_non
     )
     created = world.owner("session", "create", str(policy))
     assert created.returncode == 0, created.stderr
-    r = world.run("basic/app")
+    r = world.run("basic/app", "app.py")  # the host may name the program: it must be the session's
     assert r.returncode == 0, r.stderr
     out = r.stdout
+    wrong = world.run("basic/app", "other.py")
+    assert wrong.returncode == 70 and "the host started other.py, but session basic/app runs app.py" in wrong.stderr
     password = re.search(r"--password=([^']+)'", out)
     assert password is not None and len(password.group(1)) == 16
     assert "'MODE', 'prod'" in out and "BEGIN CERTIFICATE" in out
@@ -117,7 +119,7 @@ def test_an_attested_enclave_gets_its_configuration_and_secrets_and_the_host_non
     db = (world.cas_dir / "cas.db").read_bytes()
     assert password.group(1).encode() not in db  # encrypted at rest
     audit = world.owner("audit", "basic")
-    assert audit.stdout.count(" attest  ok") == 2
+    assert audit.stdout.count(" attest  ok") == 3  # the wrong program attested, then its enclave refused it
 
 
 @pytest.mark.parametrize(
@@ -347,11 +349,10 @@ def test_a_restarted_cas_keeps_its_sessions_identity_and_secrets(world: World) -
 
 def test_a_cas_on_postgresql(world: World, postgres_url: str) -> None:
     directory = world.root / "cas-pg"
-    cas = Service(
-        ["cas", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", "--db", postgres_url], r":(\d+);"
-    )
+    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")  # as a user writes it
+    cas = Service(["cas", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", "--db", url], r":(\d+);")
     try:
-        trust = cli("cas", "trust", "--dir", directory, "--db", postgres_url, "platform.pem", cwd=world.root)
+        trust = cli("cas", "trust", "--dir", directory, "--db", url, "platform.pem", cwd=world.root)
         assert trust.returncode == 0, trust.stderr
         pin = ["--cas", f"https://127.0.0.1:{cas.port}", "--cas-cert", str(directory / "cas-cert.pem")]
         mre = cli("measure", *pin, cwd=world.root).stdout.strip()

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     csub = cas.add_subparsers(dest="cas_command", required=True)
     s = csub.add_parser("serve", help="run the CAS over HTTPS (keys made on first start; SQLite by default)")
     s.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
-    s.add_argument("--db", help="a database URL, e.g. postgresql+psycopg://user@host/cas (default DIR/cas.db)")
+    s.add_argument("--db", help="a database URL, e.g. postgresql://user@host/cas (default DIR/cas.db)")
     s.add_argument("--name", action="append", default=[], help="another host name for the certificate")
     t = csub.add_parser("trust", help="trust a platform: its LAS public key (pyscone las --show); run on the CAS")
     t.add_argument("platform_key", help="the platform's public key, PEM")

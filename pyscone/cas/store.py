@@ -95,6 +95,8 @@ class Store:
         if len(master_key) != 32:
             raise ValueError("the master key is 32 bytes")
         self._aead = AESGCM(master_key)
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]  # the driver pyscone installs
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}

@@ -152,6 +152,10 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     cfg["argv"] = argv[1:] if cfg["module"] else argv
     if not cfg["argv"]:
         return "attestation failed: the CAS gave no program to run"
+    expected = cfg.get("expect_program")
+    if expected and (cfg["module"] or os.path.normpath(expected) != os.path.normpath(cfg["argv"][0])):
+        shown = "-m " + cfg["argv"][0] if cfg["module"] else cfg["argv"][0]
+        return f"the host started {expected}, but session {cfg['session']} runs {shown}"
     app_dir = cfg["cwd"] if cfg["module"] else os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0]))
     sys.path[0] = os.path.normpath(app_dir)
     os.environ.clear()

@@ -46,6 +46,7 @@ class EnclaveConfig:
     signature: str | None = None  # the enclave signature (hex of the file), checked against MRENCLAVE
     cas: dict[str, str] | None = None  # the CAS this enclave attests to: url, cert_sha256 (measured)
     session: str | None = None  # NAME/SERVICE at the CAS
+    expect_program: str | None = None  # with a CAS: the program the host started (it must be the session's)
     las: str | None = None  # HOST:PORT of this host's LAS
 
 
