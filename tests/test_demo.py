@@ -20,3 +20,20 @@ def test_the_main_demo_runs_and_shows_each_property() -> None:
     assert "buy milk\n" in out.split("reads a note back")[1]
     assert "the app sees: [Errno 5] Input/output error" in out and "refused: chunk failed verification" in out
     assert "exit status 86" in out
+
+
+ATTEST_DEMO = DEMO.parent / "attest_demo.py"
+
+
+def test_the_attestation_demo_runs_and_shows_each_property() -> None:
+    r = subprocess.run([sys.executable, str(ATTEST_DEMO)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "(the FSPF key is deleted from this machine: only the CAS has it now)" in out
+    assert "'notes': ['the launch code is 0000']" in out
+    assert "the app received the CAS's secret: yes" in out
+    assert "the secret on the host's command line: no" in out
+    assert "host files containing the note: none" in out
+    assert "attestation failed: the CAS refused this enclave (attestation refused)" in out
+    assert "REFUSED  MRENCLAVE" in out and "is not allowed" in out
+    assert "the FSPF is not the pinned version\nexit status 70" in out
