@@ -365,3 +365,38 @@ def test_a_cas_on_postgresql(world: World, postgres_url: str) -> None:
         assert re.search(r"argv \['[0-9a-f]{64}'\]", r.stdout), r.stdout
     finally:
         cas.stop()
+
+
+def test_cas_mistakes_are_one_error_line(world: World) -> None:
+    cases = [
+        (["cas", "serve", "--dir", str(world.cas_dir), "--listen", f"127.0.0.1:{world.cas.port}"], "cannot listen"),
+        (
+            ["cas", "serve", "--dir", str(world.root / "x"), "--db", "postgresql://nobody@/x?host=/nonexistent"],
+            "cannot open the database",
+        ),
+        (["cas", "serve", "--listen", "nowhere"], "expected HOST:PORT"),
+        (
+            [
+                "cas",
+                "session",
+                "show",
+                "x",
+                "--cas",
+                "https://127.0.0.1:1",
+                "--cas-cert",
+                str(world.cert),
+                "--key",
+                "owner.pem",
+            ],
+            "cannot be reached",
+        ),
+        (["cas", "session", "show", "x", *world.pin], "an owner key is needed"),
+        (["cas", "trust", "--dir", str(world.cas_dir), "missing.pem"], "missing.pem: No such file"),
+        (["run", *world.pin], "--cas needs --session NAME/SERVICE"),
+        (["run", *world.pin, "--session", "a/b", "--env", "A=1"], "the CAS supplies"),
+        (["run", "--cas", "http://x", "--cas-cert", str(world.cert), "--session", "a/b"], "starts with https://"),
+    ]
+    for args, message in cases:
+        r = cli(*args, cwd=world.root, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, (args, r.stderr)

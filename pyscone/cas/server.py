@@ -210,7 +210,8 @@ def serve(directory: Path, listen: str, db: str | None, names: list[str]) -> int
     try:
         store = Store(url, master)
     except Exception as e:  # noqa: BLE001 - any driver's error, reported in one line
-        raise CasError(f"cannot open the database {url.split('@')[-1]}: {type(e).__name__}: {e}") from None
+        why = " ".join(str(getattr(e, "orig", None) or e).split())
+        raise CasError(f"cannot open the database {url.split('@')[-1]}: {why}") from None
     try:
         sock = socket.create_server((host, int(port_text)), reuse_port=False)
     except OSError as e:
