@@ -400,3 +400,68 @@ def test_cas_mistakes_are_one_error_line(world: World) -> None:
         r = cli(*args, cwd=world.root, timeout=60)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, (args, r.stderr)
+
+
+def test_a_commit_while_the_cas_is_down_fails_and_loses_nothing_committed(world: World) -> None:
+    data = world.root / "down-data"
+    data.mkdir()
+    fspf = world.root / "down.fspf"
+    assert cli("fspf", "create", fspf, cwd=world.root).returncode == 0
+    assert cli("fspf", "addr", fspf, str(data), "--kind", "encrypted", cwd=world.root).returncode == 0
+    tag = cli("fspf", "tag", fspf, cwd=world.root).stdout.strip()
+    key = (world.root / "down.fspf.key").read_text().strip()
+    write_app(
+        world.root,
+        f"""
+        import os, sys, time
+        p = os.path.join({str(data)!r}, "n")
+        if sys.argv[1:] == ["read"]:
+            print("n =", open(p).read())
+            raise SystemExit
+        for i in range(1, 200):
+            try:
+                with open(p, "w") as f:
+                    f.write(str(i))
+                    f.flush()
+                    os.fsync(f.fileno())
+                print("ok", i, flush=True)
+            except OSError as e:
+                print("error", i, e, flush=True)
+                break
+            time.sleep(0.05)
+        """,
+        "writer.py",
+    )
+    mre = world.measure()
+    fspf_yaml = f"    fspf: {{path: {fspf}, key: {key}, tag: {tag}}}\n"
+    created = world.owner("session", "create", str(world.policy("down", _service(mre, "[writer.py]", fspf_yaml))))
+    assert created.returncode == 0, created.stderr
+    las = f"127.0.0.1:{world.las.port}"
+    app = subprocess.Popen(
+        [*PYSCONE, "run", *world.pin, "--session", "down/app", "--las", las],
+        cwd=world.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert app.stdout is not None
+    first = app.stdout.readline()
+    assert first == "ok 1\n", first + app.communicate()[1]
+    port = world.cas.port
+    world.cas.stop()  # the CAS goes away while the app keeps committing
+    lines = [first]
+    while not lines[-1].startswith("error"):
+        line = app.stdout.readline()
+        assert line, "the app ended without an error: " + app.communicate()[1]
+        lines.append(line)
+    app.wait(timeout=30)
+    last_ok = int(lines[-2].split()[1])
+    assert "the CAS" in lines[-1], lines[-1]
+    world.cas = Service(["cas", "serve", "--dir", str(world.cas_dir), "--listen", f"127.0.0.1:{port}"], r":(\d+);")
+    # The pin names the last commit the CAS took: the next start mounts it, with that value.
+    reader = world.policy(
+        "down", _service(mre, "[writer.py, read]", fspf_yaml), f"predecessor: {created.stdout.split()[-1]}\n"
+    )
+    assert world.owner("session", "update", str(reader)).returncode == 0
+    read = world.run("down/app")
+    assert (read.returncode, read.stdout) == (0, f"n = {last_ok}\n"), read.stderr
