@@ -141,8 +141,10 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     from pyscone.enclave import cas_client
     from pyscone.enclave.attest import AttestationError
 
-    session, _, service = cfg["session"].partition("/")
-    host, _, port = cfg["las"].rpartition(":")
+    session, _, service = str(cfg.get("session") or "").partition("/")
+    host, _, port = str(cfg.get("las") or "").rpartition(":")
+    if not (session and service and host and port.isdigit()):
+        return "attestation failed: the start-up configuration names no session/service or LAS"
     try:
         config = cas_client.attest_to(cfg["cas"], session, service, (host, int(port)))
     except AttestationError as e:
