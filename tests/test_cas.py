@@ -465,3 +465,27 @@ def test_a_commit_while_the_cas_is_down_fails_and_loses_nothing_committed(world:
     assert world.owner("session", "update", str(reader)).returncode == 0
     read = world.run("down/app")
     assert (read.returncode, read.stdout) == (0, f"n = {last_ok}\n"), read.stderr
+
+
+def test_the_cas_admin_trusts_platforms_remotely_and_nobody_else_can(world: World) -> None:
+    assert cli("keygen", "admin.pem", cwd=world.root).returncode == 0
+    directory = world.root / "cas-admin"
+    cas = Service(
+        ["cas", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", "--admin", str(world.root / "admin.pem")],
+        r":(\d+);",
+    )
+    try:
+        pin = ["--cas", f"https://127.0.0.1:{cas.port}", "--cas-cert", str(directory / "cas-cert.pem")]
+        r = cli("cas", "trust", "platform.pem", *pin, "--key", "owner.pem", cwd=world.root)
+        assert r.returncode == 2 and r.stderr == "error: only the CAS admin may trust platforms\n"
+        r = cli("cas", "trust", "platform.pem", "--note", "host 1", *pin, "--key", "admin.pem", cwd=world.root)
+        assert r.returncode == 0, r.stderr
+        platform = keys.load_public((world.root / "platform.pem").read_bytes())
+        assert r.stdout == f"trusted platform {quote.platform_id(platform).hex()}\n"
+        mre = cli("measure", *pin, cwd=world.root).stdout.strip()
+        policy = world.policy("admin", _service(mre))
+        assert cli("cas", "session", "create", str(policy), *pin, "--key", "owner.pem", cwd=world.root).returncode == 0
+        run = cli("run", *pin, "--session", "admin/app", "--las", f"127.0.0.1:{world.las.port}", cwd=world.root)
+        assert run.returncode == 0, run.stderr  # the platform trusted remotely attests
+    finally:
+        cas.stop()

@@ -27,7 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     s.add_argument("--db", help="a database URL, e.g. postgresql://user@host/cas (default DIR/cas.db)")
     s.add_argument("--name", action="append", default=[], help="another host name for the certificate")
-    t = csub.add_parser("trust", help="trust a platform: its LAS public key (pyscone las --show); run on the CAS")
+    s.add_argument(
+        "--admin",
+        metavar="KEY",
+        help="the CAS admin's key (PEM; its public half is kept): may trust platforms remotely",
+    )
+    t = csub.add_parser(
+        "trust",
+        help="trust a platform: its LAS public key (pyscone las --show); with --key, remotely as the CAS admin, "
+        "else directly in the CAS's database",
+    )
     t.add_argument("platform_key", help="the platform's public key, PEM")
     t.add_argument("--note", default="", help="what this platform is")
     t.add_argument("--db", help="the CAS's database URL (default DIR/cas.db)")
@@ -47,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     sh.add_argument("name")
     au = csub.add_parser("audit", help="the attestations and changes of a session")
     au.add_argument("name")
-    for p in (*clients, sh, au):
+    for p in (*clients, sh, au, t):
         p.add_argument(
             "--cas",
             default=os.environ.get("PYSCONE_CAS", f"https://{DEFAULT_LISTEN}"),
@@ -63,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             default=os.environ.get("PYSCONE_OWNER_KEY"),
             help="your owner key (pyscone keygen)  [PYSCONE_OWNER_KEY]",
         )
+    t.set_defaults(key=None)  # trust is remote only when the admin's key is named, never from the environment
 
 
 def run(a: argparse.Namespace) -> int:
@@ -70,10 +80,13 @@ def run(a: argparse.Namespace) -> int:
         from pyscone.cas import server
 
         try:
-            return server.serve(Path(a.dir) if a.dir else default_dir(), a.listen, a.db, a.name)
+            admin = Path(a.admin).read_bytes() if a.admin else None
+            return server.serve(Path(a.dir) if a.dir else default_dir(), a.listen, a.db, a.name, admin)
+        except OSError as e:
+            raise CliError(f"--admin {a.admin}: {e.strerror}") from None
         except server.CasError as e:
             raise CliError(str(e)) from None
-    if a.cas_command == "trust":
+    if a.cas_command == "trust" and not a.key:
         return _trust(a)
     return _owner(a)
 
@@ -113,6 +126,13 @@ def _owner(a: argparse.Namespace) -> int:
                 when = datetime.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds")
                 result = "ok" if e["ok"] else "REFUSED"
                 print(f"{when}  {e['service'] or '-':<12} {e['event']:<7} {result:<8} {e['detail']}")
+            return 0
+        if a.cas_command == "trust":
+            try:
+                pem = Path(a.platform_key).read_text()
+            except OSError as e:
+                raise CliError(f"{a.platform_key}: {e.strerror}") from None
+            print(f"trusted platform {client.trust_platform(pem, a.note)['platform_id']}")
             return 0
         if a.session_command == "show":
             doc = client.session(a.name)

@@ -49,5 +49,9 @@ class Client:
     def session(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/sessions/{name}")
 
+    def trust_platform(self, public_key_pem: str, note: str) -> dict[str, Any]:
+        body = json.dumps({"public_key": public_key_pem, "note": note}).encode()
+        return self.request("POST", "/v1/platforms", body)
+
     def audit(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/sessions/{name}/audit")

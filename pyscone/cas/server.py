@@ -7,6 +7,7 @@ at rest.  The database is ``DIR/cas.db`` (SQLite) unless ``--db`` names another.
 
 API (JSON unless noted; owner requests are signed, see ``protocol.py``)::
 
+    POST /v1/platforms              admin   {public_key, note} -> {platform_id}
     POST /v1/sessions               owner   body: the policy YAML -> {name, version}
     GET  /v1/sessions/{name}        owner   -> {name, version, policy}
     GET  /v1/sessions/{name}/audit  owner   -> {name, events}
@@ -43,7 +44,7 @@ from pyscone.cas.service import Answer, Cas
 from pyscone.cas.store import Store
 from pyscone.platform import keys
 
-KEY_FILE, CERT_FILE, MASTER_FILE = "cas-key.pem", "cas-cert.pem", "master.key"
+KEY_FILE, CERT_FILE, MASTER_FILE, ADMIN_FILE = "cas-key.pem", "cas-cert.pem", "master.key", "admin.pem"
 MAX_BODY = 512 * 1024
 
 
@@ -80,6 +81,23 @@ def ensure_identity(directory: Path, names: list[str]) -> tuple[Path, Path, byte
     if len(master) != 32:
         raise CasError(f"{directory / MASTER_FILE}: not a 32-byte master key")
     return key_path, cert_path, master
+
+
+def _admin(directory: Path, pem: bytes | None) -> str | None:
+    """The CAS admin's owner id: from ``pem`` (then kept in the directory), or as kept before."""
+    path = directory / ADMIN_FILE
+    if pem is not None:
+        try:
+            key = keys.load_private(pem) if b"PRIVATE KEY" in pem else keys.load_public(pem)
+        except ValueError as e:
+            raise CasError(f"--admin: {e}") from None
+        path.write_bytes(keys.public_pem(key))
+    if not path.exists():
+        return None
+    try:
+        return protocol.owner_id(keys.public_der(keys.load_public(path.read_bytes())))
+    except (OSError, ValueError) as e:
+        raise CasError(f"{path}: {e}") from None
 
 
 def _self_signed(key: ec.EllipticCurvePrivateKey, names: list[str]) -> x509.Certificate:
@@ -148,8 +166,16 @@ def build_app(cas: Cas) -> Starlette:
             return Answer(400, {"error": "the policy is not UTF-8 text"})
         return cas.put_session(owner, text)
 
+    def trust(owner: str, request: Request, body: bytes) -> Answer:
+        try:
+            doc = json.loads(body)
+            return cas.trust_platform(owner, str(doc["public_key"]), str(doc.get("note", "")))
+        except (ValueError, KeyError, TypeError):
+            return Answer(400, {"error": "expected a JSON object with public_key"})
+
     routes = [
         Route("/v1/sessions", owned(put), methods=["POST"]),
+        Route("/v1/platforms", owned(trust), methods=["POST"]),
         Route(
             "/v1/sessions/{name}",
             owned(lambda o, r, b: cas.get_session(o, r.path_params["name"])),
@@ -194,7 +220,7 @@ def build_app(cas: Cas) -> Starlette:
     return Starlette(routes=routes)
 
 
-def serve(directory: Path, listen: str, db: str | None, names: list[str]) -> int:
+def serve(directory: Path, listen: str, db: str | None, names: list[str], admin_pem: bytes | None = None) -> int:
     """``pyscone cas serve``.
 
     Raises:
@@ -206,6 +232,7 @@ def serve(directory: Path, listen: str, db: str | None, names: list[str]) -> int
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise CasError(f"--listen {listen!r}: expected HOST:PORT")
     key_path, cert_path, master = ensure_identity(directory, sorted({host, "localhost", "127.0.0.1", *names}))
+    admin = _admin(directory, admin_pem)
     url = db or f"sqlite:///{directory / 'cas.db'}"
     try:
         store = Store(url, master)
@@ -223,7 +250,7 @@ def serve(directory: Path, listen: str, db: str | None, names: list[str]) -> int
     fingerprint = cert_fingerprint(cert_path.read_bytes())
     print(f"pyscone cas: listening on https://{host}:{port}; certificate {cert_path} sha256 {fingerprint}", flush=True)
     config = uvicorn.Config(
-        build_app(Cas(store)),
+        build_app(Cas(store, admin=admin)),
         ssl_keyfile=str(key_path),
         ssl_certfile=str(cert_path),
         log_level="warning",

@@ -35,8 +35,9 @@ REFUSED = Answer(403, {"error": "attestation refused"})
 
 
 class Cas:
-    def __init__(self, store: Store, log: Any = None) -> None:
+    def __init__(self, store: Store, log: Any = None, admin: str | None = None) -> None:
         self.store = store
+        self.admin = admin  # the owner id of the CAS admin's key, who may trust platforms
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._seen: dict[bytes, float] = {}  # owner request signatures, until they expire
         self._lock = threading.Lock()
@@ -58,6 +59,18 @@ class Cas:
                 raise protocol.AuthError("the request was already used (a replay)")
             self._seen[signature] = now + 2 * protocol.MAX_SKEW
         return owner
+
+    def trust_platform(self, owner: str, public_key_pem: str, note: str) -> Answer:
+        if self.admin is None or owner != self.admin:
+            return _error(403, "only the CAS admin may trust platforms")
+        try:
+            key = keys.load_public(public_key_pem.encode())
+        except ValueError as e:
+            return _error(400, f"the platform key: {e}")
+        pid = quote.platform_id(key).hex()
+        self.store.trust_platform(pid, keys.public_pem(key).decode(), note)
+        self._log(f"pyscone cas: the admin trusted platform {pid} ({note})")
+        return Answer(200, {"platform_id": pid})
 
     def put_session(self, owner: str, text: str) -> Answer:
         try:
