@@ -485,7 +485,20 @@ def test_the_cas_admin_trusts_platforms_remotely_and_nobody_else_can(world: Worl
         mre = cli("measure", *pin, cwd=world.root).stdout.strip()
         policy = world.policy("admin", _service(mre))
         assert cli("cas", "session", "create", str(policy), *pin, "--key", "owner.pem", cwd=world.root).returncode == 0
-        run = cli("run", *pin, "--session", "admin/app", "--las", f"127.0.0.1:{world.las.port}", cwd=world.root)
+        las = f"127.0.0.1:{world.las.port}"
+        run = cli("run", *pin, "--session", "admin/app", "--las", las, cwd=world.root)
         assert run.returncode == 0, run.stderr  # the platform trusted remotely attests
+        pid = quote.platform_id(platform).hex()
+        r = cli("cas", "distrust", pid, *pin, "--key", "owner.pem", cwd=world.root)
+        assert r.returncode == 2 and r.stderr == "error: only the CAS admin may distrust platforms\n"
+        r = cli("cas", "distrust", "platform.pem", *pin, "--key", "admin.pem", cwd=world.root)
+        assert (r.returncode, r.stdout) == (0, f"distrusted platform {pid}\n"), r.stderr
+        run = cli("run", *pin, "--session", "admin/app", "--las", las, cwd=world.root)
+        assert run.returncode == 70  # the platform is no longer trusted
+        r = cli("cas", "distrust", pid, "--dir", directory, cwd=world.root)
+        assert r.returncode == 2 and r.stderr == f"error: platform {pid} is not trusted\n"
+        assert cli("cas", "trust", "platform.pem", "--dir", directory, cwd=world.root).returncode == 0
+        run = cli("run", *pin, "--session", "admin/app", "--las", las, cwd=world.root)
+        assert run.returncode == 0, run.stderr  # trusted again, directly in the database
     finally:
         cas.stop()

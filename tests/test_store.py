@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +102,13 @@ def test_the_first_runs_of_a_service_may_race(url: str) -> None:
         runs = list(pool.map(lambda _: store.start_run("s", "new", ["t0"]), range(16)))
     assert all(tags == ["t0"] for tags, _, _ in runs)
     assert len({run for _, run, _ in runs}) == 16
+
+
+def test_an_owner_request_is_used_once_across_cas_processes(url: str) -> None:
+    # Two CAS processes on one database: a request one of them took is a replay for the other.
+    first, second = Store(url, MASTER), Store(url, MASTER)
+    assert first.use_request("ab" * 32, time.time() + 600)
+    assert not second.use_request("ab" * 32, time.time() + 600)
+    assert second.use_request("cd" * 32, time.time() + 600)
+    assert first.use_request("ef" * 32, time.time() - 1)  # expired entries are swept ...
+    assert first.use_request("ef" * 32, time.time() + 600)  # ... so an expired one may be reused

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,8 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     t.add_argument("platform_key", help="the platform's public key, PEM")
     t.add_argument("--note", default="", help="what this platform is")
-    t.add_argument("--db", help="the CAS's database URL (default DIR/cas.db)")
-    for p in (s, t):
+    d = csub.add_parser("distrust", help="stop trusting a platform (its id, or its public key PEM); like trust")
+    d.add_argument("platform_key", metavar="platform", help="the platform's id (hex) or public key (PEM file)")
+    for p in (t, d):
+        p.add_argument("--db", help="the CAS's database URL (default DIR/cas.db)")
+    for p in (s, t, d):
         p.add_argument("--dir", help="the CAS's directory (default ~/.pyscone/cas)  [PYSCONE_CAS_DIR]")
     se = csub.add_parser("session", help="create, update or show a session (you are its owner)")
     ssub = se.add_subparsers(dest="session_command", required=True)
@@ -56,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     sh.add_argument("name")
     au = csub.add_parser("audit", help="the attestations and changes of a session")
     au.add_argument("name")
-    for p in (*clients, sh, au, t):
+    for p in (*clients, sh, au, t, d):
         p.add_argument(
             "--cas",
             default=os.environ.get("PYSCONE_CAS", f"https://{DEFAULT_LISTEN}"),
@@ -72,7 +76,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             default=os.environ.get("PYSCONE_OWNER_KEY"),
             help="your owner key (pyscone keygen)  [PYSCONE_OWNER_KEY]",
         )
-    t.set_defaults(key=None)  # trust is remote only when the admin's key is named, never from the environment
+    for p in (t, d):  # remote only when the admin's key is named, never from the environment
+        p.set_defaults(key=None)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -86,29 +91,42 @@ def run(a: argparse.Namespace) -> int:
             raise CliError(f"--admin {a.admin}: {e.strerror}") from None
         except server.CasError as e:
             raise CliError(str(e)) from None
-    if a.cas_command == "trust" and not a.key:
+    if a.cas_command in ("trust", "distrust") and not a.key:
         return _trust(a)
     return _owner(a)
 
 
-def _trust(a: argparse.Namespace) -> int:
-    from pyscone.cas import server
-    from pyscone.cas.store import Store
+def _platform_id(a: argparse.Namespace) -> tuple[str, str]:
+    """(platform id, public key PEM or "") named on the command line: an id, or a PEM file."""
     from pyscone.platform import keys, quote
 
+    if a.cas_command == "distrust" and re.fullmatch(r"[0-9a-fA-F]{64}", a.platform_key):
+        return a.platform_key.lower(), ""
     try:
-        pem = Path(a.platform_key).read_bytes()
-        key = keys.load_public(pem)
+        key = keys.load_public(Path(a.platform_key).read_bytes())
     except OSError as e:
         raise CliError(f"{a.platform_key}: {e.strerror}") from None
     except ValueError as e:
         raise CliError(f"{a.platform_key}: {e}") from None
+    return quote.platform_id(key).hex(), keys.public_pem(key).decode()
+
+
+def _trust(a: argparse.Namespace) -> int:
+    """``trust`` / ``distrust`` directly in the CAS's database (on the CAS machine)."""
+    from pyscone.cas import server
+    from pyscone.cas.store import Store
+
+    pid, pem = _platform_id(a)
     directory = Path(a.dir) if a.dir else default_dir()
     _, _, master = server.ensure_identity(directory, ["localhost", "127.0.0.1"])
     store = Store(a.db or f"sqlite:///{directory / 'cas.db'}", master)
-    pid = quote.platform_id(key).hex()
-    store.trust_platform(pid, keys.public_pem(key).decode(), a.note)
-    print(f"trusted platform {pid}")
+    if a.cas_command == "trust":
+        store.trust_platform(pid, pem, a.note)
+        print(f"trusted platform {pid}")
+    elif store.distrust_platform(pid):
+        print(f"distrusted platform {pid}")
+    else:
+        raise CliError(f"platform {pid} is not trusted")
     return 0
 
 
@@ -128,11 +146,10 @@ def _owner(a: argparse.Namespace) -> int:
                 print(f"{when}  {e['service'] or '-':<12} {e['event']:<7} {result:<8} {e['detail']}")
             return 0
         if a.cas_command == "trust":
-            try:
-                pem = Path(a.platform_key).read_text()
-            except OSError as e:
-                raise CliError(f"{a.platform_key}: {e.strerror}") from None
-            print(f"trusted platform {client.trust_platform(pem, a.note)['platform_id']}")
+            print(f"trusted platform {client.trust_platform(_platform_id(a)[1], a.note)['platform_id']}")
+            return 0
+        if a.cas_command == "distrust":
+            print(f"distrusted platform {client.distrust_platform(_platform_id(a)[0])['platform_id']}")
             return 0
         if a.session_command == "show":
             doc = client.session(a.name)

@@ -53,5 +53,8 @@ class Client:
         body = json.dumps({"public_key": public_key_pem, "note": note}).encode()
         return self.request("POST", "/v1/platforms", body)
 
+    def distrust_platform(self, platform_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/platforms/{platform_id}")
+
     def audit(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/sessions/{name}/audit")

@@ -8,6 +8,7 @@ at rest.  The database is ``DIR/cas.db`` (SQLite) unless ``--db`` names another.
 API (JSON unless noted; owner requests are signed, see ``protocol.py``)::
 
     POST /v1/platforms              admin   {public_key, note} -> {platform_id}
+    DELETE /v1/platforms/{id}       admin   -> {platform_id}
     POST /v1/sessions               owner   body: the policy YAML -> {name, version}
     GET  /v1/sessions/{name}        owner   -> {name, version, policy}
     GET  /v1/sessions/{name}/audit  owner   -> {name, events}
@@ -176,6 +177,11 @@ def build_app(cas: Cas) -> Starlette:
     routes = [
         Route("/v1/sessions", owned(put), methods=["POST"]),
         Route("/v1/platforms", owned(trust), methods=["POST"]),
+        Route(
+            "/v1/platforms/{pid}",
+            owned(lambda o, r, b: cas.distrust_platform(o, r.path_params["pid"])),
+            methods=["DELETE"],
+        ),
         Route(
             "/v1/sessions/{name}",
             owned(lambda o, r, b: cas.get_session(o, r.path_params["name"])),

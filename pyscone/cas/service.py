@@ -7,8 +7,8 @@ attacker probing the CAS learns nothing.
 
 from __future__ import annotations
 
+import hashlib
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +39,6 @@ class Cas:
         self.store = store
         self.admin = admin  # the owner id of the CAS admin's key, who may trust platforms
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._seen: dict[bytes, float] = {}  # owner request signatures, until they expire
-        self._lock = threading.Lock()
 
     # -- owners -------------------------------------------------------------------------------
 
@@ -52,12 +50,8 @@ class Cas:
         """
         now = time.time()
         owner, signature = protocol.verify_request(headers, method, path, body, now)
-        with self._lock:
-            for sig in [s for s, until in self._seen.items() if until < now]:
-                del self._seen[sig]
-            if signature in self._seen:
-                raise protocol.AuthError("the request was already used (a replay)")
-            self._seen[signature] = now + 2 * protocol.MAX_SKEW
+        if not self.store.use_request(hashlib.sha256(signature).hexdigest(), now + 2 * protocol.MAX_SKEW):
+            raise protocol.AuthError("the request was already used (a replay)")
         return owner
 
     def trust_platform(self, owner: str, public_key_pem: str, note: str) -> Answer:
@@ -71,6 +65,14 @@ class Cas:
         self.store.trust_platform(pid, keys.public_pem(key).decode(), note)
         self._log(f"pyscone cas: the admin trusted platform {pid} ({note})")
         return Answer(200, {"platform_id": pid})
+
+    def distrust_platform(self, owner: str, platform_id: str) -> Answer:
+        if self.admin is None or owner != self.admin:
+            return _error(403, "only the CAS admin may distrust platforms")
+        if not self.store.distrust_platform(platform_id):
+            return _error(404, f"platform {platform_id} is not trusted")
+        self._log(f"pyscone cas: the admin distrusted platform {platform_id}")
+        return Answer(200, {"platform_id": platform_id})
 
     def put_session(self, owner: str, text: str) -> Answer:
         try:

@@ -63,6 +63,12 @@ challenges = sa.Table(
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("used", sa.Boolean, nullable=False, default=False),
 )
+requests = sa.Table(
+    "requests",  # owner requests already used, until they could no longer be replayed anyway
+    meta,
+    sa.Column("signature", sa.String(64), primary_key=True),
+    sa.Column("expires", sa.Float, nullable=False),
+)
 audit = sa.Table(
     "audit",
     meta,
@@ -125,6 +131,10 @@ class Store:
                 )
             )
 
+    def distrust_platform(self, platform_id: str) -> bool:
+        with self.engine.begin() as db:
+            return bool(db.execute(platforms.delete().where(platforms.c.platform_id == platform_id)).rowcount)
+
     def platforms(self) -> dict[str, str]:
         with self.engine.connect() as db:
             return {r.platform_id: r.public_key for r in db.execute(sa.select(platforms))}
@@ -168,6 +178,23 @@ class Store:
             )
             if done.rowcount != 1:
                 raise Conflict("the session's current version is not the predecessor named")
+
+    # -- owner requests -----------------------------------------------------------------------
+
+    def use_request(self, signature_hash: str, expires: float) -> bool:
+        """Record an owner request as used: False if it was used before (a replay).
+
+        In the database, so every CAS process on it refuses a replay, not just the one that
+        saw the request first.
+        """
+        with self.engine.begin() as db:
+            db.execute(requests.delete().where(requests.c.expires < time.time()))
+            try:
+                with db.begin_nested():
+                    db.execute(requests.insert().values(signature=signature_hash, expires=expires))
+            except sa.exc.IntegrityError:
+                return False
+        return True
 
     # -- attestation challenges ---------------------------------------------------------------
 
