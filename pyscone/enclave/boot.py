@@ -218,9 +218,9 @@ class TagFile:
 
     def _write(self, text: str) -> None:
         # Replaced whole and durably: a torn or lost tag file would strand the file system.
-        from pyscone.enclave.shields import fs
+        from pyscone.enclave.shields.store import replace_host_file
 
-        fs.replace_host_file(self.path, text.encode(), self.max_io)
+        replace_host_file(self.path, text.encode(), self.max_io)
 
     def prepare(self, old: str, new: str) -> None:
         self._write(f"{old}\n{new}\n")
