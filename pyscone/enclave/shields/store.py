@@ -163,7 +163,14 @@ class HostStore:
             raise self._error
 
     def _written(self, call: scheduler.InFlight, n: int) -> None:
-        result, err, _ = scheduler.get().finish(call)
+        try:
+            result, err, _ = scheduler.get().finish(call)
+        except BaseException:
+            # Interrupted (^C, a signal handler's exception): the write may or may not happen,
+            # so nothing may be committed on top of it.
+            if self._error is None:
+                self._error = _err(errno.EIO)
+            raise
         self._check_write(result, err, n)
 
     def _check_write(self, result: int, err: int, n: int) -> None:
