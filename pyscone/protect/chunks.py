@@ -201,9 +201,11 @@ def open_run_into(fk: FileKey, first: int, blob: memoryview, tags: memoryview, o
     pack = _AD_TAIL.pack
     encrypted = fk.encrypted
     p = d = t = 0
+    last = first + n - 1
+    tail = len(out) - (n - 1) * cs  # every chunk but the last is full
     try:
         for index in range(first, first + n):
-            size = min(cs, len(out) - d)
+            size = cs if index != last else tail
             end = p + size + OVERHEAD
             if blob[end - TAG_SIZE : end] != tags[t : t + TAG_SIZE]:
                 raise IntegrityError("chunk is not the expected version")
