@@ -308,6 +308,8 @@ def test_the_fspf_is_pinned_by_the_cas_and_a_rolled_back_one_refused(world: Worl
     rolled = world.run("fs/app")
     assert rolled.returncode == 70
     assert "cannot mount the file-system shield" in rolled.stderr and "pinned" in rolled.stderr
+    stored = b"".join(p.read_bytes() for p in world.cas_dir.glob("cas.db*"))
+    assert key.encode() not in stored  # the policy that holds the FSPF key is encrypted at rest
 
 
 def test_fifty_enclaves_attesting_at_once_each_get_their_own_configuration(world: World) -> None:

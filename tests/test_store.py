@@ -83,13 +83,17 @@ def test_tag_reports_only_move_forward_and_only_for_the_latest_run(url: str) -> 
 
 def test_secrets_and_run_keys_are_encrypted_at_rest(url: str) -> None:
     store = Store(url, MASTER)
-    store.put_session("s", "owner", "v1", "p", {"pw": "correct horse battery"}, {"pw": "password"}, None)
+    policy = "fspf: {key: 0f5b1c2a9e7d}"  # a policy may hold an FSPF key
+    store.put_session("s", "owner", "v1", policy, {"pw": "correct horse battery"}, {"pw": "password"}, None)
     _, _, key = store.start_run("s", "api", [])
     with store.engine.connect() as db:
         dump = repr(db.execute(sa.text("SELECT * FROM sessions")).all()) + repr(
             db.execute(sa.text("SELECT * FROM services")).all()
         )
     assert "correct horse" not in dump and key.hex() not in dump and repr(key) not in dump
+    assert "0f5b1c2a9e7d" not in dump
+    row = store.session("s")
+    assert row is not None and row.policy == policy
     with pytest.raises(InvalidTag):  # another master key cannot open them
         Store(url, os.urandom(32)).session("s")
 

@@ -6,9 +6,10 @@ conditions are in its ``WHERE`` clause (a session update names the version it
 replaces; a challenge is taken only if unused and fresh), so two CAS processes on
 one PostgreSQL database, or many threads on one SQLite file, cannot both win.
 
-Secret values and run keys are stored encrypted (AES-256-GCM) under the CAS's master
-key, with the session (and service) as associated data, so a copy of the database
-alone reveals no secret and a ciphertext cannot be moved to another session.
+Policies (which may hold FSPF keys), secret values and run keys are stored encrypted
+(AES-256-GCM) under the CAS's master key, with the session (and service) as associated
+data, so a copy of the database alone reveals no secret and a ciphertext cannot be
+moved to another session.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ sessions = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("owner", sa.String(64), nullable=False),
     sa.Column("version", sa.String(64), nullable=False),
-    sa.Column("policy", sa.Text, nullable=False),
+    sa.Column("policy", sa.LargeBinary, nullable=False),  # encrypted: a policy may hold an FSPF key
     sa.Column("secrets", sa.LargeBinary, nullable=False),  # encrypted JSON {values, kinds}
     sa.Column("updated", sa.Float, nullable=False),
 )
@@ -147,7 +148,8 @@ class Store:
         if r is None:
             return None
         doc = json.loads(self._open(r.secrets, "session:" + name))
-        return SessionRow(r.name, r.owner, r.version, r.policy, doc["values"], doc["kinds"])
+        policy = self._open(r.policy, "policy:" + name).decode()
+        return SessionRow(r.name, r.owner, r.version, policy, doc["values"], doc["kinds"])
 
     def put_session(
         self,
@@ -165,7 +167,8 @@ class Store:
             Conflict: the session exists (create), or its version is no longer ``replaces``.
         """
         blob = self._seal(json.dumps({"values": values, "kinds": kinds}).encode(), "session:" + name)
-        row = {"owner": owner, "version": version, "policy": policy, "secrets": blob, "updated": time.time()}
+        sealed_policy = self._seal(policy.encode(), "policy:" + name)
+        row = {"owner": owner, "version": version, "policy": sealed_policy, "secrets": blob, "updated": time.time()}
         with self.engine.begin() as db:
             if replaces is None:
                 try:
