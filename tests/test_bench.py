@@ -1,0 +1,37 @@
+"""The benchmark commands the docs quote keep working (quick runs; the numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _quick(script: str) -> str:
+    r = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_the_fs_benchmark_runs() -> None:
+    out = _quick("fs.py")
+    assert "seq-read-64k" in out and "encrypted-64k MB/s" in out and "AES-GCM call alone" in out
+    report = json.loads((BENCH / "results" / "fs.json").read_text())
+    assert {r["config"] for r in report["results"]} == {
+        "native",
+        "encrypted",
+        "authenticated",
+        "encrypted-64k",
+        "unprotected",
+    }
+
+
+def test_the_attestation_benchmark_runs() -> None:
+    out = _quick("attest.py")
+    assert "attested" in out and "postgresql" in out
+    report = json.loads((BENCH / "results" / "attest.json").read_text())
+    assert [s["kind"] for s in report["startup"]] == ["native", "dev", "signed", "attested"]
+    assert all(t["attestations"] > 0 for t in report["throughput"])
