@@ -505,3 +505,42 @@ def test_a_full_disk_fails_the_writer_and_keeps_the_last_commit(fs: FS) -> None:
     assert r.returncode == 1
     assert r.stderr.splitlines()[-1].startswith("error: cannot create the 64 MiB shared-memory region"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_buffered_random_reads_return_exactly_what_was_written(fs: FS) -> None:
+    # After a seek the shield gives a buffered reader only the rest of one chunk (a short raw
+    # read), so a small random read opens one chunk, not a buffer's worth: the reader must still
+    # return exactly the bytes asked for, however they straddle chunks and buffers.
+    app = write_app(
+        fs.root,
+        f"""
+        import io, os, random
+        p = os.path.join({str(fs.enc)!r}, "random.bin")
+        rng = random.Random(7)
+        data = rng.randbytes(300_000)
+        with open(p, "wb") as f:
+            f.write(data)
+        bad = 0
+        for mode in ("rb", "r+b"):
+            with open(p, mode) as f:
+                for _ in range(300):
+                    off, size = rng.randrange(len(data)), rng.choice([1, 100, 4095, 4096, 4097, 70_000])
+                    f.seek(off)
+                    how = rng.choice(["read", "readinto", "read1", "peek"])
+                    if how == "read":
+                        got = f.read(size)
+                    elif how == "readinto":
+                        buf = bytearray(size)
+                        got = bytes(buf[: f.readinto(buf)])
+                    elif how == "read1":
+                        got = f.read1(size)
+                    else:
+                        got = f.peek(size)[:size]
+                    want = data[off : off + size]
+                    ok = got == want if how in ("read", "readinto") else (got and want.startswith(got))
+                    bad += not ok
+        print("mismatches", bad)
+        """,
+    )
+    r = fs.run(app)
+    assert (r.returncode, r.stdout) == (0, "mismatches 0\n"), r.stderr

@@ -125,11 +125,12 @@ class Node:
 
 
 class OpenFile:
-    __slots__ = ("append", "node", "pos", "readable", "writable")
+    __slots__ = ("append", "node", "pos", "read_end", "readable", "writable")
 
     def __init__(self, node: Node, readable: bool, writable: bool, append: bool) -> None:
         self.node = node
         self.pos = 0
+        self.read_end = 0  # where the last read ended: a read from elsewhere follows a seek
         self.readable = readable
         self.writable = writable
         self.append = append
@@ -399,13 +400,25 @@ class FsShield:
         got = self.readinto(vfd, memoryview(out))
         return bytes(out) if got == len(out) else bytes(out[:got])
 
-    def readinto(self, vfd: int, out: memoryview) -> int:
+    def readinto(self, vfd: int, out: memoryview, buffered: bool = False) -> int:
+        """Read at the file position into ``out``.
+
+        ``buffered``: the caller is a buffered reader filling its buffer.  Right after a seek
+        such a read returns only up to the end of the chunk it starts in: the reader then
+        has what a small random read needs, and asks again (from where this ended) for more.
+        Without it a random 4 KiB read would open a whole buffer's worth of chunks.
+        """
         o = self._open_file(vfd)
         if not o.readable:
             raise _err(errno.EBADF)
         with o.node.lock:
+            pf = o.node.file
+            if buffered and o.pos != o.read_end and isinstance(pf, ProtectedFile):
+                cs = pf.key.chunk_size
+                out = out[: cs - o.pos % cs]
             n = self._readinto(o.node, o.pos, out)
             o.pos += n
+            o.read_end = o.pos
             return n
 
     def write(self, vfd: int, data: bytes | bytearray | memoryview) -> int:

@@ -526,6 +526,7 @@ class EnclaveFileIO(io.RawIOBase):
 
     def __init__(self, file: Path | int, mode: str = "r", closefd: bool = True, opener: Any = None) -> None:
         self._fd = -1
+        self._under_buffer = False
         if isinstance(file, float):
             raise TypeError("integer argument expected, got float")
         if set(mode) - set("rwxab+") or sum(c in "rwxa" for c in mode) != 1 or mode.count("+") > 1:
@@ -616,7 +617,8 @@ class EnclaveFileIO(io.RawIOBase):
             raise io.UnsupportedOperation("File not open for reading")
         view = memoryview(b).cast("B")
         if sh := _vfd(self._fd):
-            return sh.readinto(self._fd, view)  # decrypted straight into the caller's buffer
+            # Decrypted straight into the caller's buffer; a buffered reader may get a short read.
+            return sh.readinto(self._fd, view, self._under_buffer)
         data = read(self._fd, len(view))
         n = len(data)
         view[:n] = data
@@ -782,6 +784,7 @@ def open(  # noqa: A001 - it *is* open
             if binary:
                 return result
             raise ValueError("can't have unbuffered text I/O")
+        raw._under_buffer = True  # only its buffer reads from it: short reads are fine
         if updating:
             buffer: Any = io.BufferedRandom(raw, buffering)
         elif creating or writing or appending:
