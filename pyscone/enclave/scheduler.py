@@ -283,11 +283,10 @@ class Scheduler:
 
     def drop(self, pending: InFlight) -> None:
         """Give up a call made by :meth:`start`: its reply, now or later, is discarded."""
-        if self._replies.pop(pending.call.token, None) is None:
-            for sid, call in self._waiting.items():
-                if call is pending.call:
-                    self._waiting[sid] = None  # an orphan: its reply is dropped
-                    break
+        call = pending.call
+        self._replies.pop(call.token, None)
+        if self._waiting.get(call.sid) is call:
+            self._waiting[call.sid] = None  # an orphan: its reply is dropped
 
     def _publish(
         self, op: int, flags: int, args: tuple[int, ...], data: bytes | memoryview, lt: LThread | None

@@ -287,16 +287,17 @@ class Executor:
     def _positioned_io(self, sid: int, off: int, op: int, args: list[int], dlen: int) -> None:
         """pread straight into the slot, pwrite straight from it: file data is copied once here."""
         start = off + abi.SLOT_HEADER
-        n = args[1] if op == Op.PREAD else dlen
-        if not 0 <= n <= self.geometry.slot_data:
+        n, pos = (args[1], args[2]) if op == Op.PREAD else (dlen, args[1])
+        # (preadv takes offset -1 as "the file position": pread's callers mean EINVAL)
+        if not 0 <= n <= self.geometry.slot_data or pos < 0:
             self._answer(sid, (-1, errno.EINVAL, b""))
             return
         view = memoryview(self.mm)[start : start + n]
         try:
             if op == Op.PREAD:
-                result = got = os.preadv(args[0], [view], args[2])
+                result = got = os.preadv(args[0], [view], pos)
             else:
-                result, got = os.pwrite(args[0], view, args[1]), 0
+                result, got = os.pwrite(args[0], view, pos), 0
         except OSError as e:
             self._answer(sid, _err(e))
             return

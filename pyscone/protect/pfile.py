@@ -187,7 +187,7 @@ class ProtectedFile:
         if not self._dirty and not self._pending and end <= self._valid_end:
             self._read_committed(offset, end, out, forward)
             return end - offset
-        cs, key = self.key.chunk_size, self.key
+        cs = self.key.chunk_size
         run: list[tuple[int, bytes, int, int, int, int]] = []  # index, tag, size, dst, within, take
         run_start = run_end = -1
 
@@ -195,13 +195,7 @@ class ProtectedFile:
             blob = memoryview(self.store.pread(run_start, run_end - run_start))
             pos = 0
             for index, tag, size, dst, within, take in run:
-                record = blob[pos : pos + size + OVERHEAD]
-                if within == 0 and take == size:
-                    open_run_into(key, index, record, memoryview(tag), out[dst : dst + size])
-                else:
-                    plaintext = bytearray(size)
-                    open_run_into(key, index, record, memoryview(tag), memoryview(plaintext))
-                    _put(out, dst, plaintext, within, take)
+                self._open_piece(index, blob[pos : pos + size + OVERHEAD], memoryview(tag), out, dst, within, take)
                 pos += cs + OVERHEAD
             run.clear()
 
@@ -231,6 +225,19 @@ class ProtectedFile:
         if run:
             fetch()
         return end - offset
+
+    def _open_piece(
+        self, index: int, record: memoryview, tag: memoryview, out: memoryview, dst: int, within: int, take: int
+    ) -> None:
+        """Open chunk ``index`` and put ``take`` bytes of it, from ``within``, at ``out[dst:]``:
+        straight into ``out`` when that is the whole chunk, through a copy when it is a piece."""
+        size = len(record) - OVERHEAD
+        if within == 0 and take == size:
+            open_run_into(self.key, index, record, tag, out[dst : dst + size])
+            return
+        plaintext = bytearray(max(size, 0))
+        open_run_into(self.key, index, record, tag, memoryview(plaintext))
+        _put(out, dst, plaintext, within, take)
 
     def _committed_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
         """Committed chunks ``first..last`` as runs whose records lie back to back on the
@@ -281,13 +288,11 @@ class ProtectedFile:
                     out[lo * cs - offset : hi * cs - offset],
                 )
             for k in (*range(i, lo), *range(hi, j)):
-                n = min(cs, entry.length - k * cs)
-                plaintext = bytearray(n)
                 pos = (k - i) * stride
-                record = blob[pos : pos + n + OVERHEAD]
-                open_run_into(key, k, record, tags[k * TAG_SIZE : (k + 1) * TAG_SIZE], memoryview(plaintext))
+                record = blob[pos : pos + min(cs, entry.length - k * cs) + OVERHEAD]
                 start = max(k * cs, offset)
-                _put(out, start - offset, plaintext, start - k * cs, min((k + 1) * cs, end) - start)
+                tag = tags[k * TAG_SIZE : (k + 1) * TAG_SIZE]
+                self._open_piece(k, record, tag, out, start - offset, start - k * cs, min((k + 1) * cs, end) - start)
 
     def _read_ahead(self, first: int) -> None:
         cs = self.key.chunk_size
