@@ -69,13 +69,17 @@ class World:
         return r.stdout.strip()
 
     def policy(self, name: str, service_yaml: str, extra: str = "") -> Path:
+        if "    cwd:" not in service_yaml:  # the programs live in root (the default is /)
+            service_yaml = f"    cwd: {self.root}\n{service_yaml}"
         path = self.root / f"{name}.yaml"
         path.write_text(f"name: {name}\nservices:\n  app:\n{service_yaml}{extra}")
         return path
 
-    def run(self, session: str, *options: str, las_port: int | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, session: str, *options: str, las_port: int | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         las = f"127.0.0.1:{las_port or self.las.port}"
-        return cli("run", *self.pin, "--session", session, "--las", las, *options, cwd=self.root)
+        return cli("run", *self.pin, "--session", session, "--las", las, *options, cwd=cwd or self.root)
 
     def stop(self) -> None:
         self.cas.stop()
@@ -108,7 +112,8 @@ def test_an_attested_enclave_gets_its_configuration_and_secrets_and_the_host_non
     assert r.returncode == 0, r.stderr
     out = r.stdout
     wrong = world.run("basic/app", "other.py")
-    assert wrong.returncode == 70 and "the host started other.py, but session basic/app runs app.py" in wrong.stderr
+    assert wrong.returncode == 70, wrong.stderr
+    assert f"the host started {world.root}/other.py, but session basic/app runs {world.root}/app.py" in wrong.stderr
     password = re.search(r"--password=([^']+)'", out)
     assert password is not None and len(password.group(1)) == 16
     assert "'MODE', 'prod'" in out and "BEGIN CERTIFICATE" in out
@@ -120,6 +125,36 @@ def test_an_attested_enclave_gets_its_configuration_and_secrets_and_the_host_non
     assert password.group(1).encode() not in db  # encrypted at rest
     audit = world.owner("audit", "basic")
     assert audit.stdout.count(" attest  ok") == 3  # the wrong program attested, then its enclave refused it
+
+
+def test_the_working_directory_is_the_policys_and_never_the_hosts(world: World) -> None:
+    # The host starts the same attested enclave in a directory of its own, holding its own
+    # app.py and module: what runs, and where relative paths land, is still the policy's.
+    app, evil = world.root / "cwd-app", world.root / "cwd-evil"
+    for d in (app, evil):
+        (d / "data").mkdir(parents=True)
+    write_app(app, "import os, cwdmod\nprint('genuine', os.getcwd())\nopen('data/x', 'w').write('from the app')")
+    write_app(app, "print('genuine module')", "cwdmod.py")
+    write_app(evil, "print('HOST CODE RAN')")
+    write_app(evil, "print('HOST MODULE RAN')", "cwdmod.py")
+    mre = world.measure()
+    for name, argv in (("cwd", "[app.py]"), ("cwdm", "[-m, cwdmod]")):
+        policy = world.policy(name, f"    cwd: {app}\n{_service(mre, argv)}")
+        assert world.owner("session", "create", str(policy)).returncode == 0
+    r = world.run("cwd/app", cwd=evil)
+    assert r.returncode == 0, r.stderr
+    assert "HOST" not in r.stdout and r.stdout == f"genuine module\ngenuine {app}\n"
+    assert (app / "data" / "x").read_text() == "from the app" and not (evil / "data" / "x").exists()
+    named = world.run("cwd/app", "app.py", cwd=evil)  # the host's app.py is not the session's
+    assert named.returncode == 70, named.stderr
+    assert f"the host started {evil}/app.py, but session cwd/app runs {app}/app.py" in named.stderr
+    assert "HOST" not in named.stdout
+    m = world.run("cwdm/app", cwd=evil)
+    assert m.returncode == 0 and m.stdout == "genuine module\n", (m.stdout, m.stderr)
+    gone = world.policy("cwdgone", f"    cwd: {app / 'nowhere'}\n{_service(mre)}")
+    assert world.owner("session", "create", str(gone)).returncode == 0
+    missing = world.run("cwdgone/app")
+    assert missing.returncode == 70 and f"the session's working directory {app / 'nowhere'}" in missing.stderr
 
 
 @pytest.mark.parametrize(

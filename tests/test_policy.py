@@ -64,6 +64,10 @@ def test_a_good_policy_parses_and_renders() -> None:
         (("kind: ecdsa", "kind: rsa"), "line 15: secrets.sign.kind: unknown kind"),
         (("predecessor: null", "predecessor: 12"), "line 2: predecessor: expected the 64-hex-digit version"),
         (("    argv: [api", "    argv: [api"), None),
+        (
+            ("    argv: [api", "    cwd: srv/api\n    argv: [api"),
+            "line 9: services.api.cwd: the working directory is an absolute",
+        ),
     ],
 )
 def test_mistakes_name_their_line(change: tuple[str, str], message: str | None) -> None:
@@ -83,3 +87,11 @@ def test_mistakes_name_their_line(change: tuple[str, str], message: str | None) 
 def test_broken_policies_are_refused(text: str) -> None:
     with pytest.raises(PolicyError, match=r"^line \d+: "):
         policy.parse(text)
+
+
+def test_the_working_directory_is_the_policys_with_a_default_of_root() -> None:
+    assert policy.parse(GOOD).services["api"].cwd == "/"
+    assert (
+        policy.parse(GOOD.replace("    argv: [api", "    cwd: /srv/./api/\n    argv: [api")).services["api"].cwd
+        == "/srv/api"
+    )

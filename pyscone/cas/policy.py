@@ -14,6 +14,7 @@ it.  Example::
         product_id: 7
         min_svn: 2
         debug: false             # allow a debug enclave (default false)
+        cwd: /srv/app            # the working directory (default /); a relative argv[0] is taken from it
         argv: [app.py, --port, "8443"]
         env: {DB_PASSWORD: "${secret:db_password}", MODE: production}
         files: {/run/secrets/api.key: "${secret:api_tls.key}"}
@@ -32,6 +33,7 @@ it to anyone else.  A mistake is a :class:`PolicyError` that names the line.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +84,7 @@ class Service:
     env: Mapping[str, str]
     files: Mapping[str, str]
     fspf: FspfSpec | None
+    cwd: str = "/"  # the enclave's working directory: never the host's
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def _secret(name: str, node: _Node) -> SecretSpec:
 
 def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Service:
     m = node.mapping(
-        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf"}, {"argv"}
+        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd"}, {"argv"}
     )
     mrenclaves = frozenset(
         bytes.fromhex(n.string(HEX32, "a 64-hex-digit MRENCLAVE"))
@@ -264,7 +267,13 @@ def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Servi
         fspf = FspfSpec(
             f["path"].string(), key, f["tag"].string(re.compile(r"^[0-9a-fA-F]{32}$"), "a 32-hex-digit tag")
         )
-    return Service(name, expected, argv, env, files, fspf)
+    cwd = "/"
+    if "cwd" in m:
+        cwd = m["cwd"].string()
+        if not cwd.startswith("/") or "\0" in cwd:
+            raise m["cwd"].fail("the working directory is an absolute path")
+        cwd = posixpath.normpath(cwd)
+    return Service(name, expected, argv, env, files, fspf, cwd)
 
 
 def _ref_checker(secrets: Mapping[str, SecretSpec]) -> Callable[[_Node, str], str]:

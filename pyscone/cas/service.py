@@ -162,6 +162,7 @@ class Cas:
 
         config: dict[str, Any] = {
             "argv": [render(a) for a in svc.argv],
+            "cwd": svc.cwd,
             "env": {k: render(v) for k, v in svc.env.items()},
             "files": {p: render(v) for p, v in svc.files.items()},
             "fspf": None,

@@ -90,9 +90,13 @@ def main() -> None:
 
     # 3. Interpose.
     threads.install()
-    # sys.path[0] as python sets it: the script's directory, or the cwd for -m.
-    app_dir = cfg["cwd"] if cfg["module"] else os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0]))
-    sys.path.insert(0, os.path.normpath(app_dir))
+    if cfg.get("cas"):
+        # Nothing path-like comes from the host in CAS mode: the working directory, the
+        # program and sys.path[0] are the policy's, set once the enclave has attested.
+        cfg["host_cwd"] = cfg["cwd"]
+        cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
+    else:
+        sys.path.insert(0, _app_dir(cfg))
     for name in cfg["preload"]:
         try:
             __import__(name)
@@ -149,23 +153,47 @@ def _attest(cfg: dict[str, Any]) -> str | None:
         config = cas_client.attest_to(cfg["cas"], session, service, (host, int(port)))
     except AttestationError as e:
         return f"attestation failed: {e}"
+    host_cwd = cfg["host_cwd"]
     argv = list(config["argv"])
     cfg["module"] = argv[0] == "-m"
     cfg["argv"] = argv[1:] if cfg["module"] else argv
     if not cfg["argv"]:
         return "attestation failed: the CAS gave no program to run"
+    cwd = config.get("cwd") or "/"
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        return "attestation failed: the CAS gave no absolute working directory"
+    cfg["cwd"] = os.path.normpath(cwd)
     expected = cfg.get("expect_program")
-    if expected and (cfg["module"] or os.path.normpath(expected) != os.path.normpath(cfg["argv"][0])):
-        shown = "-m " + cfg["argv"][0] if cfg["module"] else cfg["argv"][0]
-        return f"the host started {expected}, but session {cfg['session']} runs {shown}"
-    app_dir = cfg["cwd"] if cfg["module"] else os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0]))
-    sys.path[0] = os.path.normpath(app_dir)
+    program = "-m " + cfg["argv"][0] if cfg["module"] else os.path.normpath(os.path.join(cfg["cwd"], cfg["argv"][0]))
+    if expected and program != os.path.normpath(os.path.join(host_cwd, expected)):
+        # Only ever a reason to refuse: what runs is the session's program in the session's cwd.
+        return f"the host started {os.path.join(host_cwd, expected)}, but session {cfg['session']} runs {program}"
     os.environ.clear()
     os.environ.update(config["env"])
     cfg["files"] = config["files"]
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
     return None
+
+
+def _enter(cfg: dict[str, Any]) -> str | None:
+    """CAS mode: go to the session's working directory (with the shield mounted, so a
+    protected one is the FSPF's) and put the program's directory first on sys.path."""
+    from pyscone.enclave.stdlib import files
+
+    try:
+        files.chdir(cfg["cwd"])
+    except OSError as e:
+        return f"the session's working directory {cfg['cwd']}: {e.strerror}"
+    sys.path.insert(0, _app_dir(cfg))
+    return None
+
+
+def _app_dir(cfg: dict[str, Any]) -> str:
+    """sys.path[0] as python sets it: the script's directory, or the cwd for -m."""
+    if cfg["module"]:
+        return str(cfg["cwd"])
+    return os.path.normpath(os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0])))
 
 
 def _inject(injected: dict[str, str]) -> str | None:
@@ -244,6 +272,8 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
             error = f"cannot mount the file-system shield: {type(e).__name__}: {e}"
     if error is None and cfg.get("files"):
         error = _inject(cfg["files"])
+    if error is None and cfg.get("cas"):
+        error = _enter(cfg)
     if error is not None:
         print(f"pyscone: {error}", file=sys.stderr, flush=True)
         status[0] = 70
