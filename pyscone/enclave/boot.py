@@ -193,7 +193,7 @@ def _app_dir(cfg: dict[str, Any]) -> str:
     """sys.path[0] as python sets it: the script's directory, or the cwd for -m."""
     if cfg["module"]:
         return str(cfg["cwd"])
-    return os.path.normpath(os.path.dirname(os.path.join(cfg["cwd"], cfg["argv"][0])))
+    return os.path.normpath(os.path.dirname(os.path.join(str(cfg["cwd"]), str(cfg["argv"][0]))))
 
 
 def _inject(injected: dict[str, str]) -> str | None:
