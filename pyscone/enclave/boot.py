@@ -19,11 +19,10 @@ import json
 import os
 import signal
 import sys
-import traceback
 from typing import Any, NoReturn
 
 from pyscone import rings
-from pyscone.enclave import barrier, iago, importer, scheduler
+from pyscone.enclave import barrier, iago, importer, redact, scheduler
 from pyscone.enclave.syscalls import SyscallClient
 
 
@@ -123,14 +122,17 @@ def main() -> None:
     if cfg["barrier"]:
         barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
     # The C traceback printer reads source lines with direct file I/O (refused by the
-    # barrier); the pure-Python one reads them through the interposed open.
-    sys.excepthook = lambda t, v, tb: traceback.print_exception(t, v, tb)
+    # barrier); the pure-Python one reads them through the interposed open.  Outside a
+    # debug enclave the runtime's reports hide protected code from the host's console.
+    debug = not cfg["barrier"]
+    redact.install(debug)
+    if debug:
 
-    def dump(signum: int, frame: object) -> None:
-        sys.stderr.write(scheduler.dump_lthreads(sched))
-        sys.stderr.flush()
+        def dump(signum: int, frame: object) -> None:
+            sys.stderr.write("pyscone: debug enclave: lthread dump (kill -USR2)\n" + scheduler.dump_lthreads(sched))
+            sys.stderr.flush()
 
-    signal.signal(signal.SIGUSR2, dump)
+        signal.signal(signal.SIGUSR2, dump)
 
     # 5. Run.
     status = [0]
@@ -298,7 +300,7 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
     except SystemExit as e:
         code = _exit_code(e.code)
     except KeyboardInterrupt:
-        traceback.print_exc()
+        redact.print_exc()
         code = 130
     except BaseException:  # noqa: BLE001 - the interpreter reports and exits 1
         sys.excepthook(*sys.exc_info())
@@ -328,7 +330,7 @@ def _finish(code: int) -> int:
     except SystemExit as e:
         code = _exit_code(e.code)
     except BaseException:  # noqa: BLE001
-        traceback.print_exc()
+        redact.print_exc()
     try:
         from pyscone.enclave.stdlib import files
 

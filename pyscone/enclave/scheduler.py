@@ -500,11 +500,12 @@ def dump_lthreads(sched: Scheduler) -> str:
 def _report_crash(lt: LThread) -> None:
     """An exception escaped an lthread's top level: report it as the interpreter would."""
     import sys
-    import traceback
+
+    from pyscone.enclave import redact
 
     try:
         print(f"Exception in lthread {lt.name}:", file=sys.stderr)
-        traceback.print_exc()
+        redact.print_exc()
     except BaseException:  # noqa: BLE001 - the console itself may be what failed
         pass
 

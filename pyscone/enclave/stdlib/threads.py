@@ -188,11 +188,11 @@ def start_new_thread(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any
         except SystemExit:
             pass
         except BaseException:  # noqa: BLE001 - what _thread does: report, don't propagate
-            import traceback
+            from pyscone.enclave import redact
 
             try:
                 print(f"Exception ignored in thread started by: {function!r}", file=sys.stderr)
-                traceback.print_exc()
+                redact.print_exc()
             except BaseException:  # noqa: BLE001
                 pass
 
