@@ -147,3 +147,13 @@ def test_python_is_the_same_interpreter(tmp_path: Path) -> None:
     app = write_app(tmp_path, "import sys\nprint(sys.version_info[:2])\n")
     r = run_enclave(app, cwd=tmp_path)
     assert r.stdout.strip() == str(sys.version_info[:2])
+
+
+def test_a_heap_too_small_for_the_enclave_is_one_line(tmp_path: Path) -> None:
+    app = write_app(tmp_path, "print(1)\n")
+    for heap in ("1K", "20M"):
+        r = run_enclave("--heap", heap, app, cwd=tmp_path)
+        assert r.returncode == 70, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"--heap {heap} is too small: the enclave needs at least" in lines[0], r.stderr
+    assert run_enclave("--heap", "96M", app, cwd=tmp_path).stdout == "1\n"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import resource
 
 SCMP_ACT_ALLOW = 0x7FFF0000
@@ -64,6 +65,7 @@ class BarrierError(RuntimeError):
     pass
 
 
+@functools.cache
 def _lib() -> ctypes.CDLL:
     name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
     try:
@@ -132,9 +134,39 @@ def lockdown(*, read_fd: int, write_fd: int, epoll_fd: int) -> None:
         lib.seccomp_release(ctx)
 
 
+#: What the runtime needs beyond what it already uses when the limit is set (lockdown,
+#: the scheduler, the app's first frames), so that a too-small heap is refused up front.
+HEAP_HEADROOM = 8 << 20
+
+
 def set_heap_limit(limit: int) -> None:
-    """Bound the enclave's private memory (like SCONE_HEAP): beyond it, MemoryError."""
+    """Bound the enclave's private memory (like SCONE_HEAP): beyond it, MemoryError.
+
+    Raises:
+        BarrierError: the limit is below what the enclave already uses (plus headroom).
+    """
+    _lib()  # libseccomp is mapped now: under a small limit it could not be later
+    used = _data_in_use()
+    if limit < used + HEAP_HEADROOM:
+        need = -(-(used + HEAP_HEADROOM) // (1 << 20))
+        raise BarrierError(f"--heap {_size(limit)} is too small: the enclave needs at least {need}M to start")
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _data_in_use() -> int:
+    """The process's RLIMIT_DATA usage now (VmData), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def no_dump() -> None:

@@ -115,12 +115,15 @@ def main() -> None:
     # 4. Scrub, bound, lock down.
     os.environ.clear()
     os.environ.update(cfg["env"])
-    if cfg["heap"]:
-        barrier.set_heap_limit(cfg["heap"])
-    barrier.no_dump()
-    barrier.die_with_host(cfg["host_pid"])
-    if cfg["barrier"]:
-        barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
+    try:
+        if cfg["heap"]:
+            barrier.set_heap_limit(cfg["heap"])
+        barrier.no_dump()
+        barrier.die_with_host(cfg["host_pid"])
+        if cfg["barrier"]:
+            barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
+    except (barrier.BarrierError, MemoryError) as e:
+        _boot_error(str(e) or type(e).__name__)
     # The C traceback printer reads source lines with direct file I/O (refused by the
     # barrier); the pure-Python one reads them through the interposed open.  Outside a
     # debug enclave the runtime's reports hide protected code from the host's console.
