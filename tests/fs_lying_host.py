@@ -31,6 +31,10 @@ RACE = {link: target for link, target in LIES.get("race", [])}
 
 
 class LyingExecutor(executor.Executor):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        print("lying-host: serving the enclave", file=sys.stderr)  # the tests check the plug-in is in use
+
     def _stat(self, a: tuple[int, ...], d: bytes) -> executor.Answer:
         path = d.decode("utf-8", "surrogateescape")
         if path in STAT_DIR:

@@ -54,7 +54,9 @@ class Srv:
         env = {k: v for k, v in os.environ.items() if k != "PYSCONE_TEST_HOSTILE"}
         env["PYSCONE_FS_LIES"] = json.dumps(lies)
         cmd = [sys.executable, str(LYING_HOST), "--fspf", str(self.fspf), str(script), *args]
-        return subprocess.run(cmd, cwd=self.root, env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(cmd, cwd=self.root, env=env, capture_output=True, text=True, timeout=60)
+        assert "lying-host: serving the enclave" in r.stderr, r.stderr  # the liar, not the real executor
+        return r
 
     def plaintext_on_disk(self) -> list[str]:
         """Every host file (symlinks not followed) that holds the secret in the clear."""
