@@ -328,6 +328,13 @@ def _fspf_config(a: argparse.Namespace) -> dict[str, object] | None:
     if tags is None and os.path.isfile(tag_file):
         with open(tag_file) as fh:
             tags = fh.read().split() or None
+    if tags is None:  # nothing pins the FSPF: said at every run, as it is true at every run
+        state = "is empty" if os.path.isfile(tag_file) else "is missing"
+        print(
+            f"pyscone: WARNING: dev mode: the tag file {tag_file} {state} and no --fspf-tag is given: "
+            "rollback protection is OFF for this run (the host may put back any older FSPF and files).",
+            file=sys.stderr,
+        )
     print(
         "pyscone: WARNING: dev mode: the FSPF key comes from the host; "
         "in production the CAS delivers it only after attestation.",

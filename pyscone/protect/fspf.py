@@ -1,12 +1,14 @@
 """The file-system protection file (FSPF): regions, per-file keys and chunk tags (sans-IO).
 
 After SCONE's FSPF.  It says, for a path prefix (a *region*), how files below it are
-protected, and, for every protected file, its key material, its length and the tag
-of each of its chunks.  The chunk tags make every chunk fresh: a record that
-verifies but is not the one the FSPF lists (an older version of the chunk) is
-refused.  The FSPF itself is sealed with AES-256-GCM under the *FSPF key*; its
-GCM tag, the *FSPF tag*, names one exact version, and pinning it (in the policy,
-at the CAS) catches a rollback of the whole file system.
+protected; for every protected file, its key material, its length and the tag of
+each of its chunks; and which directories of protected regions exist though no
+listed file implies them (what exists there is the FSPF's alone: ``namespace.py``).
+The chunk tags make every chunk fresh: a record that verifies but is not the one
+the FSPF lists (an older version of the chunk) is refused.  The FSPF itself is sealed
+with AES-256-GCM under the *FSPF key*; its GCM tag, the *FSPF tag*, names one exact
+version, and pinning it (in the policy, at the CAS) catches a rollback of the whole
+file system.
 
 Region kinds:
 
@@ -108,6 +110,9 @@ class FileEntry:
 class FSPF:
     regions: list[Region] = field(default_factory=lambda: [Region("/", "unprotected")])
     files: dict[str, FileEntry] = field(default_factory=dict)
+    #: Directories in protected regions that exist though no listed file lies below them
+    #: (made by the app, or left when their last file went): see ``protect/namespace.py``.
+    dirs: set[str] = field(default_factory=set)
 
     def region_for(self, path: str) -> Region:
         """The region that governs ``path`` (a normalized absolute path): longest prefix wins."""
@@ -137,6 +142,14 @@ class FSPF:
                 raise ValueError(f"{path} has a file entry but lies in a {kind} region")
             if entry.key.encrypted != (kind == "encrypted"):
                 raise ValueError(f"{path}: its key does not match its {kind} region")
+        for d in self.dirs:
+            if not isinstance(d, str) or not d.startswith("/") or posixpath.normpath(d) != d:
+                raise ValueError(f"directory {d!r} is not a normalized absolute path")
+            kind = self.region_for(d).kind
+            if kind not in ("authenticated", "encrypted"):
+                raise ValueError(f"directory {d} lies in a {kind} region")
+            if d in self.files:
+                raise ValueError(f"{d} is listed as a file and as a directory")
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -162,6 +175,8 @@ class FSPF:
                 for path, e in sorted(self.files.items())
             },
         }
+        if self.dirs:  # only when there are some: an FSPF without any keeps its encoding
+            doc["dirs"] = sorted(self.dirs)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -176,9 +191,12 @@ class FSPF:
                 key = FileKey(_unb64(f["key"]), _unb64(f["id"]), bool(f["encrypted"]), int(f["chunk_size"]))
                 slot_bits = str(f["slots"]).encode().translate(_SLOT_BITS)
                 files[path] = FileEntry(key, int(f["length"]), _unb64(f["tags"]), slot_bits, str(f.get("store", "")))
+            dirs = doc.get("dirs", [])
+            if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+                raise ValueError("dirs is not a list of paths")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed FSPF: {e}") from None
-        fspf = cls(regions, files)
+        fspf = cls(regions, files, set(dirs))
         fspf.validate()
         return fspf
 

@@ -8,11 +8,19 @@ goes to the host as before.
   objects over the host file at the same path (their *store*), read and written
   through host calls.  The app gets a *virtual* fd (``>= VFD_BASE``, a number the
   host can never hand out), so no unshielded function can reach the records.
-* **What exists** in a protected region is what the FSPF lists: a regular file on
-  the host that the FSPF does not list is ignored (logged; the app sees ENOENT);
-  a listed file whose store is gone, or whose records fail verification, is an
-  ``OSError(EIO)`` (logged).  Directories are host metadata (their names and
-  permissions are not protected); file names are visible to the host too.
+* **What exists** in a protected region is what the FSPF says, and nothing else
+  (``protect/namespace.py``): its files, the directories it records (``mkdir`` adds
+  one, at a commit) and those they imply.  Whatever else the host has there -- a
+  file, a directory, a symlink, a "this is a directory" answer -- does not exist for
+  the app (ENOENT; logged once when a listing meets it), and no host fd of a
+  protected region ever reaches the app: an opened directory is a virtual fd too.
+  A listed file whose store is gone, or whose records fail verification, is an
+  ``OSError(EIO)`` (logged).  Directory permissions and times are host metadata;
+  names are visible to the host.
+* **Symlinks**: none exist inside a protected region, and at a region's prefix or
+  any ancestor of it the enclave reports a directory whatever the host put there
+  (``anchor_stat``), so ``os.path.realpath``/``Path.resolve()`` stay lexical and a
+  host symlink cannot move a path out of (or into) a region.
 * **Memory files** live in enclave memory only; the host sees nothing of them.
 * **Commit** (fsync, close of a writer, exit): the file's changed chunks are sealed
   into free slots, the store is fsynced, and a new sealed FSPF replaces the old
@@ -38,102 +46,27 @@ import errno
 import os
 import posixpath
 import stat as stat_mod
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pyscone import abi
 from pyscone.abi import DT_DIR, DT_REG, StatResult
+from pyscone.enclave.shields.memfs import MemoryRegions
+from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
+from pyscone.enclave.shields.nodes import err as _err
 from pyscone.enclave.shields.store import HostStore, replace_host_file
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect import fspf as fspf_mod
+from pyscone.protect import namespace
 from pyscone.protect.chunks import OVERHEAD, FileKey, IntegrityError
 from pyscone.protect.fspf import FSPF, FileEntry
 from pyscone.protect.pfile import ProtectedFile
 
 VFD_BASE = abi.MAX_FD  # the host never returns an fd this high (iago refuses it)
-PROTECTED = ("authenticated", "encrypted")
-
-
-def _err(code: int, path: str | None = None) -> OSError:
-    if path is None:
-        return OSError(code, os.strerror(code))
-    return OSError(code, os.strerror(code), path)
-
-
-def log(message: str) -> None:
-    try:
-        sys.stderr.write(f"pyscone: fs shield: {message}\n")
-        sys.stderr.flush()
-    except Exception:  # noqa: BLE001 - a closed console must not hide the error we raise next
-        pass
-
-
-class MemoryFile:
-    """A file that lives in enclave memory only (``memory`` regions)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    @property
-    def dirty(self) -> bool:
-        return False
-
-    def readinto(self, offset: int, out: memoryview) -> int:
-        data = self.data[offset : offset + len(out)]
-        out[: len(data)] = data
-        return len(data)
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        view = memoryview(data).cast("B")
-        self.data[offset : offset + len(view)] = view
-        return len(view)
-
-    def truncate(self, length: int) -> None:
-        if length < len(self.data):
-            del self.data[length:]
-        else:
-            self.data.extend(bytes(length - len(self.data)))
-
-
-class Node:
-    """One file with at least one open fd (protected), or one memory file."""
-
-    __slots__ = ("created", "file", "host_fd", "ino", "kind", "lock", "mode", "mtime_ns", "path", "refs")
-
-    def __init__(self, path: str, kind: str, file: ProtectedFile | MemoryFile, host_fd: int, ino: int) -> None:
-        self.path: str | None = path  # None once unlinked (the data lives until the last close)
-        self.kind = kind
-        self.file = file
-        self.host_fd = host_fd
-        self.refs = 0
-        self.lock = RLock()
-        self.created = False  # a new protected file not yet in the FSPF on disk
-        self.ino = ino
-        self.mode = 0o644
-        self.mtime_ns = time.time_ns()
-
-
-class OpenFile:
-    __slots__ = ("append", "node", "pos", "read_end", "readable", "writable")
-
-    def __init__(self, node: Node, readable: bool, writable: bool, append: bool) -> None:
-        self.node = node
-        self.pos = 0
-        self.read_end = 0  # where the last read ended: a read from elsewhere follows a seek
-        self.readable = readable
-        self.writable = writable
-        self.append = append
+PROTECTED = namespace.PROTECTED
+__all__ = ["VFD_BASE", "FsShield", "MemoryFile", "Node", "OpenFile", "TagPin", "load", "log", "mount", "shield"]
 
 
 class TagPin(Protocol):
@@ -159,9 +92,15 @@ class FsShield:
         self.next_vfd = VFD_BASE
         self.pin: TagPin | None = None
         self.commits = 0
-        self.mem_dirs = {r.prefix for r in table.regions if r.kind == "memory"}
-        self.mem_files: dict[str, Node] = {}
         self._ino = 1 << 40
+        self.mem = MemoryRegions(table, self._new_ino)
+        self.dir_opens: dict[int, OpenDir] = {}
+        self._tree: namespace.Tree | None = None
+        self._anchors = namespace.anchors(table)  # the regions never change while mounted
+        self._anchor_children: dict[str, set[str]] = {}
+        for a in self._anchors - {"/"}:
+            self._anchor_children.setdefault(posixpath.dirname(a), set()).add(posixpath.basename(a))
+        self._dir_inos: dict[str, int] = {}
         self._ignored: set[str] = set()
         # Only protected regions' metadata decides; skip the FSPF's own files when listing.
         self._own = {fspf_path, fspf_path + ".tmp"}
@@ -174,11 +113,52 @@ class FsShield:
     def governs(self, path: str) -> bool:
         return self.kind(path) != "unprotected" and path not in self._own
 
+    def anchored(self, path: str) -> bool:
+        """``path`` is a shielded region's prefix or an ancestor of one."""
+        return path in self._anchors
+
+    def anchor_children(self, path: str) -> set[str]:
+        """The names below ``path`` that lead to a shielded region: directories, always."""
+        return self._anchor_children.get(path, set())
+
+    def anchor_stat(self, path: str) -> StatResult:
+        """``stat``/``lstat`` of an anchored path outside the shield: a directory, never a link.
+
+        The host's own stat is used for its metadata when it says "directory" (after
+        following its symlinks); anything else it put there reads as a directory.
+        """
+        return self._dir_stat(path)
+
+    def _names(self) -> namespace.Tree:
+        if self._tree is None:
+            self._tree = namespace.Tree(self.fspf)
+        return self._tree
+
+    def _missing(self, path: str) -> OSError:
+        """The error for a path that does not exist: ENOTDIR if a file lies on its way."""
+        p = posixpath.dirname(path)
+        while p != "/" and self.kind(p) in PROTECTED:
+            if p in self.fspf.files:
+                return _err(errno.ENOTDIR, path)
+            if self._names().is_dir(p):
+                break
+            p = posixpath.dirname(p)
+        return _err(errno.ENOENT, path)
+
+    def _dir_stat(self, path: str) -> StatResult:
+        st = files.host_stat(path, True)
+        if st is not None and stat_mod.S_ISDIR(st.mode):
+            return st
+        ino = self._dir_inos.get(path)
+        if ino is None:
+            ino = self._dir_inos[path] = self._new_ino()
+        return dir_stat(ino)
+
     def _open_file(self, vfd: int) -> OpenFile:
         try:
             return self.opens[vfd]
         except KeyError:
-            raise _err(errno.EBADF) from None
+            raise _err(errno.EISDIR if vfd in self.dir_opens else errno.EBADF) from None
 
     def _new_ino(self) -> int:
         self._ino += 1
@@ -268,15 +248,15 @@ class FsShield:
         acc = flags & os.O_ACCMODE
         readable, writable = acc in (os.O_RDONLY, os.O_RDWR), acc in (os.O_WRONLY, os.O_RDWR)
         with self.lock:
-            if kind == "memory":
-                node = self._open_memory(path, flags)
-            else:
-                found = self._open_protected(path, flags, mode, kind, writable)
-                if isinstance(found, int):
-                    return found  # a directory: the host's own fd
-                node = found
-            vfd = self.next_vfd
-            self.next_vfd += 1
+            memory = kind == "memory"
+            if self.mem.is_dir(path) if memory else self._names().is_dir(path):
+                return self._open_dir(path, kind, flags, writable)
+            if flags & os.O_DIRECTORY:
+                if path in (self.mem.files if memory else self.fspf.files):
+                    raise _err(errno.ENOTDIR, path)
+                raise _err(errno.ENOENT, path) if memory else self._missing(path)
+            node = self.mem.open(path, flags) if memory else self._open_protected(path, flags, mode, kind)
+            vfd = self._new_vfd()
             self.opens[vfd] = OpenFile(node, readable, writable, bool(flags & os.O_APPEND))
             node.refs += 1
         if flags & os.O_TRUNC and writable:
@@ -284,50 +264,56 @@ class FsShield:
                 node.file.truncate(0)
         return vfd
 
-    def _open_memory(self, path: str, flags: int) -> Node:
-        node = self.mem_files.get(path)
-        if node is None:
-            if path in self.mem_dirs:
-                raise _err(errno.EISDIR, path)
-            if not flags & os.O_CREAT:
-                raise _err(errno.ENOENT, path)
-            if posixpath.dirname(path) not in self.mem_dirs:
-                raise _err(errno.ENOENT, path)
-            node = Node(path, "memory", MemoryFile(), -1, self._new_ino())
-            self.mem_files[path] = node
-        elif flags & os.O_CREAT and flags & os.O_EXCL:
-            raise _err(errno.EEXIST, path)
-        return node
+    def _new_vfd(self) -> int:
+        vfd = self.next_vfd
+        self.next_vfd += 1
+        return vfd
 
-    def _open_protected(self, path: str, flags: int, mode: int, kind: str, writable: bool) -> Node | int:
+    def _open_dir(self, path: str, kind: str, flags: int, writable: bool) -> int:
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            raise _err(errno.EEXIST, path)
+        if writable or flags & os.O_CREAT:
+            raise _err(errno.EISDIR, path)
+        vfd = self._new_vfd()
+        self.dir_opens[vfd] = OpenDir(path, kind)
+        return vfd
+
+    def _open_protected(self, path: str, flags: int, mode: int, kind: str) -> Node:
         entry = self.fspf.files.get(path)
         if entry is not None:
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 raise _err(errno.EEXIST, path)
             node = self.nodes.get(entry.key.file_id)
             return node if node is not None else self._attach(path, entry)
-        st = files.host_stat(path, True)
-        if st is not None and stat_mod.S_ISDIR(st.mode):
-            if writable:
-                raise _err(errno.EISDIR, path)
-            return files.host_open(path, flags, mode)
+        # Not in the FSPF: it does not exist, whatever the host has at this path.
         if not flags & os.O_CREAT:
-            if st is not None:
-                self._ignore(path)
-            raise _err(errno.ENOENT, path)
+            raise self._missing(path)
+        tree = self._names()
+        if not tree.is_dir(posixpath.dirname(path)):
+            raise self._missing(path)
         # A new protected file.  A stale host file at its path (a crash before its first
         # commit, or one the host put there) is overwritten.
         region = self.fspf.region_for(path)
         key = FileKey.generate(encrypted=kind == "encrypted", chunk_size=region.chunk_size)
-        fd = files.host_open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode & 0o777)
+        fd = self._host_create(path, mode & 0o777)
         entry = FileEntry(key)
         self.fspf.files[path] = entry
+        tree.add(path, DT_REG)
         node = Node(
             path, kind, ProtectedFile(entry, HostStore(fd, self.max_io), io_bytes=self.max_io), fd, self._new_ino()
         )
         node.created = True
         self.nodes[key.file_id] = node
         return node
+
+    def _host_create(self, path: str, mode: int) -> int:
+        how = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        try:
+            return files.host_open(path, how, mode)
+        except FileNotFoundError:
+            # The FSPF's directory is not on the host (yet: directories are made when needed).
+            self._host_makedirs(posixpath.dirname(path))
+            return files.host_open(path, how, mode)
 
     def _attach(self, path: str, entry: FileEntry) -> Node:
         """Open the store of a listed file, not yet open in the enclave."""
@@ -359,6 +345,8 @@ class FsShield:
         return node
 
     def close(self, vfd: int) -> None:
+        if self.dir_opens.pop(vfd, None) is not None:
+            return
         o = self.opens.pop(vfd, None)
         if o is None:
             raise _err(errno.EBADF)
@@ -422,6 +410,8 @@ class FsShield:
             return n
 
     def write(self, vfd: int, data: bytes | bytearray | memoryview) -> int:
+        if vfd in self.dir_opens:
+            raise _err(errno.EBADF)  # a directory is open for reading only
         o = self._open_file(vfd)
         if not o.writable:
             raise _err(errno.EBADF)
@@ -453,6 +443,8 @@ class FsShield:
             return self._write(o.node, offset, data)
 
     def lseek(self, vfd: int, pos: int, how: int) -> int:
+        if vfd in self.dir_opens:
+            return 0  # as Linux: a directory's offset is the listing's, which we never read
         o = self._open_file(vfd)
         if how == os.SEEK_SET:
             new = pos
@@ -468,6 +460,8 @@ class FsShield:
         return new
 
     def ftruncate(self, vfd: int, length: int) -> None:
+        if vfd in self.dir_opens:
+            raise _err(errno.EINVAL)
         o = self._open_file(vfd)
         if not o.writable:
             raise _err(errno.EINVAL)
@@ -480,12 +474,17 @@ class FsShield:
                 raise self._integrity(o.node.path or "(unlinked file)", e) from None
 
     def fsync(self, vfd: int) -> None:
+        if vfd in self.dir_opens:
+            return  # every change to a directory was committed (to the FSPF) when it was made
         self.commit(self._open_file(vfd).node)
 
     def fstat(self, vfd: int) -> StatResult:
+        d = self.dir_opens.get(vfd)
+        if d is not None:
+            return self.mem.dir_stat(d.path) if d.kind == "memory" else self._dir_stat(d.path)
         node = self._open_file(vfd).node
         if node.kind == "memory":
-            return self._mem_stat(node)
+            return self.mem.node_stat(node)
         return self._file_stat(files.host_fstat(node.host_fd), node.file.length, node.file)
 
     # -- metadata -----------------------------------------------------------------------------
@@ -505,33 +504,15 @@ class FsShield:
             nlink=1,
         )
 
-    def _mem_stat(self, node: Node | None, directory: bool = False) -> StatResult:
-        now = time.time_ns()
-        if directory or node is None:
-            return StatResult(stat_mod.S_IFDIR | 0o700, self._new_ino(), 0, 2, 0, 0, 4096, now, now, now, 4096, 8, 0)
-        n = node.file.length
-        mt = node.mtime_ns
-        mode = stat_mod.S_IFREG | node.mode
-        return StatResult(mode, node.ino, 0, 1, 0, 0, n, mt, mt, mt, 4096, (n + 511) // 512, 0)
-
     def stat(self, path: str, follow: bool) -> StatResult:
         with self.lock:
             if self.kind(path) == "memory":
-                node = self.mem_files.get(path)
-                if node is not None:
-                    return self._mem_stat(node)
-                if path in self.mem_dirs:
-                    return self._mem_stat(None, directory=True)
-                raise _err(errno.ENOENT, path)
+                return self.mem.stat(path)
             entry = self.fspf.files.get(path)
             if entry is None:
-                st = files.host_stat(path, follow)
-                if st is None:
-                    raise _err(errno.ENOENT, path)
-                if stat_mod.S_ISREG(st.mode):
-                    self._ignore(path)
-                    raise _err(errno.ENOENT, path)
-                return st
+                if self._names().is_dir(path):
+                    return self._dir_stat(path)
+                raise self._missing(path)
             node = self.nodes.get(entry.key.file_id)
             if node is not None:
                 return self._file_stat(files.host_fstat(node.host_fd), node.file.length, node.file)
@@ -548,112 +529,116 @@ class FsShield:
 
     def listdir(self, path: str) -> Iterator[tuple[str, int]]:
         with self.lock:
-            names: dict[str, int] = {}
-            prefix = path.rstrip("/") + "/"
             if self.kind(path) == "memory":
-                if path in self.mem_files:
-                    raise _err(errno.ENOTDIR, path)
-                if path not in self.mem_dirs:
-                    raise _err(errno.ENOENT, path)
-                for d in self.mem_dirs:
-                    if d.startswith(prefix) and "/" not in d[len(prefix) :]:
-                        names[d[len(prefix) :]] = DT_DIR
-                for f in self.mem_files:
-                    if f.startswith(prefix) and "/" not in f[len(prefix) :]:
-                        names[f[len(prefix) :]] = DT_REG
+                names = self.mem.listdir(path)
             else:
                 if path in self.fspf.files:
                     raise _err(errno.ENOTDIR, path)
-                for f in self.fspf.files:
-                    if f.startswith(prefix):
-                        name, sep, _ = f[len(prefix) :].partition("/")
-                        names[name] = DT_DIR if sep else DT_REG
-                try:
-                    host = list(files.host_listdir(path))
-                except FileNotFoundError:
-                    if not names:
-                        raise
-                    host = []
-                for name, dtype in host:
-                    if name in names:
-                        continue
-                    if dtype == DT_REG:
-                        self._ignore(prefix + name)
-                    else:
-                        names[name] = dtype
-            names.update(self.region_children(path))
+                listing = self._names().listing(path)
+                if listing is None:
+                    raise self._missing(path)
+                names = dict(listing)
+                self._log_ignored(path, names)
+            names.update(dict.fromkeys(self.anchor_children(path), DT_DIR))
             return iter(sorted(names.items()))
 
-    def region_children(self, path: str) -> dict[str, int]:
-        """Memory regions directly below ``path``: they exist though the host has no directory."""
-        prefix = path.rstrip("/") + "/"
-        return {
-            r.prefix[len(prefix) :]: DT_DIR
-            for r in self.fspf.regions
-            if r.kind == "memory" and r.prefix.startswith(prefix) and "/" not in r.prefix[len(prefix) :]
-        }
+    def _log_ignored(self, path: str, names: dict[str, int]) -> None:
+        """Name what the host has here and the FSPF does not: an operator's clue (planted, or
+        left by a crash).  The host's answer decides nothing else."""
+        try:
+            host = [n for n, _ in files.host_listdir(path) if n not in names]
+        except OSError:
+            return
+        for name in host:
+            self._ignore(posixpath.join(path, name))
+
+    # Directory changes in a protected region are FSPF changes, each committed at once: so a
+    # directory the app made exists at the next start whatever the host removed or added.
+
+    def _keep_parent(self, path: str) -> None:
+        """``path`` is leaving its directory: if that was all the directory held, record the
+        directory in the FSPF (it existed only by implication, and must stay)."""
+        parent = posixpath.dirname(path)
+        tree = self._names()
+        listing = tree.listing(parent) or {}
+        region = self.fspf.region_for(parent)
+        if set(listing) <= {posixpath.basename(path)} and region.kind in PROTECTED and region.prefix != parent:
+            self.fspf.dirs.add(parent)
 
     def mkdir(self, path: str, mode: int) -> None:
         with self.lock:
             if self.kind(path) == "memory":
-                if path in self.mem_dirs or path in self.mem_files:
-                    raise _err(errno.EEXIST, path)
-                if posixpath.dirname(path) not in self.mem_dirs:
-                    raise _err(errno.ENOENT, path)
-                self.mem_dirs.add(path)
+                self.mem.mkdir(path)
                 return
-            if path in self.fspf.files:
+            tree = self._names()
+            if tree.exists(path):
                 raise _err(errno.EEXIST, path)
-            files.host_mkdir(path, mode)
+            if not tree.is_dir(posixpath.dirname(path)):
+                raise self._missing(path)
+            self._host_makedirs(posixpath.dirname(path))
+            try:
+                files.host_mkdir(path, mode)
+            except FileExistsError:
+                st = files.host_stat(path, False)
+                if st is None or not stat_mod.S_ISDIR(st.mode):  # something of the host's: not ours
+                    files.host_unlink(path)
+                    files.host_mkdir(path, mode)
+            self.fspf.dirs.add(path)
+            tree.add(path, DT_DIR)
+            self._write_fspf()
 
     def rmdir(self, path: str) -> None:
         with self.lock:
-            prefix = path + "/"
             if self.kind(path) == "memory":
-                if path in self.mem_files:
-                    raise _err(errno.ENOTDIR, path)
-                if path not in self.mem_dirs:
-                    raise _err(errno.ENOENT, path)
-                if any(r.prefix == path for r in self.fspf.regions):
-                    raise _err(errno.EBUSY, path)
-                if any(p.startswith(prefix) for p in (*self.mem_dirs, *self.mem_files)):
-                    raise _err(errno.ENOTEMPTY, path)
-                self.mem_dirs.discard(path)
+                self.mem.rmdir(path)
                 return
+            tree = self._names()
             if path in self.fspf.files:
                 raise _err(errno.ENOTDIR, path)
-            if any(p.startswith(prefix) for p in self.fspf.files):
+            if not tree.is_dir(path):
+                raise self._missing(path)
+            if self.fspf.region_for(path).prefix == path:
+                raise _err(errno.EBUSY, path)
+            if not tree.empty(path):
                 raise _err(errno.ENOTEMPTY, path)
-            try:
-                files.host_rmdir(path)
-            except OSError as e:
-                if e.errno != errno.ENOTEMPTY:
-                    raise
-                # Only files the FSPF does not list (orphans of a crash) may remain: drop them.
-                leftovers = list(files.host_listdir(path))
-                if not leftovers or any(dtype != DT_REG for _, dtype in leftovers):
-                    raise
-                for name, _ in leftovers:
-                    files.host_unlink(prefix + name)
-                files.host_rmdir(path)
+            self._keep_parent(path)
+            self.fspf.dirs.discard(path)
+            tree.remove(path)
+            self._write_fspf()
+            self._clear_host_dir(path)
+
+    def _clear_host_dir(self, path: str) -> None:
+        """Remove the host's directory at ``path``, which the FSPF says is gone or empty: what
+        is left in it (orphans of a crash, the host's own files) is not ours."""
+        try:
+            files.host_rmdir(path)
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                log(f"{path}: the host did not remove the directory: {e.strerror}")
+                return
+        try:
+            for name, dtype in list(files.host_listdir(path)):
+                where = posixpath.join(path, name)
+                files.host_rmdir(where) if dtype == DT_DIR else files.host_unlink(where)
+            files.host_rmdir(path)
+        except OSError as e:
+            log(f"{path}: left on the host (not in the FSPF): {e.strerror}")
 
     def unlink(self, path: str) -> None:
         with self.lock:
             if self.kind(path) == "memory":
-                node = self.mem_files.pop(path, None)
-                if node is None:
-                    raise _err(errno.EISDIR if path in self.mem_dirs else errno.ENOENT, path)
-                node.path = None
+                self.mem.unlink(path)
                 return
-            entry = self.fspf.files.pop(path, None)
+            tree = self._names()
+            entry = self.fspf.files.get(path)
             if entry is None:
-                st = files.host_stat(path, False)
-                if st is not None and stat_mod.S_ISDIR(st.mode):
-                    raise _err(errno.EISDIR, path)
-                if st is not None and not stat_mod.S_ISREG(st.mode):
-                    files.host_unlink(path)  # a symlink or the like: host metadata
-                    return
-                raise _err(errno.ENOENT, path)
+                raise _err(errno.EISDIR, path) if tree.is_dir(path) else self._missing(path)
+            self._keep_parent(path)
+            del self.fspf.files[path]
+            tree.remove(path)
             node = self.nodes.get(entry.key.file_id)
             if node is not None:
                 node.path = None
@@ -675,39 +660,11 @@ class FsShield:
             raise _err(errno.EINVAL, src)
         with self.lock:
             if kind == "memory":
-                self._rename_memory(src, dst)
+                self.mem.rename(src, dst)
             elif src in self.fspf.files:
                 self._rename_file(src, dst)
             else:
                 self._rename_dir(src, dst)
-
-    def _rename_memory(self, src: str, dst: str) -> None:
-        if posixpath.dirname(dst) not in self.mem_dirs:
-            raise _err(errno.ENOENT, dst)
-        node = self.mem_files.pop(src, None)
-        if node is not None:
-            if dst in self.mem_dirs:
-                self.mem_files[src] = node
-                raise _err(errno.EISDIR, dst)
-            old = self.mem_files.pop(dst, None)
-            if old is not None:
-                old.path = None
-            node.path = dst
-            self.mem_files[dst] = node
-            return
-        if src not in self.mem_dirs:
-            raise _err(errno.ENOENT, src)
-        if dst in self.mem_files:
-            raise _err(errno.ENOTDIR, dst)
-        if any(p.startswith(dst + "/") for p in (*self.mem_dirs, *self.mem_files)):
-            raise _err(errno.ENOTEMPTY, dst)
-        for d in [d for d in self.mem_dirs if d == src or d.startswith(src + "/")]:
-            self.mem_dirs.discard(d)
-            self.mem_dirs.add(dst + d[len(src) :])
-        for f in [f for f in self.mem_files if f.startswith(src + "/")]:
-            moved = self.mem_files.pop(f)
-            moved.path = dst + f[len(src) :]
-            self.mem_files[moved.path] = moved
 
     def _move_entries(self, pairs: list[tuple[str, str]]) -> None:
         """FSPF first (records still at their old host paths), host rename, FSPF again."""
@@ -719,11 +676,12 @@ class FsShield:
                 node.path = new
 
     def _rename_file(self, src: str, dst: str) -> None:
-        st = files.host_stat(dst, True)
-        if st is not None and stat_mod.S_ISDIR(st.mode):
+        tree = self._names()
+        if tree.is_dir(dst):
             raise _err(errno.EISDIR, dst)
-        if files.host_stat(posixpath.dirname(dst), True) is None:
-            raise _err(errno.ENOENT, dst)
+        if not tree.is_dir(posixpath.dirname(dst)):
+            raise self._missing(dst)
+        self._host_makedirs(posixpath.dirname(dst))
         old = self.fspf.files.pop(dst, None)
         if old is not None:
             node = self.nodes.get(old.key.file_id)
@@ -731,7 +689,11 @@ class FsShield:
                 node.path = None
                 node.created = False
         store = self.fspf.files[src].store or src
+        if posixpath.dirname(src) != posixpath.dirname(dst):
+            self._keep_parent(src)
         self._move_entries([(src, dst)])
+        tree.remove(src)
+        tree.add(dst, DT_REG)
         self._write_fspf()  # commit point: dst names the file, its records still at src
         files.host_rename(store, dst, True)
         self.fspf.files[dst] = dataclasses.replace(self.fspf.files[dst], store="")
@@ -743,53 +705,65 @@ class FsShield:
                 pass
 
     def _rename_dir(self, src: str, dst: str) -> None:
-        st = files.host_stat(src, False)
-        if st is None:
-            raise _err(errno.ENOENT, src)
-        if not stat_mod.S_ISDIR(st.mode):
-            if stat_mod.S_ISREG(st.mode):
-                self._ignore(src)
-                raise _err(errno.ENOENT, src)
-            files.host_rename(src, dst, True)  # a symlink: host metadata
-            return
+        tree = self._names()
+        if not tree.is_dir(src):
+            raise self._missing(src)
+        if any(r.prefix in (src, dst) or r.prefix.startswith(src + "/") for r in self.fspf.regions):
+            raise _err(errno.EBUSY, src)  # a region (or the way to one) does not move
         if dst in self.fspf.files:
             raise _err(errno.ENOTDIR, dst)
-        if any(p.startswith(dst + "/") for p in self.fspf.files):
+        if not tree.empty(dst):
             raise _err(errno.ENOTEMPTY, dst)
+        if not tree.is_dir(posixpath.dirname(dst)):
+            raise self._missing(dst)
+        self._host_makedirs(posixpath.dirname(dst))
+        self._clear_host_dir(dst)  # empty for the FSPF: what the host has there must not stop the rename
         pairs = [(p, dst + p[len(src) :]) for p in self.fspf.files if p.startswith(src + "/")]
-        if not pairs:
-            files.host_rename(src, dst, True)
-            return
+        moved = {d for d in self.fspf.dirs if d == src or d.startswith(src + "/")}
+        if posixpath.dirname(src) != posixpath.dirname(dst):
+            self._keep_parent(src)
+        self.fspf.dirs -= moved
+        self.fspf.dirs |= {dst + d[len(src) :] for d in moved}
         self._move_entries(pairs)
-        self._write_fspf()
-        files.host_rename(src, dst, True)
-        for _, new in pairs:
-            self.fspf.files[new] = dataclasses.replace(self.fspf.files[new], store="")
-        self._write_fspf()
+        self._tree = None
+        self._write_fspf()  # commit point: the files' records are still at their old paths
+        if files.host_stat(src, True) is not None:
+            files.host_rename(src, dst, True)
+        if pairs:
+            for _, new in pairs:
+                self.fspf.files[new] = dataclasses.replace(self.fspf.files[new], store="")
+            self._write_fspf()
 
     def _metadata(self, path: str) -> tuple[Node | None, str]:
         """Where ``path``'s permissions and times live: its memory node (``None`` for a memory
         directory), or the host path that holds it.  Raises if ``path`` does not exist."""
         if self.kind(path) == "memory":
-            node = self.mem_files.get(path)
-            if node is None and path not in self.mem_dirs:
-                raise _err(errno.ENOENT, path)
-            return node, ""
-        self.stat(path, True)
+            return self.mem.node(path), ""
         entry = self.fspf.files.get(path)
-        return None, (entry.store or path) if entry else path
+        if entry is not None:
+            return None, entry.store or path
+        if not self._names().is_dir(path):
+            raise self._missing(path)
+        return None, path
 
     def access(self, path: str, mode: int) -> bool:
-        try:
-            _, host = self._metadata(path)
-        except OSError:
-            return False
-        return mode == os.F_OK or not host or files.host_access(host, mode)
+        with self.lock:
+            try:
+                _, host = self._metadata(path)
+            except OSError:
+                return False
+            if mode == os.F_OK or not host:
+                return True
+            if host == path and self._names().is_dir(path) and files.host_stat(path, True) is None:
+                return True  # a directory the host lacks: it is made when it is needed
+            return files.host_access(host, mode)
 
     def chmod(self, path: str, mode: int) -> None:
         with self.lock:
             node, host = self._metadata(path)
             if host:
+                if self._names().is_dir(host):
+                    self._host_makedirs(host)
                 files.host_chmod(host, mode)
             elif node is not None:
                 node.mode = stat_mod.S_IMODE(mode)
@@ -798,6 +772,8 @@ class FsShield:
         with self.lock:
             node, host = self._metadata(path)
             if host:
+                if self._names().is_dir(host):
+                    self._host_makedirs(host)
                 files.host_utime(host, args)
             elif node is not None:
                 node.mtime_ns = args[2] if args[0] else time.time_ns()
@@ -806,10 +782,13 @@ class FsShield:
         raise OSError(errno.EPERM, "symbolic links cannot be created in a protected region", path)
 
     def readlink(self, path: str) -> Any:
-        if self.kind(path) == "memory" or path in self.fspf.files:
-            self.stat(path, False)
-            raise _err(errno.EINVAL, path)
-        return files.host_readlink(path)
+        """No symlink exists in a shielded region: EINVAL for what exists, else ENOENT."""
+        with self.lock:
+            if self.kind(path) == "memory":
+                self.mem.stat(path)
+            elif not self._names().exists(path):
+                raise self._missing(path)
+        raise _err(errno.EINVAL, path)
 
 
 _shield: FsShield | None = None

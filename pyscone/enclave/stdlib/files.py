@@ -83,6 +83,18 @@ def _shielded(path: str) -> FsShield | None:
     return _shield if _shield is not None and _shield.governs(path) else None
 
 
+def _anchored(path: str) -> FsShield | None:
+    """The shield, if ``path`` is a shielded region's prefix or an ancestor of one.  There the
+    enclave sees a directory, never a host symlink, so ``realpath``/``Path.resolve()`` stay
+    lexical (regions are decided on the lexical path) and no symlink leads out of a region."""
+    return _shield if _shield is not None and _shield.anchored(path) else None
+
+
+def _busy(path: str, filename: object) -> None:
+    if _anchored(path):  # the way to a region: a host rename or rmdir would move or drop it
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), filename)
+
+
 def _vfd(fd: int) -> FsShield | None:
     """The shield, if ``fd`` is one of its virtual fds."""
     return _shield if fd >= MAX_FD and _shield is not None else None
@@ -247,6 +259,8 @@ def _stat(path: Path | int, follow: bool) -> StatResult:
     p = abspath(path)
     if sh := _shielded(p):
         return sh.stat(p, follow)
+    if sh := _anchored(p):
+        return sh.anchor_stat(p)
     return _call(Op.STAT, (int(follow),), _enc(p), filename=os.fspath(path))[1]  # type: ignore[no-any-return]
 
 
@@ -264,12 +278,14 @@ def _dirents(path: str) -> Iterator[tuple[str, int]]:
     if sh := _shielded(path):
         yield from sh.listdir(path)
         return
+    # The way to a shielded region is a directory whatever the host has there (and a memory
+    # region has no host directory at all): listed as one, in its parent.
+    anchors = _shield.anchor_children(path) if _shield is not None else set()
     seen = set()
     for name, dtype in host_listdir(path):
         seen.add(name)
-        yield name, dtype
-    if _shield is not None:  # memory regions have no host directory: show them in their parent
-        yield from ((n, t) for n, t in _shield.region_children(path).items() if n not in seen)
+        yield name, DT_DIR if name in anchors else dtype
+    yield from ((n, DT_DIR) for n in sorted(anchors) if n not in seen)
 
 
 def listdir(path: Path | None = None) -> list[Any]:
@@ -377,6 +393,7 @@ def rmdir(path: Path, *, dir_fd: int | None = None) -> None:
     p = abspath(path)
     if sh := _shielded(p):
         return sh.rmdir(p)
+    _busy(p, os.fspath(path))
     _call(Op.RMDIR, (), _enc(p), filename=os.fspath(path))
 
 
@@ -395,6 +412,8 @@ def _rename(src: Path, dst: Path, replace: bool) -> None:
             return _shield.rename(s, d)
         except OSError as e:
             raise OSError(e.errno, e.strerror, os.fspath(src), None, os.fspath(dst)) from None
+    _busy(s, os.fspath(src))
+    _busy(d, os.fspath(dst))
     _call(Op.RENAME, (int(replace),), _enc(s) + b"\0" + _enc(d), filename=os.fspath(src))
 
 
@@ -476,8 +495,13 @@ def readlink(path: Path, *, dir_fd: int | None = None) -> Any:
     _no_dir_fd(dir_fd)
     raw = os.fspath(path)
     p = abspath(raw)
-    sh = _shielded(p)
-    target = sh.readlink(p) if sh else host_readlink(p)
+    if sh := _shielded(p):
+        target = sh.readlink(p)
+    elif sh := _anchored(p):
+        sh.anchor_stat(p)  # it exists (a directory), and is no link
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), raw)
+    else:
+        target = host_readlink(p)
     return bytes(target) if isinstance(raw, bytes) else bytes(target).decode("utf-8", "surrogateescape")
 
 
