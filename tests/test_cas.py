@@ -279,13 +279,14 @@ def test_only_the_owner_updates_and_only_from_the_current_version(world: World) 
 def test_owner_requests_cannot_be_forged_or_replayed(world: World) -> None:
     key = keys.load_private((world.root / "owner.pem").read_bytes())
     body = world.policy("signed", _service("22" * 32)).read_bytes()
-    headers = protocol.sign_request(key, "POST", "/v1/sessions", body, time.time())
+    cas = protocol.cert_fingerprint(world.cert.read_bytes())
+    headers = protocol.sign_request(key, "POST", "/v1/sessions", body, time.time(), cas)
     with httpx.Client(verify=_tls(world), timeout=30) as http:
         assert http.post(world.url + "/v1/sessions", content=body + b"\n", headers=headers).status_code == 401
         assert http.post(world.url + "/v1/sessions", content=body, headers=headers).status_code == 201
         replay = http.post(world.url + "/v1/sessions", content=body, headers=headers)
         assert replay.status_code == 401 and "replay" in replay.json()["error"]
-        old = protocol.sign_request(key, "GET", "/v1/sessions/signed", b"", time.time() - 3600)
+        old = protocol.sign_request(key, "GET", "/v1/sessions/signed", b"", time.time() - 3600, cas)
         assert http.get(world.url + "/v1/sessions/signed", headers=old).status_code == 401
         assert http.get(world.url + "/v1/sessions/signed").status_code == 401
 
@@ -501,7 +502,10 @@ def test_a_commit_while_the_cas_is_down_fails_and_loses_nothing_committed(world:
     )
     assert world.owner("session", "update", str(reader)).returncode == 0
     read = world.run("down/app")
-    assert (read.returncode, read.stdout) == (0, f"n = {last_ok}\n"), read.stderr
+    # If the CAS went away between the two phases of the failed commit, that commit reached the
+    # disk but was reported not durable (EIO): the next start may then mount it, or the one before.
+    possible = {f"n = {last_ok}\n"} | ({f"n = {last_ok + 1}\n"} if "not durable" in lines[-1] else set())
+    assert read.returncode == 0 and read.stdout in possible, (lines[-1], read.stdout, read.stderr)
 
 
 def test_the_cas_admin_trusts_platforms_remotely_and_nobody_else_can(world: World) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidTag
 
+from pyscone.cas.integrity import Tampered
 from pyscone.cas.store import Conflict, Store
 
 MASTER = bytes(range(32))
@@ -24,9 +24,9 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     base: str = request.getfixturevalue("postgres_url")
     engine = sa.create_engine(base)
-    with engine.begin() as db:  # every test starts from empty tables
-        for table in ("platforms", "sessions", "services", "challenges", "audit"):
-            db.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+    tables = sa.MetaData()
+    tables.reflect(engine)
+    tables.drop_all(engine)  # every test starts from an empty database
     engine.dispose()
     yield base
 
@@ -69,32 +69,53 @@ def test_a_challenge_is_taken_once_for_its_own_service(url: str) -> None:
 
 def test_tag_reports_only_move_forward_and_only_for_the_latest_run(url: str) -> None:
     store = Store(url, MASTER)
-    tags, run, key = store.start_run("s", "api", ["t0"])
+    tags, run, key = store.start_run("s", "api", "/data/app.fspf", ["t0"])
     assert tags == ["t0"] and len(key) == 32
-    assert store.run_key("s", "api", run) == (key, 0)
-    assert store.pin_tags("s", "api", run, 1, ["t0", "t1"])
-    assert store.pin_tags("s", "api", run, 2, ["t1"])
-    assert not store.pin_tags("s", "api", run, 1, ["t0", "t1"])  # a replayed old report
-    tags2, _, _ = store.start_run("s", "api", ["ignored"])
+    found = store.run_key("s", "api", run)
+    assert found is not None and (found.key, found.seq) == (key, 0)
+    assert store.pin_tags("s", "api", run, 1, ["t0", "t1"]) is None
+    assert store.pin_tags("s", "api", run, 2, ["t1"]) is None
+    assert store.pin_tags("s", "api", run, 1, ["t0", "t1"]) == "stale report"  # a replayed old report
+    tags2, _, _ = store.start_run("s", "api", "/data/app.fspf", ["ignored"])
     assert tags2 == ["t1"]  # the pin survives into the next run
-    assert not store.pin_tags("s", "api", run, 3, ["t0"])  # the old run can no longer move it
+    assert store.pin_tags("s", "api", run, 3, ["t0"]) == "stale report"  # the old run can no longer move it
     assert store.run_key("s", "api", run) is None
+
+
+def test_a_pin_belongs_to_the_volume_and_moves_only_along_its_commits(url: str) -> None:
+    store = Store(url, MASTER)
+    _, writer, _ = store.start_run("s", "writer", "/data/app.fspf", ["t0"])
+    assert store.pin_tags("s", "writer", writer, 1, ["t0", "t1"]) is None
+    assert store.pin_tags("s", "writer", writer, 2, ["t1"]) is None
+    tags, reader, _ = store.start_run("s", "reader", "/data/app.fspf", ["t0"])
+    assert tags == ["t1"]  # another service of the session on the same FSPF: the same pin
+    assert store.start_run("s", "other", "/data/other.fspf", ["u0"])[0] == ["u0"]  # another volume
+    assert store.start_run("other-session", "writer", "/data/app.fspf", ["v0"])[0] == ["v0"]
+    # The reader, started on t1, commits; the writer's next report does not follow it.
+    assert store.pin_tags("s", "reader", reader, 1, ["t1", "t2"]) is None
+    assert store.pin_tags("s", "reader", reader, 2, ["t2"]) is None
+    why = store.pin_tags("s", "writer", writer, 3, ["t1", "t3"])
+    assert why is not None and "not a version the pin accepts" in why
+    assert store.pin_tags("s", "writer", writer, 4, ["t0"]) is not None  # nor moves it back
+    store.reset_volume("s", "/data/app.fspf", ["t9"])  # the owner names a new starting point
+    assert store.pin_tags("s", "reader", reader, 3, ["t9"]) == "stale report"  # runs on it ended
+    assert store.start_run("s", "writer", "/data/app.fspf", ["t0"])[0] == ["t9"]
 
 
 def test_secrets_and_run_keys_are_encrypted_at_rest(url: str) -> None:
     store = Store(url, MASTER)
     policy = "fspf: {key: 0f5b1c2a9e7d}"  # a policy may hold an FSPF key
     store.put_session("s", "owner", "v1", policy, {"pw": "correct horse battery"}, {"pw": "password"}, None)
-    _, _, key = store.start_run("s", "api", [])
+    _, _, key = store.start_run("s", "api", None, [])
     with store.engine.connect() as db:
         dump = repr(db.execute(sa.text("SELECT * FROM sessions")).all()) + repr(
-            db.execute(sa.text("SELECT * FROM services")).all()
+            db.execute(sa.text("SELECT * FROM runs")).all()
         )
     assert "correct horse" not in dump and key.hex() not in dump and repr(key) not in dump
     assert "0f5b1c2a9e7d" not in dump
     row = store.session("s")
     assert row is not None and row.policy == policy
-    with pytest.raises(InvalidTag):  # another master key cannot open them
+    with pytest.raises(Tampered):  # another master key cannot open them
         Store(url, os.urandom(32)).session("s")
 
 
@@ -103,7 +124,7 @@ def test_the_first_runs_of_a_service_may_race(url: str) -> None:
     # inserted its row, and all but one failed (HTTP 500 on PostgreSQL).
     store = Store(url, MASTER)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        runs = list(pool.map(lambda _: store.start_run("s", "new", ["t0"]), range(16)))
+        runs = list(pool.map(lambda _: store.start_run("s", "new", "/data/new.fspf", ["t0"]), range(16)))
     assert all(tags == ["t0"] for tags, _, _ in runs)
     assert len({run for _, run, _ in runs}) == 16
 

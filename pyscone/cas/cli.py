@@ -114,19 +114,23 @@ def _platform_id(a: argparse.Namespace) -> tuple[str, str]:
 def _trust(a: argparse.Namespace) -> int:
     """``trust`` / ``distrust`` directly in the CAS's database (on the CAS machine)."""
     from pyscone.cas import server
-    from pyscone.cas.store import Store
+    from pyscone.cas.integrity import Tampered
+    from pyscone.cas.store import Store, StoreError
 
     pid, pem = _platform_id(a)
     directory = Path(a.dir) if a.dir else default_dir()
-    _, _, master = server.ensure_identity(directory, ["localhost", "127.0.0.1"])
-    store = Store(a.db or f"sqlite:///{directory / 'cas.db'}", master)
-    if a.cas_command == "trust":
-        store.trust_platform(pid, pem, a.note)
-        print(f"trusted platform {pid}")
-    elif store.distrust_platform(pid):
-        print(f"distrusted platform {pid}")
-    else:
-        raise CliError(f"platform {pid} is not trusted")
+    try:
+        _, _, master = server.ensure_identity(directory, ["localhost", "127.0.0.1"])
+        store = Store(a.db or f"sqlite:///{directory / 'cas.db'}", master, directory / server.ANCHOR_FILE)
+        if a.cas_command == "trust":
+            store.trust_platform(pid, pem, a.note)
+            print(f"trusted platform {pid}")
+        elif store.distrust_platform(pid):
+            print(f"distrusted platform {pid}")
+        else:
+            raise CliError(f"platform {pid} is not trusted")
+    except (server.CasError, StoreError, Tampered) as e:
+        raise CliError(str(e)) from None
     return 0
 
 

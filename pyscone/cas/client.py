@@ -23,13 +23,18 @@ class Client:
         self.key = key
         try:
             self._tls = ssl.create_default_context(cafile=cert_file)
+            with open(cert_file, "rb") as f:
+                # Every signed request names the CAS it is for, so another CAS refuses it.
+                self.audience = protocol.cert_fingerprint(f.read())
         except (OSError, ssl.SSLError) as e:
             raise ClientError(f"the CAS certificate {cert_file}: {getattr(e, 'strerror', None) or e}") from None
+        except ValueError:
+            raise ClientError(f"the CAS certificate {cert_file}: not a PEM certificate") from None
 
     def request(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
         headers = {}
         if self.key is not None:
-            headers = protocol.sign_request(self.key, method, path, body, time.time())
+            headers = protocol.sign_request(self.key, method, path, body, time.time(), self.audience)
         try:
             with httpx.Client(verify=self._tls, timeout=30) as http:
                 r = http.request(method, self.url + path, content=body, headers=headers)

@@ -55,6 +55,7 @@ SECRET_KINDS = {
 }
 SECRET_PARTS = {"random": {""}, "password": {""}, "ecdsa": {"", "public"}, "x509": {"key", "cert", "ca"}}
 MAX_POLICY = 256 * 1024
+MAX_DEPTH = 16  # nesting of mappings and lists; a policy needs 5 (PyYAML's composer recurses)
 
 
 class PolicyError(Exception):
@@ -140,7 +141,10 @@ class _Node:
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.fail("expected a single value")
-        return yaml.safe_load(yaml.serialize(self.node))
+        try:
+            return yaml.safe_load(yaml.serialize(self.node))
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):  # e.g. !!python/name:…, !!int x
+            raise self.fail("not a valid value") from None
 
     def string(self, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
         # The text as written: YAML would read an all-digit hex string as a number and drop
@@ -179,6 +183,7 @@ def parse(text: str) -> Policy:
     if len(text) > MAX_POLICY:
         raise PolicyError(f"the policy is larger than {MAX_POLICY} bytes")
     try:
+        _check_depth(text)
         root_node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -208,7 +213,40 @@ def parse(text: str) -> Policy:
         services[svc_name] = _service(svc_name, svc_node, secrets)
     if not services:
         raise root["services"].fail("a session needs at least one service")
+    _check_volumes(services, root["services"])
     return Policy(name, predecessor, platforms, services, secrets, text)
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting before composing: PyYAML's composer recurses once per level, so
+    ``[[[[…`` ten thousand deep was a ``RecursionError`` (an HTTP 500 from the CAS).
+
+    Raises:
+        PolicyError: nested more than :data:`MAX_DEPTH` deep (with the line).
+        yaml.YAMLError: not YAML at all.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark is not None else 1
+                raise PolicyError(f"line {line}: nested more than {MAX_DEPTH} deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_volumes(services: Mapping[str, Service], node: _Node) -> None:
+    """Services that name one FSPF share its volume and its pin: the same key and tag."""
+    seen: dict[str, tuple[str, FspfSpec]] = {}
+    for name, svc in services.items():
+        if svc.fspf is None:
+            continue
+        first = seen.setdefault(svc.fspf.path, (name, svc.fspf))
+        if (first[1].key, first[1].tag.lower()) != (svc.fspf.key, svc.fspf.tag.lower()):
+            raise node.fail(
+                f"{name}.fspf: the FSPF {svc.fspf.path} is also service {first[0]}'s: give it the same key and tag"
+            )
 
 
 def _secret(name: str, node: _Node) -> SecretSpec:

@@ -1,10 +1,17 @@
 """The CAS's message formats (sans-IO): owner-signed requests, sealed configurations, tag reports.
 
 **Owner requests.**  A session belongs to the key that created it.  Every owner
-request carries that key's public half and an ECDSA signature over the method, the
-path, a timestamp and the SHA-256 of the body; the CAS accepts it within
-:data:`MAX_SKEW` seconds of its clock and only once (it remembers signatures for
-that long), so a captured request cannot be replayed or reused for another body.
+request carries that key's public half, a random request nonce and an ECDSA signature
+over the method, the path, a timestamp, the nonce, the owner key, the CAS it is for
+(the SHA-256 of the CAS's certificate, which the client already holds to verify TLS)
+and the SHA-256 of the body.  The CAS accepts it within :data:`MAX_SKEW` seconds of
+its clock, only if it names this CAS, and only once: it remembers *what was signed*
+(the digest of the signed message) for that long, not the signature bytes.  An ECDSA
+signature ``(r, s)`` has a twin ``(r, n - s)`` that verifies the same message, so a
+replay memory keyed by the signature let a captured request be replayed with its
+twin; signatures must also be canonical (low ``s``, strict DER), which the signer
+ensures.  A captured request cannot be replayed, sent to another CAS, or reused for
+another body.
 
 **Sealed configuration.**  An attested enclave's start-up configuration is encrypted
 to the ephemeral public key its quote vouches for: ECDH (P-256) with a fresh CAS key,
@@ -24,26 +31,30 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pyscone.platform import keys
 
 MAX_SKEW = 300  # seconds an owner request's timestamp may differ from the CAS's clock
-H_OWNER, H_TIME, H_SIGNATURE = "x-pyscone-owner", "x-pyscone-time", "x-pyscone-signature"
-_REQUEST_DOMAIN = b"pyscone-owner-request-v1\n"
+H_OWNER, H_TIME, H_NONCE, H_SIGNATURE = "x-pyscone-owner", "x-pyscone-time", "x-pyscone-nonce", "x-pyscone-signature"
+_REQUEST_DOMAIN = b"pyscone-owner-request-v2\n"
 _SEAL_INFO = b"pyscone-sealed-config-v1"
 _TAG_DOMAIN = b"pyscone-tag-report-v1\n"
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 class AuthError(Exception):
-    """An owner request is not authentic (or is stale, or replayed)."""
+    """An owner request is not authentic (or is stale, or replayed, or for another CAS)."""
 
 
 class SealError(Exception):
@@ -51,7 +62,8 @@ class SealError(Exception):
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of a certificate (DER): how an enclave pins its CAS.
+    """SHA-256 of a certificate (DER): how an enclave pins its CAS, and how an owner's
+    request names the CAS it is for.
 
     Raises:
         ValueError: not a PEM certificate.
@@ -66,47 +78,78 @@ def owner_id(public_der: bytes) -> str:
     return hashlib.sha256(public_der).hexdigest()
 
 
-def _request_message(method: str, path: str, timestamp: str, body: bytes) -> bytes:
+def _request_message(
+    method: str, path: str, timestamp: str, nonce: str, owner: str, audience: str, body: bytes
+) -> bytes:
     digest = hashlib.sha256(body).hexdigest()
-    return _REQUEST_DOMAIN + f"{method.upper()}\n{path}\n{timestamp}\n{digest}".encode()
+    fields = (method.upper(), path, timestamp, nonce, owner, audience.lower(), digest)
+    return _REQUEST_DOMAIN + "\n".join(fields).encode()
 
 
-def sign_request(key: ec.EllipticCurvePrivateKey, method: str, path: str, body: bytes, now: float) -> dict[str, str]:
-    """The headers that make a request the owner's."""
-    timestamp = str(int(now))
-    signature = key.sign(_request_message(method, path, timestamp, body), ec.ECDSA(hashes.SHA256()))
+def canonical_signature(signature: bytes) -> bytes:
+    """The low-``s`` form of a DER ECDSA P-256 signature (the one the CAS accepts)."""
+    r, s = decode_dss_signature(signature)
+    return encode_dss_signature(r, min(s, _P256_ORDER - s))
+
+
+def sign_request(
+    key: ec.EllipticCurvePrivateKey, method: str, path: str, body: bytes, now: float, audience: str
+) -> dict[str, str]:
+    """The headers that make a request the owner's, for the CAS whose certificate has the
+    SHA-256 ``audience``."""
+    timestamp, nonce = str(int(now)), os.urandom(16).hex()
+    der = keys.public_der(key)
+    message = _request_message(method, path, timestamp, nonce, owner_id(der), audience, body)
+    signature = canonical_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
     return {
-        H_OWNER: base64.b64encode(keys.public_der(key)).decode(),
+        H_OWNER: base64.b64encode(der).decode(),
         H_TIME: timestamp,
+        H_NONCE: nonce,
         H_SIGNATURE: base64.b64encode(signature).decode(),
     }
 
 
-def verify_request(headers: Mapping[str, str], method: str, path: str, body: bytes, now: float) -> tuple[str, bytes]:
-    """Check an owner request.
+def verify_request(
+    headers: Mapping[str, str], method: str, path: str, body: bytes, now: float, audience: str
+) -> tuple[str, str]:
+    """Check an owner request made for the CAS whose certificate has the SHA-256 ``audience``.
 
     Returns:
-        the owner's id and the signature (for the caller's replay memory).
+        the owner's id, and the request's id for the caller's replay memory: the SHA-256 of
+        the signed message, so every signature of one request has the same id.
 
     Raises:
-        AuthError: missing, malformed, stale or forged.
+        AuthError: missing, malformed, stale, forged, not canonical, or for another CAS.
     """
     try:
         der = base64.b64decode(headers[H_OWNER], validate=True)
-        timestamp = headers[H_TIME]
+        timestamp, nonce = headers[H_TIME], headers[H_NONCE]
         signature = base64.b64decode(headers[H_SIGNATURE], validate=True)
         public = serialization.load_der_public_key(der)
     except (KeyError, ValueError, TypeError):
         raise AuthError("the request is not signed by an owner key") from None
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
         raise AuthError("an owner key is an ECDSA P-256 key")
-    if not timestamp.isdigit() or abs(int(timestamp) - now) > MAX_SKEW:
+    if (
+        not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12)
+        or abs(int(timestamp) - now) > MAX_SKEW
+    ):
         raise AuthError("the request's time is too far from the CAS's clock (or replayed late)")
+    if not _HEX32.match(nonce):
+        raise AuthError("the request has no valid nonce")
     try:
-        public.verify(signature, _request_message(method, path, timestamp, body), ec.ECDSA(hashes.SHA256()))
+        canonical = canonical_signature(signature) == signature
+    except ValueError:
+        canonical = False
+    if not canonical:
+        raise AuthError("the request's signature is not in canonical form (DER, low s)")
+    owner = owner_id(der)
+    message = _request_message(method, path, timestamp, nonce, owner, audience, body)
+    try:
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise AuthError("the request's signature does not verify") from None
-    return owner_id(der), signature
+        raise AuthError("the request's signature does not verify (forged, altered, or for another CAS)") from None
+    return owner, hashlib.sha256(message).hexdigest()
 
 
 def _seal_key(shared: bytes, nonce: bytes) -> bytes:

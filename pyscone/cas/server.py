@@ -5,7 +5,9 @@ self-signed certificate (enclaves pin its SHA-256, which is part of their measur
 configuration; owners' clients verify it), and a master key that encrypts secrets
 at rest.  The database is ``DIR/cas.db`` (SQLite) unless ``--db`` names another.
 
-API (JSON unless noted; owner requests are signed, see ``protocol.py``)::
+API (JSON unless noted; owner requests are signed, see ``protocol.py``; an enclave
+request's fields are checked by :data:`FIELDS`, and a body is at most :data:`MAX_BODY`
+bytes, refused as it streams in)::
 
     POST /v1/platforms              admin   {public_key, note} -> {platform_id}
     DELETE /v1/platforms/{id}       admin   -> {platform_id}
@@ -23,6 +25,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -40,12 +43,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pyscone.cas import protocol
+from pyscone.cas.integrity import Tampered
 from pyscone.cas.protocol import cert_fingerprint
 from pyscone.cas.service import Answer, Cas
-from pyscone.cas.store import Store
+from pyscone.cas.store import Store, StoreError
 from pyscone.platform import keys
 
 KEY_FILE, CERT_FILE, MASTER_FILE, ADMIN_FILE = "cas-key.pem", "cas-cert.pem", "master.key", "admin.pem"
+ANCHOR_FILE = "anchor.json"  # the newest generation of each record this CAS has seen (integrity.py)
 MAX_BODY = 512 * 1024
 
 
@@ -129,8 +134,75 @@ def _json(answer: Answer) -> Response:
 
 
 async def _body(request: Request) -> bytes | None:
-    body = await request.body()
-    return None if len(body) > MAX_BODY else body
+    """The request's body, or None if it is larger than :data:`MAX_BODY`: refused from its
+    Content-Length, or as soon as the stream passes the limit (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (len(declared) > 12 or not declared.isdigit() or int(declared) > MAX_BODY):
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a session or service name (policy.NAME)
+Check = Callable[[Any], bool]
+
+
+def _hex(low: int, high: int) -> Check:
+    pattern = re.compile(r"^(?:[0-9a-fA-F]{2})*$")
+    return lambda v: isinstance(v, str) and low <= len(v) <= high and bool(pattern.match(v))
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(NAME.match(v))
+
+
+def _is_seq(v: Any) -> bool:
+    return type(v) is int and 0 < v < 1 << 62
+
+
+def _is_tags(v: Any) -> bool:
+    return isinstance(v, list) and 1 <= len(v) <= 2 and all(_hex(32, 32)(t) for t in v)
+
+
+# What each enclave request must hold: field -> (check, what the field is).
+FIELDS: dict[str, dict[str, tuple[Check, str]]] = {
+    "challenge": {"session": (_is_name, "a session name"), "service": (_is_name, "a service name")},
+    "attest": {
+        "session": (_is_name, "a session name"),
+        "service": (_is_name, "a service name"),
+        "nonce": (_hex(64, 64), "the 64-hex-digit nonce"),
+        "quote": (_hex(2, MAX_BODY), "the quote, in hex"),
+        "public_key": (_hex(2, 1024), "the public key (DER), in hex"),
+    },
+    "tags": {
+        "session": (_is_name, "a session name"),
+        "service": (_is_name, "a service name"),
+        "run": (_hex(32, 32), "the 32-hex-digit run id"),
+        "seq": (_is_seq, "a positive integer"),
+        "tags": (_is_tags, "a list of one or two 32-hex-digit FSPF tags"),
+        "mac": (_hex(64, 64), "the 64-hex-digit MAC"),
+    },
+}
+
+
+def parse_request(body: bytes, fields: dict[str, tuple[Check, str]]) -> dict[str, Any] | str:
+    """An enclave's JSON request, checked field by field (sans-IO): the object, or why not."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        return f"expected a JSON object with {', '.join(fields)}"
+    for name, (check, what) in fields.items():
+        if name not in doc:
+            return f"missing {name!r}"
+        if not check(doc[name]):
+            return f"{name}: expected {what}"
+    return doc
 
 
 def build_app(cas: Cas) -> Starlette:
@@ -138,24 +210,30 @@ def build_app(cas: Cas) -> Starlette:
         async def endpoint(request: Request) -> Response:
             body = await _body(request)
             if body is None:
-                return _json(Answer(413, {"error": "request too large"}))
-            try:
-                owner = cas.owner(request.headers, request.method, request.url.path, body)
-            except protocol.AuthError as e:
-                return _json(Answer(401, {"error": str(e)}))
-            return _json(await run_in_threadpool(handler, owner, request, body))
+                return _json(Answer(413, {"error": f"request too large (at most {MAX_BODY} bytes)"}))
+
+            def call() -> Answer:
+                try:
+                    owner = cas.owner(request.headers, request.method, request.url.path, body)
+                except protocol.AuthError as e:
+                    return Answer(401, {"error": str(e)})
+                try:
+                    return handler(owner, request, body)
+                except Tampered as e:
+                    return cas.tampered(e)
+
+            return _json(await run_in_threadpool(call))
 
         return endpoint
 
-    def enclave(handler: Callable[[dict[str, Any]], Answer], fields: tuple[str, ...]) -> Callable[..., Any]:
+    def enclave(handler: Callable[[dict[str, Any]], Answer], kind: str) -> Callable[..., Any]:
         async def endpoint(request: Request) -> Response:
             body = await _body(request)
-            try:
-                doc = json.loads(body or b"")
-                if not isinstance(doc, dict) or any(not isinstance(doc.get(f), (str, int, list)) for f in fields):
-                    raise ValueError
-            except ValueError:
-                return _json(Answer(400, {"error": f"expected a JSON object with {', '.join(fields)}"}))
+            if body is None:
+                return _json(Answer(413, {"error": f"request too large (at most {MAX_BODY} bytes)"}))
+            doc = parse_request(body, FIELDS[kind])
+            if isinstance(doc, str):
+                return _json(Answer(400, {"error": doc}))
             return _json(await run_in_threadpool(handler, doc))
 
         return endpoint
@@ -168,11 +246,13 @@ def build_app(cas: Cas) -> Starlette:
         return cas.put_session(owner, text)
 
     def trust(owner: str, request: Request, body: bytes) -> Answer:
-        try:
-            doc = json.loads(body)
-            return cas.trust_platform(owner, str(doc["public_key"]), str(doc.get("note", "")))
-        except (ValueError, KeyError, TypeError):
-            return Answer(400, {"error": "expected a JSON object with public_key"})
+        doc = parse_request(body, {"public_key": (lambda v: isinstance(v, str), "a PEM public key")})
+        if isinstance(doc, str):
+            return Answer(400, {"error": doc})
+        note = doc.get("note", "")
+        if not isinstance(note, str):
+            return Answer(400, {"error": "note: expected a string"})
+        return cas.trust_platform(owner, doc["public_key"], note)
 
     routes = [
         Route("/v1/sessions", owned(put), methods=["POST"]),
@@ -193,17 +273,12 @@ def build_app(cas: Cas) -> Starlette:
             methods=["GET"],
         ),
         Route(
-            "/v1/challenge",
-            enclave(lambda d: cas.challenge(str(d["session"]), str(d["service"])), ("session", "service")),
-            methods=["POST"],
+            "/v1/challenge", enclave(lambda d: cas.challenge(d["session"], d["service"]), "challenge"), methods=["POST"]
         ),
         Route(
             "/v1/attest",
             enclave(
-                lambda d: cas.attest(
-                    str(d["session"]), str(d["service"]), str(d["nonce"]), str(d["quote"]), str(d["public_key"])
-                ),
-                ("session", "service", "nonce", "quote", "public_key"),
+                lambda d: cas.attest(d["session"], d["service"], d["nonce"], d["quote"], d["public_key"]), "attest"
             ),
             methods=["POST"],
         ),
@@ -211,14 +286,9 @@ def build_app(cas: Cas) -> Starlette:
             "/v1/tags",
             enclave(
                 lambda d: cas.report_tags(
-                    str(d["session"]),
-                    str(d["service"]),
-                    str(d["run"]),
-                    int(d["seq"]),
-                    [str(t) for t in d["tags"]],
-                    str(d["mac"]),
+                    d["session"], d["service"], d["run"].lower(), d["seq"], [t.lower() for t in d["tags"]], d["mac"]
                 ),
-                ("session", "service", "run", "seq", "tags", "mac"),
+                "tags",
             ),
             methods=["POST"],
         ),
@@ -241,7 +311,9 @@ def serve(directory: Path, listen: str, db: str | None, names: list[str], admin_
     admin = _admin(directory, admin_pem)
     url = db or f"sqlite:///{directory / 'cas.db'}"
     try:
-        store = Store(url, master)
+        store = Store(url, master, directory / ANCHOR_FILE)
+    except (StoreError, Tampered) as e:
+        raise CasError(f"{url.split('@')[-1]}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any driver's error, reported in one line
         why = " ".join(str(getattr(e, "orig", None) or e).split())
         raise CasError(f"cannot open the database {url.split('@')[-1]}: {why}") from None
@@ -256,7 +328,7 @@ def serve(directory: Path, listen: str, db: str | None, names: list[str], admin_
     fingerprint = cert_fingerprint(cert_path.read_bytes())
     print(f"pyscone cas: listening on https://{host}:{port}; certificate {cert_path} sha256 {fingerprint}", flush=True)
     config = uvicorn.Config(
-        build_app(Cas(store, admin=admin)),
+        build_app(Cas(store, fingerprint, admin=admin)),
         ssl_keyfile=str(key_path),
         ssl_certfile=str(cert_path),
         log_level="warning",

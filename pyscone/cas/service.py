@@ -1,13 +1,19 @@
 """What the CAS does, without HTTP: sessions for their owners, configurations for attested enclaves.
 
-Every refusal of an enclave is logged with its reason (audit table and the CAS's
-log) and answered with a bare "attestation refused": the operator learns why, an
-attacker probing the CAS learns nothing.
+Every refusal of an enclave is logged with its reason (the session's audit, if the
+session exists, and the CAS's log) and answered with a bare "attestation refused":
+the operator learns why, an attacker probing the CAS learns nothing.  Requests that
+name no existing session store nothing: a challenge for one gets a nonce that is
+never recorded (so it looks like any other and can only be refused later).
+
+A record that fails its integrity check (``integrity.Tampered``) is never acted on:
+owners get the one-line reason (HTTP 500: the CAS's storage, not the request, is
+at fault), enclaves "attestation refused", and the CAS's log says which record.
 """
 
 from __future__ import annotations
 
-import hashlib
+import secrets as _random
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pyscone.cas import policy as policy_mod
 from pyscone.cas import protocol, secrets
+from pyscone.cas.integrity import Tampered
 from pyscone.cas.store import Conflict, Store
 from pyscone.platform import keys, quote
 
@@ -35,10 +42,18 @@ REFUSED = Answer(403, {"error": "attestation refused"})
 
 
 class Cas:
-    def __init__(self, store: Store, log: Any = None, admin: str | None = None) -> None:
+    def __init__(self, store: Store, identity: str, log: Any = None, admin: str | None = None) -> None:
+        """Args:
+        identity: the SHA-256 of the CAS's certificate, which owners' requests must name.
+        admin: the owner id of the CAS admin's key, who may trust platforms."""
         self.store = store
-        self.admin = admin  # the owner id of the CAS admin's key, who may trust platforms
+        self.identity = identity
+        self.admin = admin
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def tampered(self, e: Tampered) -> Answer:
+        self._log(f"pyscone cas: refused to act on the database: {e}")
+        return _error(500, str(e))
 
     # -- owners -------------------------------------------------------------------------------
 
@@ -49,8 +64,8 @@ class Cas:
             protocol.AuthError: not signed, stale, forged, or replayed.
         """
         now = time.time()
-        owner, signature = protocol.verify_request(headers, method, path, body, now)
-        if not self.store.use_request(hashlib.sha256(signature).hexdigest(), now + 2 * protocol.MAX_SKEW):
+        owner, request_id = protocol.verify_request(headers, method, path, body, now, self.identity)
+        if not self.store.use_request(request_id, now + 2 * protocol.MAX_SKEW):
             raise protocol.AuthError("the request was already used (a replay)")
         return owner
 
@@ -100,11 +115,10 @@ class Cas:
             self.store.put_session(new.name, owner, new.version, text, values, kinds, old.version if old else None)
         except Conflict as e:
             return _error(409, f"session {new.name!r}: {e}")
-        old_policy = policy_mod.parse(old.policy) if old else None
-        for name, svc in new.services.items():
-            before = old_policy.services.get(name) if old_policy else None
-            if svc.fspf is not None and (before is None or before.fspf is None or before.fspf.tag != svc.fspf.tag):
-                self.store.reset_tags(new.name, name, [svc.fspf.tag.lower()])
+        before = _volumes(policy_mod.parse(old.policy)) if old else {}
+        for path, tag in _volumes(new).items():
+            if before.get(path) != tag:  # a new volume, or the owner names a new starting point
+                self.store.reset_volume(new.name, path, [tag])
         self.store.log(new.name, "", "create" if old is None else "update", True, f"version {new.version}")
         return Answer(201 if old is None else 200, {"name": new.name, "version": new.version})
 
@@ -122,22 +136,44 @@ class Cas:
 
     # -- enclaves -----------------------------------------------------------------------------
 
+    def _policy(self, session: str) -> policy_mod.Policy | None:
+        row = self.store.session(session)
+        return policy_mod.parse(row.policy) if row is not None else None
+
     def challenge(self, session: str, service: str) -> Answer:
+        try:
+            pol = self._policy(session)
+        except Tampered as e:
+            self._log(f"pyscone cas: challenge for {session}/{service}: {e}")
+            pol = None
+        if pol is None or service not in pol.services:
+            # Nothing is stored for a name anyone can make up; the answer looks the same.
+            return Answer(200, {"nonce": _random.token_hex(32)})
         return Answer(200, {"nonce": self.store.new_challenge(session, service)})
 
-    def _refuse(self, session: str, service: str, reason: str) -> Answer:
-        self.store.log(session, service, "attest", False, reason)
+    def _refuse(self, session: str, service: str, reason: str, exists: bool = True) -> Answer:
+        if exists:
+            try:
+                self.store.log(session, service, "attest", False, reason)
+            except Tampered as e:
+                self._log(f"pyscone cas: {e}")
         self._log(f"pyscone cas: refused {session}/{service}: {reason}")
         return REFUSED
 
     def attest(self, session: str, service: str, nonce: str, quote_hex: str, public_hex: str) -> Answer:
         try:
+            return self._attest(session, service, nonce, quote_hex, public_hex)
+        except Tampered as e:
+            return self._refuse(session, service, str(e), exists=False)
+
+    def _attest(self, session: str, service: str, nonce: str, quote_hex: str, public_hex: str) -> Answer:
+        row = self.store.session(session)
+        if row is None:
+            return self._refuse(session, service, "no such session", exists=False)
+        try:
             blob, public, nonce_bytes = bytes.fromhex(quote_hex), bytes.fromhex(public_hex), bytes.fromhex(nonce)
         except ValueError:
             return self._refuse(session, service, "malformed request")
-        row = self.store.session(session)
-        if row is None:
-            return self._refuse(session, service, "no such session")
         pol = policy_mod.parse(row.policy)
         svc = pol.services.get(service)
         if svc is None:
@@ -155,7 +191,10 @@ class Cas:
             svc.expected.check(report)
         except quote.QuoteError as e:
             return self._refuse(session, service, str(e))
-        tags, run_id, run_key = self.store.start_run(session, service, [svc.fspf.tag.lower()] if svc.fspf else [])
+        volume = svc.fspf.path if svc.fspf else None
+        tags, run_id, run_key = self.store.start_run(
+            session, service, volume, [svc.fspf.tag.lower()] if svc.fspf else []
+        )
 
         def render(text: str) -> str:
             return policy_mod.render(text, row.values)
@@ -184,11 +223,28 @@ class Cas:
         return Answer(200, {"sealed": sealed.hex()})
 
     def report_tags(self, session: str, service: str, run_id: str, seq: int, tags: list[str], mac: str) -> Answer:
-        found = self.store.run_key(session, service, run_id)
-        if found is None or not protocol.check_tag_mac(found[0], session, service, seq, tags, mac):
-            self.store.log(session, service, "tags", False, f"refused: not authentic (run {run_id[:16]})")
+        try:
+            found = self.store.run_key(session, service, run_id)
+            if found is None or not protocol.check_tag_mac(found.key, session, service, seq, tags, mac):
+                return self._refuse_tags(session, service, f"refused: not authentic (run {run_id[:16]})", 403)
+            why = self.store.pin_tags(session, service, run_id, seq, tags)
+        except Tampered as e:
+            self._log(f"pyscone cas: tag report of {session}/{service}: {e}")
             return _error(403, "tag report refused")
-        if not self.store.pin_tags(session, service, run_id, seq, tags):
-            self.store.log(session, service, "tags", False, f"refused: stale report {seq} (run {run_id[:16]})")
-            return _error(409, "tag report refused: stale")
+        if why is not None:
+            return self._refuse_tags(session, service, f"refused: {why} (report {seq}, run {run_id[:16]})", 409)
         return Answer(200, {"tags": tags})
+
+    def _refuse_tags(self, session: str, service: str, reason: str, status: int) -> Answer:
+        self._log(f"pyscone cas: tag report of {session}/{service} {reason}")
+        try:
+            if self.store.session(session) is not None:
+                self.store.log(session, service, "tags", False, reason)
+        except Tampered as e:
+            self._log(f"pyscone cas: {e}")
+        return _error(status, "tag report refused" + (": stale" if status == 409 else ""))
+
+
+def _volumes(pol: policy_mod.Policy) -> dict[str, str]:
+    """The session's volumes: FSPF path -> the tag the policy names (shared by its services)."""
+    return {svc.fspf.path: svc.fspf.tag.lower() for svc in pol.services.values() if svc.fspf is not None}

@@ -243,7 +243,13 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 
 
 class TagFile:
-    """Dev mode's pin: the tags the next run's launcher accepts, one per line (no CAS)."""
+    """Dev mode's pin: the tags the next run's launcher accepts, one per line (no CAS).
+
+    A write that fails raises (``OSError`` from the host), never passes silently: the
+    shield then fails the app's commit with ``EIO`` (a commit is durable only when its pin
+    is).  The file is the host's, so dev mode has no rollback protection against a host
+    that lies about writing it; only the CAS gives that.
+    """
 
     def __init__(self, path: str, max_io: int) -> None:
         self.path = path

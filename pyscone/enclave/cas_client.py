@@ -18,6 +18,7 @@ and the configuration opens only with the ephemeral key, which never leaves the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import socket
@@ -198,7 +199,14 @@ def _attest(conn: CasConnection, session: str, service: str, las: tuple[str, int
 
 class CasPin:
     """The FS shield's tag pin in production: each change is reported to the CAS, MAC'd with
-    the run key the attested configuration carried."""
+    the run key the attested configuration carried.
+
+    A commit is durable for the app only once the CAS has acknowledged its pin: until the
+    second phase is taken, the CAS still accepts the previous FSPF, and a host that drops
+    that report (the network is the host's) and restores the old disk would undo the commit
+    at the next start.  So a failed second phase fails the commit (``OSError(EIO)`` from the
+    app's ``fsync``/``close``), like the first; the next commit's first phase, which names
+    the new FSPF as its predecessor, narrows the pin again."""
 
     def __init__(self, cas: dict[str, str], run: dict[str, str]) -> None:
         self.cas = cas
@@ -206,6 +214,8 @@ class CasPin:
         self.seq = 0
 
     def _report(self, tags: list[str]) -> None:
+        """Raises:
+        OSError(EIO): the CAS did not acknowledge the report (unreachable, or refused it)."""
         self.seq += 1
         s, svc, key = self.run["session"], self.run["service"], bytes.fromhex(self.run["key"])
         doc = {
@@ -216,18 +226,15 @@ class CasPin:
             "tags": tags,
             "mac": protocol.tag_mac(key, s, svc, self.seq, tags),
         }
-        status, reply = https_post(self.cas["url"], self.cas["cert_sha256"], "/v1/tags", doc)
+        try:
+            status, reply = https_post(self.cas["url"], self.cas["cert_sha256"], "/v1/tags", doc)
+        except AttestationError as e:
+            raise OSError(errno.EIO, f"the CAS did not take the new FSPF tag: {e}") from None
         if status != 200:
-            raise OSError(f"the CAS did not take the new FSPF tag ({reply.get('error', status)})")
+            raise OSError(errno.EIO, f"the CAS did not take the new FSPF tag ({reply.get('error', status)})")
 
     def prepare(self, old: str, new: str) -> None:
-        try:
-            self._report([old, new])
-        except AttestationError as e:
-            raise OSError(str(e)) from None  # the commit fails; the old FSPF stays in force
+        self._report([old, new])  # on failure the commit fails; the old FSPF stays in force
 
     def commit(self, new: str) -> None:
-        try:
-            self._report([new])
-        except (AttestationError, OSError):
-            pass  # the CAS still accepts both: safe; the next commit narrows it again
+        self._report([new])  # on failure the commit is not durable: the caller reports EIO

@@ -70,13 +70,15 @@ __all__ = ["VFD_BASE", "FsShield", "MemoryFile", "Node", "OpenFile", "TagPin", "
 
 
 class TagPin(Protocol):
-    """Where the newest FSPF tag is pinned (dev mode: a file; production: the CAS)."""
+    """Where the newest FSPF tag is pinned (dev mode: a file; production: the CAS).  Both
+    methods raise ``OSError`` if the pin did not take the change: a commit is durable for
+    the app only when its pin is acknowledged, so the shield then fails it with ``EIO``."""
 
     def prepare(self, old: str, new: str) -> None:
         """Before the commit point: accept ``new`` besides ``old``."""
 
     def commit(self, new: str) -> None:
-        """After it: accept ``new`` only."""
+        """After it: accept ``new`` only (until then the next start may get ``old``)."""
 
 
 class FsShield:
@@ -172,15 +174,28 @@ class FsShield:
     # -- the FSPF -----------------------------------------------------------------------------
 
     def _write_fspf(self) -> None:
-        """Seal and atomically replace the FSPF on the host: the commit point."""
+        """Seal and atomically replace the FSPF on the host: the commit point.  Raises
+        ``OSError(EIO)`` if the pin fails either phase; after the commit point the shield goes
+        on from the new FSPF, but the app must not count that commit durable."""
+
+        def unpinned(what: str, e: OSError) -> OSError:
+            log(f"commit {what} FSPF tag {tag}: {e.strerror or e}")
+            return OSError(errno.EIO, f"{os.strerror(errno.EIO)}: commit {what.split(':')[0]}: {e.strerror or e}")
+
         blob, tag = fspf_mod.seal(self.fspf, self.key)
         if self.pin is not None:
-            self.pin.prepare(self.tag, tag)
+            try:
+                self.pin.prepare(self.tag, tag)
+            except OSError as e:
+                raise unpinned("refused: the pin did not take", e) from None
         replace_host_file(self.fspf_path, blob, self.max_io)
         self.tag = tag
         self.commits += 1
         if self.pin is not None:
-            self.pin.commit(tag)
+            try:
+                self.pin.commit(tag)  # if lost, the next commit's first phase narrows the pin
+            except OSError as e:
+                raise unpinned("not durable: the pin did not acknowledge", e) from None
 
     def recover(self) -> None:
         """Finish renames a crash interrupted (entries whose records are still at ``store``)."""
