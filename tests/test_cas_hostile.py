@@ -472,8 +472,8 @@ def test_services_of_a_session_share_their_volume_and_its_pin(world: World) -> N
     path = world.root / "shared.yaml"
     path.write_text(
         "name: shared\nservices:\n"
-        f"  writer: {{mrenclaves: [{mre}], argv: [shared.py, write], {fspf_yaml}}}\n"
-        f"  reader: {{mrenclaves: [{mre}], argv: [shared.py, read], {fspf_yaml}}}\n"
+        f"  writer: {{mrenclaves: [{mre}], cwd: {world.root}, argv: [shared.py, write], {fspf_yaml}}}\n"
+        f"  reader: {{mrenclaves: [{mre}], cwd: {world.root}, argv: [shared.py, read], {fspf_yaml}}}\n"
     )
     assert world.owner("session", "create", str(path)).returncode == 0
     first = world.run("shared/writer")

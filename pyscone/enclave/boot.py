@@ -300,8 +300,13 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
             runpy._run_module_as_main(argv[0], alter_argv=False)  # type: ignore[attr-defined]
         else:
             path = files.abspath(argv[0])
-            with open(path, "rb") as f:
-                source = f.read()
+            try:
+                with open(path, "rb") as f:
+                    source = f.read()
+            except OSError as e:  # what python says, in one line
+                print(f"pyscone: can't open file {path!r}: [Errno {e.errno}] {e.strerror}", file=sys.stderr)
+                status[0] = 2
+                return
             importer.record(path, source, "source")
             main_mod.__file__ = argv[0]
             main_mod.__cached__ = None  # type: ignore[attr-defined]
