@@ -79,7 +79,13 @@ class Scripted(Liar):
         if self.script is None:
             return self.honest
         r, e, p = self.script(self.honest)
-        return (r, e, p[:SLOT])  # a reply is written into the slot: it cannot be longer
+        # What fits the slot: an i64 result, an i32 errno, at most a slot of data.  (An honest
+        # answer may sit at the edge: lseek(SEEK_END) of an ext4 directory is 2**63 - 1.)
+        return (_clamp(r, 64), _clamp(e, 32), p[:SLOT])
+
+
+def _clamp(value: int, bits: int) -> int:
+    return max(-(1 << (bits - 1)), min(value, (1 << (bits - 1)) - 1))
 
 
 @dataclass
@@ -557,7 +563,7 @@ def one_lie(w: World, op: int, draw: Draw) -> str:
 
     def script(honest: Answer) -> Answer:
         lie = iago_lies.draw_lie(draw, op, req.args, req.data, honest, ctx)
-        told.append((lie[0], lie[1], lie[2][:SLOT]))
+        told.append((_clamp(lie[0], 64), _clamp(lie[1], 32), lie[2][:SLOT]))
         return lie
 
     reply, honest = w.exchange(op, req.args, req.data, wait=req.wait, script=script)
