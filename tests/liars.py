@@ -3,13 +3,15 @@
 ``PYSCONE_TEST_HOSTILE=py:liars:Lie:CASE`` (with this directory on ``PYTHONPATH``)
 makes the executor tell the lie named CASE once, the first time a call it is
 about comes by; ``py:liars:RandomLie:SEED:CALLS`` tells one catchable lie, about
-the call (of the first CALLS) a seeded choice picks, whatever its opcode.  Each lie has a valid shape, so
+the call (of the first CALLS) a seeded choice picks, whatever its opcode; with CALLS 0 it
+only counts the calls of an honest run.  Each lie has a valid shape, so
 only a check of its *value* can catch it.  A liar says on stderr what it did
 (``pyscone-test: lied ...``), so the tests know the lie was told.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import random
 import socket
@@ -277,8 +279,12 @@ class RandomLie(Liar):
         super().__init__(arg)
         seed, _, calls = arg.partition(":")
         self.rng = random.Random(int(seed))
-        self.at = self.rng.randrange(1, int(calls or 100) + 1)  # (calls: how many an honest run makes)
         self.calls = 0
+        if calls == "0":  # tell no lie; count the calls of an honest run
+            self.at = -1
+            atexit.register(lambda: print(f"pyscone-test: {self.calls} calls", file=sys.stderr, flush=True))
+        else:
+            self.at = self.rng.randrange(1, int(calls or 100) + 1)
 
     def lie(
         self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes

@@ -684,15 +684,15 @@ data, sender = u.recvfrom(100)
 print("udp", data, sender[0], socket.getaddrinfo("127.0.0.1", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4])
 sys.stdout.flush()
 """
-SEEDS = int(os.environ.get("PYSCONE_FUZZ_SEEDS", "16"))
+SEEDS = int(os.environ.get("PYSCONE_FUZZ_SEEDS", "24"))
 
 
 def test_seeded_lies_in_real_enclaves_stop_before_the_app_sees_them(tmp_path: Path) -> None:
     app = write_app(tmp_path, E2E_APP)
-    honest = run_enclave("--stats", app, cwd=tmp_path)
-    assert honest.returncode == 0, honest.stderr
-    calls = int(honest.stderr.split("pyscone: host: ", 1)[1].split(" calls", 1)[0])
     env = {"PYTHONPATH": str(Path(__file__).parent)}
+    honest = run_enclave(app, cwd=tmp_path, env={**env, "PYSCONE_TEST_HOSTILE": "py:liars:RandomLie:0:0"})
+    assert honest.returncode == 0, honest.stderr
+    calls = int(honest.stderr.split("pyscone-test: ", 1)[1].split(" calls", 1)[0])
     lied_about: collections.Counter[str] = collections.Counter()
     for seed in random.Random(9).sample(range(10**6), SEEDS):
         r = run_enclave(app, cwd=tmp_path, env={**env, "PYSCONE_TEST_HOSTILE": f"py:liars:RandomLie:{seed}:{calls}"})
