@@ -6,6 +6,8 @@ import errno
 import os
 from pathlib import Path
 
+import pytest
+
 from pyscone import abi, rings
 from pyscone.abi import Op
 from pyscone.enclave.syscalls import SyscallClient
@@ -40,3 +42,82 @@ def test_pread_and_pwrite_move_data_straight_through_the_slot_and_refuse_bad_req
     finally:
         executor.stop()
         os.close(fd)
+
+
+def test_pages_of_one_listing_come_from_one_scan_while_the_directory_changes(tmp_path: Path) -> None:
+    # Paging by index over a fresh scan each time would repeat or skip names when files come
+    # and go between pages; the enclave refuses a repeated name, so an honest host must not.
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(300):
+        (big / f"old-{i:04d}-xxxxxxxxxxxx").touch()
+    geometry = abi.Geometry(8, 4096)
+    region = rings.SharedRegion.create(geometry)
+    bells = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    executor = Executor(region, *bells, sthreads=1, spin_us=0)
+    client = SyscallClient(rings.SharedRegion.attach(region.fd), *bells, spin_us=0)
+
+    def page(start: int) -> tuple[list[str], bool]:
+        sid = client.submit(Op.LISTDIR, 0, (start,), str(big).encode())
+        assert executor.serve_pending() == 1  # driven in this thread, no S-threads started
+        assert client.collect() == [sid]
+        result, err, data = client.read_reply(sid)
+        assert result >= 0, os.strerror(err)
+        entries, more = abi.decode_dirents(data)
+        return [e.name for e in entries], more
+
+    names, more = page(0)
+    assert more
+    for i in range(100):  # files created and removed between the pages
+        (big / f"new-{i:04d}-xxxxxxxxxxxx").touch()
+    for name in names[:50]:
+        (big / name).unlink()
+    while more:
+        rest, more = page(len(names))
+        names += rest
+    assert len(names) == len(set(names)) == 300  # every name once: the directory as it was
+    executor.stop()
+
+
+def test_a_plugged_in_liar_answers_instead_of_the_host_or_rewrites_its_answer(tmp_path: Path) -> None:
+    from pyscone.host.hostile import Answer, Liar, load
+
+    class Forger(Liar):
+        def handle(self, op: int, args: tuple[int, ...], data: bytes, ex: Executor) -> Answer | None:
+            return (6, 0, b"FORGED") if op == Op.READ and self.arg == "handle" else None
+
+        def lie(
+            self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Executor, request: bytes
+        ) -> Answer:
+            if op == Op.STAT and self.arg == "lie":
+                return (-1, errno.EACCES, request)  # (the request is there to be looked at)
+            return (result, err, payload)
+
+    (tmp_path / "f").write_bytes(b"honest bytes")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    region = rings.SharedRegion.create(abi.Geometry(8, 4096))
+    bells = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    client = SyscallClient(rings.SharedRegion.attach(region.fd), *bells, spin_us=0)
+    liar = Forger("handle")
+    executor = Executor(region, *bells, sthreads=1, spin_us=0, hostile=liar)
+
+    def call(op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, int, bytes]:
+        sid = client.submit(op, 0, args, data)
+        executor.serve_pending()
+        assert client.collect() == [sid]
+        return client.read_reply(sid)
+
+    try:
+        assert call(Op.READ, (fd, 100)) == (6, 0, b"FORGED")
+        liar.arg = "lie"
+        assert call(Op.READ, (fd, 5)) == (5, 0, b"hones")  # the forged read never touched the file
+        assert call(Op.STAT, (1,), str(tmp_path / "f").encode()) == (-1, errno.EACCES, str(tmp_path / "f").encode())
+    finally:
+        executor.stop()
+        os.close(fd)
+    with pytest.raises(ValueError, match=r"is not a pyscone\.host\.hostile\.Liar"):
+        load("py:os:path")
+    with pytest.raises(ValueError, match="cannot load the lying host"):
+        load("py:no_such_module:Liar")
+    with pytest.raises(ValueError, match="unknown hostile mode"):
+        load("no-such-mode")

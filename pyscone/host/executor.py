@@ -24,7 +24,8 @@ Completed calls are pushed to the response ring (under a lock, since pool
 threads complete calls too); the enclave's doorbell is rung only when the
 enclave said it is sleeping.
 
-``Hostile`` turns this executor into a lying host for the Iago tests.
+``hostile=`` turns this executor into a lying host for the Iago tests (see
+``host/hostile.py``); without it nothing of that runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from dataclasses import dataclass, field
 
 from pyscone import abi, rings
 from pyscone.abi import Op
+from pyscone.host import hostile as hostile_mod
+from pyscone.host.hostile import Hostile, Liar
 
 Answer = tuple[int, int, bytes]
 _OK: Answer = (0, 0, b"")
@@ -105,7 +108,7 @@ class Executor:
         *,
         sthreads: int = 3,
         spin_us: int = 400,
-        hostile: str | None = None,
+        hostile: str | Liar | None = None,
     ) -> None:
         if sthreads < 1:
             raise ValueError("at least one S-thread (the dispatcher) is needed")
@@ -135,7 +138,7 @@ class Executor:
             for i in range(sthreads - 1)
         ]
         self._thread = threading.Thread(target=self._dispatch_main, name="pyscone-dispatcher", daemon=True)
-        self.hostile = Hostile.parse(hostile) if hostile else None
+        self.hostile: Liar | None = hostile_mod.load(hostile) if isinstance(hostile, str) else hostile
         self._handlers: dict[int, Callable[[tuple[int, ...], bytes], Answer]] = {
             Op.NOP: lambda a, d: _OK,
             Op.OPEN: self._open,
@@ -187,6 +190,14 @@ class Executor:
         )
         if not self._pool:  # one S-thread: the dispatcher does everything
             self._pooled = frozenset()
+        # Pages of one directory listing, served from one scan: (path, next index) -> entries.
+        self._listings: dict[tuple[str, int], list[list[os.DirEntry[str]]]] = {}
+        self._listings_lock = threading.Lock()
+        if self.hostile is not None:
+            # The liar sees every request first; wrapping the table keeps the honest path untouched.
+            liar = self.hostile
+            for op, handler in list(self._handlers.items()):
+                self._handlers[op] = _consult(liar, self, op, handler)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -200,7 +211,8 @@ class Executor:
         os.eventfd_write(self.doorbell_in, 1)
         for _ in self._pool:
             self._pool_q.put(None)
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # (not started when driven by serve_pending)
+            self._thread.join(timeout=5)
         for s in self._socks.values():
             s.close()
         for fd in self._files:
@@ -209,6 +221,31 @@ class Executor:
             except OSError:
                 pass
         self._ep.close()
+
+    def serve_pending(self, timeout: float = 0.0) -> int:
+        """Serve every request already in the ring, in the caller's thread; return how many were answered.
+
+        For in-process drivers (tests that play the enclave and the host in one thread, and
+        so can decide each answer deterministically).  Use it instead of :meth:`start`, never
+        beside it, with ``sthreads=1`` (no pool).  A call parked on the reactor is retried
+        until it completes or ``timeout`` seconds have passed.
+        """
+        if self._pool:
+            raise RuntimeError("serve_pending needs an executor with one S-thread")
+        done: list[int] = []
+        reqs = self.requests
+        tail = reqs.peek_tail()
+        if tail != reqs.head:
+            for sid in reqs.take(tail):
+                self._dispatch(sid, done)
+        deadline = time.monotonic() + timeout
+        while self._parked and (remaining := deadline - time.monotonic()) > 0:
+            for fd, ev in self._ep.poll(remaining):
+                if fd != self.doorbell_in:
+                    self._on_ready(fd, ev, done)
+        if done:
+            self._publish(done)
+        return len(done)
 
     # -- dispatcher -----------------------------------------------------------------------
 
@@ -337,9 +374,11 @@ class Executor:
 
     def _answer(self, sid: int, ans: Answer, op: int = Op.NOP, args: tuple[int, ...] = ()) -> None:
         result, err, payload = ans
-        if self.hostile is not None:
-            result, err, payload = self.hostile.lie(op, args, result, err, payload, self)
         off = self._slot_off[sid]
+        if self.hostile is not None:
+            dlen = abi.REQ.unpack_from(self.mm, off)[-1]  # the request is still in the slot
+            request = bytes(self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + dlen])
+            result, err, payload = self.hostile.lie(op, args, result, err, payload, self, request)
         n = len(payload)
         if n:
             self.mm[off + abi.SLOT_HEADER : off + abi.SLOT_HEADER + n] = payload
@@ -431,13 +470,13 @@ class Executor:
         if w is None:
             return  # already answered (or running on the pool): the enclave uses that answer
         self._unpark(w)
-        self._answer(target, (-1, errno.ECANCELED, b""))
+        self._answer(target, (-1, errno.ECANCELED, b""), w.op, w.args)
         done.append(target)
 
     def _fail_waiters(self, fd: int, done: list[int] | None) -> None:
         for w in list(self._fdwait.get(fd, ())):
             self._unpark(w)
-            self._answer(w.sid, (-1, errno.EBADF, b""))
+            self._answer(w.sid, (-1, errno.EBADF, b""), w.op, w.args)
             if done is not None:
                 done.append(w.sid)
             else:
@@ -487,30 +526,44 @@ class Executor:
         return (0, 0, abi.stat_from_os(os.stat(_path(d), follow_symlinks=bool(a[0]))).pack())
 
     def _listdir(self, a: tuple[int, ...], d: bytes) -> Answer:
-        start = a[0]
-        names: list[abi.Dirent] = []
+        # A listing larger than a slot is paged.  Its later pages come from the scan made for
+        # its first, so a file created or removed meanwhile cannot shift a name onto two
+        # pages (the enclave refuses a name listed twice) or off every page.
+        path, start = _path(d), a[0]
         budget = self.geometry.slot_data - abi.DIRENTS_HEAD.size
-        more = False
-        with os.scandir(_path(d)) as it:
+        names: list[abi.Dirent] = []
+        rest = self._take_listing(path, start) if start else None
+        with os.scandir(path) if rest is None else _Listed(rest) as it:
             for i, entry in enumerate(it):
-                if i < start:
-                    continue
+                if rest is None and i < start:
+                    continue  # a continuation we no longer hold: scan again, as before
                 raw = entry.name.encode("utf-8", "surrogateescape")
                 cost = abi.DIRENT.size + len(raw)
                 if cost > budget:
-                    more = True
-                    break
+                    self._keep_listing(path, start + len(names), [entry, *it])
+                    return (len(names), 0, abi.encode_dirents(names, True))
                 budget -= cost
-                try:
-                    dt = (
-                        abi.DT_LNK if entry.is_symlink() else
-                        abi.DT_DIR if entry.is_dir(follow_symlinks=False) else
-                        abi.DT_REG if entry.is_file(follow_symlinks=False) else abi.DT_OTHER
-                    )  # fmt: skip
-                except OSError:
-                    dt = abi.DT_UNKNOWN
-                names.append(abi.Dirent(entry.name, dt))
-        return (len(names), 0, abi.encode_dirents(names, more))
+                names.append(abi.Dirent(entry.name, _dtype(entry)))
+        return (len(names), 0, abi.encode_dirents(names, False))
+
+    def _take_listing(self, path: str, start: int) -> list[os.DirEntry[str]] | None:
+        with self._listings_lock:
+            waiting = self._listings.get((path, start))
+            if not waiting:
+                return None
+            rest = waiting.pop(0)
+            if not waiting:
+                del self._listings[(path, start)]
+            return rest
+
+    def _keep_listing(self, path: str, start: int, rest: list[os.DirEntry[str]]) -> None:
+        with self._listings_lock:
+            self._listings.setdefault((path, start), []).append(rest)
+            while sum(map(len, self._listings.values())) > _LISTINGS_KEPT:  # abandoned listings
+                oldest = next(iter(self._listings))
+                self._listings[oldest].pop(0)
+                if not self._listings[oldest]:
+                    del self._listings[oldest]
 
     def _rename(self, a: tuple[int, ...], d: bytes) -> Answer:
         src, dst = d.split(b"\0", 1)
@@ -629,6 +682,8 @@ class Executor:
         keep: list[tuple[int, int, int, str, object]] = [
             (f, t, p, c, sa) for f, t, p, c, sa in infos if f in (socket.AF_INET, socket.AF_INET6)
         ]
+        if not keep:  # only other families: as glibc says when it finds nothing
+            return (-1, 0, str(socket.EAI_NONAME).encode())
         return (len(keep), 0, abi.encode_addrinfo(keep))
 
     def _getnameinfo(self, a: tuple[int, ...], d: bytes) -> Answer:
@@ -673,80 +728,45 @@ def _path(d: bytes) -> str:
     return d.decode("utf-8", "surrogateescape")
 
 
-# -- the lying host ---------------------------------------------------------------------
+#: Listings whose later pages are still held for the enclave, at most (each one a list of entries).
+_LISTINGS_KEPT = 64
 
 
-@dataclass
-class Hostile:
-    """A host that lies once, in the way ``mode`` names, after ``skip`` chances.
+class _Listed:
+    """The held rest of a listing, used like the ``os.scandir`` iterator it came from."""
 
-    Used only by the tests (``PYSCONE_TEST_HOSTILE=mode[:skip]``): every lie must
-    make the enclave stop with a host violation before the app sees bad data.
-    """
+    def __init__(self, entries: list[os.DirEntry[str]]) -> None:
+        self._it = iter(entries)
 
-    mode: str
-    skip: int = 0
-    fired: bool = False
-    last_id: int = -1
+    def __iter__(self) -> collections.abc.Iterator[os.DirEntry[str]]:
+        return self._it
 
-    MODES = (
-        "read-overflow", "write-overcount", "fd-alias", "bad-errno", "bad-stat", "bad-dirent",
-        "bad-sockaddr", "bad-poll", "forged-slot", "duplicate-slot", "slot-out-of-range", "ring-overrun",
-    )  # fmt: skip
+    def __enter__(self) -> _Listed:
+        return self
 
-    @classmethod
-    def parse(cls, spec: str) -> Hostile:
-        mode, _, skip = spec.partition(":")
-        if mode not in cls.MODES:
-            raise ValueError(f"unknown hostile mode {mode!r}; one of {', '.join(cls.MODES)}")
-        return cls(mode, int(skip or 0))
+    def __exit__(self, *exc: object) -> None:
+        pass
 
-    def _chance(self) -> bool:
-        if self.fired:
-            return False
-        if self.skip:
-            self.skip -= 1
-            return False
-        self.fired = True
-        return True
 
-    def lie(self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Executor) -> Answer:
-        m = self.mode
-        if m == "read-overflow" and op in (Op.READ, Op.PREAD, Op.RECV) and result >= 0 and self._chance():
-            # Claim one byte more than was asked for (the payload stays inside the slot).
-            forged = (b"FORGED" * (args[1] // 6 + 1))[: min(args[1] + 1, ex.geometry.slot_data)]
-            return (args[1] + 1, 0, forged)
-        if m == "write-overcount" and op in (Op.WRITE, Op.SEND) and result >= 0 and self._chance():
-            return (result + 4096, 0, payload)
-        if m == "fd-alias" and op in abi.NEW_FD_OPS and result >= 0 and self._chance():
-            return (1, 0, payload)  # the console's stdout: already known to the enclave
-        if m == "bad-errno" and result < 0 and op != Op.NOP and self._chance():
-            return (-1, 99999, b"")
-        if m == "bad-stat" and op in (Op.STAT, Op.FSTAT) and result >= 0 and self._chance():
-            return (0, 0, b"\xff" * abi.STAT.size)
-        if m == "bad-dirent" and op == Op.LISTDIR and result >= 0 and self._chance():
-            return (1, 0, abi.DIRENTS_HEAD.pack(1, 0) + abi.DIRENT.pack(1, 6) + b"../etc")
-        if m == "bad-sockaddr" and op in (Op.ACCEPT, Op.GETSOCKNAME, Op.GETPEERNAME) and result >= 0 and self._chance():
-            bad = abi.INET_ADDR.pack(80, 0, 0) + b"not-an-ip"
-            return (result, 0, struct.pack("<I", len(bad)) + bad + bad if op == Op.ACCEPT else bad)
-        if m == "bad-poll" and op == Op.POLL and result >= 0 and payload and self._chance():
-            fd, ev, _ = abi.POLLFD.unpack_from(payload, 0)
-            return (1, 0, abi.POLLFD.pack(fd + 1000, ev, abi.POLLIN) + payload[abi.POLLFD.size :])
-        return (result, err, payload)
+def _dtype(entry: os.DirEntry[str]) -> int:
+    try:
+        return (
+            abi.DT_LNK if entry.is_symlink() else
+            abi.DT_DIR if entry.is_dir(follow_symlinks=False) else
+            abi.DT_REG if entry.is_file(follow_symlinks=False) else abi.DT_OTHER
+        )  # fmt: skip
+    except OSError:
+        return abi.DT_UNKNOWN
 
-    def forge_ids(self, sids: list[int], ex: Executor) -> list[int]:
-        # Each lie keeps the count plausible, so it is the slot-id checks that must catch it.
-        m = self.mode
-        last, self.last_id = self.last_id, sids[-1]
-        if m == "forged-slot" and self._chance():
-            outstanding = set(sids)
-            forged = next(i for i in range(ex.geometry.nslots - 1, -1, -1) if i not in outstanding)
-            return [forged, *sids[1:]]
-        if m == "duplicate-slot" and last >= 0 and last not in sids and self._chance():
-            return [last, *sids[1:]]  # replay an answer the enclave already consumed
-        if m == "slot-out-of-range" and self._chance():
-            return [ex.geometry.nslots + 7, *sids[1:]]
-        if m == "ring-overrun" and self._chance():
-            ex.responses.tail += ex.geometry.ring_size * 2
-            return sids
-        return sids
+
+def _consult(
+    liar: Liar, ex: Executor, op: int, handler: Callable[[tuple[int, ...], bytes], Answer]
+) -> Callable[[tuple[int, ...], bytes], Answer]:
+    def run(a: tuple[int, ...], d: bytes) -> Answer:
+        forged = liar.handle(op, a, d, ex)
+        return handler(a, d) if forged is None else forged
+
+    return run
+
+
+__all__ = ["Answer", "Executor", "Hostile", "Liar", "Stats"]

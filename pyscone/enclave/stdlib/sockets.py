@@ -60,12 +60,16 @@ class EnclaveSocket(_StdSocket):
             fd = fileno
             if _fds.kind(fd) != iago.FdTable.SOCKET:
                 raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+            # What the enclave recorded when it made the socket; the host is asked only
+            # for what it cannot know (and iago holds the answer to the record).
             if family == -1:
                 family = _fds.families.get(fd) or self._opt(fd, socket.SO_DOMAIN)
             if type == -1:
-                type = self._opt(fd, socket.SO_TYPE)  # noqa: A001
+                type = _fds.types.get(fd) or self._opt(fd, socket.SO_TYPE)  # noqa: A001
             if proto == -1:
-                proto = self._opt(fd, socket.SO_PROTOCOL)
+                proto = _fds.protos.get(fd, -1)
+                if proto == -1:
+                    proto = self._opt(fd, socket.SO_PROTOCOL)
         self._fd = fd
         self._family = family
         self._kind = type
