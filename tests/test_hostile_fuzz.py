@@ -600,6 +600,7 @@ def test_every_lie_is_caught_or_undetectable(world: World, op: int) -> None:
 
     @settings(
         max_examples=EXAMPLES,
+        derandomize=os.environ.get("CI") == "true",  # CI gates a landing on fixed lies; local runs explore
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
