@@ -88,18 +88,27 @@ def _cli(*args: str | Path, cwd: Path) -> str:
 
 @contextlib.contextmanager
 def _service(args: list[str], pattern: str) -> Iterator[int]:
-    proc = subprocess.Popen([*PYSCONE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The service's log goes to a file (an unread pipe would block it once full) and is shown on failure.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([*PYSCONE, *args], stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         m = re.search(pattern, line)
         if m is None:
             proc.kill()
-            raise AttestBenchError(f"pyscone {args[0]} did not start: {line}{proc.communicate()[1][-500:]}")
-        yield int(m.group(1))
+            proc.wait()
+            log.seek(0)
+            raise AttestBenchError(f"pyscone {args[0]} did not start: {line}{log.read()[-500:]}")
+        try:
+            yield int(m.group(1))
+        except AttestBenchError as e:
+            log.seek(0)
+            raise AttestBenchError(f"{e}\n{'-' * 20} pyscone {args[0]}'s log:\n{log.read()[-3000:]}") from None
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+        log.close()
 
 
 @contextlib.contextmanager
@@ -127,7 +136,7 @@ def bench_startup(root: Path, pin: list[str], las_port: int, runs: int, log: Log
     _cli("sign", "--key", "signer.pem", "-o", "hello.sig", cwd=root)
     mre = _cli("measure", *pin, cwd=root).strip()
     (root / "startup.yaml").write_text(
-        f"name: startup\nservices:\n  app:\n    mrenclaves: [{mre}]\n    argv: [hello.py]\n"
+        f"name: startup\nservices:\n  app:\n    mrenclaves: [{mre}]\n    cwd: {root}\n    argv: [hello.py]\n"
     )
     _cli("cas", "session", "create", "startup.yaml", *pin, "--key", "owner.pem", cwd=root)
     cmds = {

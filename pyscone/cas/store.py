@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import secrets as _random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -161,6 +163,10 @@ class Store:
         """
         self.keys = Keys(master_key)
         self.anchor = Anchor(anchor)
+        # One writer at a time per chain within this process: concurrent attestations of one
+        # session all append to its audit chain, and retrying losers would starve (other CAS
+        # processes on the same database still race, and _retry handles them).
+        self._append = threading.Lock()
         if url.startswith(("postgresql://", "postgres://")):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]  # the driver pyscone installs
         kwargs: dict[str, Any] = {"future": True}
@@ -187,14 +193,16 @@ class Store:
             elif found != [SCHEMA]:
                 raise StoreError(f"the database has schema {found}, this CAS needs schema {SCHEMA}")
 
-    def _retry(self, attempt: Callable[[], T], tries: int = 8) -> T:
-        """Run a read-then-write transaction again when a concurrent one took the row first."""
+    def _retry(self, attempt: Callable[[], T], tries: int = 16) -> T:
+        """Run a read-then-write transaction again when a concurrent one took the row first
+        (with a short random back-off, so that racing writers spread out)."""
         for i in range(tries):
             try:
                 return attempt()
             except (sa.exc.IntegrityError, Conflict):
                 if i == tries - 1:
                     raise
+                time.sleep(random.uniform(0, 0.002 * (i + 1)))
         raise AssertionError("unreachable")
 
     # -- platforms ----------------------------------------------------------------------------
@@ -588,7 +596,8 @@ class Store:
                 db.execute(audit.insert().values(**vars(row), mac=self._event_mac(row, prev)))
             return n + 1
 
-        self.anchor.advance(key, self._retry(attempt))
+        with self._append:
+            self.anchor.advance(key, self._retry(attempt))
 
     def audit_of(self, session: str, limit: int = 1000) -> list[dict[str, Any]]:
         """The session's newest ``limit`` events, newest first, after verifying its whole chain.
