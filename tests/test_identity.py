@@ -46,12 +46,14 @@ def test_tcb_lists_what_is_measured(tmp_path: Path) -> None:
     lines = r.stdout.splitlines()
     assert lines[0] == "MRENCLAVE " + pyscone("measure", cwd=tmp_path).stdout.strip()
     names = {
-        line.split()[0] for line in lines if line.startswith(("interpreter", "libpython", "module:", "extension:"))
+        line.split()[0] for line in lines if line.startswith(("interpreter", "bootstrap", "module:", "ext", "map"))
     }
-    for expected in ("interpreter", "module:pyscone.enclave.boot", "module:pyscone.enclave.shields.fs"):
+    for expected in ("interpreter", "bootstrap", "module:pyscone.enclave.boot", "module:pyscone.enclave.shields.fs"):
         assert expected in names
-    assert any(n.startswith("extension:_rust") for n in names)  # cryptography's backend
-    assert "files," in lines[-2] and "Not measured" in lines[-1]
+    assert "module:pyscone.enclave.loader" in names and "module:encodings" in names
+    assert "extension:cryptography.hazmat.bindings._rust" in names  # cryptography's backend
+    assert any(n.startswith("mapped:libc.so") for n in names)  # the libraries the process maps
+    assert any(line.endswith("files,") or " files, " in line for line in lines) and "Not measured" in lines[-1]
 
 
 def test_a_signed_enclave_runs_and_a_changed_one_does_not(signed: Path) -> None:

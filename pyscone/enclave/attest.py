@@ -1,31 +1,39 @@
 """The enclave's identity (TRUSTED): its measurement, and the check of its signature.
 
 :func:`measure_self` runs at the end of boot, before lockdown, when everything the
-enclave runs unchecked has been loaded (see ``platform/measure.py`` for what is
-covered).  :func:`admit` is the simulated EINIT: an enclave started with a signature
-refuses to run unless the signature verifies and names its own MRENCLAVE, and unless
-it is a production enclave when the signature does not allow debugging.
+enclave runs unchecked has been loaded and nothing else can be (the loader's seal,
+then the barrier).  It never reads a module again: MRENCLAVE is computed from what
+the measuring loader (``enclave/loader.py``) and the enclave importer recorded as they
+loaded it, plus the interpreter (read through ``/proc/self/exe``, the file that was
+executed) and every other file mapped into the process (``/proc/self/maps``: the
+shared libraries, ``LD_PRELOAD``-ed or not).  :func:`admit` is the simulated EINIT:
+an enclave started with a signature refuses to run unless the signature verifies and
+names its own MRENCLAVE, and unless it is a production enclave when the signature
+does not allow debugging.
 
-Discussion: in simulation the measurement is of the files the boot read, taken by
-the enclave itself.  A host that controls those files before lockdown could make
-the enclave run other code than it measured, as with any simulated enclave
-(``gramine-direct``, SCONE_MODE=SIM): only hardware measures what it loads.  What
-the simulation does give is the exact TCB (``pyscone tcb``), the protocol, and the
-checks every verifier makes, ready for a real quote.
+Discussion: in simulation the measurement is taken by the enclave itself, after the
+code it measures has run, so code that was measured can still lie about the
+measurement, as any simulated enclave's can (``gramine-direct``, SCONE_MODE=SIM), and
+the simulated LAS signs any report anyway.  What pyscone does guarantee is that
+nothing runs that is not in the record, that the record is of the bytes that were
+compiled or mapped (a host cannot serve one thing and have another hashed), and the
+exact TCB (``pyscone tcb``).  Libraries the dynamic linker maps by itself, and the
+interpreter's own start-up modules, are hashed by a second read: only a hardware
+loader measures those as it maps them.
 """
 
 from __future__ import annotations
 
 import _io
-import importlib.machinery
+import dataclasses
 import json
 import os
+import posix
 import sys
-import sysconfig
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from pyscone.enclave import importer
+from pyscone.enclave import importer, loader
 from pyscone.platform import measure, quote, sigstruct
 from pyscone.platform.measure import TcbFile
 
@@ -52,32 +60,89 @@ class AdmissionError(Exception):
 
 
 def tcb_files() -> list[TcbFile]:
-    """Hash everything the enclave has loaded so far (before lockdown only)."""
-    found: dict[str, TcbFile] = {}
+    """What MRENCLAVE covers: everything the enclave has loaded so far (before lockdown only).
 
-    def add(name: str, path: str) -> None:
-        if name not in found:  # read directly: the interposed open would go through the host
-            found[name] = measure.hash_file(name, path, _raw_open)
+    Raises:
+        AdmissionError: something was loaded in a way that pyscone cannot measure.
+    """
+    files: dict[str, TcbFile] = {}
 
-    add("interpreter", os.path.realpath(sys.executable))
-    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")
-        if os.path.isfile(lib):
-            add("libpython", os.path.realpath(lib))
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        spec = getattr(module, "__spec__", None)
-        if not isinstance(path, str) or (spec is not None and spec.origin in ("frozen", "built-in")):
-            continue  # part of the interpreter, measured with it
-        if path.endswith(suffixes):
-            add("extension:" + os.path.basename(path), path)
-        elif os.path.isfile(path):
-            add("module:" + module.__name__, path)
+    def add(f: TcbFile) -> None:
+        name, n = f.name, 1
+        while name in files:
+            if (files[name].sha256, files[name].code) == (f.sha256, f.code):
+                return  # the same bytes loaded twice (a reload)
+            n += 1
+            name = f"{f.name}#{n}"
+        files[name] = TcbFile(name, f.path, f.size, f.sha256, f.code, f.how)
+
+    # os.* is the host's by now (interposed): the enclave's own view is posix.*.
+    exe = posix.readlink("/proc/self/exe")
+    # The executed inode itself: a file being executed cannot be written (ETXTBSY).
+    add(dataclasses.replace(measure.hash_file("interpreter", "/proc/self/exe", _raw_open, how="mapped"), path=exe))
+    for entry in loader.record:
+        add(TcbFile(entry.name, entry.path, entry.size, entry.digest(), entry.code, entry.how))
     for m in importer.measured:
-        if m.kind == "extension":
-            add("extension:" + os.path.basename(m.path), m.path)
-    return sorted(found.values(), key=lambda f: f.name)
+        if m.kind == "source" and m.code:
+            add(TcbFile("module:" + m.name, m.path, m.size, m.sha256, m.code, "compiled (via the host)"))
+    _check_modules()
+    mapped = {e.path for e in loader.record if e.fd >= 0}
+    inodes = {_inode(posix.fstat(e.fd)) for e in loader.record if e.fd >= 0}
+    for path in _mapped_files():
+        if path == exe or path in mapped or _inode_of(path) in inodes:
+            continue
+        add(measure.hash_file("mapped:" + path.rpartition("/")[2], path, _raw_open, how="re-read"))
+    return sorted(files.values(), key=lambda f: f.name)
+
+
+def _mapped_files() -> list[str]:
+    """Every regular file mapped into this process, once (``/proc/self/maps``)."""
+    with _raw_open("/proc/self/maps") as f:
+        text = f.read().decode("utf-8", "surrogateescape")
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue  # anonymous, [heap], [stack], [vdso]
+        path = fields[5]
+        if path.startswith(("/memfd:", "/dev/", "/proc/", "/SYSV")):
+            continue  # shared memory (the host's rings), devices: not code
+        if path.endswith(" (deleted)"):
+            raise AdmissionError(f"{path[: -len(' (deleted)')]} is mapped but was deleted: it cannot be measured")
+        seen[path] = None
+    return list(seen)
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _inode_of(path: str) -> tuple[int, int] | None:
+    try:
+        return _inode(posix.stat(path))
+    except OSError:
+        return None
+
+
+def _check_modules() -> None:
+    """Every module in ``sys.modules`` came through a measuring loader, or has no file."""
+    ours = (
+        loader.MeasuredSourceLoader,
+        loader.MeasuredExtensionLoader,
+        importer.EnclaveSourceLoader,
+        importer.EnclaveExtensionLoader,
+    )
+    recorded = {e.name.partition(":")[2] for e in loader.record if e.name.startswith("module:")}
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if name in recorded or name == "__main__" or isinstance(getattr(spec, "loader", None), ours):
+            continue
+        if spec is not None and spec.origin in ("built-in", "frozen"):
+            continue
+        if getattr(module, "__file__", None) is None and (spec is None or spec.origin in (None, "namespace")):
+            continue  # made in memory, or a namespace package: no file, no code of its own
+        loaded_by = type(getattr(spec, "loader", None)).__name__
+        raise AdmissionError(f"module {name} was loaded by {loaded_by}, which pyscone does not measure")
 
 
 def _raw_open(path: str) -> BinaryIO:

@@ -25,6 +25,17 @@ from pyscone import rings
 from pyscone.enclave import barrier, iago, importer, redact, scheduler
 from pyscone.enclave.syscalls import SyscallClient
 
+#: What a measured enclave imports in step 2 besides the modules it imports at their top:
+#: what ECDSA imports on first use, and the codecs that json (a signature, the CAS's answers)
+#: and host names may need, so that no input makes the runtime load code after the measurement.
+_MEASURED_RUNTIME = (
+    "pyscone.enclave.attest",
+    "pyscone.platform.measure",
+    "cryptography.hazmat.backends.openssl.backend",
+    *(f"encodings.{c}" for c in ("ascii", "latin_1", "idna", "utf_16", "utf_16_be", "utf_16_le")),
+    *(f"encodings.{c}" for c in ("utf_32", "utf_32_be", "utf_32_le")),
+)
+
 
 def _read_config(fd: int) -> dict[str, Any]:
     chunks = []
@@ -36,22 +47,28 @@ def _read_config(fd: int) -> dict[str, Any]:
 
 
 def _measure(cfg: dict[str, Any], geometry: Any) -> None:
-    """Measure the enclave; write the TCB out and exit (``pyscone measure``), or admit it."""
+    """Measure the enclave; write the TCB out and exit (``pyscone measure``), or admit it.
+
+    The measurement is of what the loaders recorded as they loaded it (never a second read
+    of the disk), so every module the attestation path uses was imported in step 2; from
+    here until the app starts the runtime may load nothing new (``loader.seal``).
+    """
     import posix
 
-    from pyscone.enclave import attest
+    from pyscone.enclave import attest, loader
     from pyscone.platform import measure
 
-    if cfg.get("cas"):
-        import pyscone.enclave.cas_client  # noqa: F401 - TLS and the CAS protocol, before lockdown
-
     cfg["slots"], cfg["slot_data"] = geometry.nslots, geometry.slot_data
-    mrenclave, tcb = attest.measure_self(cfg)
+    try:
+        mrenclave, tcb = attest.measure_self(cfg)
+    except attest.AdmissionError as e:
+        _boot_error(f"refused to start: {e}")
+    loader.seal()
     if cfg.get("measure_out"):
         doc = {
             "mrenclave": mrenclave.hex(),
             "config": measure.identity_config(cfg),
-            "files": [[f.name, f.path, f.size, f.sha256] for f in tcb],
+            "files": [[f.name, f.path, f.size, f.sha256, f.code, f.how] for f in tcb],
         }
         fd = posix.open(cfg["measure_out"], os.O_WRONLY | os.O_TRUNC)
         posix.write(fd, json.dumps(doc).encode())
@@ -60,7 +77,7 @@ def _measure(cfg: dict[str, Any], geometry: Any) -> None:
     signature = bytes.fromhex(cfg["signature"]) if cfg.get("signature") else None
     try:
         attest.identity = attest.admit(mrenclave, signature, debug=not cfg["barrier"])
-    except attest.AdmissionError as e:
+    except (attest.AdmissionError, loader.SealedImportError) as e:
         _boot_error(f"refused to start: {e}")
 
 
@@ -70,7 +87,11 @@ def _boot_error(message: str) -> NoReturn:
 
 
 def main() -> None:
+    """The enclave's boot, run by the measuring loader (``loader.start``) once it is in place."""
+    from pyscone.enclave import loader
+
     cfg = _read_config(int(sys.argv[1]))
+    loader.expect_measurement(bool(cfg.get("measure")))
     region = rings.SharedRegion.attach(cfg["shm_fd"])
     iago.on_fatal(region.write_fatal)
     client = SyscallClient(region, cfg["bell_host"], cfg["bell_enclave"], cfg["spin_us"])
@@ -85,7 +106,18 @@ def main() -> None:
     if cfg.get("fspf") or cfg.get("measure"):
         # The shield's crypto is a C extension: load it while loading is still possible.
         # A measured enclave always has it, so that its MRENCLAVE does not depend on the FSPF.
-        import pyscone.enclave.shields.fs  # noqa: F401
+        import pyscone.enclave.shields.fs
+    if cfg.get("measure"):
+        # Everything the measurement, the admission and the attestation run is loaded now,
+        # by the measuring loader: after the measurement nothing new may load (loader.seal).
+        for name in _MEASURED_RUNTIME:
+            __import__(name)
+    if cfg.get("cas"):
+        import pyscone.enclave.cas_client  # noqa: F401 - TLS and the CAS protocol
+    try:
+        barrier._lib()  # libseccomp: mapped now, so that the measurement covers it
+    except barrier.BarrierError:
+        pass  # reported by lockdown, if there is one
 
     # 3. Interpose.
     threads.install()

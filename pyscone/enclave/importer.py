@@ -1,24 +1,26 @@
-"""The enclave's import system: modules load through the system-call interface,
-and every file is hashed as it is read.
+"""The enclave's import system after lockdown: modules load through the system-call
+interface, and every file is hashed as it is read.
 
-Before lockdown the interpreter imports the trusted runtime normally.  At
-lockdown :func:`install` replaces ``PathFinder`` with :class:`EnclaveFinder`:
-it lists ``sys.path`` directories with host calls, reads source files through
-the enclave's file layer (so a file-system shield, when mounted, verifies them),
-records ``(path, sha256, size)`` for each, and compiles the bytes it hashed.
-It never reads a ``.pyc``: the code that runs is the code that was measured,
-and the measurement does not depend on what the host's cache happens to hold.
+Until boot step 3 the measuring loader (``enclave/loader.py``) loads everything,
+directly from disk, measured.  :func:`install` then replaces it with
+:class:`EnclaveFinder`: it lists ``sys.path`` directories with host calls, reads
+source files through the enclave's file layer (so a file-system shield, when
+mounted, verifies them), records ``(path, sha256, size)`` for each, and compiles the
+bytes it hashed.  It never reads a ``.pyc``.  What it loads before the measurement
+is part of MRENCLAVE like the rest; from the measurement until the app's
+``__main__`` exists it refuses to load anything (the loader's seal), so nothing
+unmeasured runs in the attestation path.
 
 C extensions cannot be ``dlopen``-ed after lockdown (that needs ``open`` and a
-file mapping).  :func:`preload_extensions` maps them before lockdown; glibc then
-hands the already-loaded object back to the later ``import`` without touching a
-file.  An extension that was not preloaded fails with an ``ImportError`` that
-says how to preload it.
+file mapping).  :func:`preload_extensions` maps them before lockdown from a
+descriptor the loader keeps open; glibc then hands the already-loaded object back
+to the later ``import`` of the same ``/proc/self/fd/N`` name without touching a
+file.  An extension that was not preloaded fails with an ``ImportError`` that says
+how to preload it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from pyscone.enclave import loader
 from pyscone.enclave.stdlib import files
 
 
@@ -39,14 +42,15 @@ class Measured:
     sha256: str
     size: int
     kind: str  # "source" | "extension"
+    code: str = ""  # loader.code_digest of what ran, for a module loaded before the measurement
+    name: str = ""  # the module's name, when it was imported
 
 
 measured: list[Measured] = []
-_preloaded: set[str] = set()
 
 
-def record(path: str, data: bytes, kind: str) -> None:
-    measured.append(Measured(path, hashlib.sha256(data).hexdigest(), len(data), kind))
+def record(path: str, data: bytes, kind: str, code: str = "", name: str = "") -> None:
+    measured.append(Measured(path, hashlib.sha256(data).hexdigest(), len(data), kind, code, name))
 
 
 def extension_dirs() -> list[str]:
@@ -56,28 +60,12 @@ def extension_dirs() -> list[str]:
 
 
 def preload_extensions(dirs: Sequence[str]) -> list[str]:
-    """Before lockdown: dlopen (and measure) every extension module in ``dirs``.
+    """Before lockdown: map (and measure) every extension module in ``dirs``.
 
     Returns the paths that could not be loaded (e.g. a missing system library);
     importing those modules later fails with a clear ImportError.
     """
-    failed = []
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    for d in dirs:
-        for name in sorted(os.listdir(d)):
-            if not name.endswith(suffixes):
-                continue
-            path = os.path.join(d, name)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                ctypes.CDLL(path, mode=sys.getdlopenflags())
-            except OSError:
-                failed.append(path)
-                continue
-            record(path, data, "extension")
-            _preloaded.add(path)
-    return failed
+    return loader.preload_extensions(dirs)
 
 
 class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
@@ -95,8 +83,11 @@ class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
     def get_code(self, fullname: str) -> Any:
         path = self.get_filename(fullname)
         data = self.get_data(path)
-        record(path, data, "source")
-        return compile(data, path, "exec", dont_inherit=True)
+        code = compile(data, path, "exec", dont_inherit=True)
+        # Loaded before the measurement (through the host): MRENCLAVE covers exactly this code.
+        digest = loader.code_digest(code) if loader.measurement_pending() else ""
+        record(path, data, "source", digest, fullname)
+        return code
 
     def set_data(self, path: str, data: Any, *, _mode: int = 0o666) -> None:
         pass  # never write bytecode caches from inside the enclave
@@ -104,14 +95,18 @@ class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
 
 class EnclaveExtensionLoader(importlib.machinery.ExtensionFileLoader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        if self.path not in _preloaded:
+        mapped = loader.mapped_path(self.path)
+        if mapped is None:
             raise ImportError(
                 f"C extension {spec.name!r} ({self.path}) was not loaded before lockdown; "
                 f"run with --preload {spec.name.partition('.')[0]}",
                 name=spec.name,
                 path=self.path,
             )
-        return super().create_module(spec)
+        # The name glibc knows it by: dlopen hands the mapped object back without opening a file.
+        module: ModuleType = super().create_module(importlib.machinery.ModuleSpec(spec.name, self, origin=mapped))
+        module.__file__ = self.path
+        return module
 
 
 class EnclaveFinder(importlib.abc.MetaPathFinder):
@@ -138,6 +133,12 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
+        if loader.runtime_sealed():
+            raise loader.SealedImportError(
+                f"pyscone: the runtime imports {fullname} after the enclave was measured; "
+                "it must be imported before the measurement (boot step 2)",
+                name=fullname,
+            )
         tail = fullname.rpartition(".")[2]
         namespace: list[str] = []
         for entry in sys.path if path is None else path:
@@ -190,7 +191,8 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
 def install() -> EnclaveFinder:
     """Route every later path-based import through the enclave."""
     finder = EnclaveFinder()
-    sys.meta_path[:] = [f for f in sys.meta_path if f is not importlib.machinery.PathFinder] + [finder]
+    gone = (importlib.machinery.PathFinder, loader.MeasuringFinder)
+    sys.meta_path[:] = [f for f in sys.meta_path if f not in gone] + [finder]
     sys.path_hooks[:] = []
     sys.path_importer_cache.clear()
     sys.dont_write_bytecode = True

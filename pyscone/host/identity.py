@@ -47,19 +47,35 @@ def measure_enclave(enclave: launcher.EnclaveConfig, host: launcher.HostConfig) 
         os.unlink(out)
 
 
+#: What ``how`` means in ``pyscone tcb`` (the enclave's loaders say how each file reached it).
+HOW = {
+    "compiled": "read once; those bytes were compiled",
+    "cached": "read once; the __pycache__ entry beside it ran (its code is measured: code column)",
+    "compiled (via the host)": "read once through the host after the loader switch; those bytes were compiled",
+    "mapped": "mapped from the very file descriptor that was hashed",
+    "read": "read once; what was read is what was used",
+    "re-read": "loaded before pyscone could (interpreter start-up, the dynamic linker); hashed by a second read",
+}
+
+
 def format_tcb(doc: dict[str, Any]) -> str:
-    """``pyscone tcb``'s table: every measured file, its size and hash, and the totals."""
-    files = doc["files"]
-    width = max(len(name) for name, _, _, _ in files)
+    """``pyscone tcb``'s table: every measured file, its size and hashes, how it was loaded, and totals."""
+    files = [[*f, "", ""][:6] for f in doc["files"]]  # a document from before 'code' and 'how'
+    width = max(len(f[0]) for f in files)
+    how_width = max(len(f[5]) for f in files)
     lines = [f"MRENCLAVE {doc['mrenclave']}", ""]
     lines.append("measured configuration: " + json.dumps(doc["config"], sort_keys=True))
     lines.append("")
-    lines.append(f"{'name':<{width}}  {'bytes':>11}  sha256 (first 16)  path")
-    for name, path, size, digest in files:
-        lines.append(f"{name:<{width}}  {size:>11,}  {digest[:16]}   {path}")
-    total = sum(size for _, _, size, _ in files)
+    lines.append(f"{'name':<{width}}  {'bytes':>11}  {'sha256':<16}  {'code':<16}  {'how':<{how_width}}  path")
+    for name, path, size, digest, code, how in files:
+        lines.append(
+            f"{name:<{width}}  {size:>11,}  {digest[:16]}  {(code or '-')[:16]:<16}  {how:<{how_width}}  {path}"
+        )
+    total = sum(f[2] for f in files)
     lines.append("")
-    lines.append(f"{len(files)} files, {total:,} bytes.")
+    lines.append(f"{len(files)} files, {total:,} bytes (sha256 and code: the first 16 hex digits).")
+    for how in sorted({f[5] for f in files if f[5]}):
+        lines.append(f"  {how}: {HOW.get(how, how)}")
     lines.append(
         "Not measured: modules the app imports after lockdown. Put them in an authenticated or "
         "encrypted FS-shield region to have them verified."

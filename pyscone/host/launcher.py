@@ -1,8 +1,10 @@
 """``pyscone run``'s host side (UNTRUSTED): create untrusted memory, start the
 enclave process and serve its system calls until it exits.
 
-The enclave is started with an empty environment and ``python -I`` (so nothing
-from the host's environment reaches it), with ``/dev/null`` as its standard
+The enclave is started with an empty environment, ``python -I -S`` and the
+measuring loader's bootstrap (``enclave/loader.py``: nothing from the host's
+environment or its site-packages hooks runs before the loader that measures
+them, and the enclave refuses any other flags), with ``/dev/null`` as its standard
 input, and with exactly four inherited descriptors: the shared memory, the two
 doorbells and a pipe that carries its start-up configuration.  Its stdout and
 stderr stay connected only so that a failure *before* lockdown can be reported;
@@ -20,7 +22,9 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
+import pyscone
 from pyscone import abi, rings
+from pyscone.enclave import loader
 from pyscone.enclave.iago import EXIT_HOST_VIOLATION
 from pyscone.host.executor import Executor
 
@@ -59,6 +63,10 @@ class HostConfig:
     sthreads: int = 3
     spin_us: int = 400
     hostile: str | None = None
+
+
+#: The pyscone package the enclave runs (the measuring loader loads it from here, measured).
+_PYSCONE_DIR = os.path.dirname(os.path.abspath(pyscone.__file__))
 
 
 class LaunchError(Exception):
@@ -100,7 +108,7 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
         # The enclave runs in its own session: the terminal's ^C reaches the launcher
         # only, which forwards it once.  It dies with the launcher (PR_SET_PDEATHSIG).
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-X", "utf8", "-m", "pyscone.enclave", str(cfg_r)],
+            [sys.executable, *loader.INTERPRETER_FLAGS, "-c", loader.BOOTSTRAP, str(cfg_r), _PYSCONE_DIR],
             pass_fds=(region.fd, bell_host, bell_enclave, cfg_r),
             env={},
             stdin=subprocess.DEVNULL,

@@ -1,22 +1,28 @@
 """The enclave's measurement: MRENCLAVE and the trusted computing base it covers (sans-IO).
 
 SGX measures an enclave page by page as it is built; pyscone's simulated enclave
-measures itself just before lockdown, when everything it will run without checking
-is loaded and nothing else can be (the barrier refuses to open files from then on):
+records everything as it loads it (``enclave/loader.py``) and computes MRENCLAVE from
+that record just before lockdown, when nothing else can load:
 
-* the interpreter executable and, when it is a shared build, ``libpython``;
-* every Python module loaded at that point (pyscone's trusted runtime, the standard
-  library it uses, ``cryptography`` and ``greenlet``), by module name;
-* every C extension mapped before lockdown, by file name;
+* the interpreter executable, and every other file mapped into the process (the
+  shared libraries: ``libpython``, libc, OpenSSL, libseccomp, ``LD_PRELOAD``-ed ones);
+* the bootstrap (the ``-c`` program that starts the measuring loader);
+* every Python module loaded by then (pyscone's trusted runtime, the standard library
+  it uses, ``cryptography``, ``greenlet``, ``--preload``-ed modules, ``sitecustomize``),
+  by module name: the SHA-256 of the source that was read, and a digest of the code
+  object that ran (compiled from those bytes, or from a ``__pycache__`` entry);
+* every ``.pth`` file of the site-packages, by file name;
+* every C extension mapped, by module name;
 * the measured part of the enclave configuration (:func:`identity_config`).
 
 Entries are named by what they are, not where they lie on the host, so the same
 files give the same MRENCLAVE in any directory (a container and a developer's venv
-agree when their files do).  Modules an app imports after lockdown are not in
-MRENCLAVE: they are checked by the file-system shield when they live in a protected
-region, and are otherwise as trustworthy as the host (``pyscone tcb`` says so).
+agree when their files do), and an honest bytecode cache gives the same MRENCLAVE as
+none.  Modules an app imports after lockdown are not in MRENCLAVE: they are checked
+by the file-system shield when they live in a protected region, and are otherwise as
+trustworthy as the host (``pyscone tcb`` says so).
 
-MRENCLAVE = SHA-256("pyscone-mrenclave-v1\\0" || canonical JSON of {config, files}).
+MRENCLAVE = SHA-256("pyscone-mrenclave-v2\\0" || canonical JSON of {config, files}).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 MRENCLAVE_SIZE = 32
-_DOMAIN = b"pyscone-mrenclave-v1\0"
+_DOMAIN = b"pyscone-mrenclave-v2\0"
 
 #: The enclave configuration keys that are part of its identity.  Host-side tuning
 #: (spin times, S-threads, statistics) is not: it cannot change what the enclave does.
@@ -39,13 +45,15 @@ IDENTITY_KEYS = ("heap", "syscalls", "preload", "slots", "slot_data", "cas")
 class TcbFile:
     """One file the measurement covers."""
 
-    name: str  # "interpreter", "libpython", "module:json", "extension:_ssl.cpython-311-x86_64-linux-gnu.so"
+    name: str  # "interpreter", "module:json", "extension:_ssl", "mapped:libc.so.6", "pth:x.pth", "bootstrap"
     path: str  # where it was read (shown to people, not measured)
     size: int
-    sha256: str  # hex
+    sha256: str  # hex, of the bytes
+    code: str = ""  # hex, of the code object that ran (modules that may come from a cache)
+    how: str = ""  # how the bytes reached the enclave (shown to people, not measured)
 
 
-def hash_file(name: str, path: str, opener: Callable[[str], BinaryIO] | None = None) -> TcbFile:
+def hash_file(name: str, path: str, opener: Callable[[str], BinaryIO] | None = None, how: str = "") -> TcbFile:
     """Read and hash one file (host side, or in the enclave before lockdown).
 
     ``opener`` opens ``path`` for reading in binary (default: ``open``).
@@ -56,7 +64,7 @@ def hash_file(name: str, path: str, opener: Callable[[str], BinaryIO] | None = N
         while block := f.read(1 << 20):
             h.update(block)
             size += len(block)
-    return TcbFile(name, path, size, h.hexdigest())
+    return TcbFile(name, path, size, h.hexdigest(), how=how)
 
 
 def _open_binary(path: str) -> BinaryIO:
@@ -79,7 +87,10 @@ def canonical(files: Sequence[TcbFile], config: Mapping[str, Any]) -> bytes:
         raise ValueError("two measured files have the same name")
     doc = {
         "config": identity_config(config),
-        "files": [[f.name, f.size, f.sha256] for f in sorted(files, key=lambda f: f.name)],
+        "files": [
+            [f.name, f.size, f.sha256, f.code] if f.code else [f.name, f.size, f.sha256]
+            for f in sorted(files, key=lambda f: f.name)
+        ],
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
