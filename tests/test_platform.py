@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -188,3 +191,93 @@ def test_report_fields_are_range_checked() -> None:
     body[70] |= 0x80  # an unknown flag
     with pytest.raises(QuoteError, match="flags"):
         Report.unpack(bytes(body))
+
+
+# -- what the measuring loader hashes: code objects, and the libraries beside a wheel's extension --
+
+
+def test_the_code_digest_and_not_how_a_file_was_loaded_is_measured() -> None:
+    base = measure.mrenclave(FILES, CONFIG)
+    coded = [*FILES, TcbFile("module:helper", "/app/helper.py", 40, "dd" * 32, code="ee" * 32, how="cached")]
+    with_code = measure.mrenclave(coded, CONFIG)
+    assert with_code != base
+    relabeled = [
+        *FILES,
+        TcbFile("module:helper", "/elsewhere/helper.py", 40, "dd" * 32, code="ee" * 32, how="compiled"),
+    ]
+    assert measure.mrenclave(relabeled, CONFIG) == with_code  # cold or warm cache, any directory
+    other_code = [*FILES, TcbFile("module:helper", "/app/helper.py", 40, "dd" * 32, code="ef" * 32)]
+    assert measure.mrenclave(other_code, CONFIG) != with_code  # same source, other code ran
+
+
+CODE_SOURCE = """
+import os
+NAMES = frozenset({"alpha", "beta", "gamma", "delta", "epsilon"})
+def f(a, b=1.5, *, c=None):
+    x = a + b
+    def inner():
+        return x, c
+    return inner() if a in {"one", "two", "three"} else (NAMES, b"bytes", -0.0, 3j)
+"""
+
+
+def test_code_digest_is_of_what_runs() -> None:
+    import marshal
+
+    from pyscone.enclave import loader
+
+    code = compile(CODE_SOURCE, "/a/helper.py", "exec", dont_inherit=True)
+    digest = loader.code_digest(code)
+    assert loader.code_digest(marshal.loads(marshal.dumps(code))) == digest  # what a .pyc holds
+    assert loader.code_digest(compile(CODE_SOURCE, "/b/elsewhere.py", "exec", dont_inherit=True)) == digest
+    f = next(c for c in code.co_consts if isinstance(c, type(code)))
+    changed = [
+        CODE_SOURCE.replace("1.5", "2.5"),  # a default
+        CODE_SOURCE.replace("x, c", "c, x"),  # the bytecode
+        CODE_SOURCE.replace('"gamma"', '"gamma2"'),  # a frozenset member
+        CODE_SOURCE.replace("-0.0", "0.0"),  # a constant that compares equal
+        CODE_SOURCE.replace("f(a, b", "f(b, a"),  # the order of the locals
+    ]
+    for source in changed:
+        assert loader.code_digest(compile(source, "/a/helper.py", "exec", dont_inherit=True)) != digest, source
+    # A field no source change reaches directly, in a nested code object.
+    bumped = code.replace(
+        co_consts=tuple(f.replace(co_stacksize=f.co_stacksize + 1) if c is f else c for c in code.co_consts)
+    )
+    assert loader.code_digest(bumped) != digest
+
+
+def test_code_digest_does_not_depend_on_the_hash_seed() -> None:
+    # Frozenset constants iterate in an order that depends on the (per-process) hash seed.
+    script = (
+        "import sys; from pyscone.enclave import loader\n"
+        f"print(loader.code_digest(compile({CODE_SOURCE!r}, 'x.py', 'exec', dont_inherit=True)))\n"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True
+        ).stdout
+        for seed in ("1", "2", "3", "4")
+    }
+    assert len(digests) == 1 and len(digests.pop().strip()) == 64
+
+
+def test_elf_names_the_libraries_a_wheel_keeps_beside_its_extension() -> None:
+    import glob
+    import importlib.util
+
+    from pyscone.enclave import elf
+
+    spec = importlib.util.find_spec("psycopg_binary")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("psycopg[binary] is not installed")
+    (ext,) = glob.glob(os.path.join(spec.submodule_search_locations[0], "pq.*.so"))
+    fd = os.open(ext, os.O_RDONLY)
+    try:
+        deps = elf.origin_dependencies(fd, os.path.dirname(ext))
+    finally:
+        os.close(fd)
+    assert any(os.path.basename(d).startswith("libpq-") for d in deps), deps
+    assert all(d.startswith(os.path.dirname(os.path.dirname(ext))) and os.path.isfile(d) for d in deps)
+    with open(sys.executable, "rb") as f:  # an object with no $ORIGIN run path
+        assert elf.origin_dependencies(f.fileno(), "/") == []
