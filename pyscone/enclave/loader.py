@@ -352,9 +352,10 @@ class MeasuredExtensionLoader(ExtensionFileLoader):
             module: ModuleType = _bootstrap._call_with_frames_removed(_imp.create_dynamic, mapped)
             return module
 
-        # Mapped or not, its initialization may have run: it is recorded either way.
-        _mapped[self.path] = entry
-        _note(entry)
+        if self.path not in _mapped:  # (a preloaded one is recorded already)
+            # Whether it maps or not, code of it may run (its initialization): recorded either way.
+            _mapped[self.path] = entry
+            _note(entry)
         module = _with_dependencies(entry, init)
         module.__file__ = self.path
         return module
@@ -464,6 +465,11 @@ class MeasuringFinder:
     @classmethod
     def invalidate_caches(cls) -> None:
         cls._listings.clear()
+
+    @classmethod
+    def find_distributions(cls, *args: "Any", **kwargs: "Any") -> "Any":
+        """What ``importlib.metadata`` asks ``PathFinder``: the same answer (metadata is data)."""
+        return _ext.PathFinder.find_distributions(*args, **kwargs)
 
     @classmethod
     def _listing(cls, d: str) -> "frozenset[str] | None":
