@@ -36,6 +36,10 @@ SPEC = json.loads(sys.argv.pop(1))
 
 
 class LyingExecutor(executor.Executor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        print("HOST: the lying executor serves this enclave", file=sys.stderr, flush=True)
+
     def _open(self, a, d):
         path = executor._path(d)
         for suffix, other in SPEC.get("lies", {}).items():
@@ -141,6 +145,7 @@ def test_a_host_that_serves_its_own_attest_py_does_not_get_it_run(tmp_path: Path
     lies = {"lies": {"pyscone/enclave/attest.py": str(evil)}}
 
     r = hostile(lies, "run", "--signature", good, "app.py", cwd=tmp_path)
+    assert "HOST: the lying executor serves this enclave" in r.stderr  # (not a vacuous pass)
     assert "PWNED" not in r.stdout + r.stderr, r.stdout + r.stderr
     assert (r.returncode, r.stdout) == (0, "the app runs\n"), r.stderr
     # The host's admit() would take any signature; the enclave's own refuses this one.

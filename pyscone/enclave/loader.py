@@ -691,6 +691,8 @@ def _site() -> None:
 
 
 def _add_pth_files(sitedir: str, known: set[str]) -> None:
+    # ``sitedir`` keeps site.addpackage's name: old namespace-package .pth lines read it from
+    # their caller's frame (``sys._getframe(1).f_locals["sitedir"]``).
     try:
         names = sorted(n for n in posix.listdir(sitedir) if n.endswith(".pth") and not n.startswith("."))
     except OSError:
