@@ -1,8 +1,8 @@
 """What is measured is what runs: a host that serves other code, plants a cache or adds site
 hooks before lockdown either has no effect or changes MRENCLAVE (issue 9, items 4 and 5).
 
-The host is played the way it would play: a lying executor (a plug-in of
-``host/executor.py``), real files planted on disk, a real venv whose site-packages carry a
+The host is played the way it would play: a lying executor (a ``Liar`` plug-in of
+``host/executor.py``, ``tests/measure_liars.py``), real files planted on disk, a real venv whose site-packages carry a
 ``.pth`` and a ``sitecustomize``, and a launcher that starts the interpreter differently.
 """
 
@@ -25,31 +25,24 @@ from pyscone.enclave.iago import EXIT_HOST_VIOLATION
 
 ATTEST = Path(pyscone.__file__).parent / "enclave" / "attest.py"
 
-# The host side of ``pyscone run``, with the host's tricks plugged in (argv[1] is a JSON spec):
-#   lies: {path suffix: file}  the executor answers OPEN of a matching path with that file instead;
-#   flag: an interpreter option the launcher adds; env: variables it starts the enclave with.
+TESTS_DIR = Path(__file__).parent
+
+# A lying host, as a plug-in of the executor (PYSCONE_TEST_HOSTILE=py:measure_liars:ServeOther:JSON,
+# tests/measure_liars.py): it answers OPEN of a path ending in a given suffix with another file.
+
+
+def lying(lies: dict[str, Path]) -> dict[str, str]:
+    """The environment that makes ``pyscone`` run with the lying host serving ``lies``."""
+    spec = json.dumps({suffix: str(other) for suffix, other in lies.items()})
+    return {"PYSCONE_TEST_HOSTILE": f"py:measure_liars:ServeOther:{spec}", "PYTHONPATH": str(TESTS_DIR)}
+
+
+# A launcher that starts the enclave interpreter otherwise (argv[1] is a JSON spec):
+#   flag: an interpreter option it adds; env: variables it starts the enclave with.
 DRIVER = """
 import json, subprocess, sys
-from pyscone.host import executor, launcher
 
 SPEC = json.loads(sys.argv.pop(1))
-
-
-class LyingExecutor(executor.Executor):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        print("HOST: the lying executor serves this enclave", file=sys.stderr, flush=True)
-
-    def _open(self, a, d):
-        path = executor._path(d)
-        for suffix, other in SPEC.get("lies", {}).items():
-            if path.endswith(suffix):
-                print(f"HOST-LIED about {path}", file=sys.stderr, flush=True)
-                d = other.encode()
-        return super()._open(a, d)
-
-
-launcher.Executor = LyingExecutor
 _popen = subprocess.Popen
 
 
@@ -68,9 +61,9 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def hostile(spec: dict[str, object], *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``pyscone ARGS`` with the host's tricks in ``spec``."""
-    driver = cwd / "hostile_driver.py"
+def other_launcher(spec: dict[str, object], *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``pyscone ARGS`` with a launcher that starts the interpreter as ``spec`` says."""
+    driver = cwd / "launcher_driver.py"
     driver.write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "PYSCONE_TEST_HOSTILE"}
     return subprocess.run(
@@ -83,8 +76,10 @@ def hostile(spec: dict[str, object], *args: str | Path, cwd: Path) -> subprocess
     )
 
 
-def pyscone_cmd(*args: str | Path, cwd: Path, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYSCONE_TEST_HOSTILE"}
+def pyscone_cmd(
+    *args: str | Path, cwd: Path, python: str = sys.executable, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if k != "PYSCONE_TEST_HOSTILE"}, **(env or {})}
     return subprocess.run(
         [python, *PYSCONE[1:], *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
@@ -142,19 +137,19 @@ def test_a_host_that_serves_its_own_attest_py_does_not_get_it_run(tmp_path: Path
     other = sign(tmp_path, signer, "--heap", "512M", out="other.sig")  # a signature for another enclave
     evil = tmp_path / "evil_attest.py"
     evil.write_text(ATTEST.read_text() + EVIL_ATTEST)
-    lies = {"lies": {"pyscone/enclave/attest.py": str(evil)}}
+    lies = lying({"pyscone/enclave/attest.py": evil})
 
-    r = hostile(lies, "run", "--signature", good, "app.py", cwd=tmp_path)
-    assert "HOST: the lying executor serves this enclave" in r.stderr  # (not a vacuous pass)
+    r = run_enclave("--signature", good, "app.py", cwd=tmp_path, env=lies)
+    assert "pyscone-test: the lying host serves this enclave" in r.stderr  # (not a vacuous pass)
     assert "PWNED" not in r.stdout + r.stderr, r.stdout + r.stderr
     assert (r.returncode, r.stdout) == (0, "the app runs\n"), r.stderr
     # The host's admit() would take any signature; the enclave's own refuses this one.
-    r = hostile(lies, "run", "--signature", other, "app.py", cwd=tmp_path)
+    r = run_enclave("--signature", other, "app.py", cwd=tmp_path, env=lies)
     assert "PWNED" not in r.stdout + r.stderr
     assert r.returncode == 70 and "refused to start: the enclave signature is for MRENCLAVE" in r.stderr, r.stderr
     assert "the app runs" not in r.stdout
     # And the measurement it reports is the honest one.
-    assert hostile(lies, "measure", cwd=tmp_path).stdout.strip() == measure(cwd=tmp_path)
+    assert pyscone_cmd("measure", cwd=tmp_path, env=lies).stdout.strip() == measure(cwd=tmp_path)
 
 
 def test_nothing_loads_between_the_measurement_and_the_app(tmp_path: Path, signer: Path) -> None:
@@ -177,9 +172,9 @@ def test_nothing_loads_between_the_measurement_and_the_app(tmp_path: Path, signe
     good = sign(tmp_path, signer, "--preload", "lazy")
     evil = tmp_path / "evil_colorsys.py"
     evil.write_text("print('PWNED: the host chose colorsys', flush=True)\n")
-    r = hostile(
-        {"lies": {"/colorsys.py": str(evil)}}, "run", "--signature", good, "--preload", "lazy", "app.py", cwd=tmp_path
-    )
+    lies = lying({"/colorsys.py": evil})
+    r = run_enclave("--signature", good, "--preload", "lazy", "app.py", cwd=tmp_path, env=lies)
+    assert "pyscone-test: the lying host serves this enclave" in r.stderr  # (not a vacuous pass)
     assert "PWNED" not in r.stdout + r.stderr, r.stdout + r.stderr
     assert r.returncode == 70, (r.stdout, r.stderr)
     assert "the runtime imports colorsys after the enclave was measured" in r.stderr
@@ -323,7 +318,7 @@ def test_an_interpreter_started_otherwise_is_a_host_violation(
     tmp_path: Path, spec: dict[str, object], reason: str
 ) -> None:
     write_app(tmp_path, "print('the app runs')\n")
-    r = hostile(spec, "run", "app.py", cwd=tmp_path)
+    r = other_launcher(spec, "run", "app.py", cwd=tmp_path)
     assert r.returncode == EXIT_HOST_VIOLATION, (r.stdout, r.stderr)
     assert "pyscone: enclave stopped: host violation: " in r.stderr and reason in r.stderr, r.stderr
     assert "the app runs" not in r.stdout
