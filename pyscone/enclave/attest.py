@@ -88,7 +88,7 @@ def tcb_files() -> list[TcbFile]:
     _check_modules()
     mapped = {e.path for e in loader.record if e.fd >= 0}
     inodes = {_inode(posix.fstat(e.fd)) for e in loader.record if e.fd >= 0}
-    for path in _mapped_files():
+    for path in sorted(_mapped_files()):  # by path, not address (ASLR): names that collide get #2 stably
         if path == exe or path in mapped or _inode_of(path) in inodes:
             continue
         add(measure.hash_file("mapped:" + path.rpartition("/")[2], path, _raw_open, how="re-read"))
