@@ -89,7 +89,7 @@ def _cli(*args: str | Path, cwd: Path) -> str:
 @contextlib.contextmanager
 def _service(args: list[str], pattern: str) -> Iterator[int]:
     # The service's log goes to a file (an unread pipe would block it once full) and is shown on failure.
-    log = tempfile.TemporaryFile("w+")
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([*PYSCONE, *args], stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert proc.stdout is not None
