@@ -201,7 +201,7 @@ def _fd(draw: Draw, ctx: Any, honest_fd: int) -> int:
 def _new_fd(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
     fd = _fd(draw, ctx, honest[0])
     if op == Op.SOCKETPAIR:
-        second = _fd(draw, ctx, struct.unpack("<i", honest[2])[0] if len(honest[2]) == 4 else fd + 1)
+        second = _fd(draw, ctx, struct.unpack("<i", honest[2])[0] if len(honest[2]) == 4 else min(fd + 1, 2**31 - 1))
         payload = draw(st.sampled_from([struct.pack("<i", second), b"", b"\0" * 8]))
         return (fd, 0, payload)
     if op == Op.ACCEPT:
