@@ -27,6 +27,8 @@ from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
 from pyscone.enclave.stdlib import interpose
 
+LISTEN_BACKLOG_FLOOR = 128
+
 _fds = iago.fds
 _slot_data = 65536
 _StdSocket = socket.socket
@@ -150,7 +152,11 @@ class EnclaveSocket(_StdSocket):
         _call(Op.BIND, (self._live(),), abi.encode_sockaddr(self._family, address))
 
     def listen(self, backlog: int = min(socket.SOMAXCONN, 128)) -> None:
-        _call(Op.LISTEN, (self._live(), max(backlog, 0)))
+        # At least LISTEN_BACKLOG_FLOOR: an accept loop in the enclave takes longer to come
+        # round than a native one, and socketserver's default backlog of 5 then overflows under
+        # a burst (the kernel drops handshakes and clients retry for seconds).  The backlog is
+        # a hint the kernel caps anyway; a larger one changes no behaviour an app relies on.
+        _call(Op.LISTEN, (self._live(), max(backlog, LISTEN_BACKLOG_FLOOR)))
 
     def _accept(self) -> tuple[int, Any]:
         _fd, (newfd, addr, _local) = self._io(Op.ACCEPT, (self._live(),))
