@@ -104,3 +104,46 @@ def test_a_debug_enclave_shows_everything_and_says_it_is_one(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=30)
     assert "pyscone: debug enclave: lthread dump" in err, err
     assert "compute_the_secret_formula" in err and "SOURCE-MARKER" in err, err
+
+
+CRASHES = """
+import threading
+def boom(i):
+    raise ValueError(f"boom {i} " + "x" * 200)
+ts = [threading.Thread(target=boom, args=(i,)) for i in range(20)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print("done")
+"""
+
+
+def test_reports_of_many_lthreads_at_once_are_whole_and_show_no_runtime_frames(tmp_path: Path) -> None:
+    # Twenty threads crash together: each report is one piece (no interleaving mid-line), and
+    # like python's own it shows the app's and the stdlib's frames, not pyscone's.
+    (tmp_path / "app.py").write_text(CRASHES)
+    r = subprocess.run([*PYSCONE, "run", "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "done\n", r.stderr
+    reports = r.stderr.split("Exception in thread ")[1:]
+    assert len(reports) == 20, r.stderr
+    for report in reports:
+        lines = report.splitlines()
+        assert lines[1] == "Traceback (most recent call last):" and lines[-1].startswith("ValueError: boom "), report
+        assert lines[-1].endswith("x" * 200), report
+    assert "pyscone" not in r.stderr, r.stderr
+
+
+def test_a_sigint_traceback_shows_the_apps_frames_not_the_runtimes(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen(
+        [*PYSCONE, "run", "app.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-3:] == [
+        '  File "app.py", line 3, in <module>',
+        "    time.sleep(60)",
+        "KeyboardInterrupt",
+    ], err
+    assert "pyscone" not in err, err

@@ -19,20 +19,23 @@ choice and goes to the console as it is (the console shield is what protects tha
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Iterable
 from types import TracebackType
 
 _PROTECTED = "<pyscone: protected code>"
+_RUNTIME = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the pyscone package
 _debug = True
 
 
 def protected(filename: str) -> bool:
     """Whether code from ``filename`` is hidden from the host (an encrypted or memory region)."""
-    try:
-        from pyscone.enclave.shields import fs
-    except ImportError:
+    # Never import here: a report may be printed by several lthreads at once, and the shield
+    # is loaded by boot whenever one is mounted (no module means no protected code).
+    fs = sys.modules.get("pyscone.enclave.shields.fs")
+    if fs is None:
         return False
     shield = fs.shield()
     if shield is None or not filename.startswith("/"):
@@ -54,6 +57,8 @@ def _redact(te: traceback.TracebackException, seen: set[int]) -> None:
     seen.add(id(te))
     frames: list[traceback.FrameSummary] = []
     for f in te.stack:
+        if f.filename.startswith(_RUNTIME):
+            continue  # the runtime's own frames: natively these would be C, never shown
         if protected(f.filename):
             if frames and frames[-1].filename == _PROTECTED:
                 frames[-1].lineno = (frames[-1].lineno or 1) + 1
@@ -89,15 +94,21 @@ def format_exception(
 
 
 def print_exception(
-    exc_type: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    exc_type: type[BaseException] | None,
+    value: BaseException | None,
+    tb: TracebackType | None,
+    header: str = "",
 ) -> None:
-    """What the runtime prints for an exception it reports (to the console)."""
-    sys.stderr.write("".join(format_exception(exc_type, value, tb)))
+    """What the runtime prints for an exception it reports (to the console), in one write:
+    reports from several lthreads at once do not interleave (``traceback.print_exception``
+    writes line by line, and an lthread may switch at every console write)."""
+    sys.stderr.write(header + "".join(format_exception(exc_type, value, tb)))
     sys.stderr.flush()
 
 
-def print_exc() -> None:
-    print_exception(*sys.exc_info())
+def print_exc(header: str = "") -> None:
+    exc_type, value, tb = sys.exc_info()
+    print_exception(exc_type, value, tb, header)
 
 
 def install(debug: bool) -> None:
@@ -112,7 +123,6 @@ def install(debug: bool) -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread is not None else "?"
-        print(f"Exception in thread {name}:", file=sys.stderr)
-        print_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        print_exception(args.exc_type, args.exc_value, args.exc_traceback, header=f"Exception in thread {name}:\n")
 
     threading.excepthook = thread_hook

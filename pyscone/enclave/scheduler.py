@@ -499,13 +499,11 @@ def dump_lthreads(sched: Scheduler) -> str:
 
 def _report_crash(lt: LThread) -> None:
     """An exception escaped an lthread's top level: report it as the interpreter would."""
-    import sys
 
     from pyscone.enclave import redact
 
     try:
-        print(f"Exception in lthread {lt.name}:", file=sys.stderr)
-        redact.print_exc()
+        redact.print_exc(header=f"Exception in lthread {lt.name}:\n")
     except BaseException:  # noqa: BLE001 - the console itself may be what failed
         pass
 

@@ -191,8 +191,7 @@ def start_new_thread(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any
             from pyscone.enclave import redact
 
             try:
-                print(f"Exception ignored in thread started by: {function!r}", file=sys.stderr)
-                redact.print_exc()
+                redact.print_exc(header=f"Exception ignored in thread started by: {function!r}\n")
             except BaseException:  # noqa: BLE001
                 pass
 
