@@ -42,7 +42,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -64,7 +64,7 @@ def make_pki(root: Path) -> Pki:
     root.mkdir(exist_ok=True)
     ca_key, ca = _ca("pyscone test CA")
     _, other = _ca("some other CA")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -210,7 +210,9 @@ def test_the_servers_key_can_live_in_an_encrypted_region(tmp_path: Path, pki: Pk
     assert r.stdout == "hello over TLS from the enclave\n", r.stderr
     code, _, err = server.pop().stop()
     assert code == 0, err
-    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "pki" not in p.parts)
+    assert not any(
+        b"PRIVATE KEY" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "pki" not in p.parts
+    )
 
 
 BAD_CHAINS = """

@@ -535,4 +535,3 @@ def install(slot_data: int) -> None:
     for name in ("selectors", "socketserver", "subprocess"):
         sys.modules.pop(name, None)
     import selectors  # noqa: F401
-    __import__("pyscone.enclave.stdlib.tls", fromlist=["install"]).install()  # ssl, on these sockets

@@ -21,14 +21,13 @@ transports and needs nothing more than the contexts.
 
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import errno
 import os
 import re
 import ssl
 from typing import Any
-
-import _ssl
 
 from pyscone.enclave.stdlib import files, interpose
 from pyscone.enclave.stdlib.sockets import EnclaveSocket
@@ -163,7 +162,7 @@ class EnclaveSSLContext(ssl.SSLContext):
         if value is not None:
             raise _unsupported("SSLContext.keylog_filename")
 
-    def _wrap_socket(  # type: ignore[override]
+    def _wrap_socket(
         self, sock: Any, server_side: bool, server_hostname: Any = None, *, owner: Any = None, session: Any = None
     ) -> _Engine:
         return _Engine(self, sock, server_side, server_hostname, owner, session)
@@ -365,7 +364,8 @@ class _Engine:
         return self._sock
 
 
-class EnclaveSSLSocket(ssl.SSLSocket, EnclaveSocket):
+# SSLSocket.accept returns an SSLSocket, EnclaveSocket.accept an EnclaveSocket: this is both.
+class EnclaveSSLSocket(ssl.SSLSocket, EnclaveSocket):  # type: ignore[misc]
     """The stdlib ``SSLSocket`` on an enclave socket, its TLS engine in enclave memory."""
 
 
