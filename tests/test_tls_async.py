@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import shutil
+import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -182,3 +184,201 @@ def test_uvicorn_serves_https_from_the_enclave(tmp_path: Path, pki: Pki, server:
         timeout=30,
     )
     assert r.stdout == "uvicorn over TLS in the enclave", r.stderr
+
+
+class _RawTlsServer:
+    """A native TLS server on an ``SSLObject``, so the test decides what one TCP write carries:
+    several records at once, or a close_notify and plain bytes after it."""
+
+    def __init__(self, pki: Pki, script: str) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki.cert, pki.key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.script = script
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()  # the connection stays open (no EOF to wake a select) until then
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(20)
+            inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = self.ctx.wrap_bio(inc, out, server_side=True)
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    conn.sendall(out.read())
+                    inc.write(conn.recv(65536))
+            conn.sendall(out.read())
+            if self.script == "records":  # three records in one TCP write
+                for word in (b"one\n", b"two\n", b"three\n"):
+                    obj.write(word)
+                conn.sendall(out.read())
+            else:  # close_notify and, in the same write, plain bytes after it
+                try:
+                    obj.unwrap()
+                except ssl.SSLWantReadError:
+                    pass
+                conn.sendall(out.read() + b"plain after TLS")
+            self.done.wait(60)
+            conn.close()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(e)
+
+
+RECORDS_CLIENT = """
+    import select, socket, ssl, sys
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10), server_hostname="localhost")
+    tls.setblocking(False)
+    lines = []
+    while len(lines) < 3:
+        # What a select() loop does: wait for the fd, read what is there (one record a recv).
+        if not select.select([tls], [], [], 3)[0] and not tls.pending():
+            print("stuck: select says nothing is readable")
+            break
+        try:
+            lines += tls.recv(100).decode().split()
+        except ssl.SSLWantReadError:
+            continue  # a record that is not data (a session ticket)
+    print(*lines, sep="\\n")
+"""
+
+
+UNWRAP_CLIENT = """
+    import socket, ssl, sys
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10), server_hostname="localhost")
+    raw = tls.unwrap()
+    print(raw.recv(100).decode())
+"""
+
+
+@pytest.mark.parametrize("script", ["records", "unwrap"])
+def test_the_engine_takes_from_the_socket_only_whole_records(tmp_path: Path, pki: Pki, script: str) -> None:
+    srv = _RawTlsServer(pki, script)
+    app = write_app(tmp_path, RECORDS_CLIENT if script == "records" else UNWRAP_CLIENT)
+    r = run_enclave(app, str(srv.port), pki.ca, cwd=tmp_path)
+    srv.done.set()
+    srv.thread.join(10)
+    assert not srv.errors, srv.errors
+    assert r.returncode == 0, r.stderr
+    expected = ["one", "two", "three"] if script == "records" else ["plain after TLS"]
+    assert r.stdout.splitlines() == expected
+
+
+DUPLEX = """
+    import socket, ssl, sys, threading
+    cert, key, ca = sys.argv[1:4]
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    N, SIZE = 200, 20000
+    def echo():
+        conn = sctx.wrap_socket(listener.accept()[0], server_side=True)
+        with conn, conn.makefile("rb") as r:
+            for _ in range(N):
+                conn.sendall(r.readline())
+    threading.Thread(target=echo, daemon=True).start()
+    tls = ssl.create_default_context(cafile=ca).wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+    got = []
+    def reader():  # one lthread reads while the main one writes, on the same SSLSocket
+        with tls.makefile("rb") as r:
+            for _ in range(N):
+                got.append(r.readline())
+    t = threading.Thread(target=reader)
+    t.start()
+    sent = [(b"%05d" % i) * (SIZE // 5) + b"\\n" for i in range(N)]
+    for line in sent:
+        tls.sendall(line)
+    t.join(60)
+    print(got == sent, len(got))
+"""
+
+
+def test_one_lthread_reads_while_another_writes(tmp_path: Path, pki: Pki) -> None:
+    app = write_app(tmp_path, DUPLEX)
+    r = run_enclave(app, pki.cert, pki.key, pki.ca, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "True 200\n"
+
+
+TWO_WRITERS = """
+    import socket, ssl, sys, threading
+    cert, key, ca = sys.argv[1:4]
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    SIZE = 300_000
+    got = bytearray()
+    def sink():
+        with sctx.wrap_socket(listener.accept()[0], server_side=True) as conn:
+            while len(got) < 2 * SIZE:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                got.extend(data)
+    server = threading.Thread(target=sink)
+    server.start()
+    tls = ssl.create_default_context(cafile=ca).wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+    # Two lthreads send at once on one SSLSocket: each sendall's records leave in one piece.
+    writers = [threading.Thread(target=tls.sendall, args=(c * SIZE,)) for c in (b"a", b"b")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    server.join(60)
+    print(sorted((bytes(got[:SIZE]), bytes(got[SIZE:]))) == [b"a" * SIZE, b"b" * SIZE])
+"""
+
+
+def test_two_lthreads_sending_on_one_sslsocket_do_not_tear_records(tmp_path: Path, pki: Pki) -> None:
+    app = write_app(tmp_path, TWO_WRITERS)
+    r = run_enclave(app, pki.cert, pki.key, pki.ca, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "True\n"
+
+
+TWO_READERS = """
+    import socket, ssl, sys, threading
+    cert, key, ca = sys.argv[1:4]
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    N = 300
+    def source():
+        with sctx.wrap_socket(listener.accept()[0], server_side=True) as conn:
+            for i in range(N):
+                conn.sendall(b"%06d" % i)
+    threading.Thread(target=source, daemon=True).start()
+    tls = ssl.create_default_context(cafile=ca).wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+    got, errors = [], []
+    def reader():  # two lthreads receive at once from one SSLSocket
+        try:
+            while data := tls.recv(6):
+                got.append(data)
+        except Exception as e:
+            errors.append(repr(e))
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(20)
+    # Each record is whole and in order (the lthreads may split them between them).
+    print(errors or b"".join(got) == b"".join(b"%06d" % i for i in range(N)))
+"""
+
+
+def test_two_lthreads_receiving_on_one_sslsocket_keep_the_stream(tmp_path: Path, pki: Pki) -> None:
+    app = write_app(tmp_path, TWO_READERS)
+    r = run_enclave(app, pki.cert, pki.key, pki.ca, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "True\n"

@@ -31,8 +31,10 @@ from typing import Any
 
 from pyscone.enclave.stdlib import files, interpose
 from pyscone.enclave.stdlib.sockets import EnclaveSocket
+from pyscone.enclave.stdlib.threads import Lock
 
 _READ_SIZE = 65536
+_HEADER = 5  # bytes of a TLS record header
 # libssl, bound before lockdown (dlopen of the already loaded _ssl: no file is opened).
 _lib: ctypes.CDLL | None = None
 # Offset of ``SSL_CTX *ctx`` in CPython's PySSLContext: the first field after the object
@@ -298,6 +300,16 @@ class _Engine:
         object.__setattr__(self, "_obj", obj)
         self._sock = sock
         self._unsent = b""
+        # One lthread may read while another writes (a websocket, a chat): records must reach
+        # the socket in the order the engine made them, and the bytes of two receives enter
+        # the engine in the order they came (a host call switches lthreads mid-send).
+        self._send_lock, self._recv_lock = Lock(), Lock()
+        # Records are received one at a time, header then body, as OpenSSL reads a kernel fd
+        # (read-ahead off): what the engine holds never includes a record the app could wait
+        # for with select(), nor the plain bytes after a close_notify (unwrap).
+        self._header = b""
+        self._body_left = 0
+        self._fills = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._obj, name)
@@ -309,6 +321,10 @@ class _Engine:
             object.__setattr__(self, name, value)
 
     def _flush(self) -> None:
+        with self._send_lock:
+            self._send()
+
+    def _send(self) -> None:
         data = self._unsent + self._out.read()
         self._unsent = b""
         view, sent = memoryview(data), 0
@@ -320,14 +336,40 @@ class _Engine:
             raise ssl.SSLWantWriteError(ssl.SSL_ERROR_WANT_WRITE, "The operation did not complete (write)") from None
 
     def _fill(self) -> None:
+        seen, t = self._fills, self._sock.gettimeout()
+        if not (self._recv_lock.acquire(False) if t == 0.0 else self._recv_lock.acquire(True, -1 if t is None else t)):
+            if t == 0.0:
+                raise ssl.SSLWantReadError(ssl.SSL_ERROR_WANT_READ, "The operation did not complete (read)")
+            raise TimeoutError("The read operation timed out")
+        if self._fills != seen:
+            # Another lthread received while this one waited: what it brought may be what
+            # this operation lacks, so the caller tries again before receiving more.
+            self._recv_lock.release()
+            return
         try:
-            data = EnclaveSocket.recv(self._sock, _READ_SIZE)
+            want = self._body_left or _HEADER - len(self._header)
+            data = EnclaveSocket.recv(self._sock, min(want, _READ_SIZE))
+            self._fills += 1
+            if data:
+                self._in.write(data)
+                self._account(data)
+            elif not self._in.eof:
+                self._in.write_eof()
         except BlockingIOError:
             raise ssl.SSLWantReadError(ssl.SSL_ERROR_WANT_READ, "The operation did not complete (read)") from None
-        if data:
-            self._in.write(data)
-        else:
-            self._in.write_eof()
+        finally:
+            self._recv_lock.release()
+
+    def _account(self, data: bytes) -> None:
+        if self._body_left:
+            self._body_left -= len(data)
+            return
+        self._header += data
+        if len(self._header) == _HEADER:
+            # A record: type, version, length (RFC 8446 5.1).  OpenSSL judges the header; a
+            # bad one fails the operation before its "body" is ever waited for.
+            self._body_left = int.from_bytes(self._header[3:5], "big")
+            self._header = b""
 
     def _run(self, fn: Any, *args: Any) -> Any:
         while True:
