@@ -71,7 +71,8 @@ def _ssl_error(what: str) -> ssl.SSLError:
 
 
 def _pem_certs(data: bytes) -> str:
-    """The PEM certificates in a bundle (comments and other blocks dropped), as ``cadata``."""
+    """A bundle as ``cadata`` text, if it holds PEM certificates ("" if not): OpenSSL's PEM
+    reader skips the comments and other blocks between them, as it does reading the file."""
     if _BEGIN_CERT not in data:
         return ""
     return data.decode("latin-1")
