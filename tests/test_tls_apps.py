@@ -247,7 +247,7 @@ def native_https(pki: Pki) -> Iterator[int]:
 
     class Hello(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b"native says hi"
+            body = b"x" * 100_000 if self.path == "/big" else b"native says hi"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -324,3 +324,26 @@ def _importable(name: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+FLIPPED = """
+    import ssl, sys, urllib.request
+    url = f"https://localhost:{sys.argv[1]}/big"
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    try:
+        body = urllib.request.urlopen(url, context=ctx, timeout=10).read()
+    except ssl.SSLError as e:
+        print("refused:", e.reason)
+    else:
+        print("read", len(body), "bytes", set(body))
+"""
+
+
+def test_ciphertext_the_host_changes_is_a_clean_ssl_error(tmp_path: Path, pki: Pki, native_https: int) -> None:
+    app = write_app(tmp_path, FLIPPED)
+    env = {"PYTHONPATH": str(Path(__file__).parent), "PYSCONE_TEST_HOSTILE": "py:tls_liars:FlipCiphertext"}
+    r = run_enclave(app, str(native_https), pki.ca, cwd=tmp_path, env=env)
+    assert "pyscone-test: lied: flipped a byte" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "refused: DECRYPTION_FAILED_OR_BAD_RECORD_MAC\n"
+    assert "Traceback" not in r.stderr
