@@ -137,6 +137,7 @@ def main() -> None:
     cfg["slot_data"] = slot_data
     files.install(cfg["cwd"], slot_data)
     sockets.install(slot_data)
+    __import__("pyscone.enclave.stdlib.tls", fromlist=["install"]).install()  # ssl, over those sockets
     process.install(cfg["cpu_count"])
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
