@@ -103,6 +103,10 @@ class Op(enum.IntEnum):
     READLINK = 29  # data=path -> target
     SYMLINK = 30  # data=target NUL linkpath
     ISATTY = 31  # a0=fd -> 0/1
+    # a0=fd a1=LOCK_FLOCK/LOCK_POSIX a2=flock op (LOCK_SH/EX/UN) or lock type (F_RDLCK/WRLCK/UNLCK)
+    # a3=start a4=length a5=whence.  Never blocks on the host: a lock held elsewhere is EAGAIN (the
+    # enclave retries, parking only the lthread that waits).
+    LOCK = 32
     # -- sockets (host sockets are always non-blocking; FLAG_WAIT parks) --
     SOCKET = 40  # a0=family a1=type a2=proto -> fd
     SOCKETPAIR = 41  # a0=family a1=type a2=proto -> fd, data=i32 second fd
@@ -124,6 +128,9 @@ class Op(enum.IntEnum):
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
 
+
+#: ``Op.LOCK`` a1: which lock family.
+LOCK_FLOCK, LOCK_POSIX = 0, 1
 
 #: Opcodes whose result is a new host file descriptor.
 NEW_FD_OPS = frozenset({Op.OPEN, Op.SOCKET, Op.SOCKETPAIR, Op.ACCEPT})

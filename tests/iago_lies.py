@@ -306,7 +306,7 @@ def _poll(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer
 SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Answer]] = {
     **{op: _none for op in (Op.NOP, Op.CANCEL, Op.CLOSE, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FSYNC)},
     **{op: _none for op in (Op.FTRUNCATE, Op.CHMOD, Op.UTIME, Op.SYMLINK, Op.BIND, Op.LISTEN, Op.CONNECT)},
-    **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT)},
+    **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT, Op.LOCK)},
     **{op: _read for op in (Op.READ, Op.PREAD, Op.RECV)},
     **{op: _count for op in (Op.WRITE, Op.PWRITE, Op.SEND, Op.SENDTO)},
     **{op: _new_fd for op in (Op.OPEN, Op.SOCKET, Op.SOCKETPAIR, Op.ACCEPT)},

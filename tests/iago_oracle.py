@@ -340,6 +340,7 @@ SPECS: dict[int, Spec] = {
     Op.READLINK: _readlink,
     Op.SYMLINK: _void,
     Op.ISATTY: _isatty,
+    Op.LOCK: _void,
     Op.SOCKET: _new_fd,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _void,

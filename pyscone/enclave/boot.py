@@ -101,7 +101,7 @@ def main() -> None:
     # 2. Load from files while we still can.
     # An extension that cannot load (e.g. _tkinter without Tk) simply stays unavailable.
     importer.preload_extensions(importer.extension_dirs())
-    from pyscone.enclave.stdlib import console, files, process, sockets, threads
+    from pyscone.enclave.stdlib import console, fdops, files, process, sockets, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
         # The shield's crypto is a C extension: load it while loading is still possible.
@@ -138,6 +138,7 @@ def main() -> None:
     files.install(cfg["cwd"], slot_data)
     sockets.install(slot_data)
     process.install(cfg["cpu_count"])
+    fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
     importer.install()

@@ -20,7 +20,7 @@ import io
 import os
 import stat as stat_mod
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pyscone.abi import DT_DIR, DT_LNK, DT_REG, MAX_FD, Op, StatResult
@@ -189,9 +189,20 @@ def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = N
     return int(fd)
 
 
+#: Called with each virtual fd the app closes (``fdops`` drops its ``flock`` there).
+on_close: list[Callable[[int], None]] = []
+
+
 def close(fd: int) -> None:
     if sh := _vfd(fd):
-        sh.close(fd)
+        known = fd in sh.opens or fd in sh.dir_opens
+        try:
+            sh.close(fd)
+        finally:
+            if known:
+                _fds.forget(fd)
+                for hook in on_close:
+                    hook(fd)
         return
     _fds.kind(fd)
     # Forget the fd *before* the host closes it (Linux releases it even if close fails):
