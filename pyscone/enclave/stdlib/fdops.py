@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import files, interpose
+from pyscone.enclave.stdlib import files, interpose, pipes
 
 _fds = iago.fds
 # struct flock on Linux x86-64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
@@ -64,7 +64,10 @@ def _fd(obj: Any) -> int:
 
 
 def _kind(fd: int) -> str:
-    """What ``fd`` is (EBADF if the enclave never opened it): a host kind or ``"vfd"``."""
+    """What ``fd`` is (EBADF if the enclave never opened it): a host kind, ``"vfd"`` or ``"pipe"``."""
+    if pipes.is_local(fd):
+        pipes.fstat(fd)
+        return "pipe"
     sh = files._vfd(fd)
     if sh is not None:
         if fd not in sh.opens and fd not in sh.dir_opens:
@@ -111,6 +114,8 @@ def _getfl(fd: int) -> int:
         keep = os.O_ACCMODE | os.O_APPEND | os.O_DIRECTORY | os.O_SYNC | os.O_DSYNC
         keep |= getattr(os, "O_DIRECT", 0) | getattr(os, "O_NOATIME", 0) | getattr(os, "O_PATH", 0)
         return (_fds.flags.get(fd, 0) & keep) | _O_LARGEFILE | nb
+    if kind == "pipe":
+        return pipes.status_flags(fd) | nb
     if kind == iago.FdTable.SOCKET:
         return os.O_RDWR | nb
     return (os.O_RDONLY if fd == 0 else os.O_WRONLY) | nb  # the console
@@ -249,8 +254,13 @@ def fcntl_(fd: Any, cmd: int, arg: Any = 0) -> Any:
         return 0
     if cmd in (fcntl.F_SETLK, fcntl.F_SETLKW, _F_OFD_SETLK, _F_OFD_SETLKW):
         return _record_lock(f, cmd, arg)
+    if cmd in _DUPS and pipes.is_local(f):
+        new = pipes.dup(f)  # the lowest free number >= arg is not kept: local fds only grow
+        if cmd == fcntl.F_DUPFD:
+            _fds.inheritable.add(new)
+        return new
     if cmd in _DUPS:
-        _refuse(f"fcntl {_DUPS[cmd]}")
+        _refuse(f"fcntl {_DUPS[cmd]} of a socket or a file")
     _refuse(f"fcntl {_COMMANDS.get(cmd, f'command {cmd}')}")
 
 
@@ -267,3 +277,4 @@ def install() -> None:
         set_blocking=set_blocking,
     )  # fmt: skip
     files.on_close.append(_flocks.release)
+    pipes.install()

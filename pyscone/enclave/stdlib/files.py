@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyscone.abi import DT_DIR, DT_LNK, DT_REG, MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import interpose
+from pyscone.enclave.stdlib import interpose, pipes
 
 if TYPE_CHECKING:
     from pyscone.enclave.shields.fs import FsShield
@@ -96,8 +96,14 @@ def _busy(path: str, filename: object) -> None:
 
 
 def _vfd(fd: int) -> FsShield | None:
-    """The shield, if ``fd`` is one of its virtual fds."""
-    return _shield if fd >= MAX_FD and _shield is not None else None
+    """The shield, if ``fd`` is one of its virtual fds (pipes' local fds come after them)."""
+    return _shield if MAX_FD <= fd < pipes.LOCAL_BASE and _shield is not None else None
+
+
+def _espipe(fd: int) -> OSError:
+    """What a seek-like call on a pipe is (after EBADF for a closed one)."""
+    pipes.fstat(fd)
+    return OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
 
 
 def at_exit() -> None:
@@ -194,6 +200,8 @@ on_close: list[Callable[[int], None]] = []
 
 
 def close(fd: int) -> None:
+    if pipes.is_local(fd):
+        return pipes.close(fd)
     if sh := _vfd(fd):
         known = fd in sh.opens or fd in sh.dir_opens
         try:
@@ -215,6 +223,8 @@ def close(fd: int) -> None:
 def read(fd: int, n: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    if pipes.is_local(fd):
+        return pipes.read(fd, n)
     if sh := _vfd(fd):
         return sh.read(fd, n)
     kind = _fds.kind(fd)
@@ -223,6 +233,8 @@ def read(fd: int, n: int) -> bytes:
 
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    if pipes.is_local(fd):
+        return pipes.write(fd, data)
     if sh := _vfd(fd):
         return sh.write(fd, data)
     kind = _fds.kind(fd)
@@ -234,6 +246,8 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
 def pread(fd: int, n: int, offset: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    if pipes.is_local(fd):
+        raise _espipe(fd)
     if sh := _vfd(fd):
         return sh.pread(fd, n, offset)
     _fds.kind(fd)
@@ -242,6 +256,8 @@ def pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    if pipes.is_local(fd):
+        raise _espipe(fd)
     if sh := _vfd(fd):
         return sh.pwrite(fd, data, offset)
     _fds.kind(fd)
@@ -250,6 +266,8 @@ def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
 
 
 def lseek(fd: int, pos: int, how: int) -> int:
+    if pipes.is_local(fd):
+        raise _espipe(fd)
     if sh := _vfd(fd):
         return sh.lseek(fd, pos, how)
     _fds.kind(fd)
@@ -263,6 +281,8 @@ def fstat(fd: int) -> os.stat_result:
 
 def _stat(path: Path | int, follow: bool) -> StatResult:
     if isinstance(path, int):
+        if pipes.is_local(path):
+            return pipes.fstat(path)
         if sh := _vfd(path):
             return sh.fstat(path)
         _fds.kind(path)
@@ -440,6 +460,9 @@ def replace(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: 
 
 def fsync(fd: Any) -> None:
     fd = fd if isinstance(fd, int) else fd.fileno()
+    if pipes.is_local(fd):
+        pipes.fstat(fd)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if sh := _vfd(fd):
         return sh.fsync(fd)
     _fds.kind(fd)
@@ -447,6 +470,9 @@ def fsync(fd: Any) -> None:
 
 
 def ftruncate(fd: int, length: int) -> None:
+    if pipes.is_local(fd):
+        pipes.fstat(fd)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if sh := _vfd(fd):
         return sh.ftruncate(fd, length)
     _fds.kind(fd)
@@ -526,7 +552,7 @@ def symlink(src: Path, dst: Path, target_is_directory: bool = False, *, dir_fd: 
 
 
 def isatty(fd: int) -> bool:
-    if _vfd(fd):
+    if _vfd(fd) or pipes.is_local(fd):
         return False
     try:
         _fds.kind(fd)
@@ -580,7 +606,9 @@ class EnclaveFileIO(io.RawIOBase):
         if isinstance(file, int):
             if file < 0:
                 raise ValueError("negative file descriptor")
-            if not _vfd(file):
+            if pipes.is_local(file):
+                pipes.fstat(file)
+            elif not _vfd(file):
                 _fds.kind(file)
             self._fd = file
         else:

@@ -30,7 +30,7 @@ _REFUSED_OS = (
     "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
     "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn",
     "posix_spawnp", "system", "popen", "kill", "killpg", "wait", "waitpid", "wait3", "wait4", "waitid",
-    "pipe", "pipe2", "dup", "dup2", "sendfile", "setsid", "setpgid", "ptrace", "chroot", "mkfifo", "mknod",
+    "sendfile", "setsid", "setpgid", "ptrace", "chroot", "mkfifo", "mknod",
 )  # fmt: skip
 
 
@@ -103,8 +103,12 @@ def set_wakeup_fd(fd: int, *, warn_on_full_buffer: bool = True) -> int:
     global _wakeup_fd
     if fd != -1:
         from pyscone.enclave import iago
+        from pyscone.enclave.stdlib import pipes
 
-        iago.fds.kind(fd)  # EBADF unless the enclave opened it
+        if pipes.is_local(fd):
+            pipes.fstat(fd)  # a pipe's write end (the self-pipe trick)
+        else:
+            iago.fds.kind(fd)  # EBADF unless the enclave opened it
     old, _wakeup_fd = _wakeup_fd, fd
     return old
 

@@ -25,7 +25,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import interpose
+from pyscone.enclave.stdlib import interpose, pipes
 
 _fds = iago.fds
 _slot_data = 65536
@@ -406,6 +406,15 @@ def _fileno(obj: Any) -> int:
 
 def _poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     """Wait until one of ``fds`` is ready or ``timeout`` seconds pass (None: forever)."""
+    local = [(fd, ev) for fd, ev in fds if pipes.is_local(fd)]
+    if not local:
+        return _host_poll(fds, timeout)
+    for fd, _ in local:
+        pipes.fstat(fd)  # EBADF for a closed one
+    return pipes.wait(local, [(fd, ev) for fd, ev in fds if not pipes.is_local(fd)], timeout, _host_poll)
+
+
+def _host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     for fd, _ in fds:
         _fds.kind(fd)  # EBADF for a descriptor the enclave never opened
     if not fds:
