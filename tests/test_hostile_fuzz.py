@@ -400,6 +400,12 @@ def _lock(w: World, draw: Draw, op: int) -> Request:
     return Request(op, (fd, family, kind, _pick(draw, [0, 10]), _pick(draw, [0, 5]), os.SEEK_SET))
 
 
+@scenario(Op.STATVFS)
+def _statvfs(w: World, draw: Draw, op: int) -> Request:
+    fd = _pick(draw, [-1, -1, w.f, w.conn, 999])
+    return Request(op, (fd,), w.path(_pick(draw, ["f", "d", "missing"])) if fd == -1 else b"")
+
+
 @scenario(Op.SOCKET, Op.SOCKETPAIR)
 def _socket(w: World, draw: Draw, op: int) -> Request:
     family = _pick(draw, [socket.AF_UNIX] if op == Op.SOCKETPAIR else [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX])

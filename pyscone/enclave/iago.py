@@ -301,6 +301,19 @@ def _stat(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     return st
 
 
+def _statvfs(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    if result != 0:
+        raise HostViolation("statvfs result is not 0")
+    st = abi.StatvfsResult.unpack(data)
+    if not (0 < st.bsize < 1 << 32 and 0 < st.frsize < 1 << 32):
+        raise HostViolation(f"statvfs block sizes {st.bsize}/{st.frsize} are impossible")
+    if not (0 <= st.bavail <= st.bfree <= st.blocks and 0 <= st.favail <= st.ffree <= st.files):
+        raise HostViolation("statvfs counts more free than there is")
+    if not (0 <= st.flag < 1 << 16 and 0 < st.namemax <= 4096):
+        raise HostViolation(f"statvfs flags {st.flag:#x} or name length {st.namemax} are impossible")
+    return st
+
+
 def _fstat(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0:
         raise HostViolation("stat result is not 0")
@@ -573,6 +586,7 @@ VALIDATORS: dict[int, Validator] = {
     Op.SYMLINK: _none,
     Op.ISATTY: _isatty,
     Op.LOCK: _none,
+    Op.STATVFS: _statvfs,
     Op.SOCKET: _socket,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _none,

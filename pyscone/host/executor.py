@@ -165,6 +165,7 @@ class Executor:
             Op.SYMLINK: self._symlink,
             Op.ISATTY: lambda a, d: (int(os.isatty(a[0])), 0, b""),
             Op.LOCK: self._lock,
+            Op.STATVFS: self._statvfs,
             Op.SOCKET: self._socket,
             Op.SOCKETPAIR: self._socketpair,
             Op.BIND: lambda a, d: _void(self._sock(a[0]).bind, self._addr(a[0], d)),
@@ -187,8 +188,8 @@ class Executor:
         }
         # Calls that may block on a device or forever run on the S-thread pool.
         self._pooled = frozenset(
-            {Op.OPEN, Op.FSYNC, Op.LOCK, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FTRUNCATE}
-            | {Op.ACCESS, Op.CHMOD, Op.UTIME, Op.READLINK, Op.SYMLINK, Op.GETADDRINFO, Op.GETNAMEINFO}
+            {Op.OPEN, Op.FSYNC, Op.LOCK, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME}
+            | {Op.FTRUNCATE, Op.ACCESS, Op.CHMOD, Op.UTIME, Op.READLINK, Op.SYMLINK, Op.GETADDRINFO, Op.GETNAMEINFO}
         )
         if not self._pool:  # one S-thread: the dispatcher does everything
             self._pooled = frozenset()
@@ -523,6 +524,12 @@ class Executor:
         if family == abi.LOCK_POSIX and kind in cmds:
             return _void(fcntl.lockf, fd, cmds[kind] | fcntl.LOCK_NB, a[4], a[3], a[5])
         return (-1, errno.EINVAL, b"")
+
+    def _statvfs(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if a[0] >= 0 and a[0] not in self._files:
+            return (-1, errno.EBADF, b"")
+        st = os.statvfs(a[0]) if a[0] >= 0 else os.statvfs(_path(d))
+        return (0, 0, abi.StatvfsResult.from_os(st).pack())
 
     def _read(self, a: tuple[int, ...], d: bytes) -> Answer:
         sock = self._socks.get(a[0])

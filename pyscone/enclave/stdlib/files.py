@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pyscone.abi import DT_DIR, DT_LNK, DT_REG, MAX_FD, Op, StatResult
+from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
 from pyscone.enclave.stdlib import interpose, pipes
 
@@ -38,6 +38,8 @@ _slot_data = 65536
 _shield: FsShield | None = None
 # Buffered file objects open() made: flushed at exit, as the interpreter's finalization would.
 _buffered: weakref.WeakSet[Any] = weakref.WeakSet()
+# The enclave's umask (``os.umask``): applied to what the app creates, on the host or in the shield.
+umask = 0o022
 
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -189,6 +191,7 @@ def host_readlink(p: str) -> bytes:
 def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
     _no_dir_fd(dir_fd)
     p = abspath(path)
+    mode &= ~umask
     if sh := _shielded(p):
         return sh.open(p, flags, mode)
     fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=os.fspath(path))
@@ -305,115 +308,17 @@ def lstat(path: Path, *, dir_fd: int | None = None) -> os.stat_result:
     return _stat(path, False).to_os()  # type: ignore[return-value]
 
 
-def _dirents(path: str) -> Iterator[tuple[str, int]]:
-    if sh := _shielded(path):
-        yield from sh.listdir(path)
-        return
-    # The way to a shielded region is a directory whatever the host has there (and a memory
-    # region has no host directory at all): listed as one, in its parent.
-    anchors = _shield.anchor_children(path) if _shield is not None else set()
-    seen = set()
-    for name, dtype in host_listdir(path):
-        seen.add(name)
-        yield name, DT_DIR if name in anchors else dtype
-    yield from ((n, DT_DIR) for n in sorted(anchors) if n not in seen)
-
-
 def listdir(path: Path | None = None) -> list[Any]:
-    raw = os.fspath(path) if path is not None else "."
-    names = [n for n, _ in _dirents(abspath(raw))]
-    return [os.fsencode(n) for n in names] if isinstance(raw, bytes) else names
+    """``os.listdir`` (the import system lists directories through here)."""
+    from pyscone.enclave.stdlib import fsmeta
 
-
-class DirEntry:
-    """What ``os.scandir`` yields: the directory entry type, with lazily fetched stats."""
-
-    __slots__ = ("_dtype", "_lstat", "_stat", "name", "path")
-
-    def __init__(self, name: Any, path: Any, dtype: int) -> None:
-        self.name = name
-        self.path = path
-        self._dtype = dtype
-        self._stat: os.stat_result | None = None
-        self._lstat: os.stat_result | None = None
-
-    def __fspath__(self) -> Any:
-        return self.path
-
-    def __repr__(self) -> str:
-        return f"<DirEntry {self.name!r}>"
-
-    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
-        if not follow_symlinks or self._dtype != DT_LNK:
-            if self._lstat is None:
-                self._lstat = lstat(self.path)
-            if not follow_symlinks or not stat_mod.S_ISLNK(self._lstat.st_mode):
-                return self._lstat
-        if self._stat is None:
-            self._stat = stat(self.path)
-        return self._stat
-
-    def _test(self, want: int, check: Any, follow_symlinks: bool) -> bool:
-        if self._dtype == want:
-            return True
-        if (self._dtype == DT_LNK and follow_symlinks) or self._dtype == 0:
-            try:
-                return bool(check(self.stat(follow_symlinks=follow_symlinks).st_mode))
-            except FileNotFoundError:
-                return False
-        return False
-
-    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
-        return self._test(DT_DIR, stat_mod.S_ISDIR, follow_symlinks)
-
-    def is_file(self, *, follow_symlinks: bool = True) -> bool:
-        return self._test(DT_REG, stat_mod.S_ISREG, follow_symlinks)
-
-    def is_symlink(self) -> bool:
-        return self._dtype == DT_LNK
-
-    def is_junction(self) -> bool:
-        return False
-
-    def inode(self) -> int:
-        return self.stat(follow_symlinks=False).st_ino
-
-
-class _ScandirIterator:
-    def __init__(self, path: Any) -> None:
-        raw = os.fspath(path) if path is not None else "."
-        base = abspath(raw)
-        self._bytes = isinstance(raw, bytes)
-        self._raw: Any = raw
-        self._it = _dirents(base)
-
-    def __iter__(self) -> _ScandirIterator:
-        return self
-
-    def __next__(self) -> DirEntry:
-        name, dtype = next(self._it)
-        if self._bytes:
-            bname = os.fsencode(name)
-            return DirEntry(bname, os.path.join(self._raw, bname), dtype)
-        return DirEntry(name, os.path.join(self._raw, name), dtype)
-
-    def __enter__(self) -> _ScandirIterator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._it = iter(())
-
-
-def scandir(path: Path | None = None) -> _ScandirIterator:
-    return _ScandirIterator(path)
+    return fsmeta.listdir(path)
 
 
 def mkdir(path: Path, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
     p = abspath(path)
+    mode &= ~umask
     if sh := _shielded(p):
         return sh.mkdir(p, mode)
     _call(Op.MKDIR, (mode,), _enc(p), filename=os.fspath(path))
@@ -880,19 +785,22 @@ def install(cwd: str, slot_data: int) -> None:
     import builtins
     import shutil
 
+    from pyscone.enclave.stdlib import fsmeta
+
     global _cwd, _slot_data
     _cwd = os.path.normpath(cwd)
     _slot_data = slot_data
     interpose(
         os, open=os_open, close=close, read=read, write=write, pread=pread, pwrite=pwrite, lseek=lseek,
-        fstat=fstat, stat=stat, lstat=lstat, listdir=listdir, scandir=scandir, mkdir=mkdir, rmdir=rmdir,
+        fstat=fstat, stat=stat, lstat=lstat, mkdir=mkdir, rmdir=rmdir,
         unlink=unlink, remove=unlink, rename=rename, replace=replace, fsync=fsync, fdatasync=fsync,
         ftruncate=ftruncate, truncate=truncate, access=access, chmod=chmod, utime=utime, readlink=readlink,
-        symlink=symlink, isatty=isatty, getcwd=getcwd, getcwdb=getcwdb, chdir=chdir, DirEntry=DirEntry,
+        symlink=symlink, isatty=isatty, getcwd=getcwd, getcwdb=getcwdb, chdir=chdir,
         # No dir_fd support: stdlib code (shutil.rmtree, os.fwalk) then takes its path-based route.
         supports_dir_fd=set(), supports_fd={stat, truncate}, supports_effective_ids=set(),
         supports_follow_symlinks={stat, access, chmod, utime},
     )  # fmt: skip
+    fsmeta.install()
     for name in ("BufferedReader", "BufferedWriter", "BufferedRandom", "BufferedRWPair"):
         interpose(io, **{name: _lthread_safe(getattr(io, name))})
     interpose(io, open=open, open_code=open_code, FileIO=EnclaveFileIO)
