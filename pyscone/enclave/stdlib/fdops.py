@@ -213,6 +213,18 @@ def lockf(fd: Any, cmd: int, len: int = 0, start: int = 0, whence: int = 0) -> A
     return None
 
 
+def os_lockf(fd: int, command: int, length: int) -> None:
+    """``os.lockf`` (POSIX ``lockf(3)``: F_LOCK, F_TLOCK, F_ULOCK; F_TEST is refused)."""
+    if command == os.F_TEST:
+        _kind(fd)
+        _refuse("os.lockf F_TEST")
+    kinds = {os.F_LOCK: fcntl.F_WRLCK, os.F_TLOCK: fcntl.F_WRLCK, os.F_ULOCK: fcntl.F_UNLCK}
+    if command not in kinds:
+        _kind(fd)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    _lock(fd, abi.LOCK_POSIX, kinds[command], 0, length, os.SEEK_CUR, wait=command == os.F_LOCK)
+
+
 def _record_lock(fd: int, cmd: int, arg: Any) -> bytes:
     if not isinstance(arg, bytes | bytearray) or len(arg) != _FLOCK.size:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -274,7 +286,7 @@ def install() -> None:
     interpose(fcntl, fcntl=fcntl_, flock=flock, lockf=lockf, ioctl=ioctl)
     interpose(
         os, get_inheritable=get_inheritable, set_inheritable=set_inheritable, get_blocking=get_blocking,
-        set_blocking=set_blocking,
+        set_blocking=set_blocking, lockf=os_lockf,
     )  # fmt: skip
     files.on_close.append(_flocks.release)
     pipes.install()
