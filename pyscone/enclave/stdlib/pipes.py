@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyscone import abi
-from pyscone.abi import StatResult
+from pyscone.abi import Op, StatResult
 from pyscone.enclave import iago, scheduler
 
 LOCAL_BASE = 1 << 30  # fds the enclave alone gives out (still a C int)
@@ -262,13 +262,22 @@ _bell_rung = False
 
 
 def _ring() -> None:
+    """Wake the waits parked in a host ``POLL`` on the bell: one byte, posted, not awaited (the
+    writer need not wait for the host, and a lost or refused byte only delays a waiter that
+    re-checks its pipes on any wake-up)."""
     global _bell_rung
-    if _bell is not None and not _bell_rung:
-        _bell_rung = True
-        try:
-            _bell[1].send(b"\0")
-        except OSError:  # full (it is rung already) or the host refused: the waiter re-checks
-            pass
+    if _bell is None or _bell_rung:
+        return
+    _bell_rung = True
+    sched = scheduler.get()
+    pending = sched.start(Op.SEND, (_bell[1].fileno(), 0), b"\0")
+    if pending is not None:
+        sched.drop(pending)
+        return
+    try:  # no slot free, or the hub (a signal's wakeup write): a plain non-blocking send
+        _bell[1].send(b"\0")
+    except OSError:  # full: it is rung already
+        pass
 
 
 def wait(
