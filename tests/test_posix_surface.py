@@ -82,6 +82,14 @@ HARMLESS_APP = """
         print("mmap file", e.errno)
     print("disk", shutil.disk_usage(".").total > 0, os.device_encoding(5), os.confstr("CS_PATH") is not None)
     print("walk", sorted(list(os.walk("."))[0][2]))
+    bad = []
+    for name in os.sysconf_names:
+        try:
+            os.sysconf(name)
+        except OSError as e:
+            bad.append((name, e.errno))
+    print("sysconf", bad, os.sysconf("SC_OPEN_MAX") == resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    print("confstr", all(os.confstr(n) is not None or True for n in os.confstr_names))
 """
 
 
@@ -99,4 +107,6 @@ def test_what_is_harmless_works(tmp_path: Path) -> None:
         "mmap file 38",
         "disk True None True",
         "walk ['app.py', 'f']",
+        "sysconf [('SC_EQUIV_CLASS_MAX', 22)] True",  # EINVAL natively too
+        "confstr True",
     ]

@@ -39,8 +39,8 @@ INTERPOSED: dict[str, frozenset[str]] = {
         DirEntry access chdir chmod close cpu_count dup dup2 eventfd_read eventfd_write fdatasync fstat fstatvfs
         fsync ftruncate get_blocking get_inheritable getcwd getcwdb getxattr isatty listdir listxattr lockf lseek
         lstat mkdir open pipe pipe2 pread pwrite read readlink remove removexattr rename replace rmdir scandir
-        sched_getaffinity set_blocking set_inheritable setxattr stat statvfs symlink times truncate umask unlink
-        utime write
+        sched_getaffinity set_blocking set_inheritable setxattr stat statvfs symlink sysconf times truncate umask
+        unlink utime write
     """),
     "fcntl": _names("fcntl flock ioctl lockf"),
     "select": _names("epoll poll select"),
@@ -69,7 +69,8 @@ REFUSED: dict[str, frozenset[str]] = {
     "signal": _names("""
         alarm getitimer pause pidfd_send_signal pthread_kill setitimer sigpending sigtimedwait sigwait sigwaitinfo
     """),
-    "time": _names("clock_settime clock_settime_ns"),
+    # (an lthread's threading.get_ident() is no pthread_t: pthread_getcpuclockid would crash on it)
+    "time": _names("clock_settime clock_settime_ns pthread_getcpuclockid"),
     "resource": _names("getrusage prlimit setrlimit"),
     "mmap": frozenset(),
     "shutil": frozenset(),
@@ -83,7 +84,7 @@ HARMLESS: dict[str, frozenset[str]] = {
         WIFSTOPPED WSTOPSIG WTERMSIG abort confstr ctermid device_encoding fdopen fsdecode fsencode
         fspath get_exec_path getegid getenv getenvb geteuid getgid getpid getppid getrandom getuid major makedev
         makedirs minor putenv register_at_fork removedirs renames sched_param sched_yield stat_result
-        statvfs_result strerror sysconf terminal_size times_result uname uname_result unsetenv urandom
+        statvfs_result strerror terminal_size times_result uname uname_result unsetenv urandom
         waitid_result waitstatus_to_exitcode walk
     """),
     "fcntl": frozenset(),
@@ -95,7 +96,7 @@ HARMLESS: dict[str, frozenset[str]] = {
     """),
     "time": _names("""
         asctime clock_getres clock_gettime clock_gettime_ns ctime get_clock_info gmtime localtime mktime monotonic
-        monotonic_ns perf_counter perf_counter_ns process_time process_time_ns pthread_getcpuclockid strftime
+        monotonic_ns perf_counter perf_counter_ns process_time process_time_ns strftime
         strptime struct_time thread_time thread_time_ns time time_ns tzset
     """),
     "resource": _names("getpagesize struct_rusage"),
@@ -175,6 +176,18 @@ def install(cpu_count: int) -> None:
             raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
         return set(range(cpu_count))
 
+    real_sysconf = os.sysconf
+    from_limits = {"SC_CHILD_MAX": resource.RLIMIT_NPROC, "SC_OPEN_MAX": resource.RLIMIT_NOFILE}
+    from_limits["SC_SIGQUEUE_MAX"] = resource.RLIMIT_SIGPENDING
+
+    def sysconf(name: str | int) -> int:
+        """``os.sysconf``; the values glibc reads from resource limits come from the snapshot."""
+        for key, limit in from_limits.items():
+            if name in (key, os.sysconf_names.get(key)):
+                soft = _limits[limit][0]
+                return -1 if soft == resource.RLIM_INFINITY else soft
+        return real_sysconf(name)
+
     def times() -> os.times_result:
         return os.times_result((time.process_time(), 0.0, 0.0, 0.0, time.monotonic()))
 
@@ -198,7 +211,7 @@ def install(cpu_count: int) -> None:
 
     interpose(os, eventfd_read=eventfd_read, eventfd_write=eventfd_write)
     interpose(resource, getrlimit=getrlimit)
-    interpose(os, sched_getaffinity=sched_getaffinity, times=times)
+    interpose(os, sched_getaffinity=sched_getaffinity, times=times, sysconf=sysconf)
     interpose(mmap, mmap=_Mmap)
     modules = {m: __import__(m) for m in MODULES}
     for mod, names in REFUSED.items():
