@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_enclave, run_native, write_app
+import pytest
+from conftest import Server, free_port, run_enclave, run_native, write_app
 from test_fs_shield import FS
 
 FLAGS_APP = """
@@ -195,3 +196,25 @@ def test_what_is_not_supported_is_refused_by_name(tmp_path: Path) -> None:
     )
     assert lines[3] == "ioctl 38 fcntl.ioctl is not supported inside a pyscone enclave"
     assert lines[4:] == ["invalid 22", "invalid 22"]
+
+
+CHERRYPY_APP = """
+    import sys
+    import cherrypy
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "hello from cherrypy\\n"
+    cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": int(sys.argv[1]),
+                            "engine.autoreload.on": False})
+    cherrypy.quickstart(Root())
+"""
+
+
+def test_cherrypy_serves_curl(tmp_path: Path, server: list[Server]) -> None:
+    """cheroot makes its listening socket non-inheritable with fcntl(F_GETFD/F_SETFD)."""
+    pytest.importorskip("cherrypy")
+    port = free_port()
+    server.append(Server([str(write_app(tmp_path, CHERRYPY_APP)), str(port)], tmp_path, port))
+    out = subprocess.run(["curl", "-s", "-m", "10", f"http://127.0.0.1:{port}/"], capture_output=True, text=True)
+    assert out.stdout == "hello from cherrypy\n", out
