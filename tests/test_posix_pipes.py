@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,47 @@ def test_flask_on_waitress_serves_curl(tmp_path: Path, server: list[Server]) -> 
     assert many.stdout == "hello from flask on waitress\n" * 16
     _code, _out, err = server[0].stop()
     assert "Traceback" not in err, err
+
+
+INTERRUPT_APP = """
+    import os, sys, threading, time
+    r, w = os.pipe()
+    try:
+        print("ready", flush=True)
+        os.read(r, 10)  # nobody writes: only ^C ends this wait
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    ev = threading.Event()
+    lock = threading.Lock()
+    lock.acquire()
+    def later():
+        time.sleep(0.1)
+        os.write(w, b"later")
+        time.sleep(0.3)
+        lock.release()
+    threading.Thread(target=later).start()
+    t0 = time.monotonic()
+    got = lock.acquire(timeout=5)
+    print("lock", got, time.monotonic() - t0 > 0.3, flush=True)
+    print("then", os.read(r, 10), flush=True)
+"""
+
+
+def test_ctrl_c_interrupts_a_blocked_pipe_read(tmp_path: Path) -> None:
+    import signal
+
+    from conftest import PYSCONE
+
+    app = write_app(tmp_path, INTERRUPT_APP)
+    proc = subprocess.Popen([*PYSCONE, "run", str(app)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        time.sleep(0.3)  # into the read (a ^C that cuts the console write short reprints the line)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines() == ["interrupted", "lock True True", "then b'later'"]

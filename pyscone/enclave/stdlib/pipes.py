@@ -180,8 +180,15 @@ def _park_on(p: _Pipe) -> None:
     lt = sched.current
     if lt is None:  # the hub (a signal's wakeup write): it may not wait
         raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-    p.watchers.append(lambda: sched.wake(lt))
-    sched.park()
+    def wake() -> None:
+        sched.wake(lt)
+
+    p.watchers.append(wake)
+    try:
+        sched.park()
+    finally:  # interrupted (^C): a stale watcher must not wake this lthread somewhere else later
+        if wake in p.watchers:
+            p.watchers.remove(wake)
 
 
 def read(fd: int, n: int) -> bytes:
