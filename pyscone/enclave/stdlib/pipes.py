@@ -180,6 +180,7 @@ def _park_on(p: _Pipe) -> None:
     lt = sched.current
     if lt is None:  # the hub (a signal's wakeup write): it may not wait
         raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
     def wake() -> None:
         sched.wake(lt)
 
