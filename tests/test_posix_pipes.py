@@ -87,6 +87,10 @@ PIPES_APP = """
             f.write(b"line\\n")
         print("stream", await reader.readline(), await reader.read())
     asyncio.run(main())
+    import multiprocessing
+    mr, mw = multiprocessing.Pipe(duplex=False)  # os.pipe under multiprocessing's Connection
+    threading.Thread(target=lambda: mw.send({"a": [1, 2, 3]})).start()
+    print("multiprocessing", mr.poll(5), mr.recv())
 """
 
 
