@@ -103,6 +103,11 @@ class Op(enum.IntEnum):
     READLINK = 29  # data=path -> target
     SYMLINK = 30  # data=target NUL linkpath
     ISATTY = 31  # a0=fd -> 0/1
+    # a0=fd a1=LOCK_FLOCK/LOCK_POSIX a2=flock op (LOCK_SH/EX/UN) or lock type (F_RDLCK/WRLCK/UNLCK)
+    # a3=start a4=length a5=whence.  Never blocks on the host: a lock held elsewhere is EAGAIN (the
+    # enclave retries, parking only the lthread that waits).
+    LOCK = 32
+    STATVFS = 33  # a0=fd, or -1 for data=path -> STATVFS
     # -- sockets (host sockets are always non-blocking; FLAG_WAIT parks) --
     SOCKET = 40  # a0=family a1=type a2=proto -> fd
     SOCKETPAIR = 41  # a0=family a1=type a2=proto -> fd, data=i32 second fd
@@ -124,6 +129,9 @@ class Op(enum.IntEnum):
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
 
+
+#: ``Op.LOCK`` a1: which lock family.
+LOCK_FLOCK, LOCK_POSIX = 0, 1
 
 #: Opcodes whose result is a new host file descriptor.
 NEW_FD_OPS = frozenset({Op.OPEN, Op.SOCKET, Op.SOCKETPAIR, Op.ACCEPT})
@@ -205,6 +213,53 @@ def stat_from_os(st: object) -> StatResult:
         g("st_size"), g("st_atime_ns"), g("st_mtime_ns"), g("st_ctime_ns"),
         g("st_blksize"), g("st_blocks"), g("st_rdev"),
     )  # fmt: skip
+
+
+# -- statvfs --------------------------------------------------------------------------
+
+STATVFS = struct.Struct("<10qQ")
+
+
+@dataclass(frozen=True, slots=True)
+class StatvfsResult:
+    """``statvfs(3)``: the ten fields of ``os.statvfs_result`` in order, then ``f_fsid``."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    flag: int
+    namemax: int
+    fsid: int
+
+    def pack(self) -> bytes:
+        return STATVFS.pack(
+            self.bsize, self.frsize, self.blocks, self.bfree, self.bavail, self.files, self.ffree,
+            self.favail, self.flag, self.namemax, self.fsid,
+        )  # fmt: skip
+
+    @classmethod
+    def unpack(cls, data: bytes) -> StatvfsResult:
+        if len(data) != STATVFS.size:
+            raise ABIError(f"statvfs payload is {len(data)} bytes, expected {STATVFS.size}")
+        return cls(*STATVFS.unpack(data))
+
+    @classmethod
+    def from_os(cls, st: object) -> StatvfsResult:
+        """Host side."""
+        g = st.__getattribute__
+        names = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail", "flag", "namemax", "fsid")
+        return cls.unpack(STATVFS.pack(*(g("f_" + n) for n in names)))
+
+    def to_os(self) -> object:
+        import os
+
+        fields = (self.bsize, self.frsize, self.blocks, self.bfree, self.bavail, self.files, self.ffree)
+        return os.statvfs_result((*fields, self.favail, self.flag, self.namemax), {"f_fsid": self.fsid})
 
 
 # -- directory entries ----------------------------------------------------------------

@@ -225,6 +225,18 @@ def _stat(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer
     return (draw(st.sampled_from([0, 0, 0, 1])), 0, stat_record(draw, base))
 
 
+def _statvfs(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
+    base = list(abi.STATVFS.unpack(honest[2])) if honest[0] == 0 else [4096, 4096, 100, 50, 40, 10, 5, 5, 0, 255, 1]
+    edges = [0, -1, 1, 2**31, 2**32, 2**62, 4097, 1 << 16]
+    for _ in range(draw(st.integers(0, 3))):  # a few fields moved, near the honest value or to an edge
+        field = draw(st.integers(0, 10))
+        value = near(draw, [base[field], *edges], 0 if field == 10 else -(2**40))
+        base[field] = max(0, value) if field == 10 else value
+    body = abi.STATVFS.pack(*base)
+    body = draw(st.sampled_from([body, body, body, body[:-1], body + b"\0"]))
+    return (draw(st.sampled_from([0, 0, 0, 1])), 0, body)
+
+
 def _listdir(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
     names = [e.name for e in abi.decode_dirents(honest[2])[0]] if honest[0] >= 0 else []
     count, body = dirents(draw, names, ctx.seen_names)
@@ -306,7 +318,7 @@ def _poll(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer
 SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Answer]] = {
     **{op: _none for op in (Op.NOP, Op.CANCEL, Op.CLOSE, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FSYNC)},
     **{op: _none for op in (Op.FTRUNCATE, Op.CHMOD, Op.UTIME, Op.SYMLINK, Op.BIND, Op.LISTEN, Op.CONNECT)},
-    **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT)},
+    **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT, Op.LOCK)},
     **{op: _read for op in (Op.READ, Op.PREAD, Op.RECV)},
     **{op: _count for op in (Op.WRITE, Op.PWRITE, Op.SEND, Op.SENDTO)},
     **{op: _new_fd for op in (Op.OPEN, Op.SOCKET, Op.SOCKETPAIR, Op.ACCEPT)},
@@ -316,6 +328,7 @@ SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Ans
     Op.LISTDIR: _listdir,
     Op.ACCESS: _bool,
     Op.ISATTY: _bool,
+    Op.STATVFS: _statvfs,
     Op.READLINK: _text,
     Op.GETHOSTNAME: _text,
     Op.GETSOCKOPT: _getsockopt,

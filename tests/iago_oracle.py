@@ -35,7 +35,7 @@ TRUST = {
     "content": "the bytes read from an unprotected file, socket, datagram or the console",
     "count": "how many bytes a write or send took, up to what was given",
     "file-position": "file positions and sizes: lseek SEEK_CUR/SEEK_END/SEEK_DATA/SEEK_HOLE, and devices",
-    "metadata": "stat fields within their ranges, access() and isatty() answers",
+    "metadata": "stat and statvfs fields within their ranges, access() and isatty() answers",
     "directory-content": "which names and types an unprotected directory holds",
     "link-target": "the target of a host symbolic link",
     "socket-address": "the peer and local addresses of sockets and datagram senders",
@@ -172,6 +172,14 @@ def _openable(flags: int, kind: int) -> bool:
     if flags & os.O_DIRECTORY and kind != stat.S_IFDIR:
         return False
     return not (flags & os.O_ACCMODE != os.O_RDONLY and kind == stat.S_IFDIR)  # EISDIR
+
+
+def _statvfs(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    if r != 0 or not isinstance(v, abi.StatvfsResult):
+        return None
+    sizes = 0 < v.bsize < 1 << 32 and 0 < v.frsize < 1 << 32 and 0 < v.namemax <= 4096 and 0 <= v.flag < 1 << 16
+    counts = 0 <= v.bavail <= v.bfree <= v.blocks and 0 <= v.favail <= v.ffree <= v.files
+    return {"metadata"} if sizes and counts else None
 
 
 def _fstat(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
@@ -340,6 +348,8 @@ SPECS: dict[int, Spec] = {
     Op.READLINK: _readlink,
     Op.SYMLINK: _void,
     Op.ISATTY: _isatty,
+    Op.LOCK: _void,
+    Op.STATVFS: _statvfs,
     Op.SOCKET: _new_fd,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _void,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import fcntl
 import os
 import random
 import socket
@@ -386,6 +387,23 @@ def _two_paths(w: World, draw: Draw, op: int) -> Request:
 def _fd_op(w: World, draw: Draw, op: int) -> Request:
     fd = _pick(draw, [w.w, w.conn, w.devnull, -1] if op == Op.ISATTY else [w.w, w.f, -1])
     return Request(op, (fd, 1024) if op == Op.FTRUNCATE else (fd,))
+
+
+@scenario(Op.LOCK)
+def _lock(w: World, draw: Draw, op: int) -> Request:
+    fd = _pick(draw, [w.w, w.f, w.conn, -1])
+    family = _pick(draw, [abi.LOCK_FLOCK, abi.LOCK_POSIX, 7])
+    if family == abi.LOCK_FLOCK:
+        kind = _pick(draw, [fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_UN, 99])
+    else:
+        kind = _pick(draw, [fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK, 99])
+    return Request(op, (fd, family, kind, _pick(draw, [0, 10]), _pick(draw, [0, 5]), os.SEEK_SET))
+
+
+@scenario(Op.STATVFS)
+def _statvfs(w: World, draw: Draw, op: int) -> Request:
+    fd = _pick(draw, [-1, -1, w.f, w.conn, 999])
+    return Request(op, (fd,), w.path(_pick(draw, ["f", "d", "missing"])) if fd == -1 else b"")
 
 
 @scenario(Op.SOCKET, Op.SOCKETPAIR)

@@ -101,7 +101,7 @@ def main() -> None:
     # 2. Load from files while we still can.
     # An extension that cannot load (e.g. _tkinter without Tk) simply stays unavailable.
     importer.preload_extensions(importer.extension_dirs())
-    from pyscone.enclave.stdlib import console, files, process, sockets, threads
+    from pyscone.enclave.stdlib import console, fdops, files, process, sockets, surface, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
         # The shield's crypto is a C extension: load it while loading is still possible.
@@ -139,6 +139,7 @@ def main() -> None:
     sockets.install(slot_data)
     __import__("pyscone.enclave.stdlib.tls", fromlist=["install"]).install()  # ssl, over those sockets
     process.install(cfg["cpu_count"])
+    fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
     importer.install()
@@ -152,11 +153,13 @@ def main() -> None:
         if cfg["heap"]:
             barrier.set_heap_limit(cfg["heap"])
         barrier.no_dump()
+        surface.snapshot_limits()  # after the heap limit: what resource.getrlimit answers from now on
         barrier.die_with_host(cfg["host_pid"])
         if cfg["barrier"]:
             barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
     except (barrier.BarrierError, MemoryError) as e:
         _boot_error(str(e) or type(e).__name__)
+    surface.install(cfg["cpu_count"])  # last: the boot itself still used what it refuses (setrlimit)
     # The C traceback printer reads source lines with direct file I/O (refused by the
     # barrier); the pure-Python one reads them through the interposed open.  Outside a
     # debug enclave the runtime's reports hide protected code from the host's console.

@@ -102,6 +102,11 @@ class FdTable:
         self.protos: dict[int, int] = {}  # effective protocol, when the enclave can know it
         self.flags: dict[int, int] = {}  # open(2) flags of a file
         self.ftypes: dict[int, int] = {}  # S_IFMT of a file, as its fstat said (or assumed at open)
+        # fd-level flags (``fcntl``, ``os.set_inheritable``/``set_blocking``), kept in the enclave
+        # alone: nothing can be exec'd, and the enclave decides how each call waits.  Virtual fds
+        # (the FS shield's) are recorded here too.  As in Python, only 0..2 are inheritable.
+        self.inheritable: set[int] = {0, 1, 2}
+        self.nonblocking: set[int] = set()
 
     def adopt(self, fd: int, kind: str, family: int = 0, *, type: int = 0, proto: int = 0, flags: int = 0) -> None:  # noqa: A002
         if not 0 <= fd < abi.MAX_FD:
@@ -131,6 +136,8 @@ class FdTable:
         self.kinds.pop(fd, None)
         for table in (self.families, self.types, self.protos, self.flags, self.ftypes):
             table.pop(fd, None)
+        self.inheritable.discard(fd)
+        self.nonblocking.discard(fd)
 
     def snapshot(self) -> FdTable:
         """A copy of everything (for tests that validate replies in isolation)."""
@@ -141,6 +148,7 @@ class FdTable:
     def restore(self, saved: FdTable) -> None:
         self.kinds, self.families, self.types = dict(saved.kinds), dict(saved.families), dict(saved.types)
         self.protos, self.flags, self.ftypes = dict(saved.protos), dict(saved.flags), dict(saved.ftypes)
+        self.inheritable, self.nonblocking = set(saved.inheritable), set(saved.nonblocking)
 
 
 def _effective_proto(family: int, type_: int, proto: int) -> int | None:
@@ -290,6 +298,19 @@ def _stat(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
         raise HostViolation("stat followed a symbolic link and found a symbolic link")
     if bytes(req) == b"/" and kind != stat_mod.S_IFDIR:
         raise HostViolation("the root directory is not a directory")
+    return st
+
+
+def _statvfs(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    if result != 0:
+        raise HostViolation("statvfs result is not 0")
+    st = abi.StatvfsResult.unpack(data)
+    if not (0 < st.bsize < 1 << 32 and 0 < st.frsize < 1 << 32):
+        raise HostViolation(f"statvfs block sizes {st.bsize}/{st.frsize} are impossible")
+    if not (0 <= st.bavail <= st.bfree <= st.blocks and 0 <= st.favail <= st.ffree <= st.files):
+        raise HostViolation("statvfs counts more free than there is")
+    if not (0 <= st.flag < 1 << 16 and 0 < st.namemax <= 4096):
+        raise HostViolation(f"statvfs flags {st.flag:#x} or name length {st.namemax} are impossible")
     return st
 
 
@@ -564,6 +585,8 @@ VALIDATORS: dict[int, Validator] = {
     Op.READLINK: _readlink,
     Op.SYMLINK: _none,
     Op.ISATTY: _isatty,
+    Op.LOCK: _none,
+    Op.STATVFS: _statvfs,
     Op.SOCKET: _socket,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _none,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import os
 import queue
 import select
@@ -163,6 +164,8 @@ class Executor:
             Op.READLINK: lambda a, d: (0, 0, os.fsencode(os.readlink(_path(d)))),
             Op.SYMLINK: self._symlink,
             Op.ISATTY: lambda a, d: (int(os.isatty(a[0])), 0, b""),
+            Op.LOCK: self._lock,
+            Op.STATVFS: self._statvfs,
             Op.SOCKET: self._socket,
             Op.SOCKETPAIR: self._socketpair,
             Op.BIND: lambda a, d: _void(self._sock(a[0]).bind, self._addr(a[0], d)),
@@ -185,8 +188,8 @@ class Executor:
         }
         # Calls that may block on a device or forever run on the S-thread pool.
         self._pooled = frozenset(
-            {Op.OPEN, Op.FSYNC, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FTRUNCATE}
-            | {Op.ACCESS, Op.CHMOD, Op.UTIME, Op.READLINK, Op.SYMLINK, Op.GETADDRINFO, Op.GETNAMEINFO}
+            {Op.OPEN, Op.FSYNC, Op.LOCK, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME}
+            | {Op.FTRUNCATE, Op.ACCESS, Op.CHMOD, Op.UTIME, Op.READLINK, Op.SYMLINK, Op.GETADDRINFO, Op.GETNAMEINFO}
         )
         if not self._pool:  # one S-thread: the dispatcher does everything
             self._pooled = frozenset()
@@ -508,6 +511,25 @@ class Executor:
         self._files.discard(fd)
         os.close(fd)
         return _OK
+
+    def _lock(self, a: tuple[int, ...], d: bytes) -> Answer:
+        """flock(2) or a POSIX record lock, never waiting: a lock held elsewhere answers EAGAIN at
+        once and the enclave retries, so a waiting lthread never holds an S-thread."""
+        fd, family, kind = a[0], a[1], a[2]
+        if fd not in self._files:  # a socket, the console or a number the enclave never opened
+            return (-1, errno.EBADF, b"")
+        if family == abi.LOCK_FLOCK and kind in (fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_UN):
+            return _void(fcntl.flock, fd, kind | fcntl.LOCK_NB)
+        cmds = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
+        if family == abi.LOCK_POSIX and kind in cmds:
+            return _void(fcntl.lockf, fd, cmds[kind] | fcntl.LOCK_NB, a[4], a[3], a[5])
+        return (-1, errno.EINVAL, b"")
+
+    def _statvfs(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if a[0] >= 0 and a[0] not in self._files:
+            return (-1, errno.EBADF, b"")
+        st = os.statvfs(a[0]) if a[0] >= 0 else os.statvfs(_path(d))
+        return (0, 0, abi.StatvfsResult.from_os(st).pack())
 
     def _read(self, a: tuple[int, ...], d: bytes) -> Answer:
         sock = self._socks.get(a[0])

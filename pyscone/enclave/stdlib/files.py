@@ -20,12 +20,12 @@ import io
 import os
 import stat as stat_mod
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pyscone.abi import DT_DIR, DT_LNK, DT_REG, MAX_FD, Op, StatResult
+from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import interpose
+from pyscone.enclave.stdlib import interpose, pipes
 
 if TYPE_CHECKING:
     from pyscone.enclave.shields.fs import FsShield
@@ -38,6 +38,8 @@ _slot_data = 65536
 _shield: FsShield | None = None
 # Buffered file objects open() made: flushed at exit, as the interpreter's finalization would.
 _buffered: weakref.WeakSet[Any] = weakref.WeakSet()
+# The enclave's umask (``os.umask``): applied to what the app creates, on the host or in the shield.
+umask = 0o022
 
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -96,8 +98,14 @@ def _busy(path: str, filename: object) -> None:
 
 
 def _vfd(fd: int) -> FsShield | None:
-    """The shield, if ``fd`` is one of its virtual fds."""
-    return _shield if fd >= MAX_FD and _shield is not None else None
+    """The shield, if ``fd`` is one of its virtual fds (pipes' local fds come after them)."""
+    return _shield if MAX_FD <= fd < pipes.LOCAL_BASE and _shield is not None else None
+
+
+def _espipe(fd: int) -> OSError:
+    """What a seek-like call on a pipe is (after EBADF for a closed one)."""
+    pipes.fstat(fd)
+    return OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
 
 
 def at_exit() -> None:
@@ -183,15 +191,29 @@ def host_readlink(p: str) -> bytes:
 def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
     _no_dir_fd(dir_fd)
     p = abspath(path)
+    mode &= ~umask
     if sh := _shielded(p):
         return sh.open(p, flags, mode)
     fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=os.fspath(path))
     return int(fd)
 
 
+#: Called with each virtual fd the app closes (``fdops`` drops its ``flock`` there).
+on_close: list[Callable[[int], None]] = []
+
+
 def close(fd: int) -> None:
+    if pipes.is_local(fd):
+        return pipes.close(fd)
     if sh := _vfd(fd):
-        sh.close(fd)
+        known = fd in sh.opens or fd in sh.dir_opens
+        try:
+            sh.close(fd)
+        finally:
+            if known:
+                _fds.forget(fd)
+                for hook in on_close:
+                    hook(fd)
         return
     _fds.kind(fd)
     # Forget the fd *before* the host closes it (Linux releases it even if close fails):
@@ -204,6 +226,8 @@ def close(fd: int) -> None:
 def read(fd: int, n: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    if pipes.is_local(fd):
+        return pipes.read(fd, n)
     if sh := _vfd(fd):
         return sh.read(fd, n)
     kind = _fds.kind(fd)
@@ -212,6 +236,8 @@ def read(fd: int, n: int) -> bytes:
 
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    if pipes.is_local(fd):
+        return pipes.write(fd, data)
     if sh := _vfd(fd):
         return sh.write(fd, data)
     kind = _fds.kind(fd)
@@ -223,6 +249,8 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
 def pread(fd: int, n: int, offset: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    if pipes.is_local(fd):
+        raise _espipe(fd)
     if sh := _vfd(fd):
         return sh.pread(fd, n, offset)
     _fds.kind(fd)
@@ -231,6 +259,8 @@ def pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    if pipes.is_local(fd):
+        raise _espipe(fd)
     if sh := _vfd(fd):
         return sh.pwrite(fd, data, offset)
     _fds.kind(fd)
@@ -239,6 +269,8 @@ def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
 
 
 def lseek(fd: int, pos: int, how: int) -> int:
+    if pipes.is_local(fd):
+        raise _espipe(fd)
     if sh := _vfd(fd):
         return sh.lseek(fd, pos, how)
     _fds.kind(fd)
@@ -252,6 +284,8 @@ def fstat(fd: int) -> os.stat_result:
 
 def _stat(path: Path | int, follow: bool) -> StatResult:
     if isinstance(path, int):
+        if pipes.is_local(path):
+            return pipes.fstat(path)
         if sh := _vfd(path):
             return sh.fstat(path)
         _fds.kind(path)
@@ -274,115 +308,17 @@ def lstat(path: Path, *, dir_fd: int | None = None) -> os.stat_result:
     return _stat(path, False).to_os()  # type: ignore[return-value]
 
 
-def _dirents(path: str) -> Iterator[tuple[str, int]]:
-    if sh := _shielded(path):
-        yield from sh.listdir(path)
-        return
-    # The way to a shielded region is a directory whatever the host has there (and a memory
-    # region has no host directory at all): listed as one, in its parent.
-    anchors = _shield.anchor_children(path) if _shield is not None else set()
-    seen = set()
-    for name, dtype in host_listdir(path):
-        seen.add(name)
-        yield name, DT_DIR if name in anchors else dtype
-    yield from ((n, DT_DIR) for n in sorted(anchors) if n not in seen)
-
-
 def listdir(path: Path | None = None) -> list[Any]:
-    raw = os.fspath(path) if path is not None else "."
-    names = [n for n, _ in _dirents(abspath(raw))]
-    return [os.fsencode(n) for n in names] if isinstance(raw, bytes) else names
+    """``os.listdir`` (the import system lists directories through here)."""
+    from pyscone.enclave.stdlib import fsmeta
 
-
-class DirEntry:
-    """What ``os.scandir`` yields: the directory entry type, with lazily fetched stats."""
-
-    __slots__ = ("_dtype", "_lstat", "_stat", "name", "path")
-
-    def __init__(self, name: Any, path: Any, dtype: int) -> None:
-        self.name = name
-        self.path = path
-        self._dtype = dtype
-        self._stat: os.stat_result | None = None
-        self._lstat: os.stat_result | None = None
-
-    def __fspath__(self) -> Any:
-        return self.path
-
-    def __repr__(self) -> str:
-        return f"<DirEntry {self.name!r}>"
-
-    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
-        if not follow_symlinks or self._dtype != DT_LNK:
-            if self._lstat is None:
-                self._lstat = lstat(self.path)
-            if not follow_symlinks or not stat_mod.S_ISLNK(self._lstat.st_mode):
-                return self._lstat
-        if self._stat is None:
-            self._stat = stat(self.path)
-        return self._stat
-
-    def _test(self, want: int, check: Any, follow_symlinks: bool) -> bool:
-        if self._dtype == want:
-            return True
-        if (self._dtype == DT_LNK and follow_symlinks) or self._dtype == 0:
-            try:
-                return bool(check(self.stat(follow_symlinks=follow_symlinks).st_mode))
-            except FileNotFoundError:
-                return False
-        return False
-
-    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
-        return self._test(DT_DIR, stat_mod.S_ISDIR, follow_symlinks)
-
-    def is_file(self, *, follow_symlinks: bool = True) -> bool:
-        return self._test(DT_REG, stat_mod.S_ISREG, follow_symlinks)
-
-    def is_symlink(self) -> bool:
-        return self._dtype == DT_LNK
-
-    def is_junction(self) -> bool:
-        return False
-
-    def inode(self) -> int:
-        return self.stat(follow_symlinks=False).st_ino
-
-
-class _ScandirIterator:
-    def __init__(self, path: Any) -> None:
-        raw = os.fspath(path) if path is not None else "."
-        base = abspath(raw)
-        self._bytes = isinstance(raw, bytes)
-        self._raw: Any = raw
-        self._it = _dirents(base)
-
-    def __iter__(self) -> _ScandirIterator:
-        return self
-
-    def __next__(self) -> DirEntry:
-        name, dtype = next(self._it)
-        if self._bytes:
-            bname = os.fsencode(name)
-            return DirEntry(bname, os.path.join(self._raw, bname), dtype)
-        return DirEntry(name, os.path.join(self._raw, name), dtype)
-
-    def __enter__(self) -> _ScandirIterator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._it = iter(())
-
-
-def scandir(path: Path | None = None) -> _ScandirIterator:
-    return _ScandirIterator(path)
+    return fsmeta.listdir(path)
 
 
 def mkdir(path: Path, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
     p = abspath(path)
+    mode &= ~umask
     if sh := _shielded(p):
         return sh.mkdir(p, mode)
     _call(Op.MKDIR, (mode,), _enc(p), filename=os.fspath(path))
@@ -429,6 +365,9 @@ def replace(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: 
 
 def fsync(fd: Any) -> None:
     fd = fd if isinstance(fd, int) else fd.fileno()
+    if pipes.is_local(fd):
+        pipes.fstat(fd)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if sh := _vfd(fd):
         return sh.fsync(fd)
     _fds.kind(fd)
@@ -436,6 +375,9 @@ def fsync(fd: Any) -> None:
 
 
 def ftruncate(fd: int, length: int) -> None:
+    if pipes.is_local(fd):
+        pipes.fstat(fd)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if sh := _vfd(fd):
         return sh.ftruncate(fd, length)
     _fds.kind(fd)
@@ -515,7 +457,7 @@ def symlink(src: Path, dst: Path, target_is_directory: bool = False, *, dir_fd: 
 
 
 def isatty(fd: int) -> bool:
-    if _vfd(fd):
+    if _vfd(fd) or pipes.is_local(fd):
         return False
     try:
         _fds.kind(fd)
@@ -569,7 +511,9 @@ class EnclaveFileIO(io.RawIOBase):
         if isinstance(file, int):
             if file < 0:
                 raise ValueError("negative file descriptor")
-            if not _vfd(file):
+            if pipes.is_local(file):
+                pipes.fstat(file)
+            elif not _vfd(file):
                 _fds.kind(file)
             self._fd = file
         else:
@@ -841,19 +785,22 @@ def install(cwd: str, slot_data: int) -> None:
     import builtins
     import shutil
 
+    from pyscone.enclave.stdlib import fsmeta
+
     global _cwd, _slot_data
     _cwd = os.path.normpath(cwd)
     _slot_data = slot_data
     interpose(
         os, open=os_open, close=close, read=read, write=write, pread=pread, pwrite=pwrite, lseek=lseek,
-        fstat=fstat, stat=stat, lstat=lstat, listdir=listdir, scandir=scandir, mkdir=mkdir, rmdir=rmdir,
+        fstat=fstat, stat=stat, lstat=lstat, mkdir=mkdir, rmdir=rmdir,
         unlink=unlink, remove=unlink, rename=rename, replace=replace, fsync=fsync, fdatasync=fsync,
         ftruncate=ftruncate, truncate=truncate, access=access, chmod=chmod, utime=utime, readlink=readlink,
-        symlink=symlink, isatty=isatty, getcwd=getcwd, getcwdb=getcwdb, chdir=chdir, DirEntry=DirEntry,
+        symlink=symlink, isatty=isatty, getcwd=getcwd, getcwdb=getcwdb, chdir=chdir,
         # No dir_fd support: stdlib code (shutil.rmtree, os.fwalk) then takes its path-based route.
         supports_dir_fd=set(), supports_fd={stat, truncate}, supports_effective_ids=set(),
         supports_follow_symlinks={stat, access, chmod, utime},
     )  # fmt: skip
+    fsmeta.install()
     for name in ("BufferedReader", "BufferedWriter", "BufferedRandom", "BufferedRWPair"):
         interpose(io, **{name: _lthread_safe(getattr(io, name))})
     interpose(io, open=open, open_code=open_code, FileIO=EnclaveFileIO)

@@ -30,7 +30,7 @@ _REFUSED_OS = (
     "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
     "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn",
     "posix_spawnp", "system", "popen", "kill", "killpg", "wait", "waitpid", "wait3", "wait4", "waitid",
-    "pipe", "pipe2", "dup", "dup2", "sendfile", "setsid", "setpgid", "ptrace", "chroot", "mkfifo", "mknod",
+    "sendfile", "setsid", "setpgid", "ptrace", "chroot", "mkfifo", "mknod",
 )  # fmt: skip
 
 
@@ -103,10 +103,51 @@ def set_wakeup_fd(fd: int, *, warn_on_full_buffer: bool = True) -> int:
     global _wakeup_fd
     if fd != -1:
         from pyscone.enclave import iago
+        from pyscone.enclave.stdlib import pipes
 
-        iago.fds.kind(fd)  # EBADF unless the enclave opened it
+        if pipes.is_local(fd):
+            pipes.fstat(fd)  # a pipe's write end (the self-pipe trick)
+        else:
+            iago.fds.kind(fd)  # EBADF unless the enclave opened it
     old, _wakeup_fd = _wakeup_fd, fd
     return old
+
+
+# Signals whose default action is to do nothing (signal(7)); the others' stop or end the process.
+_IGNORED_BY_DEFAULT = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT})
+_STOPPING = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
+def raise_signal(signum: int) -> None:
+    """``signal.raise_signal``: the signal, delivered in the enclave (the barrier refuses ``tgkill``).
+
+    A Python handler runs at once when the main lthread raises the signal (CPython runs it
+    in the main thread before the next bytecode), else at the main lthread's next wait.  A
+    default action that ends the process ends the enclave (exit status 128 + signum, as a
+    shell reports a death by signal; no atexit, no flush, as for a real signal).
+    """
+    signum = int(signum)
+    if not 0 < signum < signal.NSIG:
+        raise ValueError("signal number out of range")
+    handler = getsignal(signum)
+    if callable(handler):
+        sched = scheduler.get()
+        main = sched.main
+        if main is None or sched.current is not main:
+            _dispatch(signum, None)
+            return
+        if _wakeup_fd >= 0:
+            try:
+                os.write(_wakeup_fd, bytes([signum]))
+            except OSError:
+                pass
+        handler(signum, None)  # default_int_handler raises KeyboardInterrupt here, as natively
+        return
+    if handler == signal.SIG_IGN or signum in _IGNORED_BY_DEFAULT:
+        return
+    if signum in _STOPPING:
+        raise OSError(errno.ENOSYS, "stopping the process is not supported inside a pyscone enclave")
+    os._exit(128 + signum)
 
 
 _real_signal = signal.signal
@@ -126,4 +167,4 @@ def install(cpu_count: int) -> None:
     interpose(time, sleep=sleep)
     _app_handlers[signal.SIGINT] = signal.default_int_handler
     _real_signal(signal.SIGINT, _dispatch)
-    interpose(signal, signal=_signal, getsignal=getsignal, set_wakeup_fd=set_wakeup_fd)
+    interpose(signal, signal=_signal, getsignal=getsignal, set_wakeup_fd=set_wakeup_fd, raise_signal=raise_signal)

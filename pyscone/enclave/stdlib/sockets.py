@@ -25,7 +25,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import interpose
+from pyscone.enclave.stdlib import interpose, pipes
 
 LISTEN_BACKLOG_FLOOR = 128
 
@@ -33,6 +33,12 @@ _fds = iago.fds
 _slot_data = 65536
 _StdSocket = socket.socket
 _SOCK_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+
+
+def _note_timeout(fd: int, timeout: float | None) -> None:
+    """The fd's O_NONBLOCK, as CPython sets it: on for a socket with any timeout."""
+    if fd >= 0:
+        (_fds.nonblocking.discard if timeout is None else _fds.nonblocking.add)(fd)
 
 
 def _raise(err: int) -> None:
@@ -78,6 +84,7 @@ class EnclaveSocket(_StdSocket):
         self._proto = proto
         self._timeout: float | None = timeout
         self._sockname: Any = None
+        _note_timeout(fd, timeout)
 
     @staticmethod
     def _opt(fd: int, opt: int) -> int:
@@ -128,12 +135,14 @@ class EnclaveSocket(_StdSocket):
             if value < 0:
                 raise ValueError("Timeout value out of range")
         self._timeout = value
+        _note_timeout(self._fd, value)
 
     def gettimeout(self) -> float | None:
         return self._timeout
 
     def setblocking(self, flag: bool) -> None:
         self._timeout = None if flag else 0.0
+        _note_timeout(self._fd, self._timeout)
 
     def getblocking(self) -> bool:
         return self._timeout != 0.0
@@ -141,6 +150,8 @@ class EnclaveSocket(_StdSocket):
     def _io(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
         """One socket operation honouring this socket's blocking mode."""
         t = self._timeout
+        if t is None and self._fd in _fds.nonblocking:
+            t = 0.0  # os.set_blocking(fd, False) under a blocking socket: it answers EAGAIN, as in Linux
         result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
         if result < 0:
             _raise(err)
@@ -401,6 +412,15 @@ def _fileno(obj: Any) -> int:
 
 def _poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     """Wait until one of ``fds`` is ready or ``timeout`` seconds pass (None: forever)."""
+    local = [(fd, ev) for fd, ev in fds if pipes.is_local(fd)]
+    if not local:
+        return _host_poll(fds, timeout)
+    for fd, _ in local:
+        pipes.fstat(fd)  # EBADF for a closed one
+    return pipes.wait(local, [(fd, ev) for fd, ev in fds if not pipes.is_local(fd)], timeout, _host_poll)
+
+
+def _host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     for fd, _ in fds:
         _fds.kind(fd)  # EBADF for a descriptor the enclave never opened
     if not fds:

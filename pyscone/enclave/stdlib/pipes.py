@@ -1,0 +1,359 @@
+"""Pipes in enclave memory: ``os.pipe``, ``os.pipe2``, ``os.dup``/``dup2`` of their ends.
+
+Theory of operation
+-------------------
+A pipe is a buffer in the enclave with a count of open read and write fds; its
+data never leaves enclave memory and a read or a write is no host call.  Its fds
+are *local*: numbers from ``LOCAL_BASE`` up, which neither the host
+(``< MAX_FD``, Iago refuses more) nor the FS shield's virtual fds
+(``MAX_FD`` upwards, one per open) reach.  A ``dup`` of an end is another number
+for the same end (the end is refcounted); the pipe sees EOF when the last write
+fd closes and ``EPIPE`` when the last read fd does.
+
+A blocking read of an empty pipe (or a write to a full one) parks the lthread
+until the other side acts; ``O_NONBLOCK`` (``pipe2``, ``os.set_blocking``)
+answers ``EAGAIN`` instead.
+
+``select``/``poll``/``epoll`` over local fds alone wait in the enclave, with no
+host call.  A wait over local and host fds together is one host ``POLL`` that
+also watches a *bell*, a host socket pair the enclave opens on first need: a pipe
+that changes while such a wait is parked rings it (one host call, only then),
+so waitress's trigger pipe and the self-pipe trick wake a select on sockets.
+
+``dup`` of a host socket, a host file or a shield fd is refused (``ENOSYS``):
+every host call site would have to translate aliases, which is not done yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyscone import abi
+from pyscone.abi import Op, StatResult
+from pyscone.enclave import iago, scheduler
+
+LOCAL_BASE = 1 << 30  # fds the enclave alone gives out (still a C int)
+CAPACITY = 65536  # Linux's default pipe size
+PIPE_BUF = 4096  # writes up to this size are atomic, and POLLOUT means this much room
+
+_fds = iago.fds
+
+
+class _Pipe:
+    __slots__ = ("buf", "ino", "readers", "watchers", "writers")
+
+    def __init__(self, ino: int) -> None:
+        self.buf = bytearray()
+        self.readers = 0
+        self.writers = 0
+        self.ino = ino
+        self.watchers: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        """Wake whoever waits on this pipe (each watcher is called once, then forgotten)."""
+        watchers, self.watchers = self.watchers, []
+        for w in watchers:
+            w()
+
+
+class _End:
+    """One end of a pipe, shared by an fd and its dups."""
+
+    __slots__ = ("pipe", "reading", "refs")
+
+    def __init__(self, pipe: _Pipe, reading: bool) -> None:
+        self.pipe = pipe
+        self.reading = reading
+        self.refs = 0
+
+
+_ends: dict[int, _End] = {}
+_next_fd = LOCAL_BASE
+_next_ino = 1
+
+
+def is_local(fd: int) -> bool:
+    return fd >= LOCAL_BASE
+
+
+def _end(fd: int) -> _End:
+    try:
+        return _ends[fd]
+    except KeyError:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+
+def _attach(end: _End) -> int:
+    global _next_fd
+    fd = _next_fd
+    _next_fd += 1
+    _ends[fd] = end
+    end.refs += 1
+    if end.refs == 1:
+        if end.reading:
+            end.pipe.readers += 1
+        else:
+            end.pipe.writers += 1
+    return fd
+
+
+def _invalid() -> OSError:
+    return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+
+# -- os functions --------------------------------------------------------------------------------
+
+
+def pipe2(flags: int) -> tuple[int, int]:
+    global _next_ino
+    if flags & ~(os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)):
+        raise _invalid()
+    p = _Pipe(_next_ino)
+    _next_ino += 1
+    r, w = _attach(_End(p, True)), _attach(_End(p, False))
+    if flags & os.O_NONBLOCK:
+        _fds.nonblocking.update((r, w))
+    return r, w
+
+
+def pipe() -> tuple[int, int]:
+    return pipe2(0)
+
+
+def dup(fd: int) -> int:
+    if not is_local(fd):
+        _refuse_alias(fd)
+    return _attach(_end(fd))  # not inheritable, as in Python; the status flags are the end's
+    # (Linux shares O_NONBLOCK between dups; here each number has its own: a simplification.)
+
+
+def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
+    if not is_local(fd):
+        _refuse_alias(fd)
+    end = _end(fd)
+    if fd2 == fd:
+        return fd2
+    if not is_local(fd2):
+        raise OSError(errno.ENOSYS, "os.dup2 onto a host fd is not supported inside a pyscone enclave")
+    if fd2 in _ends:
+        close(fd2)
+    if fd2 >= _next_fd:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))  # a number the enclave never gave out
+    _ends[fd2] = end
+    end.refs += 1
+    if inheritable:
+        _fds.inheritable.add(fd2)
+    return fd2
+
+
+def _refuse_alias(fd: int) -> None:
+    from pyscone.enclave.stdlib import files
+
+    if files._vfd(fd) is None:
+        _fds.kind(fd)  # EBADF for a number the enclave never opened
+    raise OSError(errno.ENOSYS, "os.dup of a socket or a file is not supported inside a pyscone enclave")
+
+
+def close(fd: int) -> None:
+    end = _ends.pop(fd, None)
+    if end is None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    _fds.forget(fd)
+    end.refs -= 1
+    if end.refs == 0:
+        if end.reading:
+            end.pipe.readers -= 1
+            if not end.pipe.readers:
+                end.pipe.buf.clear()  # nobody can read it any more
+        else:
+            end.pipe.writers -= 1
+        end.pipe.changed()
+
+
+def _park_on(p: _Pipe) -> None:
+    sched = scheduler.get()
+    lt = sched.current
+    if lt is None:  # the hub (a signal's wakeup write): it may not wait
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    def wake() -> None:
+        sched.wake(lt)
+
+    p.watchers.append(wake)
+    try:
+        sched.park()
+    finally:  # interrupted (^C): a stale watcher must not wake this lthread somewhere else later
+        if wake in p.watchers:
+            p.watchers.remove(wake)
+
+
+def read(fd: int, n: int) -> bytes:
+    end = _end(fd)
+    if not end.reading:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    p = end.pipe
+    while not p.buf:
+        if not p.writers or n == 0:
+            return b""
+        if fd in _fds.nonblocking:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        _park_on(p)
+    data = bytes(p.buf[:n])
+    del p.buf[:n]
+    p.changed()
+    return data
+
+
+def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    end = _end(fd)
+    if end.reading:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    p = end.pipe
+    view = memoryview(data).cast("B")
+    done = 0
+    while True:
+        if not p.readers:
+            if done:
+                return done
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        room = CAPACITY - len(p.buf)
+        # A write of at most PIPE_BUF bytes is atomic: all of it or (non-blocking) EAGAIN.
+        if room and (room >= len(view) - done or len(view) - done > PIPE_BUF):
+            take = min(room, len(view) - done)
+            p.buf += view[done : done + take]
+            done += take
+            p.changed()
+            if done == len(view):
+                return done
+        if fd in _fds.nonblocking:
+            if done:
+                return done
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        _park_on(p)
+
+
+def fstat(fd: int) -> StatResult:
+    end = _end(fd)
+    now = time.time_ns()
+    return StatResult(
+        mode=stat_mod.S_IFIFO | 0o600, ino=end.pipe.ino, dev=0, nlink=1, uid=os.getuid(), gid=os.getgid(),
+        size=0, atime_ns=now, mtime_ns=now, ctime_ns=now, blksize=PIPE_BUF, blocks=0, rdev=0,
+    )  # fmt: skip
+
+
+def status_flags(fd: int) -> int:
+    return os.O_RDONLY if _end(fd).reading else os.O_WRONLY
+
+
+# -- waiting ---------------------------------------------------------------------------------------
+
+
+def _revents(fd: int, events: int) -> int:
+    end = _ends.get(fd)
+    if end is None:
+        return abi.POLLNVAL
+    p = end.pipe
+    if end.reading:
+        got = (abi.POLLIN if p.buf else 0) | (abi.POLLHUP if not p.writers else 0)
+    else:
+        got = abi.POLLERR if not p.readers else abi.POLLOUT if CAPACITY - len(p.buf) >= PIPE_BUF else 0
+    return got & (events | abi.POLLHUP | abi.POLLERR)
+
+
+_bell: tuple[Any, Any] | None = None  # (read socket, write socket) on the host
+_bell_rung = False
+
+
+def _ring() -> None:
+    """Wake the waits parked in a host ``POLL`` on the bell: one byte, posted, not awaited (the
+    writer need not wait for the host, and a lost or refused byte only delays a waiter that
+    re-checks its pipes on any wake-up)."""
+    global _bell_rung
+    if _bell is None or _bell_rung:
+        return
+    _bell_rung = True
+    sched = scheduler.get()
+    pending = sched.start(Op.SEND, (_bell[1].fileno(), 0), b"\0")
+    if pending is not None:
+        sched.drop(pending)
+        return
+    try:  # no slot free, or the hub (a signal's wakeup write): a plain non-blocking send
+        _bell[1].send(b"\0")
+    except OSError:  # full: it is rung already
+        pass
+
+
+def wait(
+    local: list[tuple[int, int]],
+    host: list[tuple[int, int]],
+    timeout: float | None,
+    host_poll: Callable[[list[tuple[int, int]], float | None], list[tuple[int, int]]],
+) -> list[tuple[int, int]]:
+    """``poll`` over local fds (answered here) and host fds (one host ``POLL``)."""
+    global _bell, _bell_rung
+    sched = scheduler.get()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pipes = {_ends[fd].pipe for fd, _ in local if fd in _ends}
+    while True:
+        ready = [(fd, r) for fd, ev in local if (r := _revents(fd, ev))]
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if ready or remaining == 0.0 or sched.current is None:
+            return ready + (host_poll(host, 0.0) if host else [])
+        if not host:
+            lt = sched.current
+            woken = [False]
+
+            def wake(lt: Any = lt, woken: list[bool] = woken) -> None:
+                if not woken[0]:
+                    woken[0] = True
+                    sched.wake(lt)
+
+            for p in pipes:
+                p.watchers.append(wake)
+            timer = sched.call_later(remaining, wake) if remaining is not None else None
+            try:
+                sched.park()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                for p in pipes:
+                    if wake in p.watchers:
+                        p.watchers.remove(wake)
+            continue
+        if _bell is None:
+            from pyscone.enclave.stdlib import sockets
+
+            a, b = sockets.socketpair()
+            a.setblocking(False)
+            b.setblocking(False)
+            _bell = (a, b)
+        for p in pipes:
+            p.watchers.append(_ring)
+        try:
+            got = host_poll([*host, (_bell[0].fileno(), abi.POLLIN)], remaining)
+        finally:
+            for p in pipes:
+                if _ring in p.watchers:
+                    p.watchers.remove(_ring)
+        bell_fd = _bell[0].fileno()
+        if any(fd == bell_fd for fd, _ in got):
+            try:
+                _bell[0].recv(4096)
+            except OSError:
+                pass
+            _bell_rung = False
+        got = [(fd, r) for fd, r in got if fd != bell_fd]
+        ready = [(fd, r) for fd, ev in local if (r := _revents(fd, ev))]
+        if got or ready or (deadline is not None and time.monotonic() >= deadline):
+            return ready + got
+
+
+def install() -> None:
+    from pyscone.enclave.stdlib import interpose
+
+    interpose(os, pipe=pipe, pipe2=pipe2, dup=dup, dup2=dup2)
