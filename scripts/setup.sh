@@ -17,8 +17,8 @@ done
 
 # System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc (a test builds
 # a C extension), PostgreSQL (the CAS's store is tested against a real server), venv support and
-# headers for the interpreter in use.
-packages=(libseccomp2 curl wrk gcc libc6-dev postgresql)
+# headers for the interpreter in use; redis-server for the compatibility matrix's redis case.
+packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || packages+=(python3-dev)
@@ -39,7 +39,7 @@ stamp=.venv/.pyscone-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   log "installing pyscone and its development tools into .venv"
   pip_log=$(mktemp)
-  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev]'; } >"$pip_log" 2>&1; then
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev,compat]'; } >"$pip_log" 2>&1; then
     cat "$pip_log" >&2; rm -f "$pip_log"; echo "error: pip install failed" >&2; exit 1
   fi
   rm -f "$pip_log"
