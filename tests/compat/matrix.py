@@ -137,6 +137,8 @@ CASES: tuple[Case, ...] = (
         ("pyyaml_docs.py",), "roundtrip True 2"),
     Case("pyyaml-libyaml", "PyYAML's libyaml CSafeLoader (no silent fallback)", ("pyyaml_cloader.py",),
         ("pyyaml_cloader.py",), "libyaml True {'a': [1, 2]}"),
+    Case("c-speedups", "optional C speed-ups: markupsafe, multidict, aiohttp's HTTP parser", ("speedups.py",),
+        ("speedups.py",), "markupsafe True multidict True aiohttp-parser True"),
     Case("cryptography", "cryptography AES-GCM, Ed25519, an X.509 certificate", ("cryptography_ops.py",),
         ("cryptography_ops.py",), "attack at dawn ed25519 ok CN=compat.example"),
     Case("orjson", "orjson dumps/loads", ("orjson_roundtrip.py",),

@@ -46,7 +46,10 @@ WHY: tuple[tuple[str, str], ...] = (
         "a C extension outside the standard library must be named with `--preload`, and the hint "
         "does not always name what works (issue 10, item 2)",
     ),
-    (r"CSafeLoader|CLoader|__with_libyaml__", "an optional C speed-up is silently missing (issue 10, item 2)"),
+    (
+        r"CSafeLoader|CLoader|__with_libyaml__|markupsafe True",
+        "an optional C speed-up is silently missing (issue 10, item 2)",
+    ),
     (
         r"PackageNotFoundError|No package metadata|importlib\.metadata|Unknown command",
         "`importlib.metadata`/`pkgutil` find nothing in the enclave (issue 10, item 6)",
