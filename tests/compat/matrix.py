@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class Case:
     server: bool = False
     path: str = "/"  # for a server: what the client asks for
     https: bool = False  # the server itself speaks HTTPS (certificate from the private CA)
-    fixture: str | None = None  # "http", "https" or "redis": what a client app connects to
+    fixture: str | None = None  # "http", "https", "redis" or "postgres": what a client app connects to
     timeout: float = 60.0
 
 
@@ -173,6 +174,9 @@ CASES: tuple[Case, ...] = (
         ("sqlite_stdlib.py",), "sqlite 3"),
     Case("django-migrate", "Django manage.py migrate on SQLite", DJANGO,
         ("django_site/manage.py", "migrate", "--noinput"), "Applying auth.0001_initial... OK", timeout=90),
+    Case("django-migrate-postgres", "Django manage.py migrate on PostgreSQL (psycopg, libpq)", DJANGO,
+        ("django_site/manage.py", "migrate", "--noinput", "--settings", "mysite.settings_pg"),
+        "Applying auth.0001_initial... OK", fixture="postgres", timeout=90),
     Case("subprocess", "subprocess.run (processes: a later issue)", ("subprocess_run.py",),
         ("subprocess_run.py",), "subprocess child"),
 )
@@ -217,7 +221,9 @@ def sanitize(text: str, workdir: Path | None = None) -> str:
 
 NOISE = re.compile(r"^(warning: |pyscone: warning|\s*$|[\^~ ]+$|Type '.*' for usage\.)", re.I)
 # An exception's last line, or a program's "error: ..." (pyscone's own, argparse's, Django's "Unknown command").
-ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)\b|[\w.-]*:? ?error: |Unknown command: )")
+ERROR_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(Error|Exception|Exit)\b|([a-z_]\w*\.)+[A-Z]\w*: |[\w.-]*:? ?error: |Unknown command: )"
+)
 
 
 def last_line(stderr: str, workdir: Path) -> str:
@@ -516,6 +522,14 @@ def run_case(case: Case, mode: str, env: Env) -> Outcome:
                     values["url"] = stack.enter_context(http_fixture(env.pki if case.fixture == "https" else None))
                 elif case.fixture == "redis":
                     values["port"] = str(stack.enter_context(redis_fixture(workdir)))
+                elif case.fixture == "postgres":
+                    # A fresh cluster (Unix socket only); the app's settings read database.json next to its code.
+                    from pyscone.cas import localpg
+
+                    url = urllib.parse.urlsplit(stack.enter_context(localpg.cluster("compat")))
+                    query = dict(urllib.parse.parse_qsl(url.query))
+                    db = {"NAME": "compat", "USER": "postgres", "HOST": query["host"], "PORT": query["port"]}
+                    (workdir / case.files[0] / "database.json").write_text(json.dumps(db))
                 try:
                     proc = subprocess.run(
                         command(case, mode, values),

@@ -67,6 +67,11 @@ WHY: tuple[tuple[str, str], ...] = (
         "cheroot sets `FD_CLOEXEC` with `fcntl` on the listening socket, gets a bare EPERM and reports it as "
         "this (issue 10, item 3)",
     ),
+    (
+        r"(?i)psycopg|libpq|connection to server",
+        "psycopg does not load: its binary build is a C extension that needs `--preload` (issue 10, item 2), and "
+        "libpq underneath is a C library doing its own socket I/O (the next issue)",
+    ),
     (r"(?i)sqlite|unable to open database", "SQLite is a C library doing its own file I/O: the next issue"),
     (r"subprocess\.\w+ is not supported|\bfork\b|\bexecv", "processes (fork/exec/subprocess): a later issue"),
     (r"Operation not permitted", "a system call that is not interposed hit the barrier: a bare EPERM"),
