@@ -17,8 +17,8 @@ done
 
 # System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc (a test builds
 # a C extension), PostgreSQL (the CAS's store is tested against a real server), venv support and
-# headers for the interpreter in use.
-packages=(libseccomp2 curl wrk gcc libc6-dev postgresql)
+# headers for the interpreter in use; redis-server for the compatibility matrix's redis case.
+packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || packages+=(python3-dev)
