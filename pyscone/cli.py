@@ -54,7 +54,7 @@ def add_identity_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE before lockdown (for C extensions outside the standard library)",
+        help="import MODULE before lockdown (rarely needed: every C extension on the app's sys.path is mapped anyway)",
     )
     p.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
     p.add_argument(
@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for sp in (m, tc, sg):
         add_identity_options(sp)
-        sp.add_argument("program", nargs="?", help="the app (only its directory matters: --preload looks there)")
+        sp.add_argument(
+            "program",
+            nargs="?",
+            help="the app (only its directory matters: its extensions and --preload modules are measured)",
+        )
     sg.add_argument("--key", required=True, help="the signer's private key (pyscone keygen)")
     sg.add_argument("--product-id", type=int, default=0, help="product id, 0-65535 (default 0)")
     sg.add_argument("--svn", type=int, default=0, help="security version, 0-65535 (default 0)")

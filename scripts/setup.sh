@@ -39,7 +39,7 @@ stamp=.venv/.pyscone-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   log "installing pyscone and its development tools into .venv"
   pip_log=$(mktemp)
-  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev]'; } >"$pip_log" 2>&1; then
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev,compat]'; } >"$pip_log" 2>&1; then
     cat "$pip_log" >&2; rm -f "$pip_log"; echo "error: pip install failed" >&2; exit 1
   fi
   rm -f "$pip_log"

@@ -99,8 +99,12 @@ def main() -> None:
     scheduler.install(sched)
 
     # 2. Load from files while we still can.
-    # An extension that cannot load (e.g. _tkinter without Tk) simply stays unavailable.
+    # Every C extension is mapped now (dlopen, no initialization): after lockdown no file can
+    # be mapped.  The stdlib's, then those the app can import (its directory, site-packages).
+    # One that cannot be mapped (e.g. _tkinter without Tk) fails when imported, with the reason.
     importer.preload_extensions(importer.extension_dirs())
+    for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
+        print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
     from pyscone.enclave.stdlib import console, files, process, sockets, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
@@ -128,11 +132,6 @@ def main() -> None:
         cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
     else:
         sys.path.insert(0, _app_dir(cfg))
-    for name in cfg["preload"]:
-        try:
-            __import__(name)
-        except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
-            _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     slot_data = region.geometry.slot_data
     cfg["slot_data"] = slot_data
     files.install(cfg["cwd"], slot_data)
@@ -140,6 +139,13 @@ def main() -> None:
     process.install(cfg["cpu_count"])
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
+    # After interposition: a preloaded module binds the enclave's socket, select and file
+    # functions, as it would when the app imports it (asyncio imported earlier would not).
+    for name in cfg["preload"]:
+        try:
+            __import__(name)
+        except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
+            _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     importer.install()
     if cfg.get("measure"):
         _measure(cfg, region.geometry)
