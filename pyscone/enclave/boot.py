@@ -131,7 +131,7 @@ def main() -> None:
         cfg["host_cwd"] = cfg["cwd"]
         cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
     else:
-        sys.path.insert(0, _app_dir(cfg))
+        sys.path.insert(0, "" if cfg.get("command") is not None else _app_dir(cfg))  # python -c: ''
     slot_data = region.geometry.slot_data
     cfg["slot_data"] = slot_data
     files.install(cfg["cwd"], slot_data)
@@ -233,8 +233,8 @@ def _enter(cfg: dict[str, Any]) -> str | None:
 
 
 def _app_dir(cfg: dict[str, Any]) -> str:
-    """sys.path[0] as python sets it: the script's directory, or the cwd for -m."""
-    if cfg["module"]:
+    """sys.path[0] as python sets it: the script's directory, or the cwd for -m and -c."""
+    if cfg["module"] or cfg.get("command") is not None:
         return str(cfg["cwd"])
     return os.path.normpath(os.path.dirname(os.path.join(str(cfg["cwd"]), str(cfg["argv"][0]))))
 
@@ -336,6 +336,10 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
             import runpy
 
             runpy._run_module_as_main(argv[0], alter_argv=False)  # type: ignore[attr-defined]
+        elif cfg.get("command") is not None:  # python -c: no __file__, the code is "<string>"
+            command = str(cfg["command"])
+            importer.record("-c", command.encode("utf-8", "surrogateescape"), "source")
+            exec(compile(command, "<string>", "exec", dont_inherit=True), main_mod.__dict__)
         else:
             path = files.abspath(argv[0])
             try:
