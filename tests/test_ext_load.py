@@ -204,7 +204,11 @@ def test_the_walk_finds_importable_extensions_only_and_stops_at_its_budget(
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"")
     found, stopped = importer.find_extensions([str(tmp_path)])
-    assert sorted(m for _, m in found) == ["a.b._c", "top"] and stopped is None
+    assert sorted(m for _, m in found) == ["a.b._c", "top"] and stopped == []
+    small = tmp_path / "small"
+    (small / "p").mkdir(parents=True)
+    (small / "p" / f"_x{SUFFIX}").write_bytes(b"")
     monkeypatch.setattr(importer, "WALK_BUDGET", 3)
-    found, stopped = importer.find_extensions([str(tmp_path)])
-    assert stopped == str(tmp_path) and len(found) < 2
+    found, stopped = importer.find_extensions([str(tmp_path), str(small)])
+    # The big root is cut short (and named); the next root has its own budget.
+    assert stopped == [str(tmp_path)] and [m for _, m in found] == ["p._x"]

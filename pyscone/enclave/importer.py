@@ -76,19 +76,22 @@ def preload_extensions(dirs: Sequence[str]) -> list[str]:
 WALK_BUDGET = 200_000
 
 
-def find_extensions(roots: Sequence[str]) -> tuple[list[tuple[str, str]], str | None]:
+def find_extensions(roots: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """Every C extension that ``import`` could find below ``roots``: ``(path, module name)``.
 
     Only directories whose names are identifiers can be packages, so the walk skips the rest
     (``.venv``, ``*.dist-info``, ``*.libs``, ``__pycache__``).  It uses raw ``posix`` calls:
     it runs before interposition, and must see the disk, not the host.  The second value
-    names the root where the walk stopped after :data:`WALK_BUDGET` entries (a cwd of ``/``).
+    names the roots where the walk stopped after :data:`WALK_BUDGET` entries (a cwd of
+    ``/``, say); each root has its own budget, so a huge working directory does not keep
+    site-packages from being walked.
     """
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)  # longest first, as the stdlib tries them
     found: list[tuple[str, str]] = []
-    budget = WALK_BUDGET
+    stopped: list[str] = []
     for root in roots:
         stack = [(root, "", 0)]
+        budget = WALK_BUDGET
         while stack:
             d, prefix, depth = stack.pop()
             try:
@@ -97,7 +100,8 @@ def find_extensions(roots: Sequence[str]) -> tuple[list[tuple[str, str]], str | 
                 continue
             budget -= len(entries)
             if budget < 0:
-                return found, root
+                stopped.append(root)
+                break
             for e in entries:
                 name = e.name
                 if name.endswith(suffixes):
@@ -106,7 +110,7 @@ def find_extensions(roots: Sequence[str]) -> tuple[list[tuple[str, str]], str | 
                         found.append((e.path, prefix + stem))
                 elif name.isidentifier() and name != "__pycache__" and depth < 16 and e.is_dir():
                     stack.append((e.path, prefix + name + ".", depth + 1))
-    return found, None
+    return found, stopped
 
 
 def app_extension_roots(app_dir: str | None) -> list[str]:
@@ -131,9 +135,10 @@ def map_app_extensions(app_dir: str | None) -> list[str]:
     found, stopped = find_extensions(app_extension_roots(app_dir))
     for path, module in found:
         loader.map_extension(path, module)
-    if stopped is not None:
-        return [f"more than {WALK_BUDGET} files below {stopped}: C extensions found after those cannot be imported"]
-    return []
+    return [
+        f"more than {WALK_BUDGET} files below {root}: C extensions found after those cannot be imported"
+        for root in stopped
+    ]
 
 
 class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
