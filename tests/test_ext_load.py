@@ -212,3 +212,24 @@ def test_the_walk_finds_importable_extensions_only_and_stops_at_its_budget(
     found, stopped = importer.find_extensions([str(tmp_path), str(small)])
     # The big root is cut short (and named); the next root has its own budget.
     assert stopped == [str(tmp_path)] and [m for _, m in found] == ["p._x"]
+
+
+def test_what_runs_is_what_was_mapped_even_if_the_disk_changes_after(tmp_path: Path) -> None:
+    # The extension is mapped (and would be hashed) at boot from one descriptor; a file swapped
+    # in on disk later (through the host, as the host itself could) is not what the import runs.
+    build(tmp_path, "_fast", answer="42")
+    other = build(tmp_path / "other", "_fast", answer="43")
+    app = write_app(
+        tmp_path,
+        f"""
+        import os, shutil
+        shutil.copyfile({str(other)!r}, "_fast.new")
+        os.replace("_fast.new", "_fast{SUFFIX}")
+        import _fast
+        print(_fast.answer())
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
+    build(tmp_path, "_fast", answer="42")
+    assert run_native(app, cwd=tmp_path).stdout == "43\n"  # natively the new file is loaded

@@ -116,10 +116,11 @@ def find_extensions(roots: Sequence[str]) -> tuple[list[tuple[str, str]], list[s
 def app_extension_roots(app_dir: str | None) -> list[str]:
     """Where the app's extensions are: its directory and sys.path, less the standard library."""
     stdlib = {os.path.dirname(os.__file__), *extension_dirs()}
-    roots = [] if app_dir is None else [app_dir]
+    roots = [] if app_dir is None else [os.path.normpath(app_dir)]
     for entry in sys.path:
         usable = isinstance(entry, str) and entry.startswith("/") and not entry.endswith(".zip")
-        if usable and entry not in stdlib and entry not in roots:
+        # Normalized as the enclave importer normalizes a path entry, so its paths match.
+        if usable and (entry := os.path.normpath(entry)) not in stdlib and entry not in roots:
             roots.append(entry)
     return roots
 
