@@ -64,6 +64,7 @@ def test_mistakes_are_one_line(tmp_path: Path) -> None:
         (["-m"], "argument -m: expected one argument"),
         ([], "pyscone run needs a program"),
         (["--nope", "app.py"], "unrecognized arguments: --nope"),
+        (["--cas", "https://127.0.0.1:1", "--session", "s/a", "-c", "1"], "with --cas the CAS supplies"),
     ):
         r = run_enclave(*args, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stderr)

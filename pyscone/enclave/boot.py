@@ -200,6 +200,8 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     argv = list(config["argv"])
     cfg["module"] = argv[0] == "-m"
     cfg["argv"] = argv[1:] if cfg["module"] else argv
+    if argv[0] == "-c" and len(argv) > 1:  # python -c CODE ARGS: sys.argv is ["-c", *ARGS]
+        cfg["command"], cfg["argv"] = argv[1], ["-c", *argv[2:]]
     if not cfg["argv"]:
         return "attestation failed: the CAS gave no program to run"
     cwd = config.get("cwd") or "/"
@@ -207,7 +209,12 @@ def _attest(cfg: dict[str, Any]) -> str | None:
         return "attestation failed: the CAS gave no absolute working directory"
     cfg["cwd"] = os.path.normpath(cwd)
     expected = cfg.get("expect_program")
-    program = "-m " + cfg["argv"][0] if cfg["module"] else os.path.normpath(os.path.join(cfg["cwd"], cfg["argv"][0]))
+    if cfg.get("command") is not None:
+        program = "-c"
+    elif cfg["module"]:
+        program = "-m " + cfg["argv"][0]
+    else:
+        program = os.path.normpath(os.path.join(cfg["cwd"], cfg["argv"][0]))
     if expected and program != os.path.normpath(os.path.join(host_cwd, expected)):
         # Only ever a reason to refuse: what runs is the session's program in the session's cwd.
         return f"the host started {os.path.join(host_cwd, expected)}, but session {cfg['session']} runs {program}"
@@ -228,7 +235,7 @@ def _enter(cfg: dict[str, Any]) -> str | None:
         files.chdir(cfg["cwd"])
     except OSError as e:
         return f"the session's working directory {cfg['cwd']}: {e.strerror}"
-    sys.path.insert(0, _app_dir(cfg))
+    sys.path.insert(0, "" if cfg.get("command") is not None else _app_dir(cfg))  # python -c: ''
     return None
 
 
