@@ -54,7 +54,7 @@ def add_identity_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE before lockdown (for C extensions outside the standard library)",
+        help="import MODULE before lockdown (rarely needed: every C extension on the app's sys.path is mapped anyway)",
     )
     p.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
     p.add_argument(
@@ -99,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a Python program in a (simulated) enclave",
         description="Run an unmodified Python program in a simulated enclave. Arguments after the program go to it.",
     )
-    run.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script, like python -m")
+    run.add_argument(
+        "-m",
+        dest="module",
+        metavar="MODULE",
+        help="run a library module as a script, like python -m (ends the options)",
+    )
+    run.add_argument("-c", dest="code", metavar="CODE", help="run CODE, like python -c (ends the options)")
     add_identity_options(run)
     run.add_argument(
         "--sthreads",
@@ -158,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the enclave's signature (pyscone sign): it measures itself and refuses to run unless it matches",
     )
     run.add_argument("--stats", action="store_true", help="print system-call statistics at exit")
-    run.add_argument("program", nargs="?", help="the script to run")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
+    run.add_argument("program", nargs="?", help="the script to run (ends the options)")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program, as python passes them")
 
     fs = sub.add_parser(
         "fspf",
@@ -198,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for sp in (m, tc, sg):
         add_identity_options(sp)
-        sp.add_argument("program", nargs="?", help="the app (only its directory matters: --preload looks there)")
+        sp.add_argument(
+            "program",
+            nargs="?",
+            help="the app (only its directory matters: its extensions and --preload modules are measured)",
+        )
     sg.add_argument("--key", required=True, help="the signer's private key (pyscone keygen)")
     sg.add_argument("--product-id", type=int, default=0, help="product id, 0-65535 (default 0)")
     sg.add_argument("--svn", type=int, default=0, help="security version, 0-65535 (default 0)")
@@ -401,14 +411,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         return _run_attested(a)
     if a.session:
         raise UsageError("--session needs --cas (the CAS that holds the session)")
-    if a.module:
-        argv = [a.module] + ([a.program] if a.program else []) + a.args
+    if a.code is not None:
+        argv = ["-c", *a.args]
+    elif a.module:
+        argv = [a.module, *a.args]
     elif a.program:
         if not os.path.isfile(a.program):
             raise UsageError(f"can't open file {a.program!r}: no such file")
         argv = [a.program, *a.args]
     else:
-        raise UsageError("pyscone run needs a program (pyscone run app.py) or a module (pyscone run -m module)")
+        raise UsageError(
+            "pyscone run needs a program (pyscone run app.py), a module (-m module) or a command (-c code)"
+        )
     env = {}
     for item in a.env:
         key, sep, value = item.partition("=")
@@ -416,6 +430,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
     enclave, host = launch_configs(a, argv, bool(a.module))
+    enclave.command = a.code
     enclave.env = env
     enclave.stats = a.stats
     enclave.signature = _signature(a)
@@ -432,7 +447,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _run_attested(a: argparse.Namespace) -> int:
     """``pyscone run --cas URL --session NAME/SERVICE``: nothing secret comes from the host."""
-    if a.args or a.module or a.env or a.fspf:
+    if a.args or a.module or a.code is not None or a.env or a.fspf:
         raise UsageError("with --cas the CAS supplies the program's arguments, environment and FSPF")
     name, sep, service = (a.session or "").partition("/")
     if not (name and sep and service):
@@ -460,9 +475,72 @@ def _signature(a: argparse.Namespace) -> str | None:
         raise UsageError(f"--signature {a.signature}: {e.strerror}") from None
 
 
+def split_run(parser: argparse.ArgumentParser, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``pyscone run``'s arguments split as python splits its own: (pyscone's, the app's).
+
+    pyscone's options end at the program, at ``-m MODULE`` or at ``-c CODE`` (also written
+    ``-mMODULE``, ``-cCODE``) or at ``--``; everything after is the app's argv, untouched,
+    so ``pyscone run -m gunicorn -w 1 app:app`` gives ``-w 1`` to gunicorn.  The app's part
+    starts with the program, ``-m MODULE`` or ``-c CODE`` itself.
+    """
+    takes_value = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            takes_value[option] = action.nargs != 0
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok == "--":
+            return list(args[:i]), list(args[i + 1 :])
+        if tok in ("-m", "-c") or (tok[:2] in ("-m", "-c") and len(tok) > 2):
+            return list(args[:i]), list(args[i:])
+        if not tok.startswith("-") or tok == "-":
+            return list(args[:i]), list(args[i:])
+        name = tok.partition("=")[0]
+        # An unambiguous prefix is the option, as argparse reads it; anything else is its error.
+        matches = [o for o in takes_value if o == name] or [o for o in takes_value if o.startswith(name)]
+        value = len(matches) == 1 and takes_value[matches[0]] and "=" not in tok
+        i += 2 if value else 1
+    return list(args), []
+
+
+def _parse_run(parser: argparse.ArgumentParser, run: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``run ...``: pyscone's options by argparse, the rest as python would."""
+    ours, app = split_run(run, argv[1:])
+    a = parser.parse_args([argv[0], *ours])
+    a.module = a.program = a.code = None
+    a.args = []
+    if app:
+        first, rest = app[0], app[1:]
+        if first[:2] in ("-m", "-c"):
+            target = first[2:] or (rest.pop(0) if rest else None)
+            if target is None:
+                run.error(f"argument {first}: expected one argument")
+            if first[:2] == "-m":
+                a.module = target
+            else:
+                a.code = target
+        else:
+            a.program = first
+        a.args = rest
+    return a
+
+
+def _run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            run: argparse.ArgumentParser = action.choices["run"]
+            return run
+    raise AssertionError("pyscone has a run command")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["run"] and not {"-h", "--help"} & set(split_run(_run_parser(parser), args[1:])[0]):
+        a = _parse_run(parser, _run_parser(parser), args)
+    else:
+        a = parser.parse_args(args)
     try:
         if a.command == "run":
             return cmd_run(a)

@@ -52,6 +52,9 @@ def test_tcb_lists_what_is_measured(tmp_path: Path) -> None:
         assert expected in names
     assert "module:pyscone.enclave.loader" in names and "module:encodings" in names
     assert "extension:cryptography.hazmat.bindings._rust" in names  # cryptography's backend
+    # Every extension the app could import is mapped and measured, imported or not (psycopg's
+    # binary build is a dependency of pyscone's CAS; no enclave code imports it).
+    assert any(n.startswith("extension:psycopg_binary.") for n in names)
     assert any(n.startswith("mapped:libc.so") for n in names)  # the libraries the process maps
     assert any(line.endswith("files,") or " files, " in line for line in lines) and "Not measured" in lines[-1]
 

@@ -7,7 +7,8 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-from conftest import run_enclave, write_app
+import pytest
+from conftest import run_enclave, run_native, write_app
 
 
 def test_app_modules_and_stdlib_are_imported_and_measured(tmp_path: Path) -> None:
@@ -57,7 +58,7 @@ def _build_extension(where: Path) -> None:
     )
 
 
-def test_extension_not_preloaded_is_a_clear_import_error(tmp_path: Path) -> None:
+def test_extension_in_the_app_directory_loads_with_or_without_preload(tmp_path: Path) -> None:
     _build_extension(tmp_path)
     app = write_app(
         tmp_path,
@@ -69,10 +70,10 @@ def test_extension_not_preloaded_is_a_clear_import_error(tmp_path: Path) -> None
             print("ImportError:", e)
         """,
     )
+    # Mapped before lockdown because it is on the app's sys.path (tests/test_ext_load.py).
     r = run_enclave(app, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("ImportError:") and "run with --preload tinyext" in r.stdout
-    # --preload imports it before lockdown, from the app directory as python would.
+    assert (r.returncode, r.stdout) == (0, "loaded 42\n"), r.stderr
+    # --preload still imports it before lockdown, from the app directory as python would.
     ok = run_enclave("--preload", "tinyext", app, cwd=tmp_path)
     assert ok.stdout == "loaded 42\n", ok.stderr
 
@@ -84,3 +85,69 @@ def test_bad_preload_is_a_one_line_boot_error(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [
         "pyscone: enclave boot failed: --preload no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"
     ]
+
+
+def test_importlib_metadata_finds_distributions_and_entry_points(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import importlib.metadata as md
+        print(md.version("cryptography"), md.distribution("greenlet").metadata["Name"])
+        print(sorted(e.name for e in md.entry_points(group="console_scripts") if e.name == "pyscone"))
+        print(len({d.metadata["Name"] for d in md.distributions()}) > 5)
+        try:
+            md.version("no-such-distribution-xyz")
+        except md.PackageNotFoundError as e:
+            print("PackageNotFoundError", e)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == run_native(app, cwd=tmp_path).stdout
+    assert r.stdout.splitlines()[1:] == [
+        "['pyscone']",
+        "True",
+        "PackageNotFoundError No package metadata was found for no-such-distribution-xyz",
+    ]
+
+
+def test_pkgutil_iter_modules_lists_a_package_and_sys_path(tmp_path: Path) -> None:
+    pkg = tmp_path / "plugins"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "notpkg").mkdir()
+    for rel in ("__init__.py", "alpha.py", "sub/__init__.py", "notpkg/x.py", "data.txt"):
+        (pkg / rel).write_text("")
+    _build_extension(pkg)
+    app = write_app(
+        tmp_path,
+        """
+        import pkgutil, plugins
+        print([(m.name, m.ispkg) for m in pkgutil.iter_modules(plugins.__path__, "plugins.")])
+        print([m.name for m in pkgutil.iter_modules() if m.name in ("plugins", "app", "json", "cryptography")])
+        print(sorted(m.name for m in pkgutil.walk_packages(plugins.__path__, "plugins.")))
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == run_native(app, cwd=tmp_path).stdout
+    first = r.stdout.splitlines()[0]
+    assert first == "[('plugins.alpha', False), ('plugins.sub', True), ('plugins.tinyext', False)]"
+
+
+def test_django_finds_its_management_commands_and_flask_its_version(tmp_path: Path) -> None:
+    pytest.importorskip("django")
+    pytest.importorskip("flask")
+    app = write_app(
+        tmp_path,
+        """
+        import importlib.metadata
+        from django.core.management import get_commands
+        commands = get_commands()
+        print("migrate" in commands, "runserver" in commands, len(commands) > 10)
+        print(importlib.metadata.version("flask"), [e.name for e in importlib.metadata.entry_points(group="console_scripts", name="flask")])
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == run_native(app, cwd=tmp_path).stdout
+    assert r.stdout.startswith("True True True\n")

@@ -99,8 +99,12 @@ def main() -> None:
     scheduler.install(sched)
 
     # 2. Load from files while we still can.
-    # An extension that cannot load (e.g. _tkinter without Tk) simply stays unavailable.
+    # Every C extension is mapped now (dlopen, no initialization): after lockdown no file can
+    # be mapped.  The stdlib's, then those the app can import (its directory, site-packages).
+    # One that cannot be mapped (e.g. _tkinter without Tk) fails when imported, with the reason.
     importer.preload_extensions(importer.extension_dirs())
+    for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
+        print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
     from pyscone.enclave.stdlib import console, fdops, files, process, sockets, surface, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
@@ -127,12 +131,7 @@ def main() -> None:
         cfg["host_cwd"] = cfg["cwd"]
         cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
     else:
-        sys.path.insert(0, _app_dir(cfg))
-    for name in cfg["preload"]:
-        try:
-            __import__(name)
-        except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
-            _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
+        sys.path.insert(0, "" if cfg.get("command") is not None else _app_dir(cfg))  # python -c: ''
     slot_data = region.geometry.slot_data
     cfg["slot_data"] = slot_data
     files.install(cfg["cwd"], slot_data)
@@ -142,6 +141,13 @@ def main() -> None:
     fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
+    # After interposition: a preloaded module binds the enclave's socket, select and file
+    # functions, as it would when the app imports it (asyncio imported earlier would not).
+    for name in cfg["preload"]:
+        try:
+            __import__(name)
+        except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
+            _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     importer.install()
     if cfg.get("measure"):
         _measure(cfg, region.geometry)
@@ -198,6 +204,8 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     argv = list(config["argv"])
     cfg["module"] = argv[0] == "-m"
     cfg["argv"] = argv[1:] if cfg["module"] else argv
+    if argv[0] == "-c" and len(argv) > 1:  # python -c CODE ARGS: sys.argv is ["-c", *ARGS]
+        cfg["command"], cfg["argv"] = argv[1], ["-c", *argv[2:]]
     if not cfg["argv"]:
         return "attestation failed: the CAS gave no program to run"
     cwd = config.get("cwd") or "/"
@@ -205,7 +213,12 @@ def _attest(cfg: dict[str, Any]) -> str | None:
         return "attestation failed: the CAS gave no absolute working directory"
     cfg["cwd"] = os.path.normpath(cwd)
     expected = cfg.get("expect_program")
-    program = "-m " + cfg["argv"][0] if cfg["module"] else os.path.normpath(os.path.join(cfg["cwd"], cfg["argv"][0]))
+    if cfg.get("command") is not None:
+        program = "-c"
+    elif cfg["module"]:
+        program = "-m " + cfg["argv"][0]
+    else:
+        program = os.path.normpath(os.path.join(cfg["cwd"], cfg["argv"][0]))
     if expected and program != os.path.normpath(os.path.join(host_cwd, expected)):
         # Only ever a reason to refuse: what runs is the session's program in the session's cwd.
         return f"the host started {os.path.join(host_cwd, expected)}, but session {cfg['session']} runs {program}"
@@ -226,13 +239,13 @@ def _enter(cfg: dict[str, Any]) -> str | None:
         files.chdir(cfg["cwd"])
     except OSError as e:
         return f"the session's working directory {cfg['cwd']}: {e.strerror}"
-    sys.path.insert(0, _app_dir(cfg))
+    sys.path.insert(0, "" if cfg.get("command") is not None else _app_dir(cfg))  # python -c: ''
     return None
 
 
 def _app_dir(cfg: dict[str, Any]) -> str:
-    """sys.path[0] as python sets it: the script's directory, or the cwd for -m."""
-    if cfg["module"]:
+    """sys.path[0] as python sets it: the script's directory, or the cwd for -m and -c."""
+    if cfg["module"] or cfg.get("command") is not None:
         return str(cfg["cwd"])
     return os.path.normpath(os.path.dirname(os.path.join(str(cfg["cwd"]), str(cfg["argv"][0]))))
 
@@ -334,6 +347,10 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
             import runpy
 
             runpy._run_module_as_main(argv[0], alter_argv=False)  # type: ignore[attr-defined]
+        elif cfg.get("command") is not None:  # python -c: no __file__, the code is "<string>"
+            command = str(cfg["command"])
+            importer.record("-c", command.encode("utf-8", "surrogateescape"), "source")
+            exec(compile(command, "<string>", "exec", dont_inherit=True), main_mod.__dict__)
         else:
             path = files.abspath(argv[0])
             try:

@@ -12,11 +12,14 @@ is part of MRENCLAVE like the rest; from the measurement until the app's
 unmeasured runs in the attestation path.
 
 C extensions cannot be ``dlopen``-ed after lockdown (that needs ``open`` and a
-file mapping).  :func:`preload_extensions` maps them before lockdown from a
-descriptor the loader keeps open; glibc then hands the already-loaded object back
-to the later ``import`` of the same ``/proc/self/fd/N`` name without touching a
-file.  An extension that was not preloaded fails with an ``ImportError`` that says
-how to preload it.
+file mapping).  So boot maps them all before lockdown, from a descriptor the loader
+keeps open and hashes: the stdlib's (:func:`preload_extensions`) and every one the
+app could import (:func:`map_app_extensions`: a walk of its directory and
+site-packages).  Mapping runs no Python code; glibc hands the already-loaded object
+back to the later ``import`` of the same ``/proc/self/fd/N`` name without touching a
+file, and only then is the module initialized.  An extension that could not be
+mapped fails its import with glibc's reason; one that appeared after the start, with
+an ``ImportError`` that says so.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import importlib.abc
 import importlib.machinery
 import os
+import posix
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -68,6 +72,76 @@ def preload_extensions(dirs: Sequence[str]) -> list[str]:
     return loader.preload_extensions(dirs)
 
 
+#: A walk of the app's sys.path stops after this many directory entries (a cwd of ``/``, say).
+WALK_BUDGET = 200_000
+
+
+def find_extensions(roots: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every C extension that ``import`` could find below ``roots``: ``(path, module name)``.
+
+    Only directories whose names are identifiers can be packages, so the walk skips the rest
+    (``.venv``, ``*.dist-info``, ``*.libs``, ``__pycache__``).  It uses raw ``posix`` calls:
+    it runs before interposition, and must see the disk, not the host.  The second value
+    names the roots where the walk stopped after :data:`WALK_BUDGET` entries (a cwd of
+    ``/``, say); each root has its own budget, so a huge working directory does not keep
+    site-packages from being walked.
+    """
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)  # longest first, as the stdlib tries them
+    found: list[tuple[str, str]] = []
+    stopped: list[str] = []
+    for root in roots:
+        stack = [(root, "", 0)]
+        budget = WALK_BUDGET
+        while stack:
+            d, prefix, depth = stack.pop()
+            try:
+                entries = sorted(posix.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue
+            budget -= len(entries)
+            if budget < 0:
+                stopped.append(root)
+                break
+            for e in entries:
+                name = e.name
+                if name.endswith(suffixes):
+                    stem = next(name[: -len(s)] for s in suffixes if name.endswith(s))
+                    if stem.isidentifier() and e.is_file():
+                        found.append((e.path, prefix + stem))
+                elif name.isidentifier() and name != "__pycache__" and depth < 16 and e.is_dir():
+                    stack.append((e.path, prefix + name + ".", depth + 1))
+    return found, stopped
+
+
+def app_extension_roots(app_dir: str | None) -> list[str]:
+    """Where the app's extensions are: its directory and sys.path, less the standard library."""
+    stdlib = {os.path.dirname(os.__file__), *extension_dirs()}
+    roots = [] if app_dir is None else [os.path.normpath(app_dir)]
+    for entry in sys.path:
+        usable = isinstance(entry, str) and entry.startswith("/") and not entry.endswith(".zip")
+        # Normalized as the enclave importer normalizes a path entry, so its paths match.
+        if usable and (entry := os.path.normpath(entry)) not in stdlib and entry not in roots:
+            roots.append(entry)
+    return roots
+
+
+def map_app_extensions(app_dir: str | None) -> list[str]:
+    """Before lockdown: map (and measure) every extension the app could import.
+
+    Mapping is dlopen without initialization: the app's later ``import`` runs ``PyInit``
+    of the mapped object, exactly once, as python would.  Returns warnings (the walk was
+    cut short) for boot to print; an extension that cannot be mapped is reported by the
+    ``import`` of it.
+    """
+    found, stopped = find_extensions(app_extension_roots(app_dir))
+    for path, module in found:
+        loader.map_extension(path, module)
+    return [
+        f"more than {WALK_BUDGET} files below {root}: C extensions found after those cannot be imported"
+        for root in stopped
+    ]
+
+
 class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
     """Reads source through the enclave's file layer, measures it, compiles it."""
 
@@ -97,9 +171,12 @@ class EnclaveExtensionLoader(importlib.machinery.ExtensionFileLoader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         mapped = loader.mapped_path(self.path)
         if mapped is None:
+            why = loader.unmappable.get(self.path)
+            if why is not None:  # what python's import would have said: the dlopen failed
+                raise ImportError(f"{self.path}: {why}", name=spec.name, path=self.path)
             raise ImportError(
-                f"C extension {spec.name!r} ({self.path}) was not loaded before lockdown; "
-                f"run with --preload {spec.name.partition('.')[0]}",
+                f"C extension {spec.name!r} ({self.path}) was not on the app's sys.path when the "
+                f"enclave started, so it could not be mapped before lockdown; run with --preload {spec.name}",
                 name=spec.name,
                 path=self.path,
             )
@@ -129,6 +206,19 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
 
     def invalidate_caches(self) -> None:
         self._dirs.clear()
+
+    @staticmethod
+    def find_distributions(context: Any = None) -> Any:
+        """``importlib.metadata``'s question: the installed distributions on ``context.path``.
+
+        The stdlib's answer reads ``*.dist-info`` with ``os``/``open``, which after
+        interposition are the enclave's file layer (the FS shield, when mounted, included).
+        """
+        import importlib.metadata
+
+        if context is None:
+            context = importlib.metadata.DistributionFinder.Context()
+        return importlib.metadata.MetadataPathFinder.find_distributions(context)
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
@@ -188,12 +278,58 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+class EnclavePathEntryFinder:
+    """The path-entry finder of one directory (``sys.path_hooks``), over the enclave's files.
+
+    Imports go through :class:`EnclaveFinder` on ``sys.meta_path``; this is for what asks a
+    path entry directly: ``pkgutil.iter_modules`` (Django finds its management commands
+    that way), ``pkgutil.get_importer``, ``runpy``.  It answers as the stdlib's
+    ``FileFinder`` would, from listings made through host calls.
+    """
+
+    def __init__(self, meta: EnclaveFinder, path: str) -> None:
+        self._meta = meta
+        self.path = path
+
+    @classmethod
+    def hook(cls, meta: EnclaveFinder) -> Any:
+        def for_path(path: str) -> EnclavePathEntryFinder:
+            if not isinstance(path, str) or meta._listing(files.abspath(path or ".")) is None:
+                raise ImportError("not a directory", path=path)
+            return cls(meta, path)
+
+        return for_path
+
+    def invalidate_caches(self) -> None:
+        self._meta.invalidate_caches()
+
+    def find_spec(self, fullname: str, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        return self._meta.find_spec(fullname, [self.path], target)
+
+    def iter_modules(self, prefix: str = "") -> list[tuple[str, bool]]:
+        """``(prefix + name, is_package)`` for each module here, sorted, as ``pkgutil`` lists them."""
+        base = files.abspath(self.path or ".")
+        names = self._meta._listing(base) or frozenset()
+        suffixes = (*importlib.machinery.EXTENSION_SUFFIXES, ".py")
+        found: dict[str, bool] = {}
+        for name in sorted(names):
+            stem = next((name[: -len(s)] for s in suffixes if name.endswith(s)), None)
+            if stem is not None:
+                if stem.isidentifier() and stem != "__init__":
+                    found.setdefault(stem, False)
+            elif name.isidentifier() and name != "__pycache__":
+                sub = self._meta._listing(os.path.join(base, name))
+                if sub is not None and any(f"__init__{s}" in sub for s in suffixes):
+                    found.setdefault(name, True)
+        return [(prefix + name, ispkg) for name, ispkg in sorted(found.items())]
+
+
 def install() -> EnclaveFinder:
     """Route every later path-based import through the enclave."""
     finder = EnclaveFinder()
     gone = (importlib.machinery.PathFinder, loader.MeasuringFinder)
     sys.meta_path[:] = [f for f in sys.meta_path if f not in gone] + [finder]
-    sys.path_hooks[:] = []
+    sys.path_hooks[:] = [EnclavePathEntryFinder.hook(finder)]
     sys.path_importer_cache.clear()
     sys.dont_write_bytecode = True
     return finder

@@ -438,14 +438,36 @@ def preload_extensions(dirs: "Sequence[str]") -> list[str]:
         for name in sorted(posix.listdir(d)):
             if name.endswith(suffixes):
                 path = _join(d, name)
-                entry = _open_mapped(path, "extension:" + name.partition(".")[0], "extension")
-                try:
-                    _dlopen(entry)
-                except (ImportError, OSError):
-                    if entry.path not in _mapped:
-                        posix.close(entry.fd)
+                if map_extension(path, name.partition(".")[0]) is not None:
                     failed.append(path)
     return failed
+
+
+#: Extensions that could not be mapped before lockdown: path -> why (glibc's message).
+unmappable: dict[str, str] = {}
+
+
+def map_extension(path: str, module: str) -> "str | None":
+    """Map the extension at ``path`` (module ``module``) from a measured descriptor, not run it.
+
+    Returns None, or why it cannot be mapped (also kept in :data:`unmappable`, so that the
+    later ``import`` reports it instead of a bare "not found").
+    """
+    if path in _mapped:
+        return None
+    try:
+        entry = _open_mapped(path, "extension:" + module, "extension")
+    except OSError as e:
+        unmappable[path] = f"cannot open it: {e.strerror}"
+        return unmappable[path]
+    try:
+        _dlopen(entry)
+    except (ImportError, OSError) as e:
+        if entry.path not in _mapped:
+            posix.close(entry.fd)
+        unmappable[path] = str(e)
+        return unmappable[path]
+    return None
 
 
 # -- the finder -------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class EnclaveConfig:
 
     argv: list[str]
     module: bool = False
+    command: str | None = None  # python -c: the code (argv is then ["-c", ...])
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = ""
     syscalls: str = "async"
