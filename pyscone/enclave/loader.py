@@ -384,11 +384,24 @@ def _open_mapped(path: str, name: str, kind: str) -> Loaded:
     return entry
 
 
+class _Cycle(Exception):
+    """A library's dependencies lead back to it (wheels bundle such pairs: freetype and harfbuzz)."""
+
+
+_in_progress: set[str] = set()
+
+
 def _dlopen(entry: Loaded) -> None:
     """Map a library (no Python initialization) from its descriptor."""
     if entry.path in _mapped:
         return
-    _with_dependencies(entry, lambda: _ctypes().dlopen(f"/proc/self/fd/{entry.fd}", sys.getdlopenflags()))
+    if entry.path in _in_progress:
+        raise _Cycle(entry.path)
+    _in_progress.add(entry.path)
+    try:
+        _with_dependencies(entry, lambda: _ctypes().dlopen(f"/proc/self/fd/{entry.fd}", sys.getdlopenflags()))
+    finally:
+        _in_progress.discard(entry.path)
     _mapped[entry.path] = entry
     _note(entry)
 
@@ -413,9 +426,23 @@ def _with_dependencies(entry: Loaded, attempt: "Callable[[], _T]") -> "_T":
     deps = elf.origin_dependencies(entry.fd, _dirname(posix.readlink(f"/proc/self/fd/{entry.fd}")))
     if not deps:
         raise first
+    cyclic = False
     for dep in deps:
-        _dlopen(_open_mapped(dep, "mapped:" + dep.rpartition("/")[2], "library"))
+        try:
+            _dlopen(_open_mapped(dep, "mapped:" + dep.rpartition("/")[2], "library"))
+        except _Cycle:
+            cyclic = True
     try:
+        if cyclic:
+            # No order maps a cycle by descriptor (each needs the other's soname first): let
+            # glibc map it by path, which finds the rest of the cycle through $ORIGIN.  The
+            # path must still be the inode that was hashed; the libraries glibc maps itself
+            # are covered by the measurement's walk of /proc/self/maps (a second read).
+            real = posix.readlink(f"/proc/self/fd/{entry.fd}")
+            held, named = posix.fstat(entry.fd), posix.stat(real)
+            if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+                raise OSError(f"{real} changed while it was being mapped")
+            _ctypes().dlopen(real, sys.getdlopenflags())
         return attempt()
     except OSError as e:
         raise ImportError(f"cannot map {entry.path}: {e}", path=entry.path) from None
