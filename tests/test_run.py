@@ -157,3 +157,19 @@ def test_a_heap_too_small_for_the_enclave_is_one_line(tmp_path: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and f"--heap {heap} is too small: the enclave needs at least" in lines[0], r.stderr
     assert run_enclave("--heap", "96M", app, cwd=tmp_path).stdout == "1\n"
+
+
+def test_multiprocessing_locks_are_refused_by_name_and_rlock_counts_recursion(tmp_path: Path) -> None:
+    # hypercorn's CLI makes a multiprocessing lock even for one worker: a bare EPERM from the
+    # barrier before; now the ENOSYS every refused process feature gives.
+    app = write_app(
+        tmp_path,
+        "import multiprocessing, threading\nr = threading.RLock()\nwith r:\n    with r:\n        print(r._recursion_count())\n"
+        "try:\n    multiprocessing.Lock()\nexcept OSError as e:\n    print(e.errno, e)\n",
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "2",
+        "38 [Errno 38] multiprocessing's SemLock (a process-shared semaphore) is not supported inside a pyscone enclave",
+    ]

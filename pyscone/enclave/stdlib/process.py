@@ -18,6 +18,7 @@ when the main lthread next waits, not in the middle of a CPU-bound loop.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import signal
 import time
@@ -162,6 +163,23 @@ def install(cpu_count: int) -> None:
             interpose(os, **{name: _refuser(f"os.{name}")})
     interpose(os, cpu_count=lambda: cpu_count)
     interpose(subprocess, Popen=_RefusedPopen)
+    try:
+        _multiprocessing: Any = importlib.import_module("_multiprocessing")
+    except ImportError:
+        pass
+    else:  # its semaphores are POSIX named semaphores (shm_open): processes are not here yet
+        real = _multiprocessing.SemLock
+
+        class SemLock:
+            SEM_VALUE_MAX = real.SEM_VALUE_MAX  # read by multiprocessing.synchronize at import
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                raise OSError(
+                    errno.ENOSYS,
+                    "multiprocessing's SemLock (a process-shared semaphore) is not supported inside a pyscone enclave",
+                )
+
+        interpose(_multiprocessing, SemLock=SemLock)
     for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
         interpose(subprocess, **{name: _refuser(f"subprocess.{name}")})
     interpose(time, sleep=sleep)

@@ -148,6 +148,10 @@ class RLock:
     def _is_owned(self) -> bool:
         return self._owner == get_ident()
 
+    def _recursion_count(self) -> int:
+        """How often the calling lthread holds it (CPython's RLock has it; multiprocessing uses it)."""
+        return self._count if self._owner == get_ident() else 0
+
     def _release_save(self) -> tuple[int, int]:
         if not self._count:
             raise RuntimeError("cannot release un-acquired lock")
