@@ -131,7 +131,7 @@ def main() -> None:
         cfg["host_cwd"] = cfg["cwd"]
         cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
     else:
-        sys.path.insert(0, "" if cfg.get("command") is not None else _app_dir(cfg))  # python -c: ''
+        sys.path.insert(0, _path0(cfg))
     slot_data = region.geometry.slot_data
     cfg["slot_data"] = slot_data
     files.install(cfg["cwd"], slot_data)
@@ -239,15 +239,20 @@ def _enter(cfg: dict[str, Any]) -> str | None:
         files.chdir(cfg["cwd"])
     except OSError as e:
         return f"the session's working directory {cfg['cwd']}: {e.strerror}"
-    sys.path.insert(0, "" if cfg.get("command") is not None else _app_dir(cfg))  # python -c: ''
+    sys.path.insert(0, _path0(cfg))
     return None
 
 
 def _app_dir(cfg: dict[str, Any]) -> str:
-    """sys.path[0] as python sets it: the script's directory, or the cwd for -m and -c."""
+    """The app's directory: the script's, or the cwd for -m and -c."""
     if cfg["module"] or cfg.get("command") is not None:
         return str(cfg["cwd"])
     return os.path.normpath(os.path.dirname(os.path.join(str(cfg["cwd"]), str(cfg["argv"][0]))))
+
+
+def _path0(cfg: dict[str, Any]) -> str:
+    """sys.path[0] as python sets it: the app's directory, or '' for -c."""
+    return "" if cfg.get("command") is not None else _app_dir(cfg)
 
 
 def _inject(injected: dict[str, str]) -> str | None:
