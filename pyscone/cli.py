@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the enclave's signature (pyscone sign): it measures itself and refuses to run unless it matches",
     )
+    run.add_argument(
+        "--bytecode-cache",
+        default=os.environ.get("PYSCONE_BYTECODE_CACHE") or None,
+        metavar="DIR",
+        help="where the enclave keeps the bytecode it compiled, sealed (default ~/.cache/pyscone/bytecode; "
+        "'off': compile every import)  [PYSCONE_BYTECODE_CACHE]",
+    )
     run.add_argument("--stats", action="store_true", help="print system-call statistics at exit")
     run.add_argument("program", nargs="?", help="the script to run (ends the options)")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program, as python passes them")
@@ -442,6 +449,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     enclave.fspf = _fspf_config(a)
+    enclave.bytecode_cache = _bytecode_cache(a, dev=True)
     return launch(enclave, host)
 
 
@@ -461,7 +469,27 @@ def _run_attested(a: argparse.Namespace) -> int:
     enclave.las = a.las
     enclave.stats = a.stats
     enclave.signature = _signature(a)
+    enclave.bytecode_cache = _bytecode_cache(a, dev=False)
     return launch(enclave, host_cfg)
+
+
+def _bytecode_cache(a: argparse.Namespace, dev: bool) -> dict[str, str] | None:
+    """The bytecode cache's directory (made if missing), and in dev mode its key.
+
+    The default directory is only used if it can be made; one named with
+    ``--bytecode-cache`` must work, or it is an error.
+    """
+    from pyscone.host import bytecode
+
+    named = a.bytecode_cache
+    if named == "off":
+        return None
+    try:
+        return bytecode.prepare(named, dev)
+    except bytecode.CacheDirError as e:
+        if named:
+            raise UsageError(f"--bytecode-cache {named}: {e}") from None
+        return None
 
 
 def _signature(a: argparse.Namespace) -> str | None:

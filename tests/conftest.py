@@ -16,6 +16,18 @@ import pytest
 PYSCONE = [sys.executable, "-m", "pyscone.cli"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every enclave of the suite shares one bytecode cache of its own, never the user's."""
+    old = os.environ.get("PYSCONE_BYTECODE_CACHE")
+    os.environ["PYSCONE_BYTECODE_CACHE"] = str(tmp_path_factory.mktemp("bytecode"))
+    yield
+    if old is None:
+        os.environ.pop("PYSCONE_BYTECODE_CACHE", None)
+    else:
+        os.environ["PYSCONE_BYTECODE_CACHE"] = old
+
+
 def write_app(tmp_path: Path, source: str, name: str = "app.py") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(source))

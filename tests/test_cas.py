@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
 import socket
 import ssl
@@ -155,6 +156,37 @@ def test_the_working_directory_is_the_policys_and_never_the_hosts(world: World) 
     assert world.owner("session", "create", str(gone)).returncode == 0
     missing = world.run("cwdgone/app")
     assert missing.returncode == 70 and f"the session's working directory {app / 'nowhere'}" in missing.stderr
+
+
+def test_the_bytecode_cache_of_an_attested_enclave_is_sealed_with_the_cas_key(world: World) -> None:
+    # The host plants a dev-mode key of its own in the cache directory: an attested enclave
+    # must seal with the CAS's key, so nothing it caches opens (or could be forged) with it.
+    from pyscone.host import bytecode
+    from pyscone.protect.codecache import CacheIntegrityError, CacheKey, interpreter_tag
+
+    cache = world.root / "bytecode-cas"
+    cache.mkdir()
+    host_key = os.urandom(32)
+    (cache / bytecode.KEY_FILE).write_text(host_key.hex() + "\n")
+    (world.root / "bc").mkdir()
+    write_app(world.root / "bc", "import bcmod\nprint(bcmod.WORD)", "app.py")
+    write_app(world.root / "bc", "WORD = 'cached-by-the-enclave'", "bcmod.py")
+    policy = world.policy("bc", f"    cwd: {world.root / 'bc'}\n{_service(world.measure())}")
+    assert world.owner("session", "create", str(policy)).returncode == 0
+    stats = []
+    for _ in range(2):
+        r = world.run("bc/app", "--stats", "--bytecode-cache", str(cache))
+        assert r.returncode == 0 and r.stdout == "cached-by-the-enclave\n", r.stderr
+        m = re.search(r"bytecode cache: (\d+) hits, (\d+) misses, (\d+) stored", r.stderr)
+        assert m is not None, r.stderr
+        stats.append(tuple(map(int, m.groups())))
+    assert stats[0][2] >= 1 and stats[1][0] >= 1 and stats[1][2] == 0  # stored, then used
+    as_host = CacheKey(host_key, interpreter_tag())
+    assert not (cache / as_host.name(str(world.root / "bc" / "bcmod.py"))).exists()
+    for entry in cache.iterdir():
+        if entry.name != bytecode.KEY_FILE:
+            with pytest.raises(CacheIntegrityError):
+                as_host.open(entry.name, entry.read_bytes())
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _MAC_INFO = b"pyscone-cas-integrity-v1"
+_DERIVE_INFO = b"pyscone-cas keys for enclaves v1"
 
 
 class Tampered(Exception):
@@ -62,6 +63,7 @@ class Keys:
             raise ValueError("the master key is 32 bytes")
         self._aead = AESGCM(master_key)
         self._mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive(master_key)
+        self._derive_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_DERIVE_INFO).derive(master_key)
 
     @staticmethod
     def _ad(kind: str, fields: tuple[Any, ...]) -> bytes:
@@ -85,6 +87,13 @@ class Keys:
 
     def mac(self, kind: str, *fields: Any) -> str:
         return hmac.new(self._mac_key, self._ad(kind, fields), hashlib.sha256).hexdigest()
+
+    def derive(self, purpose: str, *fields: Any) -> bytes:
+        """A 32-byte key for ``purpose`` and ``fields``, stable for the life of the master key.
+
+        For keys the CAS hands to enclaves (never used for the database's own records).
+        """
+        return hmac.new(self._derive_key, self._ad(purpose, fields), hashlib.sha256).digest()
 
     def check(self, mac: str | None, what: str, kind: str, *fields: Any) -> None:
         """Raises:

@@ -206,6 +206,8 @@ class Cas:
             "files": {p: render(v) for p, v in svc.files.items()},
             "fspf": None,
             "run": {"session": session, "service": service, "id": run_id, "key": run_key.hex()},
+            # Seals the enclave's bytecode cache: every attested enclave of this service has it.
+            "bytecode_key": self.store.keys.derive("bytecode-cache", session, service).hex(),
         }
         if svc.fspf is not None:
             config["fspf"] = {"path": svc.fspf.path, "key": render(svc.fspf.key), "tags": tags}

@@ -15,6 +15,7 @@ The order matters and is the security argument:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -225,6 +226,7 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     os.environ.clear()
     os.environ.update(config["env"])
     cfg["files"] = config["files"]
+    cfg["bytecode_key"] = config.get("bytecode_key")  # the CAS's, never the host's
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
     return None
@@ -241,6 +243,35 @@ def _enter(cfg: dict[str, Any]) -> str | None:
         return f"the session's working directory {cfg['cwd']}: {e.strerror}"
     sys.path.insert(0, _path0(cfg))
     return None
+
+
+def _use_bytecode_cache(cfg: dict[str, Any]) -> None:
+    """Seal and reuse compiled imports in the host's cache directory, under the CAS's key
+    (with a CAS) or the dev-mode launcher's (without one)."""
+    from pyscone.enclave import codecache
+
+    cache = cfg.get("bytecode_cache")
+    key = cfg.get("bytecode_key") if cfg.get("cas") else (cache or {}).get("key")
+    if not cache or not isinstance(key, str):
+        return
+    try:
+        key_bytes = bytes.fromhex(key)
+        warning = codecache.configure(os.path.normpath(str(cache["dir"])), key_bytes, _app_id(cfg))
+    except (ValueError, TypeError, KeyError) as e:
+        warning = f"bytecode cache: {e}; imports compile from source"
+    if warning:
+        print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _app_id(cfg: dict[str, Any]) -> str:
+    """What the app is, for its import manifest: the program, module or command, and the cwd."""
+    if cfg.get("command") is not None:
+        what = "-c " + hashlib.sha256(str(cfg["command"]).encode()).hexdigest()
+    elif cfg["module"]:
+        what = "-m " + str(cfg["argv"][0])
+    else:
+        what = os.path.normpath(os.path.join(str(cfg["cwd"]), str(cfg["argv"][0])))
+    return f"{what}\0{cfg['cwd']}"
 
 
 def _app_dir(cfg: dict[str, Any]) -> str:
@@ -339,6 +370,8 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
         error = _inject(cfg["files"])
     if error is None and cfg.get("cas"):
         error = _enter(cfg)
+    if error is None:
+        _use_bytecode_cache(cfg)
     if error is not None:
         print(f"pyscone: {error}", file=sys.stderr, flush=True)
         status[0] = 70
@@ -404,8 +437,10 @@ def _finish(code: int) -> int:
     except BaseException:  # noqa: BLE001
         redact.print_exc()
     try:
+        from pyscone.enclave import codecache
         from pyscone.enclave.stdlib import files
 
+        codecache.at_exit()  # keep the app's import manifest, if it is new
         files.at_exit()  # flush what the app left open; commit the shield's files
     except OSError as e:
         print(f"pyscone: at exit: {e}", file=sys.stderr)
@@ -427,8 +462,16 @@ def _print_stats(client: SyscallClient) -> None:
             file=sys.stderr,
             flush=True,
         )
+        from pyscone.enclave import codecache
         from pyscone.enclave.shields import fs
 
+        if (cache := codecache.active) is not None:
+            c = cache.stats
+            print(
+                f"pyscone: bytecode cache: {c.hits} hits, {c.misses} misses, {c.stored} stored, {c.refused} refused",
+                file=sys.stderr,
+                flush=True,
+            )
         if (shield := fs.shield()) is not None:
             print(f"pyscone: fs shield: {shield.commits} commits, FSPF tag {shield.tag}", file=sys.stderr, flush=True)
     except Exception:  # noqa: BLE001

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from pyscone.enclave import loader
+from pyscone.enclave import codecache, loader
 from pyscone.enclave.stdlib import files
 
 
@@ -146,9 +146,7 @@ class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
     """Reads source through the enclave's file layer, measures it, compiles it."""
 
     def get_data(self, path: str) -> bytes:
-        with files.open(path, "rb") as f:
-            data: bytes = f.read()
-        return data
+        return files.read_whole(path)
 
     def path_stats(self, path: str) -> dict[str, Any]:
         st = files.stat(path)
@@ -156,11 +154,18 @@ class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
 
     def get_code(self, fullname: str) -> Any:
         path = self.get_filename(fullname)
-        data = self.get_data(path)
-        code = compile(data, path, "exec", dont_inherit=True)
+        cache = codecache.active
+        source, entry = codecache.begin(path)  # both read ahead, or in flight together now
+        data = files.finish_read_whole(source, path)
+        digest = hashlib.sha256(data).digest()
+        code = cache.load(entry, digest, path) if cache is not None and entry is not None else None
+        if code is None:
+            code = compile(data, path, "exec", dont_inherit=True)
+            if cache is not None and entry is not None:
+                cache.store(entry, digest, code)
         # Loaded before the measurement (through the host): MRENCLAVE covers exactly this code.
-        digest = loader.code_digest(code) if loader.measurement_pending() else ""
-        record(path, data, "source", digest, fullname)
+        measured_code = loader.code_digest(code) if loader.measurement_pending() else ""
+        measured.append(Measured(path, digest.hex(), len(data), "source", measured_code, fullname))
         return code
 
     def set_data(self, path: str, data: Any, *, _mode: int = 0o666) -> None:

@@ -53,6 +53,9 @@ class EnclaveConfig:
     session: str | None = None  # NAME/SERVICE at the CAS
     expect_program: str | None = None  # with a CAS: the program the host started (it must be the session's)
     las: str | None = None  # HOST:PORT of this host's LAS
+    # The bytecode cache: the host's directory, and in dev mode its key (hex); with a CAS the
+    # CAS gives the key.  Not measured: the cache holds only what the enclave itself sealed.
+    bytecode_cache: dict[str, str] | None = None
 
 
 @dataclass
