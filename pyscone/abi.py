@@ -108,6 +108,10 @@ class Op(enum.IntEnum):
     # enclave retries, parking only the lthread that waits).
     LOCK = 32
     STATVFS = 33  # a0=fd, or -1 for data=path -> STATVFS
+    # data=path a0=limit -> the file's first min(size, a0) bytes; result 1 if it has more, else 0.
+    # Only for a regular file: anything else is EINVAL (the enclave then opens it as usual).
+    # One call where an import would make three (open, read, close): imports read hundreds.
+    READFILE = 34
     # -- sockets (host sockets are always non-blocking; FLAG_WAIT parks) --
     SOCKET = 40  # a0=family a1=type a2=proto -> fd
     SOCKETPAIR = 41  # a0=family a1=type a2=proto -> fd, data=i32 second fd

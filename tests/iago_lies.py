@@ -182,6 +182,13 @@ def _read(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer
     return (result, 0, content)
 
 
+def _readfile(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
+    limit = args[0]
+    n = draw(st.sampled_from([0, 1, 5, limit - 1, limit, limit + 1]))
+    content = (honest[2] + b"FORGED" * (n // 6 + 1))[: max(0, n)]
+    return (draw(st.sampled_from([0, 0, 1, 1, 2, -2])), 0, content)
+
+
 def _count(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
     given = len(req) - (4 + struct.unpack_from("<I", req, 0)[0] if op == Op.SENDTO else 0)
     result = near(draw, [0, honest[0], given], -3)
@@ -329,6 +336,7 @@ SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Ans
     Op.ACCESS: _bool,
     Op.ISATTY: _bool,
     Op.STATVFS: _statvfs,
+    Op.READFILE: _readfile,
     Op.READLINK: _text,
     Op.GETHOSTNAME: _text,
     Op.GETSOCKOPT: _getsockopt,

@@ -93,6 +93,14 @@ def _read(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Conte
     return {"content"} if isinstance(v, bytes) and len(v) == r <= args[1] else None
 
 
+def _readfile(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    # A file of any content and size; "more" only when the limit was filled.
+    if not (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], bytes) and v[1] is bool(r)):
+        return None
+    data, more = v
+    return {"content"} if r in (0, 1) and len(data) <= args[0] and (not more or len(data) == args[0]) else None
+
+
 def _count(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
     return {"count"} if v == r and 0 <= r <= len(req) else None
 
@@ -350,6 +358,7 @@ SPECS: dict[int, Spec] = {
     Op.ISATTY: _isatty,
     Op.LOCK: _void,
     Op.STATVFS: _statvfs,
+    Op.READFILE: _readfile,
     Op.SOCKET: _new_fd,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _void,

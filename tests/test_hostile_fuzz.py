@@ -406,6 +406,12 @@ def _statvfs(w: World, draw: Draw, op: int) -> Request:
     return Request(op, (fd,), w.path(_pick(draw, ["f", "d", "missing"])) if fd == -1 else b"")
 
 
+@scenario(Op.READFILE)
+def _readfile(w: World, draw: Draw, op: int) -> Request:
+    limit = _pick(draw, [0, 4, 64, 2000, 65536])
+    return Request(op, (limit,), w.path(_pick(draw, ["f", "f", "w", "d", "missing"])))
+
+
 @scenario(Op.SOCKET, Op.SOCKETPAIR)
 def _socket(w: World, draw: Draw, op: int) -> Request:
     family = _pick(draw, [socket.AF_UNIX] if op == Op.SOCKETPAIR else [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX])

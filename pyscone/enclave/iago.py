@@ -225,6 +225,12 @@ def _none(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     return None
 
 
+def _readfile(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    if result not in (0, 1) or len(data) > args[0] or (result == 1 and len(data) != args[0]):
+        raise HostViolation(f"readfile returned {len(data)} bytes with result {result} for a limit of {args[0]}")
+    return data, bool(result)
+
+
 def _bytes_upto(limit_arg: int) -> Validator:
     def check(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
         if result != len(data) or result > args[limit_arg]:
@@ -587,6 +593,7 @@ VALIDATORS: dict[int, Validator] = {
     Op.ISATTY: _isatty,
     Op.LOCK: _none,
     Op.STATVFS: _statvfs,
+    Op.READFILE: _readfile,
     Op.SOCKET: _socket,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _none,

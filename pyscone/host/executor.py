@@ -37,6 +37,7 @@ import os
 import queue
 import select
 import socket
+import stat
 import struct
 import threading
 import time
@@ -166,6 +167,7 @@ class Executor:
             Op.ISATTY: lambda a, d: (int(os.isatty(a[0])), 0, b""),
             Op.LOCK: self._lock,
             Op.STATVFS: self._statvfs,
+            Op.READFILE: self._readfile,
             Op.SOCKET: self._socket,
             Op.SOCKETPAIR: self._socketpair,
             Op.BIND: lambda a, d: _void(self._sock(a[0]).bind, self._addr(a[0], d)),
@@ -530,6 +532,23 @@ class Executor:
             return (-1, errno.EBADF, b"")
         st = os.statvfs(a[0]) if a[0] >= 0 else os.statvfs(_path(d))
         return (0, 0, abi.StatvfsResult.from_os(st).pack())
+
+    def _readfile(self, a: tuple[int, ...], d: bytes) -> Answer:
+        # On the dispatcher, like READ: only a regular file is read (O_NONBLOCK, so a FIFO's
+        # open cannot block it); anything else is EINVAL, and the enclave opens it instead.
+        limit = min(a[0], self.geometry.slot_data)
+        fd = os.open(_path(d), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return (-1, errno.EINVAL, b"")
+            chunks, size = [], 0
+            while size <= limit and (b := os.read(fd, limit + 1 - size)):
+                chunks.append(b)
+                size += len(b)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        return (int(len(data) > limit), 0, data[:limit])
 
     def _read(self, a: tuple[int, ...], d: bytes) -> Answer:
         sock = self._socks.get(a[0])

@@ -102,6 +102,11 @@ def _vfd(fd: int) -> FsShield | None:
     return _shield if MAX_FD <= fd < pipes.LOCAL_BASE and _shield is not None else None
 
 
+def in_shield(path: str) -> bool:
+    """Whether the FS shield governs ``path`` (an absolute, normalized path)."""
+    return _shielded(path) is not None
+
+
 def _espipe(fd: int) -> OSError:
     """What a seek-like call on a pipe is (after EBADF for a closed one)."""
     pipes.fstat(fd)
@@ -186,6 +191,66 @@ def host_readlink(p: str) -> bytes:
 
 
 # -- os functions ------------------------------------------------------------------------
+
+
+def read_whole(path: Path) -> bytes:
+    """All of the file at ``path`` (imports read hundreds of small files this way).
+
+    A host file that fits a slot takes one host call (``READFILE``) instead of ``open``,
+    ``read``, ``read`` and ``close``; a bigger one, or one the shield protects, is read
+    through an fd as ``open`` would.
+    """
+    p = abspath(path)
+    first = b""
+    if _shielded(p) is None:
+        try:
+            _, (data, more) = _call(Op.READFILE, (_slot_data,), _enc(p), filename=os.fspath(path))
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: not a regular file
+                raise
+        else:
+            if not more:
+                return bytes(data)
+            first = bytes(data)
+    return _read_rest(p, first)
+
+
+def _read_rest(p: str, first: bytes) -> bytes:
+    """``first`` (what ``READFILE`` brought) and the rest of the file, through an fd."""
+    fd = os_open(p, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [first]
+        offset = len(first)
+        while chunk := (pread(fd, _slot_data, offset) if first else read(fd, _slot_data)):
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        close(fd)
+    return b"".join(chunks)
+
+
+def start_read_whole(path: str) -> Any:
+    """Start :func:`read_whole` of a host file (outside the shield); :func:`finish_read_whole` ends it.
+
+    For a reader that has other host calls to make meanwhile (imports: the source and its
+    cached bytecode at once).  Returns a token, or None when the call cannot start now.
+    """
+    if _shielded(path) is not None:
+        return None
+    return scheduler.get().start(Op.READFILE, (_slot_data,), _enc(path))
+
+
+def finish_read_whole(pending: Any, path: str) -> bytes:
+    """The contents :func:`start_read_whole` asked for (raises what :func:`read_whole` would)."""
+    if pending is None:
+        return read_whole(path)
+    result, err, value = scheduler.get().finish(pending)
+    if result < 0:
+        if err == errno.EINVAL:
+            return read_whole(path)
+        raise OSError(err, os.strerror(err), path)
+    data, more = value
+    return bytes(data) if not more else _read_rest(path, bytes(data))
 
 
 def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
