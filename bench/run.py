@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py            # about 3 minutes
     .venv/bin/python bench/run.py --quick    # under a minute
-    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs or attest
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports or servers
 
 What is measured, native Python against ``pyscone run``:
 
@@ -17,6 +17,10 @@ What is measured, native Python against ``pyscone run``:
   micro-benchmark; where an encrypted 64 KiB write and read spend their time;
 * attest: ``bench/attest.py``: start-up of an attested run against native, dev-mode and
   signed runs; attestations per second of one CAS on SQLite and on PostgreSQL.
+* imports: ``bench/imports.py``: ``import flask`` and ``django.setup()`` natively and in
+  an enclave with and without its verified bytecode cache (in-process and wall time);
+* servers: ``bench/servers.py``: every server app of the compatibility matrix
+  (``tests/compat/``) natively and in an enclave, driven by ``wrk``.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -51,6 +55,8 @@ from typing import Any
 
 import attest  # bench/attest.py, next to this script
 import fs  # bench/fs.py, next to this script
+import imports  # bench/imports.py, next to this script
+import servers  # bench/servers.py, next to this script
 from report import table  # bench/report.py, next to this script
 
 BENCH = Path(__file__).resolve().parent
@@ -596,14 +602,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    p.add_argument("--only", choices=("syscalls", "http", "fs", "attest"), default=None, help="run one part only")
+    parts = ("syscalls", "http", "fs", "attest", "imports", "servers")
+    p.add_argument("--only", choices=parts, default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
     duration = a.duration or (3 if a.quick else 10)
     reps = 1 if a.quick else 3
     rounds = 1 if a.quick else 2
 
-    if a.only in (None, "http") and shutil.which("wrk") is None:
+    if a.only in (None, "http", "servers") and shutil.which("wrk") is None:
         print("error: wrk not found: run scripts/setup.sh", file=sys.stderr)
         return 2
 
@@ -625,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     http_results: list[ServerResult] = []
     fs_report: fs.FsReport | None = None
     attest_report: attest.AttestReport | None = None
+    import_results: list[imports.ImportResult] = []
+    server_results: list[servers.ServerThroughput] = []
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -634,7 +643,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             fs_report = fs.bench_fs(a.quick, log)
         if a.only in (None, "attest"):
             attest_report = attest.bench_attest(a.quick, log)
-    except (BenchError, fs.FsBenchError, attest.AttestBenchError) as e:
+        if a.only in (None, "imports"):
+            import_results = imports.bench_imports(a.quick, log)
+        if a.only in (None, "servers"):
+            server_results = servers.bench_servers(a.quick, log)
+    except (BenchError, fs.FsBenchError, attest.AttestBenchError, imports.ImportBenchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -671,6 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += ["", *fs.report_lines(fs_report)] if http_results else fs.report_lines(fs_report)
     if attest_report is not None:
         out += attest.report_lines(attest_report)
+    if import_results:
+        out += imports.report_lines(import_results)
+    if server_results:
+        out += servers.report_lines(server_results, a.quick)
     print("\n".join(out), flush=True)
 
     report = {
@@ -685,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "http": [asdict(r) for r in http_results],
         "fs": asdict(fs_report) if fs_report is not None else None,
         "attest": asdict(attest_report) if attest_report is not None else None,
+        "imports": [asdict(r) for r in import_results],
+        "servers": [{**asdict(r), "ratio": r.ratio} for r in server_results],
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)

@@ -35,3 +35,20 @@ def test_the_attestation_benchmark_runs() -> None:
     report = json.loads((BENCH / "results" / "attest.json").read_text())
     assert [s["kind"] for s in report["startup"]] == ["native", "dev", "signed", "attested"]
     assert all(t["attestations"] > 0 for t in report["throughput"])
+
+
+def test_the_imports_benchmark_runs() -> None:
+    out = _quick("imports.py")
+    for row in ("flask  ", "django  ", "enclave-nocache"):
+        assert row in out, out
+
+
+def test_the_servers_benchmark_runs_one_case() -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "servers.py"), "--quick", "--case", "http-server"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "http-server" in r.stdout and "slowest three against native: http-server" in r.stdout, r.stdout
