@@ -45,3 +45,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   rm -f "$pip_log"
   touch "$stamp"
 fi
+# An editable install is not byte-compiled by pip (a wheel's install is): compile the launcher's
+# side once, so that `pyscone run` does not compile it at every start when the environment says
+# PYTHONDONTWRITEBYTECODE.  (The enclave never trusts these: its loader measures what it runs.)
+.venv/bin/python -m compileall -q pyscone >/dev/null 2>&1 || true
