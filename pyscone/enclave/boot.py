@@ -94,6 +94,7 @@ def main() -> None:
     loader.expect_measurement(bool(cfg.get("measure")))
     region = rings.SharedRegion.attach(cfg["shm_fd"])
     iago.on_fatal(region.write_fatal)
+    app_path = _enter_venv(str(cfg["venv"])) if cfg.get("venv") else None
     client = SyscallClient(region, cfg["bell_host"], cfg["bell_enclave"], cfg["spin_us"])
     sched = scheduler.Scheduler(client, sync=cfg["syscalls"] == "sync")
     scheduler.install(sched)
@@ -103,8 +104,12 @@ def main() -> None:
     # be mapped.  The stdlib's, then those the app can import (its directory, site-packages).
     # One that cannot be mapped (e.g. _tkinter without Tk) fails when imported, with the reason.
     importer.preload_extensions(importer.extension_dirs())
+    boot_path = list(sys.path)
+    if app_path is not None:  # the app's, not the runtime's (those it imports are mapped as they load)
+        sys.path[:] = app_path
     for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
         print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
+    sys.path[:] = boot_path
     from pyscone.enclave.stdlib import console, fdops, files, process, sockets, surface, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
@@ -124,6 +129,8 @@ def main() -> None:
         pass  # reported by lockdown, if there is one
 
     # 3. Interpose.
+    if app_path is not None:  # the runtime's imports are done: from here on sys.path is the app's
+        sys.path[:] = app_path
     threads.install()
     if cfg.get("cas"):
         # Nothing path-like comes from the host in CAS mode: the working directory, the
@@ -185,6 +192,39 @@ def main() -> None:
     if cfg["stats"]:
         _print_stats(client)
     os._exit(status[0])
+
+
+def _enter_venv(path: str) -> list[str]:
+    """Put the app's virtualenv on ``sys.path`` (``enclave/venv.py``); return the app's ``sys.path``.
+
+    The app's path is the standard library, then the venv's site-packages with their
+    ``.pth`` paths (measured), then the base site-packages if ``include-system-site-packages``:
+    python's, without the runtime's own environment (pyscone's dependencies are not the
+    app's).  Until boot step 3 the runtime's environment stays *first*, so that the
+    runtime's own imports (cryptography, ...) never come from the app's venv.
+    """
+    from pyscone.enclave import loader, venv
+
+    conf = path + "/pyvenv.cfg"
+    try:
+        with open(conf, "rb") as f:
+            data = f.read()
+        spec = venv.parse_cfg(path, data)
+    except (OSError, venv.VenvError) as e:  # the host's CLI checked it: the host changed it since
+        iago.fail_stop(f"the app's virtualenv {path}: {e}")
+    loader.record.append(loader.Loaded("venv:pyvenv.cfg", conf, "config", data, "read"))
+    own = venv.site_dirs(venv.Venv(spec.path, spec.version, spec.implementation, False), sys.base_prefix)
+    why = venv.problem(spec, own, [os.path.isdir(d) for d in own])
+    if why is not None:
+        iago.fail_stop(f"the app's virtualenv {path}: {why}")
+    sys.prefix = sys.exec_prefix = spec.path  # as python in the venv has them (sysconfig's paths)
+    runtime = [p for p in loader.site_entries if p in sys.path]
+    stdlib = [p for p in sys.path if p not in runtime]
+    sys.path[:] = stdlib  # the venv's .pth lines run as python runs them: without the runtime's site
+    loader.add_sitedirs(venv.site_dirs(spec, sys.base_prefix))
+    app_path = list(sys.path)
+    sys.path[:] = [*stdlib, *runtime, *(p for p in app_path if p not in stdlib and p not in runtime)]
+    return app_path
 
 
 def _attest(cfg: dict[str, Any]) -> str | None:

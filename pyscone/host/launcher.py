@@ -53,6 +53,7 @@ class EnclaveConfig:
     session: str | None = None  # NAME/SERVICE at the CAS
     expect_program: str | None = None  # with a CAS: the program the host started (it must be the session's)
     las: str | None = None  # HOST:PORT of this host's LAS
+    venv: str | None = None  # the app's virtualenv, absolute (enclave/venv.py; measured)
 
 
 @dataclass
