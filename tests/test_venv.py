@@ -55,6 +55,8 @@ print("venvpkg", venvpkg.WHO)
 print("editable", editpkg.WHO)
 print("extension", fast.__name__, fast.__file__.startswith(sys.prefix), fast.encode_basestring("x"))
 print("prefix", sys.prefix)
+import site, sysconfig
+print("site", site.getsitepackages() == [sysconfig.get_paths()["purelib"]] == [venvpkg.__file__.rpartition("/")[0]])
 print("runtime-only package visible", importlib.util.find_spec("pytest") is not None)
 """
 
@@ -89,6 +91,7 @@ def test_an_app_runs_with_its_venvs_packages_and_only_those(app_venv: tuple[Path
         "editable from the editable install",
         'extension venvext._json True "x"',
         f"prefix {venv}",
+        "site True",  # what site and sysconfig say agrees (pip-like code finds the venv)
         "runtime-only package visible False",  # pyscone's own environment is not the app's
     ]
     # Without the venv the app's packages are not there: it is the venv that made the difference.

@@ -217,7 +217,16 @@ def _enter_venv(path: str) -> list[str]:
     why = venv.problem(spec, own, [os.path.isdir(d) for d in own])
     if why is not None:
         iago.fail_stop(f"the app's virtualenv {path}: {why}")
-    sys.prefix = sys.exec_prefix = spec.path  # as python in the venv has them (sysconfig's paths)
+    # What python in the venv has: sys.prefix, and what site and sysconfig derive from it
+    # (sysconfig, imported already, kept the old prefix in 3.11; 3.12+ notices the change).
+    sys.prefix = sys.exec_prefix = spec.path
+    import site
+    import sysconfig
+
+    site.PREFIXES[:] = [spec.path, sys.base_prefix] if spec.include_system else [spec.path]
+    if hasattr(sysconfig, "_PREFIX"):
+        for name, value in (("_PREFIX", spec.path), ("_EXEC_PREFIX", spec.path), ("_CONFIG_VARS", None)):
+            setattr(sysconfig, name, value)
     runtime = [p for p in loader.site_entries if p in sys.path]
     stdlib = [p for p in sys.path if p not in runtime]
     sys.path[:] = stdlib  # the venv's .pth lines run as python runs them: without the runtime's site
