@@ -112,6 +112,23 @@ def test_the_venvs_files_are_measured(app_venv: tuple[Path, Path]) -> None:
     assert json.loads(config.partition(": ")[2])["venv"] == str(venv)
 
 
+def test_an_editable_install_by_setuptools_finder_imports_after_lockdown(tmp_path: Path) -> None:
+    # What `pip install -e .` of a flat-layout setuptools project writes: a .pth import line that
+    # installs a finder (setuptools' own template), which answers with the stdlib's file loaders.
+    editable = pytest.importorskip("setuptools.command.editable_wheel")
+    site = make_venv(tmp_path / "venv")
+    project = tmp_path / "project" / "flatpkg"
+    project.mkdir(parents=True)
+    (project / "__init__.py").write_text("WHO = 'from the editable project'\n")
+    (project / "sub.py").write_text("X = 42\n")
+    finder = "__editable___flatpkg_0_1_finder"
+    (site / f"{finder}.py").write_text(editable._finder_template(finder, {"flatpkg": str(project)}, {}))
+    (site / "__editable__.flatpkg-0.1.pth").write_text(f"import {finder}; {finder}.install()\n")
+    write_app(tmp_path, "import flatpkg, flatpkg.sub\nprint(flatpkg.WHO, flatpkg.sub.X, flatpkg.__file__)")
+    r = run_enclave("--venv", "venv", "app.py", cwd=tmp_path, env=no_active_venv())
+    assert (r.returncode, r.stdout) == (0, f"from the editable project 42 {project}/__init__.py\n"), r.stderr
+
+
 def test_the_active_venv_is_used_unless_told_not_to(app_venv: tuple[Path, Path]) -> None:
     root, venv = app_venv
     active = run_enclave("app.py", cwd=root, env={"VIRTUAL_ENV": str(venv)})

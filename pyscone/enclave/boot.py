@@ -156,6 +156,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
             _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     importer.install()
+    _adopt_finders()
     if cfg.get("measure"):
         _measure(cfg, region.geometry)
 
@@ -234,6 +235,54 @@ def _enter_venv(path: str) -> list[str]:
     app_path = list(sys.path)
     sys.path[:] = [*stdlib, *runtime, *(p for p in app_path if p not in stdlib and p not in runtime)]
     return app_path
+
+
+class _AdoptedFinder:
+    """A finder that the app's environment installed, whose file answers the enclave loads.
+
+    An editable install made by setuptools puts a finder on ``sys.meta_path`` from a ``.pth``
+    ``import`` line; it answers with the stdlib's file loaders, which read the disk directly:
+    after lockdown that was a bare EPERM.  Its answers are loaded by the enclave importer's
+    loaders instead (through the host, hashed, and verified by the FS shield if protected),
+    as the measuring loader does before lockdown (``loader._delegate``).  Everything else is
+    the finder's own (``find_distributions``, ``invalidate_caches``).
+    """
+
+    def __init__(self, finder: Any) -> None:
+        self._finder = finder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._finder, name)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        import importlib.machinery
+        import importlib.util
+
+        spec = self._finder.find_spec(fullname, path, target)
+        kind = type(getattr(spec, "loader", None))
+        if spec is None or kind not in (importlib.machinery.SourceFileLoader, importlib.machinery.ExtensionFileLoader):
+            return spec
+        origin = str(spec.origin)
+        ours: Any = (
+            importer.EnclaveSourceLoader(fullname, origin)
+            if kind is importlib.machinery.SourceFileLoader
+            else importer.EnclaveExtensionLoader(fullname, origin)
+        )
+        locations = spec.submodule_search_locations
+        return importlib.util.spec_from_file_location(
+            fullname, origin, loader=ours, submodule_search_locations=list(locations) if locations is not None else None
+        )
+
+
+def _adopt_finders() -> None:
+    """Wrap the finders that are neither the interpreter's nor the enclave's (see :class:`_AdoptedFinder`)."""
+    import importlib.machinery
+
+    own = (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)
+    sys.meta_path[:] = [
+        f if f in own or isinstance(f, (importer.EnclaveFinder, _AdoptedFinder)) else _AdoptedFinder(f)
+        for f in sys.meta_path
+    ]
 
 
 def _attest(cfg: dict[str, Any]) -> str | None:
