@@ -58,6 +58,7 @@ print("prefix", sys.prefix)
 import site, sysconfig
 print("site", site.getsitepackages() == [sysconfig.get_paths()["purelib"]] == [venvpkg.__file__.rpartition("/")[0]])
 print("runtime-only package visible", importlib.util.find_spec("pytest") is not None)
+print("sitecustomize", getattr(sys, "venv_sitecustomize", None))
 """
 
 
@@ -78,6 +79,7 @@ def app_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     (site / "venvext").mkdir()
     (site / "venvext" / "__init__.py").write_text("")
     shutil.copy(_json.__file__, site / "venvext" / ("_json" + importlib.machinery.EXTENSION_SUFFIXES[0]))
+    (site / "sitecustomize.py").write_text("import sys\nsys.venv_sitecustomize = 'ran'\n")
     write_app(root, APP)
     yield root, venv
 
@@ -93,6 +95,7 @@ def test_an_app_runs_with_its_venvs_packages_and_only_those(app_venv: tuple[Path
         f"prefix {venv}",
         "site True",  # what site and sysconfig say agrees (pip-like code finds the venv)
         "runtime-only package visible False",  # pyscone's own environment is not the app's
+        "sitecustomize ran",  # the venv's, as site runs it
     ]
     # Without the venv the app's packages are not there: it is the venv that made the difference.
     bare = run_enclave("app.py", cwd=root, env=no_active_venv())
@@ -106,6 +109,7 @@ def test_the_venvs_files_are_measured(app_venv: tuple[Path, Path]) -> None:
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if ":" in line.split(" ")[0]}
     assert rows["venv:pyvenv.cfg"][-1] == str(venv / "pyvenv.cfg")
     assert rows["pth:__editable__.editpkg-0.1.pth"][-1].startswith(str(venv))
+    assert rows["module:sitecustomize"][-1] == str(venv / "lib" / PY / "site-packages" / "sitecustomize.py")
     ext = rows["extension:venvext._json"]
     assert ext[-1].startswith(str(venv)) and ext[-2] == "mapped"  # mapped before lockdown, from what was hashed
     config = next(line for line in r.stdout.splitlines() if line.startswith("measured configuration: "))

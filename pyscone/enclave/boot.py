@@ -232,6 +232,12 @@ def _enter_venv(path: str) -> list[str]:
     stdlib = [p for p in sys.path if p not in runtime]
     sys.path[:] = stdlib  # the venv's .pth lines run as python runs them: without the runtime's site
     loader.add_sitedirs(venv.site_dirs(spec, sys.base_prefix))
+    if "sitecustomize" not in sys.modules:  # as site does, unless the runtime's environment had one
+        try:
+            __import__("sitecustomize")  # through the measuring finder, like any module
+        except Exception as e:  # noqa: BLE001 - site reports and goes on
+            if not (isinstance(e, ImportError) and e.name == "sitecustomize"):
+                print(f"Error in sitecustomize: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     app_path = list(sys.path)
     sys.path[:] = [*stdlib, *runtime, *(p for p in app_path if p not in stdlib and p not in runtime)]
     return app_path
