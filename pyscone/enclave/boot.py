@@ -219,14 +219,17 @@ def _enter_venv(path: str) -> list[str]:
     if why is not None:
         iago.fail_stop(f"the app's virtualenv {path}: {why}")
     # What python in the venv has: sys.prefix, and what site and sysconfig derive from it
-    # (sysconfig, imported already, kept the old prefix in 3.11; 3.12+ notices the change).
+    # (sysconfig was imported before this, and keeps the prefix it saw then, and its config vars).
     sys.prefix = sys.exec_prefix = spec.path
     import site
     import sysconfig
 
     site.PREFIXES[:] = [spec.path, sys.base_prefix] if spec.include_system else [spec.path]
     if hasattr(sysconfig, "_PREFIX"):
-        for name, value in (("_PREFIX", spec.path), ("_EXEC_PREFIX", spec.path), ("_CONFIG_VARS", None)):
+        reset = {"_PREFIX": spec.path, "_EXEC_PREFIX": spec.path, "_CONFIG_VARS": None}
+        if hasattr(sysconfig, "_CONFIG_VARS_INITIALIZED"):  # 3.12+
+            reset["_CONFIG_VARS_INITIALIZED"] = False
+        for name, value in reset.items():
             setattr(sysconfig, name, value)
     runtime = [p for p in loader.site_entries if p in sys.path]
     stdlib = [p for p in sys.path if p not in runtime]
