@@ -226,7 +226,7 @@ def _enter_venv(path: str) -> list[str]:
 
     site.PREFIXES[:] = [spec.path, sys.base_prefix] if spec.include_system else [spec.path]
     if hasattr(sysconfig, "_PREFIX"):
-        reset = {"_PREFIX": spec.path, "_EXEC_PREFIX": spec.path, "_CONFIG_VARS": None}
+        reset: dict[str, object] = {"_PREFIX": spec.path, "_EXEC_PREFIX": spec.path, "_CONFIG_VARS": None}
         if hasattr(sysconfig, "_CONFIG_VARS_INITIALIZED"):  # 3.12+
             reset["_CONFIG_VARS_INITIALIZED"] = False
         for name, value in reset.items():
