@@ -267,10 +267,16 @@ class _AdoptedFinder:
         import importlib.machinery
         import importlib.util
 
+        from pyscone.enclave import loader
+
         spec = self._finder.find_spec(fullname, path, target)
         kind = type(getattr(spec, "loader", None))
         if spec is None or kind not in (importlib.machinery.SourceFileLoader, importlib.machinery.ExtensionFileLoader):
             return spec
+        if loader.runtime_sealed():  # as the enclave finder refuses it (see loader.seal)
+            raise loader.SealedImportError(
+                f"pyscone: the runtime imports {fullname} after the enclave was measured", name=fullname
+            )
         origin = str(spec.origin)
         ours: Any = (
             importer.EnclaveSourceLoader(fullname, origin)
