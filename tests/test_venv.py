@@ -357,3 +357,41 @@ def test_an_attested_enclave_runs_only_with_the_venv_its_policy_admits(tmp_path:
             assert "attestation failed" in r.stderr, r.stderr
     finally:
         world.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # python -m venv
+        (b"home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11.7\n", ((3, 11), None, False)),
+        # virtualenv
+        (
+            b"home = /usr/bin\nimplementation = CPython\nversion_info = 3.12.1.final.0\nvirtualenv = 20.25.0\n"
+            b"include-system-site-packages = true\nbase-prefix = /usr\n",
+            ((3, 12), "cpython", True),
+        ),
+        # uv
+        (
+            b"home = /opt/py/bin\nimplementation = CPython\nuv = 0.4.0\nversion_info = 3.13.0\n",
+            ((3, 13), "cpython", False),
+        ),
+        # no version at all (then the site-packages directory decides)
+        (b"home = /usr/bin\n", (None, None, False)),
+    ],
+)
+def test_pyvenv_cfg_as_venv_virtualenv_and_uv_write_it(text: bytes, expected: tuple[object, ...]) -> None:
+    from pyscone.enclave import venv
+
+    spec = venv.parse_cfg("/srv/app/venv/", text)
+    assert (spec.path, (spec.version, spec.implementation, spec.include_system)) == ("/srv/app/venv", expected)
+
+
+def test_a_pyvenv_cfg_with_a_bad_version_is_one_error_line(tmp_path: Path) -> None:
+    write_app(tmp_path, "print('ran')")
+    make_venv(tmp_path / "venv")
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\nversion = eleven\n")
+    r = run_enclave("--venv", "venv", "app.py", cwd=tmp_path, env=no_active_venv())
+    assert (r.returncode, r.stderr.splitlines()) == (
+        2,
+        [f"error: --venv venv: {tmp_path / 'venv'}/pyvenv.cfg: version 'eleven' is not a Python version"],
+    )
