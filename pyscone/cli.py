@@ -58,6 +58,13 @@ def add_identity_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-barrier", action="store_true", help="DEBUG ONLY: do not install the seccomp barrier")
     p.add_argument(
+        "--venv",
+        metavar="DIR",
+        help="the app's virtualenv: its packages are the app's (default: the active one, $VIRTUAL_ENV, "
+        "except with --cas; part of MRENCLAVE)",
+    )
+    p.add_argument("--no-venv", action="store_true", help="ignore the active virtualenv ($VIRTUAL_ENV)")
+    p.add_argument(
         "--cas",
         default=os.environ.get("PYSCONE_CAS") or None,
         metavar="URL",
@@ -89,6 +96,62 @@ def _cas_pin(a: argparse.Namespace) -> dict[str, str] | None:
     if not a.cas.startswith("https://"):
         raise UsageError(f"--cas {a.cas}: the CAS URL starts with https://")
     return {"url": a.cas.rstrip("/"), "cert_sha256": fingerprint}
+
+
+def _venv(a: argparse.Namespace, attested: bool) -> str | None:
+    """The app's virtualenv: ``--venv``, else (not with a CAS) the active one; checked here.
+
+    With a CAS the host's environment chooses nothing: only an explicit ``--venv``, which
+    is measured, so that the session's policy (its MRENCLAVE or signer) decides whether
+    the enclave may run with it.
+
+    Raises:
+        UsageError: the venv is missing, is not a venv, or is for another Python.
+    """
+    from pyscone.enclave import venv
+
+    active = os.environ.get("VIRTUAL_ENV") or None
+    if a.no_venv:
+        return None
+    if a.venv is not None:
+        path, what = a.venv, f"--venv {a.venv}"
+    elif active is not None and not attested:
+        path, what = active, f"the active virtualenv (VIRTUAL_ENV={active})"
+    else:
+        if active is not None and not _same_dir(active, sys.prefix):
+            print(
+                f"pyscone: note: with --cas the active virtualenv ({active}) is not used; "
+                "pass --venv DIR (it is part of MRENCLAVE)",
+                file=sys.stderr,
+            )
+        return None
+    path = os.path.abspath(path)
+    if _same_dir(path, sys.prefix):
+        return None  # pyscone's own environment: the enclave has it anyway
+    if not os.path.isdir(path):
+        raise UsageError(f"{what}: no such directory")
+    try:
+        with open(os.path.join(path, "pyvenv.cfg"), "rb") as f:
+            spec = venv.parse_cfg(path, f.read())
+    except FileNotFoundError:
+        raise UsageError(f"{what}: not a virtualenv (no pyvenv.cfg in {path})") from None
+    except OSError as e:
+        raise UsageError(f"{what}: {e.strerror}") from None
+    except venv.VenvError as e:
+        raise UsageError(f"{what}: {e}") from None
+    own = venv.site_dirs(venv.Venv(spec.path, spec.version, spec.implementation, False), sys.base_prefix)
+    why = venv.problem(spec, own, [os.path.isdir(d) for d in own])
+    if why is not None:
+        hint = "; deactivate it or pass --no-venv" if a.venv is None else ""
+        raise UsageError(f"{what}: {why}{hint}")
+    return spec.path
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +455,7 @@ def launch_configs(a: argparse.Namespace, argv: list[str], module: bool = False)
         preload=a.preload,
         cas=_cas_pin(a),
     )
+    enclave.venv = _venv(a, attested=enclave.cas is not None)
     enclave.measure = enclave.cas is not None
     host = launcher.HostConfig(
         slots=slots,

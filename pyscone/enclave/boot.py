@@ -95,6 +95,7 @@ def main() -> None:
     loader.expect_measurement(bool(cfg.get("measure")))
     region = rings.SharedRegion.attach(cfg["shm_fd"])
     iago.on_fatal(region.write_fatal)
+    app_path = _enter_venv(str(cfg["venv"])) if cfg.get("venv") else None
     client = SyscallClient(region, cfg["bell_host"], cfg["bell_enclave"], cfg["spin_us"])
     sched = scheduler.Scheduler(client, sync=cfg["syscalls"] == "sync")
     scheduler.install(sched)
@@ -104,8 +105,12 @@ def main() -> None:
     # be mapped.  The stdlib's, then those the app can import (its directory, site-packages).
     # One that cannot be mapped (e.g. _tkinter without Tk) fails when imported, with the reason.
     importer.preload_extensions(importer.extension_dirs())
+    boot_path = list(sys.path)
+    if app_path is not None:  # the app's, not the runtime's (those it imports are mapped as they load)
+        sys.path[:] = app_path
     for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
         print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
+    sys.path[:] = boot_path
     from pyscone.enclave.stdlib import console, fdops, files, process, sockets, surface, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
@@ -125,6 +130,8 @@ def main() -> None:
         pass  # reported by lockdown, if there is one
 
     # 3. Interpose.
+    if app_path is not None:  # the runtime's imports are done: from here on sys.path is the app's
+        sys.path[:] = app_path
     threads.install()
     if cfg.get("cas"):
         # Nothing path-like comes from the host in CAS mode: the working directory, the
@@ -150,6 +157,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a user mistake, reported in one line
             _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     importer.install()
+    _adopt_finders()
     if cfg.get("measure"):
         _measure(cfg, region.geometry)
 
@@ -186,6 +194,111 @@ def main() -> None:
     if cfg["stats"]:
         _print_stats(client)
     os._exit(status[0])
+
+
+def _enter_venv(path: str) -> list[str]:
+    """Put the app's virtualenv on ``sys.path`` (``enclave/venv.py``); return the app's ``sys.path``.
+
+    The app's path is the standard library, then the venv's site-packages with their
+    ``.pth`` paths (measured), then the base site-packages if ``include-system-site-packages``:
+    python's, without the runtime's own environment (pyscone's dependencies are not the
+    app's).  Until boot step 3 the runtime's environment stays *first*, so that the
+    runtime's own imports (cryptography, ...) never come from the app's venv.
+    """
+    from pyscone.enclave import loader, venv
+
+    conf = path + "/pyvenv.cfg"
+    try:
+        with open(conf, "rb") as f:
+            data = f.read()
+        spec = venv.parse_cfg(path, data)
+    except (OSError, venv.VenvError) as e:  # the host's CLI checked it: the host changed it since
+        iago.fail_stop(f"the app's virtualenv {path}: {e}")
+    loader.record.append(loader.Loaded("venv:pyvenv.cfg", conf, "config", data, "read"))
+    own = venv.site_dirs(venv.Venv(spec.path, spec.version, spec.implementation, False), sys.base_prefix)
+    why = venv.problem(spec, own, [os.path.isdir(d) for d in own])
+    if why is not None:
+        iago.fail_stop(f"the app's virtualenv {path}: {why}")
+    # What python in the venv has: sys.prefix, and what site and sysconfig derive from it
+    # (sysconfig was imported before this, and keeps the prefix it saw then, and its config vars).
+    sys.prefix = sys.exec_prefix = spec.path
+    import site
+    import sysconfig
+
+    site.PREFIXES[:] = [spec.path, sys.base_prefix] if spec.include_system else [spec.path]
+    if hasattr(sysconfig, "_PREFIX"):
+        reset: dict[str, object] = {"_PREFIX": spec.path, "_EXEC_PREFIX": spec.path, "_CONFIG_VARS": None}
+        if hasattr(sysconfig, "_CONFIG_VARS_INITIALIZED"):  # 3.12+
+            reset["_CONFIG_VARS_INITIALIZED"] = False
+        for name, value in reset.items():
+            setattr(sysconfig, name, value)
+    runtime = [p for p in loader.site_entries if p in sys.path]
+    stdlib = [p for p in sys.path if p not in runtime]
+    sys.path[:] = stdlib  # the venv's .pth lines run as python runs them: without the runtime's site
+    loader.add_sitedirs(venv.site_dirs(spec, sys.base_prefix))
+    if "sitecustomize" not in sys.modules:  # as site does, unless the runtime's environment had one
+        try:
+            __import__("sitecustomize")  # through the measuring finder, like any module
+        except Exception as e:  # noqa: BLE001 - site reports and goes on
+            if not (isinstance(e, ImportError) and e.name == "sitecustomize"):
+                print(f"Error in sitecustomize: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    app_path = list(sys.path)
+    sys.path[:] = [*stdlib, *runtime, *(p for p in app_path if p not in stdlib and p not in runtime)]
+    return app_path
+
+
+class _AdoptedFinder:
+    """A finder that the app's environment installed, whose file answers the enclave loads.
+
+    An editable install made by setuptools puts a finder on ``sys.meta_path`` from a ``.pth``
+    ``import`` line; it answers with the stdlib's file loaders, which read the disk directly:
+    after lockdown that was a bare EPERM.  Its answers are loaded by the enclave importer's
+    loaders instead (through the host, hashed, and verified by the FS shield if protected),
+    as the measuring loader does before lockdown (``loader._delegate``).  Everything else is
+    the finder's own (``find_distributions``, ``invalidate_caches``).
+    """
+
+    def __init__(self, finder: Any) -> None:
+        self._finder = finder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._finder, name)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        import importlib.machinery
+        import importlib.util
+
+        from pyscone.enclave import loader
+
+        spec = self._finder.find_spec(fullname, path, target)
+        kind = type(getattr(spec, "loader", None))
+        if spec is None or kind not in (importlib.machinery.SourceFileLoader, importlib.machinery.ExtensionFileLoader):
+            return spec
+        if loader.runtime_sealed():  # as the enclave finder refuses it (see loader.seal)
+            raise loader.SealedImportError(
+                f"pyscone: the runtime imports {fullname} after the enclave was measured", name=fullname
+            )
+        origin = str(spec.origin)
+        ours: Any = (
+            importer.EnclaveSourceLoader(fullname, origin)
+            if kind is importlib.machinery.SourceFileLoader
+            else importer.EnclaveExtensionLoader(fullname, origin)
+        )
+        locations = spec.submodule_search_locations
+        return importlib.util.spec_from_file_location(
+            fullname, origin, loader=ours, submodule_search_locations=list(locations) if locations is not None else None
+        )
+
+
+def _adopt_finders() -> None:
+    """Wrap the finders that are neither the interpreter's nor the enclave's (see :class:`_AdoptedFinder`)."""
+    import importlib.machinery
+
+    own = (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)
+    sys.meta_path[:] = [
+        f if f in own or isinstance(f, (importer.EnclaveFinder, _AdoptedFinder)) else _AdoptedFinder(f)
+        for f in sys.meta_path
+    ]
 
 
 def _attest(cfg: dict[str, Any]) -> str | None:

@@ -722,11 +722,7 @@ def _site() -> None:
         break
     site.PREFIXES[:] = prefixes
     site.ENABLE_USER_SITE = False
-    for sitedir in site.getsitepackages(prefixes):
-        if _is_dir(sitedir) and sitedir not in known:
-            sys.path.append(sitedir)
-            known.add(sitedir)
-            _add_pth_files(sitedir, known)
+    site_entries[:] = add_sitedirs(site.getsitepackages(prefixes), known)
     site.setquit()
     site.setcopyright()
     site.sethelper()
@@ -737,6 +733,26 @@ def _site() -> None:
             _warn(f"Error in sitecustomize: {type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - site reports and goes on
         _warn(f"Error in sitecustomize: {type(e).__name__}: {e}")
+
+
+#: What :func:`_site` put on ``sys.path``: the runtime's own environment (boot takes it off
+#: the app's ``sys.path`` when the app brings a venv of its own: ``enclave/venv.py``).
+site_entries: list[str] = []
+
+
+def add_sitedirs(sitedirs: "Sequence[str]", known: "set[str] | None" = None) -> list[str]:
+    """Append each site directory and the paths of its ``.pth`` files (measured) to ``sys.path``.
+
+    Returns the entries added, in order (``known``: entries not to add again, default ``sys.path``'s).
+    """
+    known = {p for p in sys.path if isinstance(p, str)} if known is None else known
+    start = len(sys.path)
+    for sitedir in sitedirs:
+        if _is_dir(sitedir) and sitedir not in known:
+            sys.path.append(sitedir)
+            known.add(sitedir)
+            _add_pth_files(sitedir, known)
+    return [p for p in sys.path[start:] if isinstance(p, str)]
 
 
 def _add_pth_files(sitedir: str, known: set[str]) -> None:

@@ -56,6 +56,7 @@ class EnclaveConfig:
     # The bytecode cache: the host's directory, and in dev mode its key (hex); with a CAS the
     # CAS gives the key.  Not measured: the cache holds only what the enclave itself sealed.
     bytecode_cache: dict[str, str] | None = None
+    venv: str | None = None  # the app's virtualenv, absolute (enclave/venv.py; measured)
 
 
 @dataclass

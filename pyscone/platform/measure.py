@@ -39,6 +39,9 @@ _DOMAIN = b"pyscone-mrenclave-v2\0"
 #: The enclave configuration keys that are part of its identity.  Host-side tuning
 #: (spin times, S-threads, statistics) is not: it cannot change what the enclave does.
 IDENTITY_KEYS = ("heap", "syscalls", "preload", "slots", "slot_data", "cas")
+#: Measured only when set, so that an enclave without one keeps the MRENCLAVE it had: the app's
+#: virtualenv (its path decides which files the app's imports read, and which FSPF region covers them).
+OPTIONAL_IDENTITY_KEYS = ("venv",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +76,8 @@ def _open_binary(path: str) -> BinaryIO:
 
 def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The measured part of an enclave configuration (missing keys measure as ``None``)."""
-    return {key: cfg.get(key) for key in IDENTITY_KEYS}
+    optional = {key: cfg[key] for key in OPTIONAL_IDENTITY_KEYS if cfg.get(key) is not None}
+    return {**{key: cfg.get(key) for key in IDENTITY_KEYS}, **optional}
 
 
 def canonical(files: Sequence[TcbFile], config: Mapping[str, Any]) -> bytes:
