@@ -50,15 +50,18 @@ stdio on the new fd, which is C-library I/O (the libc layer, not built yet): it
 would fail at the barrier and numpy would blame a "wrong debug/release runtime".
 So an ``os.dup`` whose calling Python function never mentions ``dup`` (the call
 came from C code) is refused with one clear ``ENOSYS``.  This is a heuristic on
-the caller's code object (a name, local or string constant containing "dup");
-Python code that calls ``os.dup`` through a renamed reference elsewhere is
-wrongly refused, which is loud, not silent.
+the caller's code object: a name, local or string constant with the word "dup"
+(``dup``, ``os_dup``, ``_dup``; not ``dup2``).  Python code that calls ``os.dup``
+through a reference named otherwise is wrongly refused, which is loud; a
+function that names ``dup`` and also calls numpy's ``tofile`` gets numpy's own
+error, as before.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -70,6 +73,7 @@ ALIAS_BASE = pipes.ALIAS_BASE
 _FD_LIMIT = (1 << 31) - 1  # a C int
 _CONSOLE = (0, 1, 2)
 
+_WORD = re.compile(r"[^0-9a-z]+")
 _fds = iago.fds
 _alias: dict[int, int] = {}
 _refs: dict[int, int] = {}
@@ -265,7 +269,7 @@ def _called_from_c() -> bool:
     except ValueError:
         return True
     words = (*code.co_names, *code.co_varnames, *(c for c in code.co_consts if isinstance(c, str)))
-    return not any("dup" in w for w in words)
+    return not any("dup" in _WORD.split(w.lower()) for w in words)  # os_dup, _dup, "dup"; not dup2
 
 
 def os_dup(fd: int) -> int:

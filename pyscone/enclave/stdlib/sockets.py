@@ -95,7 +95,10 @@ class EnclaveSocket(_StdSocket):
         self._proto = proto
         self._timeout: float | None = timeout
         self._sockname: Any = None
-        _note_timeout(fd, timeout)
+        if fileno is None or timeout is not None:
+            # As CPython: a socket made on an existing fd leaves its O_NONBLOCK alone unless
+            # a default timeout is set (the fd may be a dup whose flag another socket relies on).
+            _note_timeout(fd, timeout)
 
     @staticmethod
     def _opt(fd: int, opt: int) -> int:
