@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A pipe is a buffer in the enclave with a count of open read and write fds; its
 data never leaves enclave memory and a read or a write is no host call.  Its fds
-are *local*: numbers from ``LOCAL_BASE`` up, which neither the host
+are *local*: numbers from ``LOCAL_BASE`` to ``ALIAS_BASE``, which neither the host
 (``< MAX_FD``, Iago refuses more) nor the FS shield's virtual fds
 (``MAX_FD`` upwards, one per open) reach.  A ``dup`` of an end is another number
 for the same end (``dups`` names the end's fd again; the end is closed here when
@@ -20,7 +20,6 @@ host call.  A wait over local and host fds together is one host ``POLL`` that
 also watches a *bell*, a host socket pair the enclave opens on first need: a pipe
 that changes while such a wait is parked rings it (one host call, only then),
 so waitress's trigger pipe and the self-pipe trick wake a select on sockets.
-
 """
 
 from __future__ import annotations
