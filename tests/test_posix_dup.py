@@ -398,3 +398,59 @@ def test_random_fd_games_match_linux(tmp_path: Path, programs: list[list[tuple[s
     (run / "enc").mkdir()
     tool.add_region(paths, str(run / "enc"), "encrypted", 4096)
     _same_as_native(run, MODEL_APP, "enc", fspf=fspf)
+
+
+# -- the other call sites: fsmeta (statvfs, xattrs) and ssl over a dup ------------------------------
+
+META_APP = """
+    import os
+    fd = os.open("f", os.O_CREAT | os.O_RDWR | os.O_TRUNC)
+    d = os.dup(fd)
+    os.close(fd)
+    print("fstatvfs of a dup", os.fstatvfs(d).f_bsize == os.statvfs(".").f_bsize, os.statvfs(d).f_bsize > 0)
+    try:
+        print("xattrs", os.listxattr(d) == [])  # natively none, on a file just made
+    except OSError as e:
+        print("xattrs", e.errno == 95)  # ENOTSUP in the enclave
+    os.close(d)
+    for name, call in (("fstatvfs", os.fstatvfs), ("listxattr", os.listxattr)):
+        try:
+            call(d)
+        except OSError as e:
+            print(name, "of a closed dup", e.errno)
+"""
+
+
+def test_statvfs_and_xattrs_on_a_dup(tmp_path: Path) -> None:
+    out = _same_as_native(tmp_path, META_APP).splitlines()
+    assert out[0] == "fstatvfs of a dup True True"
+    assert out[-2:] == ["fstatvfs of a closed dup 9", "listxattr of a closed dup 9"]
+
+
+TLS_APP = """
+    import os, socket, ssl, sys, threading
+    ca, cert, key = sys.argv[1:4]
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv = socket.create_server(("127.0.0.1", 0))
+    def serve():
+        conn, _ = srv.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(tls.recv(100).upper())
+    threading.Thread(target=serve).start()
+    raw = socket.create_connection(srv.getsockname())
+    dup = socket.socket(fileno=os.dup(raw.fileno()))
+    raw.close()
+    ctx = ssl.create_default_context(cafile=ca)
+    with ctx.wrap_socket(dup, server_hostname="localhost") as tls:
+        tls.sendall(b"over a dup")
+        print("tls", tls.recv(100), tls.version() is not None)
+"""
+
+
+def test_tls_over_a_dup_of_a_socket(tmp_path: Path) -> None:
+    from test_tls_apps import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    out = _same_as_native(tmp_path, TLS_APP, str(pki.ca), str(pki.cert), str(pki.key))
+    assert out == "tls b'OVER A DUP' True\n"
