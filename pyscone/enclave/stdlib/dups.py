@@ -223,8 +223,7 @@ def dup(fd: int, lowest: int = 0, inheritable: bool = False) -> int:
     _check_handle(h)
     n = _lowest_free(lowest)
     _name(n, h)
-    if inheritable:
-        _fds.inheritable.add(n)
+    (_fds.inheritable.add if inheritable else _fds.inheritable.discard)(n)
     return n
 
 
@@ -239,6 +238,8 @@ def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
     if fd2 > _FD_LIMIT:
         _ebadf()
     if not _reusable(fd2):
+        if fd2 >= MAX_FD:  # a vfd or pipe number not given out yet: as a number beyond the fd limit
+            _ebadf()
         raise OSError(
             errno.ENOSYS, "os.dup2 onto a host fd's number (other than 0-2) is not supported inside a pyscone enclave"
         )

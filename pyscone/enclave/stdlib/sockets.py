@@ -342,8 +342,11 @@ class EnclaveSocket(_StdSocket):
                     h = dups.unname(fd)
                 except OSError:
                     return
-                if h is None or h != fd or _fds.kinds.get(h) != iago.FdTable.SOCKET:
-                    return  # still named elsewhere, or not this socket any more: nothing to defer safely
+                if h is None or h not in _fds.kinds or h <= 2:
+                    # Still named elsewhere, or (after a dup2 onto this number) a vfd or a pipe
+                    # end, whose close cannot run in a finalizer: that handle stays open.
+                    return
+                fd = h
             _fds.forget(fd)
             scheduler._scheduler.defer(Op.CLOSE, (fd,))
 
