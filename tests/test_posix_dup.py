@@ -454,3 +454,32 @@ def test_tls_over_a_dup_of_a_socket(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     out = _same_as_native(tmp_path, TLS_APP, str(pki.ca), str(pki.cert), str(pki.key))
     assert out == "tls b'OVER A DUP' True\n"
+
+
+ATOMIC_APP = """
+    import os, threading, time
+    fd2 = os.dup(os.open("first", os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
+    done, seen = threading.Event(), {"ok": 0, "EBADF": 0}
+    def writer():
+        while not done.is_set():
+            try:
+                os.write(fd2, b"w")
+                seen["ok"] += 1
+            except OSError:
+                seen["EBADF"] += 1
+                time.sleep(0.001)  # no host call was made: let the others run
+    t = threading.Thread(target=writer)
+    t.start()
+    for i in range(200):
+        x = os.open(f"f{i % 4}", os.O_CREAT | os.O_WRONLY)
+        os.dup2(x, fd2)  # closes the file fd2 named last (the host's close makes this lthread wait)
+        os.close(x)  # fd2 is now its only name
+    done.set()
+    t.join()
+    print("writes", seen["ok"] > 0, "EBADF", seen["EBADF"])
+"""
+
+
+def test_dup2_onto_an_open_number_is_atomic_for_other_lthreads(tmp_path: Path) -> None:
+    out = _same_as_native(tmp_path, ATOMIC_APP)
+    assert out == "writes True EBADF 0\n"
