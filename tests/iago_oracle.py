@@ -57,7 +57,8 @@ Spec = Callable[[tuple[int, ...], bytes, int, Any, Any, Context], set[str] | Non
 
 
 def _fresh(fd: object, ctx: Context) -> bool:
-    return isinstance(fd, int) and 0 <= fd < abi.MAX_FD and fd not in ctx.fds.kinds
+    # Never 0-2: the enclave does not close the host's console fds (and dup2 may have named them).
+    return isinstance(fd, int) and 3 <= fd < abi.MAX_FD and fd not in ctx.fds.kinds
 
 
 def _ip(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -104,29 +104,6 @@ def test_pipes_behave_as_natively_and_wake_selects_on_sockets(tmp_path: Path) ->
     assert "and for the socket True" in r.stdout and "a full pipe holds 65536" in r.stdout
 
 
-DUP_APP = """
-    import os, socket
-    s = socket.socket()
-    for what, call in (("socket", lambda: os.dup(s.fileno())), ("file", lambda: os.dup(os.open("x", os.O_CREAT | os.O_RDWR))),
-                       ("onto", lambda: os.dup2(os.pipe()[0], 1)), ("closed", lambda: os.dup(12345))):
-        try:
-            call()
-        except OSError as e:
-            print(what, e.errno, e.strerror)
-"""
-
-
-def test_dup_of_host_fds_is_refused_by_name(tmp_path: Path) -> None:
-    r = run_enclave(write_app(tmp_path, DUP_APP), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [
-        "socket 38 os.dup of a socket or a file is not supported inside a pyscone enclave",
-        "file 38 os.dup of a socket or a file is not supported inside a pyscone enclave",
-        "onto 38 os.dup2 onto a host fd is not supported inside a pyscone enclave",
-        "closed 9 Bad file descriptor",
-    ]
-
-
 WAITRESS_APP = """
     import sys
     from flask import Flask

@@ -113,6 +113,10 @@ class FdTable:
             raise HostViolation(f"host returned fd {fd}, outside 0..{abi.MAX_FD}")
         if fd in self.kinds:
             raise HostViolation(f"host returned fd {fd}, which is already open in the enclave")
+        if fd < 3:
+            # The enclave never closes the host's 0-2 (files.close), so a new fd can never be one
+            # of them; and the app may have made 0-2 names of its own (os.dup2, stdlib/dups.py).
+            raise HostViolation(f"host returned fd {fd}, one of the console's 0-2, which it never gave up")
         self.kinds[fd] = kind
         if family:
             self.families[fd] = family

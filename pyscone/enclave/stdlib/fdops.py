@@ -24,6 +24,9 @@ never conflict within one process, so they are granted at once, exactly as Linux
 would; ``flock`` locks belong to an open file, so two opens of the same file in
 the enclave do conflict, and a table here (:class:`_FlockTable`) decides.  A
 socket or the console has no one to conflict with: locks on them are granted.
+
+A dup (``dups``) shares what Linux's open file description holds: ``O_NONBLOCK``
+and the status flags, and locks, are the handle's; ``FD_CLOEXEC`` is the number's.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, NoReturn
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import files, interpose, pipes
+from pyscone.enclave.stdlib import dups, files, interpose, pipes
 
 _fds = iago.fds
 # struct flock on Linux x86-64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
@@ -64,7 +67,8 @@ def _fd(obj: Any) -> int:
 
 
 def _kind(fd: int) -> str:
-    """What ``fd`` is (EBADF if the enclave never opened it): a host kind, ``"vfd"`` or ``"pipe"``."""
+    """What the handle ``fd`` names is (EBADF if closed): a host kind, ``"vfd"`` or ``"pipe"``."""
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         pipes.fstat(fd)
         return "pipe"
@@ -91,16 +95,17 @@ def set_inheritable(fd: int, inheritable: bool) -> None:
 
 def get_blocking(fd: int) -> bool:
     _kind(fd)
-    return fd not in _fds.nonblocking
+    return dups.resolve(fd) not in _fds.nonblocking
 
 
 def set_blocking(fd: int, blocking: bool) -> None:
     _kind(fd)
-    (_fds.nonblocking.discard if blocking else _fds.nonblocking.add)(fd)
+    (_fds.nonblocking.discard if blocking else _fds.nonblocking.add)(dups.resolve(fd))
 
 
 def _getfl(fd: int) -> int:
     kind = _kind(fd)
+    fd = dups.resolve(fd)
     nb = os.O_NONBLOCK if fd in _fds.nonblocking else 0
     if kind == "vfd":
         sh = files._vfd(fd)
@@ -170,6 +175,7 @@ def _identity(fd: int) -> object:
 def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int, wait: bool) -> None:
     """One lock request; ``wait``: until it is granted (retried here, never on the host)."""
     where = _kind(fd)
+    fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
     if where not in ("vfd", iago.FdTable.FILE):
         return  # a socket or the console: nothing else can hold a lock on it
     delay = _RETRY_FIRST
@@ -266,13 +272,12 @@ def fcntl_(fd: Any, cmd: int, arg: Any = 0) -> Any:
         return 0
     if cmd in (fcntl.F_SETLK, fcntl.F_SETLKW, _F_OFD_SETLK, _F_OFD_SETLKW):
         return _record_lock(f, cmd, arg)
-    if cmd in _DUPS and pipes.is_local(f):
-        new = pipes.dup(f)  # the lowest free number >= arg is not kept: local fds only grow
-        if cmd == fcntl.F_DUPFD:
-            _fds.inheritable.add(new)
-        return new
     if cmd in _DUPS:
-        _refuse(f"fcntl {_DUPS[cmd]} of a socket or a file")
+        lowest = int(arg)
+        if not 0 <= lowest <= 2**31 - 1:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        # The lowest free number >= arg that dups may give (see its theory of operation).
+        return dups.dup(f, lowest, inheritable=cmd == fcntl.F_DUPFD)
     _refuse(f"fcntl {_COMMANDS.get(cmd, f'command {cmd}')}")
 
 
@@ -290,3 +295,4 @@ def install() -> None:
     )  # fmt: skip
     files.on_close.append(_flocks.release)
     pipes.install()
+    dups.install()

@@ -11,6 +11,9 @@ enclave did not choose, and the file-system shield can match path prefixes.
 
 Errors caused by the app (an fd it never opened, a bad mode) are raised here,
 without a host call, with the errno the stdlib would use.
+
+An fd the app names may be a dup (``dups``): each function here takes the app's
+number and works on the handle it names (``dups.resolve``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import interpose, pipes
+from pyscone.enclave.stdlib import dups, interpose, pipes
 
 if TYPE_CHECKING:
     from pyscone.enclave.shields.fs import FsShield
@@ -268,6 +271,17 @@ on_close: list[Callable[[int], None]] = []
 
 
 def close(fd: int) -> None:
+    h = dups.unname(fd)
+    if h is None:
+        return  # other numbers still name the open file
+    if h == fd:
+        close_handle(fd)
+    else:
+        dups.close_handle(h)
+
+
+def close_handle(fd: int) -> None:
+    """Close a handle (a host fd, a vfd or a pipe end) that no number names any more."""
     if pipes.is_local(fd):
         return pipes.close(fd)
     if sh := _vfd(fd):
@@ -291,6 +305,7 @@ def close(fd: int) -> None:
 def read(fd: int, n: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         return pipes.read(fd, n)
     if sh := _vfd(fd):
@@ -301,6 +316,7 @@ def read(fd: int, n: int) -> bytes:
 
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         return pipes.write(fd, data)
     if sh := _vfd(fd):
@@ -314,6 +330,7 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
 def pread(fd: int, n: int, offset: int) -> bytes:
     if n < 0:
         raise ValueError("negative length")
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         raise _espipe(fd)
     if sh := _vfd(fd):
@@ -324,6 +341,7 @@ def pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         raise _espipe(fd)
     if sh := _vfd(fd):
@@ -334,6 +352,7 @@ def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
 
 
 def lseek(fd: int, pos: int, how: int) -> int:
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         raise _espipe(fd)
     if sh := _vfd(fd):
@@ -349,6 +368,7 @@ def fstat(fd: int) -> os.stat_result:
 
 def _stat(path: Path | int, follow: bool) -> StatResult:
     if isinstance(path, int):
+        path = dups.resolve(path)
         if pipes.is_local(path):
             return pipes.fstat(path)
         if sh := _vfd(path):
@@ -429,7 +449,7 @@ def replace(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: 
 
 
 def fsync(fd: Any) -> None:
-    fd = fd if isinstance(fd, int) else fd.fileno()
+    fd = dups.resolve(fd if isinstance(fd, int) else fd.fileno())
     if pipes.is_local(fd):
         pipes.fstat(fd)
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -440,6 +460,7 @@ def fsync(fd: Any) -> None:
 
 
 def ftruncate(fd: int, length: int) -> None:
+    fd = dups.resolve(fd)
     if pipes.is_local(fd):
         pipes.fstat(fd)
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -522,6 +543,10 @@ def symlink(src: Path, dst: Path, target_is_directory: bool = False, *, dir_fd: 
 
 
 def isatty(fd: int) -> bool:
+    try:
+        fd = dups.resolve(fd)
+    except OSError:
+        return False
     if _vfd(fd) or pipes.is_local(fd):
         return False
     try:
@@ -576,10 +601,8 @@ class EnclaveFileIO(io.RawIOBase):
         if isinstance(file, int):
             if file < 0:
                 raise ValueError("negative file descriptor")
-            if pipes.is_local(file):
-                pipes.fstat(file)
-            elif not _vfd(file):
-                _fds.kind(file)
+            if not dups.is_open(file):
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
             self._fd = file
         else:
             if not closefd:
@@ -649,9 +672,10 @@ class EnclaveFileIO(io.RawIOBase):
         if not self._readable:
             raise io.UnsupportedOperation("File not open for reading")
         view = memoryview(b).cast("B")
-        if sh := _vfd(self._fd):
+        h = dups.resolve(self._fd)
+        if sh := _vfd(h):
             # Decrypted straight into the caller's buffer; a buffered reader may get a short read.
-            return sh.readinto(self._fd, view, self._under_buffer)
+            return sh.readinto(h, view, self._under_buffer)
         data = read(self._fd, len(view))
         n = len(data)
         view[:n] = data

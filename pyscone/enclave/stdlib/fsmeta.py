@@ -20,7 +20,7 @@ from typing import Any
 
 from pyscone.abi import DT_DIR, DT_LNK, DT_REG, Op, StatvfsResult
 from pyscone.enclave import iago
-from pyscone.enclave.stdlib import files, interpose, pipes
+from pyscone.enclave.stdlib import dups, files, interpose, pipes
 
 Path = files.Path
 
@@ -135,6 +135,8 @@ def scandir(path: Path | None = None) -> _ScandirIterator:
 
 
 def _statvfs(fd: int, path: str) -> os.statvfs_result:
+    if fd >= 0:
+        fd = dups.resolve(fd)  # the handle a dup names
     sh = files._shield
     if sh is not None and ((fd >= 0 and files._vfd(fd)) or (fd < 0 and sh.governs(path))):
         fd, path = -1, sh.fspf_path
@@ -166,8 +168,8 @@ def umask(mask: int) -> int:
 
 def _no_xattrs(path: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(path, int):
-        if not (pipes.is_local(path) or files._vfd(path)):
-            iago.fds.kind(path)
+        if not dups.is_open(path):
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     else:
         files._stat(path, kwargs.get("follow_symlinks", True))  # ENOENT for what is not there
     raise OSError(errno.ENOTSUP, "extended attributes are not supported inside a pyscone enclave")

@@ -1,14 +1,15 @@
-"""Pipes in enclave memory: ``os.pipe``, ``os.pipe2``, ``os.dup``/``dup2`` of their ends.
+"""Pipes in enclave memory: ``os.pipe``, ``os.pipe2``.
 
 Theory of operation
 -------------------
 A pipe is a buffer in the enclave with a count of open read and write fds; its
 data never leaves enclave memory and a read or a write is no host call.  Its fds
-are *local*: numbers from ``LOCAL_BASE`` up, which neither the host
+are *local*: numbers from ``LOCAL_BASE`` to ``ALIAS_BASE``, which neither the host
 (``< MAX_FD``, Iago refuses more) nor the FS shield's virtual fds
 (``MAX_FD`` upwards, one per open) reach.  A ``dup`` of an end is another number
-for the same end (the end is refcounted); the pipe sees EOF when the last write
-fd closes and ``EPIPE`` when the last read fd does.
+for the same end (``dups`` names the end's fd again; the end is closed here when
+its last name closes); the pipe sees EOF when the last write end closes and
+``EPIPE`` when the last read end does.
 
 A blocking read of an empty pipe (or a write to a full one) parks the lthread
 until the other side acts; ``O_NONBLOCK`` (``pipe2``, ``os.set_blocking``)
@@ -19,9 +20,6 @@ host call.  A wait over local and host fds together is one host ``POLL`` that
 also watches a *bell*, a host socket pair the enclave opens on first need: a pipe
 that changes while such a wait is parked rings it (one host call, only then),
 so waitress's trigger pipe and the self-pipe trick wake a select on sockets.
-
-``dup`` of a host socket, a host file or a shield fd is refused (``ENOSYS``):
-every host call site would have to translate aliases, which is not done yet.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from pyscone.abi import Op, StatResult
 from pyscone.enclave import iago, scheduler
 
 LOCAL_BASE = 1 << 30  # fds the enclave alone gives out (still a C int)
+ALIAS_BASE = 3 << 29  # from here up: the numbers ``dups`` gives out, above every pipe
 CAPACITY = 65536  # Linux's default pipe size
 PIPE_BUF = 4096  # writes up to this size are atomic, and POLLOUT means this much room
 
@@ -78,7 +77,12 @@ _next_ino = 1
 
 
 def is_local(fd: int) -> bool:
-    return fd >= LOCAL_BASE
+    return LOCAL_BASE <= fd < ALIAS_BASE
+
+
+def next_fd() -> int:
+    """The next number a pipe end gets (those below it are never given out again)."""
+    return _next_fd
 
 
 def _end(fd: int) -> _End:
@@ -91,6 +95,8 @@ def _end(fd: int) -> _End:
 def _attach(end: _End) -> int:
     global _next_fd
     fd = _next_fd
+    if fd >= ALIAS_BASE:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
     _next_fd += 1
     _ends[fd] = end
     end.refs += 1
@@ -123,40 +129,6 @@ def pipe2(flags: int) -> tuple[int, int]:
 
 def pipe() -> tuple[int, int]:
     return pipe2(0)
-
-
-def dup(fd: int) -> int:
-    if not is_local(fd):
-        _refuse_alias(fd)
-    return _attach(_end(fd))  # not inheritable, as in Python; the status flags are the end's
-    # (Linux shares O_NONBLOCK between dups; here each number has its own: a simplification.)
-
-
-def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
-    if not is_local(fd):
-        _refuse_alias(fd)
-    end = _end(fd)
-    if fd2 == fd:
-        return fd2
-    if not is_local(fd2):
-        raise OSError(errno.ENOSYS, "os.dup2 onto a host fd is not supported inside a pyscone enclave")
-    if fd2 in _ends:
-        close(fd2)
-    if fd2 >= _next_fd:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))  # a number the enclave never gave out
-    _ends[fd2] = end
-    end.refs += 1
-    if inheritable:
-        _fds.inheritable.add(fd2)
-    return fd2
-
-
-def _refuse_alias(fd: int) -> None:
-    from pyscone.enclave.stdlib import files
-
-    if files._vfd(fd) is None:
-        _fds.kind(fd)  # EBADF for a number the enclave never opened
-    raise OSError(errno.ENOSYS, "os.dup of a socket or a file is not supported inside a pyscone enclave")
 
 
 def close(fd: int) -> None:
@@ -356,4 +328,4 @@ def wait(
 def install() -> None:
     from pyscone.enclave.stdlib import interpose
 
-    interpose(os, pipe=pipe, pipe2=pipe2, dup=dup, dup2=dup2)
+    interpose(os, pipe=pipe, pipe2=pipe2)

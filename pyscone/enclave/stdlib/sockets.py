@@ -11,6 +11,11 @@ host fd.  The app's three socket modes map onto the ABI:
 
 ``select.select``, ``select.poll`` and ``select.epoll`` are one host ``POLL`` call
 each; ``selectors`` (and so ``socketserver`` and ``asyncio``) use them unchanged.
+
+A socket's ``fileno()`` is the app's number, which may be a dup (``dups``): every
+host call is made on the handle that number names *now* (``_live``), so a
+``dup2`` onto it redirects the socket object, as in Linux.  A wait translates the
+app's numbers to handles and the readiness back to every number asked about.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.stdlib import interpose, pipes
+from pyscone.enclave.stdlib import dups, interpose, pipes
 
 LISTEN_BACKLOG_FLOOR = 128
 
@@ -36,9 +41,14 @@ _SOCK_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXE
 
 
 def _note_timeout(fd: int, timeout: float | None) -> None:
-    """The fd's O_NONBLOCK, as CPython sets it: on for a socket with any timeout."""
+    """The fd's O_NONBLOCK, as CPython sets it: on for a socket with any timeout (the flag is
+    the open file's, so a dup shares it)."""
     if fd >= 0:
-        (_fds.nonblocking.discard if timeout is None else _fds.nonblocking.add)(fd)
+        try:
+            h = dups.resolve(fd)
+        except OSError:
+            return  # a number closed under the socket object: its flag is gone with it
+        (_fds.nonblocking.discard if timeout is None else _fds.nonblocking.add)(h)
 
 
 def _raise(err: int) -> None:
@@ -66,25 +76,29 @@ class EnclaveSocket(_StdSocket):
             type = kind  # noqa: A001
         else:
             fd = fileno
-            if _fds.kind(fd) != iago.FdTable.SOCKET:
+            h = dups.resolve(fd)
+            if _fds.kind(h) != iago.FdTable.SOCKET:
                 raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
             # What the enclave recorded when it made the socket; the host is asked only
             # for what it cannot know (and iago holds the answer to the record).
             if family == -1:
-                family = _fds.families.get(fd) or self._opt(fd, socket.SO_DOMAIN)
+                family = _fds.families.get(h) or self._opt(h, socket.SO_DOMAIN)
             if type == -1:
-                type = _fds.types.get(fd) or self._opt(fd, socket.SO_TYPE)  # noqa: A001
+                type = _fds.types.get(h) or self._opt(h, socket.SO_TYPE)  # noqa: A001
             if proto == -1:
-                proto = _fds.protos.get(fd, -1)
+                proto = _fds.protos.get(h, -1)
                 if proto == -1:
-                    proto = self._opt(fd, socket.SO_PROTOCOL)
+                    proto = self._opt(h, socket.SO_PROTOCOL)
         self._fd = fd
         self._family = family
         self._kind = type
         self._proto = proto
         self._timeout: float | None = timeout
         self._sockname: Any = None
-        _note_timeout(fd, timeout)
+        if fileno is None or timeout is not None:
+            # As CPython: a socket made on an existing fd leaves its O_NONBLOCK alone unless
+            # a default timeout is set (the fd may be a dup whose flag another socket relies on).
+            _note_timeout(fd, timeout)
 
     @staticmethod
     def _opt(fd: int, opt: int) -> int:
@@ -113,9 +127,10 @@ class EnclaveSocket(_StdSocket):
         return self._fd
 
     def _live(self) -> int:
+        """The host fd to call on: the handle this socket's number names now."""
         if self._fd < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        return self._fd
+        return dups.resolve(self._fd)
 
     def __repr__(self) -> str:
         s = f"<pyscone.EnclaveSocket fd={self._fd}, family={self._family}, type={self._kind}, proto={self._proto}"
@@ -150,7 +165,7 @@ class EnclaveSocket(_StdSocket):
     def _io(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
         """One socket operation honouring this socket's blocking mode."""
         t = self._timeout
-        if t is None and self._fd in _fds.nonblocking:
+        if t is None and args[0] in _fds.nonblocking:
             t = 0.0  # os.set_blocking(fd, False) under a blocking socket: it answers EAGAIN, as in Linux
         result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
         if result < 0:
@@ -285,10 +300,16 @@ class EnclaveSocket(_StdSocket):
     def _real_close(self, _ss: Any = None) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            _fds.forget(fd)  # before the host can reuse the number (see files.close)
+            h = dups.unname(fd)  # EBADF if the app closed the number under the socket, as in Linux
+            if h is None:
+                return  # a dup still names the socket
+            if h != fd or _fds.kinds.get(h) != iago.FdTable.SOCKET:
+                dups.close_handle(h)  # the number named something else by then (a dup2 onto it)
+                return
+            _fds.forget(h)  # before the host can reuse the number (see files.close)
             # Posted, not awaited: a socket's close reports nothing worth a round trip,
             # and the host runs the ring in order, so no later call can overtake it.
-            scheduler.get().post(Op.CLOSE, (fd,))
+            scheduler.get().post(Op.CLOSE, (h,))
 
     def detach(self) -> int:
         fd, self._fd = self._fd, -1
@@ -296,7 +317,16 @@ class EnclaveSocket(_StdSocket):
         return fd
 
     def dup(self) -> EnclaveSocket:
-        raise OSError(errno.ENOSYS, "socket.dup is not supported inside a pyscone enclave")
+        """Another socket object on the same host socket (a new number, named in the enclave)."""
+        sock = EnclaveSocket(self._family, self._kind, self._proto, fileno=dups.dup(self._live_number()))
+        sock.settimeout(self._timeout)
+        sock._sockname = self._sockname
+        return sock
+
+    def _live_number(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return self._fd
 
     def __getstate__(self) -> object:
         raise TypeError(f"cannot pickle {type(self).__name__!r} object")
@@ -307,6 +337,16 @@ class EnclaveSocket(_StdSocket):
         fd = getattr(self, "_fd", -1)
         if fd >= 0 and scheduler._scheduler is not None:
             self._fd = -1
+            if dups.active():
+                try:
+                    h = dups.unname(fd)
+                except OSError:
+                    return
+                if h is None or h not in _fds.kinds or h <= 2:
+                    # Still named elsewhere, or (after a dup2 onto this number) a vfd or a pipe
+                    # end, whose close cannot run in a finalizer: that handle stays open.
+                    return
+                fd = h
             _fds.forget(fd)
             scheduler._scheduler.defer(Op.CLOSE, (fd,))
 
@@ -411,7 +451,21 @@ def _fileno(obj: Any) -> int:
 
 
 def _poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
-    """Wait until one of ``fds`` is ready or ``timeout`` seconds pass (None: forever)."""
+    """Wait until one of ``fds`` (the app's numbers) is ready or ``timeout`` seconds pass (None: forever)."""
+    if not dups.active():
+        return _poll_handles(fds, timeout)
+    wanted: dict[int, int] = {}  # handle -> the events of every number that names it
+    names: list[tuple[int, int, int]] = []  # (number, handle, events)
+    for fd, ev in fds:
+        h = dups.resolve(fd)  # EBADF for a closed number, as before
+        wanted[h] = wanted.get(h, 0) | ev
+        names.append((fd, h, ev))
+    ready = dict(_poll_handles(list(wanted.items()), timeout))
+    always = abi.POLLERR | abi.POLLHUP | abi.POLLNVAL
+    return [(fd, r) for fd, h, ev in names if (r := ready.get(h, 0) & (ev | always))]
+
+
+def _poll_handles(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     local = [(fd, ev) for fd, ev in fds if pipes.is_local(fd)]
     if not local:
         return _host_poll(fds, timeout)
