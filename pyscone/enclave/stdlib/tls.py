@@ -57,9 +57,7 @@ _BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
 
 def _read(path: Any) -> bytes:
     """The bytes of ``path``, read by the enclave (the FS shield serves protected regions)."""
-    with files.open(os.fspath(path), "rb") as f:
-        data: bytes = f.read()
-    return data
+    return files.read_whole(os.fspath(path))
 
 
 def _unsupported(what: str) -> OSError:
