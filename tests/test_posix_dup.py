@@ -483,3 +483,25 @@ ATOMIC_APP = """
 def test_dup2_onto_an_open_number_is_atomic_for_other_lthreads(tmp_path: Path) -> None:
     out = _same_as_native(tmp_path, ATOMIC_APP)
     assert out == "writes True EBADF 0\n"
+
+
+def test_print_follows_a_dup2_onto_stdout_and_comes_back(tmp_path: Path) -> None:
+    # Python-level output (print, sys.stdout) goes where fd 1 goes, as natively: into the file
+    # while it is dup2-ed there, to the console again once the saved fd is put back.
+    out = _same_as_native(
+        tmp_path,
+        """
+        import os, sys, tempfile
+        f = tempfile.TemporaryFile()
+        saved = os.dup(1)
+        sys.stdout.flush()
+        os.dup2(f.fileno(), 1)
+        print("into the file")
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        f.seek(0)
+        print("back on the console; the file holds:", f.read())
+        """,
+    )
+    assert out == "back on the console; the file holds: b'into the file\\n'\n"

@@ -4,7 +4,9 @@ The console's raw objects write to and read from the host's fds 0-2 through the
 system-call interface, under the stdlib's buffered and text layers, with the
 buffering plain Python uses: stdout line-buffered on a terminal and
 block-buffered otherwise, stderr always line-buffered.  (The console *shield*,
-which encrypts these records, plugs in beneath this layer.)
+which encrypts these records, plugs in beneath this layer.)  After the app
+``dup2``-s a file, a pipe or a socket onto 0-2, ``print`` and ``input`` follow it,
+as they do in python, until it puts the console back.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from pyscone.abi import Op
 from pyscone.enclave import scheduler
-from pyscone.enclave.stdlib import interpose
+from pyscone.enclave.stdlib import dups, files, interpose
 
 
 class ConsoleIO(io.RawIOBase):
@@ -27,6 +29,10 @@ class ConsoleIO(io.RawIOBase):
     def fileno(self) -> int:
         return self._fd
 
+    def _redirected(self) -> bool:
+        """Whether the app ``dup2``-ed something else onto this fd (then ``print`` follows it)."""
+        return dups.active() and dups.resolve(self._fd) != self._fd
+
     def readable(self) -> bool:
         return self._fd == 0
 
@@ -34,6 +40,8 @@ class ConsoleIO(io.RawIOBase):
         return self._fd != 0
 
     def isatty(self) -> bool:
+        if self._redirected():
+            return files.isatty(self._fd)
         if self._tty is None:
             r, _, v = scheduler.get().host_call(Op.ISATTY, (self._fd,))
             self._tty = bool(v) if r >= 0 else False
@@ -41,6 +49,10 @@ class ConsoleIO(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
+        if self._redirected():
+            data = files.read(self._fd, len(view))
+            view[: len(data)] = data
+            return len(data)
         r, err, data = scheduler.get().host_call(Op.READ, (0, min(len(view), self._slot_data)), wait=True)
         if r < 0:
             raise OSError(err, "console read failed")
@@ -49,6 +61,8 @@ class ConsoleIO(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")[: self._slot_data]
+        if self._redirected():
+            return files.write(self._fd, view)
         r, err, _ = scheduler.get().host_call(Op.WRITE, (self._fd,), bytes(view), wait=True)
         if r < 0:
             raise OSError(err, "console write failed")
