@@ -505,3 +505,24 @@ def test_print_follows_a_dup2_onto_stdout_and_comes_back(tmp_path: Path) -> None
         """,
     )
     assert out == "back on the console; the file holds: b'into the file\\n'\n"
+
+
+def test_a_dup_of_a_socket_can_be_the_signal_wakeup_fd(tmp_path: Path) -> None:
+    out = _same_as_native(
+        tmp_path,
+        """
+        import os, signal, socket
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        d = os.dup(a.fileno())
+        print("old", signal.set_wakeup_fd(d))
+        signal.signal(signal.SIGUSR1, lambda *x: None)
+        signal.raise_signal(signal.SIGUSR1)
+        print("woke", b.recv(10) == bytes([signal.SIGUSR1]))
+        try:
+            signal.set_wakeup_fd(12345)
+        except OSError as e:
+            print("bad fd", type(e).__name__)
+        """,
+    )
+    assert out == "old -1\nwoke True\nbad fd OSError\n"

@@ -103,13 +103,10 @@ def getsignal(signum: int) -> Any:
 def set_wakeup_fd(fd: int, *, warn_on_full_buffer: bool = True) -> int:
     global _wakeup_fd
     if fd != -1:
-        from pyscone.enclave import iago
-        from pyscone.enclave.stdlib import pipes
+        from pyscone.enclave.stdlib import dups
 
-        if pipes.is_local(fd):
-            pipes.fstat(fd)  # a pipe's write end (the self-pipe trick)
-        else:
-            iago.fds.kind(fd)  # EBADF unless the enclave opened it
+        if not dups.is_open(fd):  # a pipe's write end (the self-pipe trick), a socket, or a dup of one
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     old, _wakeup_fd = _wakeup_fd, fd
     return old
 
