@@ -226,7 +226,9 @@ class WarmSet:
             self.seen[path] = None
         self.last = time.monotonic()
         got = self.ahead.pop(path, None)
-        self._fill()
+        if len(self.ahead) <= WINDOW // 2:
+            # Refill in batches: one doorbell wakes the host for a dozen reads, not for each.
+            self._fill()
         if got is not None:
             return got
         return files.start_read_whole(path), self.cache.prefetch(path)
