@@ -16,8 +16,9 @@ done
 [[ -n $python ]] || { echo "error: pyscone needs Python 3.11 or newer" >&2; exit 1; }
 
 # System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc and libc6-dev
-# (the install builds the libc layer's shim; a test builds a C extension), PostgreSQL (the CAS's store is tested against a real server), venv support and
-# headers for the interpreter in use; redis-server for the compatibility matrix's redis case.
+# (the install builds the libc layer's shim; a test builds a C extension), PostgreSQL (the CAS's
+# store is tested against a real server), venv support and headers for the interpreter in use;
+# redis-server for the compatibility matrix's redis case.
 packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
