@@ -248,3 +248,55 @@ def test_a_posix_record_lock_on_a_host_file_can_be_released(tmp_path: Path) -> N
     )
     r = run_enclave(app, cwd=tmp_path)
     assert (r.returncode, r.stdout) == (0, "released\n"), r.stderr
+
+
+WAL_APP = f"""
+    import sqlite3, sys
+    path, step = sys.argv[1], sys.argv[2]
+    try:
+        w = sqlite3.connect(path, timeout=5)
+        if step == "exclusive":
+            w.execute("pragma locking_mode=exclusive")  # the WAL index in SQLite's heap: no -shm
+        print("mode", w.execute("pragma journal_mode=wal").fetchone()[0])
+        w.execute("create table if not exists t (k integer primary key, v text)")
+        w.commit()
+        if step != "exclusive":
+            r = sqlite3.connect(path, timeout=5)
+            r.execute("begin")
+            before = r.execute("select count(*) from t").fetchone()[0]  # a read snapshot
+        with w:
+            w.executemany("insert into t (v) values (?)", [("{SECRET}",)] * 50)
+        if step != "exclusive":
+            print("snapshot kept", r.execute("select count(*) from t").fetchone()[0] == before)
+            r.commit()
+        print("total", w.execute("select count(*) from t").fetchone()[0], w.execute("pragma integrity_check").fetchone()[0])
+    except sqlite3.DatabaseError as e:
+        print("refused", type(e).__name__, e)
+"""
+
+
+def test_wal_mode_works_in_an_encrypted_region_and_its_files_are_sealed(fs: FS) -> None:
+    # The WAL index (-shm) is mapped by SQLite: served from enclave memory for a protected
+    # database (no other process can open it), so readers keep their snapshot while a writer commits.
+    db = fs.enc / "wal.db"
+    app = write_app(fs.root, WAL_APP)
+    for total in (50, 100):  # the second run recovers the first one's WAL (never checkpointed by a close)
+        r = fs.run(app, str(db), "shared")
+        assert r.stdout.splitlines() == ["mode wal", "snapshot kept True", f"total {total} ok"], r.stderr
+    assert (fs.enc / "wal.db-wal").exists()
+    for p in fs.enc.iterdir():
+        assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_wal_mode_on_an_unprotected_path_fails_with_one_clear_reason(tmp_path: Path) -> None:
+    app = write_app(tmp_path, WAL_APP)
+    r = run_enclave(app, "wal.db", "shared", cwd=tmp_path)
+    assert r.stdout.splitlines() == ["mode wal", "refused OperationalError disk I/O error"], r.stderr
+    reasons = [line for line in r.stderr.splitlines() if line.startswith("pyscone: ")]
+    assert reasons == [
+        f"pyscone: a C library maps {tmp_path / 'wal.db-shm'}, which the enclave cannot map: refused "
+        "(SQLite's WAL mode works in FS-shield regions, or with PRAGMA locking_mode=EXCLUSIVE)"
+    ], r.stderr
+    # Exclusive locking keeps the index in SQLite's own memory: WAL then works anywhere.
+    r = run_enclave(app, "ex.db", "exclusive", cwd=tmp_path)
+    assert r.stdout.splitlines() == ["mode wal", "total 50 ok"], r.stderr

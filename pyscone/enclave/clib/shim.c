@@ -42,6 +42,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -52,7 +53,7 @@
 enum {
     C_OPEN = 1, C_CLOSE, C_READ, C_WRITE, C_PREAD, C_PWRITE, C_LSEEK, C_FSTAT, C_STAT,
     C_FSYNC, C_FTRUNCATE, C_FCNTL, C_UNLINK, C_ACCESS, C_MKDIR, C_RMDIR, C_GETCWD,
-    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT,
+    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP,
 };
 
 /* (call, a, b, c, p, q) -> result >= 0, or -errno.  p: an input pointer (a path, data to
@@ -92,6 +93,7 @@ static struct {
     ssize_t (*readlink)(const char *, char *, size_t);
     int (*fchmod)(int, mode_t);
     int (*fchown)(int, uid_t, gid_t);
+    void *(*mmap)(void *, size_t, int, int, int, off_t);
 } real;
 
 static void *next(const char *name) { return dlsym(RTLD_NEXT, name); }
@@ -122,6 +124,7 @@ __attribute__((constructor)) static void resolve(void)
     real.readlink = next("readlink");
     real.fchmod = next("fchmod");
     real.fchown = next("fchown");
+    real.mmap = next("mmap64");
 }
 
 static int add_range(struct dl_phdr_info *info, size_t size, void *data)
@@ -456,3 +459,24 @@ int fchown(int fd, uid_t uid, gid_t gid)
     ROUTE(real.fchown(fd, uid, gid));
     return (int)call(C_FCHOWN, fd, uid, gid, NULL, NULL);
 }
+
+/* A file mapping.  The enclave cannot map a host file (its fds are the host's); the runtime
+ * may answer 0 ("serve it from enclave memory": SQLite's WAL index, the -shm file, which only
+ * this process uses), and the mapping is then shared anonymous memory, zero-filled as SQLite's
+ * recovery expects of a fresh index.  Anonymous mappings never reach the runtime. */
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    if ((flags & MAP_ANONYMOUS) || fd < 0)
+        return real.mmap(addr, len, prot, flags, fd, off);
+    enum route how = route(CALLER);
+    if (how == FORWARD)
+        return real.mmap(addr, len, prot, flags, fd, off);
+    if (how == REFUSE) {
+        errno = EPERM;
+        return MAP_FAILED;
+    }
+    if (call(C_MMAP, fd, (long long)len, off, NULL, NULL) < 0)
+        return MAP_FAILED;
+    return real.mmap(addr, len, prot, (flags & ~MAP_TYPE) | MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+}
+ALIAS(mmap64, mmap);

@@ -41,6 +41,7 @@ import errno
 import fcntl
 import os
 import struct
+import sys
 from collections.abc import Callable
 
 from pyscone.enclave import loader, scheduler
@@ -78,6 +79,7 @@ class Call(enum.IntEnum):
     FCHMOD = 19
     FCHOWN = 20
     OPENAT = 21
+    MMAP = 22
 
 
 _DISPATCH = ctypes.CFUNCTYPE(
@@ -85,6 +87,10 @@ _DISPATCH = ctypes.CFUNCTYPE(
     ctypes.c_void_p,
 )  # fmt: skip
 
+#: The paths of the fds C libraries opened (which file an ``mmap`` is of).
+_opened: dict[int, bytes] = {}
+#: Paths whose refused ``mmap`` was already explained on stderr.
+_explained: set[bytes] = set()
 _lib: ctypes.CDLL | None = None
 _callback: object = None  # the ctypes function object: kept alive as long as the shim may call it
 
@@ -186,19 +192,45 @@ def _stat_out(q: int | None, st: os.stat_result) -> int:
 
 
 def _open(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
-    return files.os_open(_path(p), a & ~_O_LARGEFILE, b)
+    path = _path(p)
+    fd = files.os_open(path, a & ~_O_LARGEFILE, b)
+    _opened[fd] = path
+    return fd
 
 
 def _openat(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
-    path = _path(p)
-    if c != _AT_FDCWD and not path.startswith(b"/"):
+    if c != _AT_FDCWD and not _path(p).startswith(b"/"):
         raise NotImplementedError("openat relative to a directory fd")
-    return files.os_open(path, a & ~_O_LARGEFILE, b)
+    return _open(a, b, c, p, q)
 
 
 def _close(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
+    _opened.pop(a, None)
     files.close(a)
     return 0
+
+
+def _mmap(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
+    """May the shim serve a mapping of fd ``a`` from enclave memory?
+
+    Only for SQLite's WAL index (``*-shm``) of a database the FS shield protects: no other
+    process can open that database (its host files are sealed), so the index, which only
+    coordinates the connections of one machine, may live in this process alone and never
+    reach the host.  A ``-shm`` on the host may be shared with other processes, and any other
+    file mapping would not see later writes: both stay refused (ENODEV), explained once.
+    """
+    path = _opened.get(a)
+    if path is not None and path.endswith(b"-shm") and files._vfd(a) is not None:
+        return 0
+    what = path or b"fd %d" % a
+    if what not in _explained:
+        _explained.add(what)
+        hint = ""
+        if what.endswith(b"-shm"):
+            hint = " (SQLite's WAL mode works in FS-shield regions, or with PRAGMA locking_mode=EXCLUSIVE)"
+        message = f"pyscone: a C library maps {os.fsdecode(what)}, which the enclave cannot map: refused{hint}"
+        print(message, file=sys.stderr, flush=True)
+    return -errno.ENODEV
 
 
 def _read(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
@@ -341,5 +373,5 @@ _HANDLERS: dict[Call, _Handler] = {
     Call.PREAD: _pread, Call.PWRITE: _pwrite, Call.LSEEK: _lseek, Call.FSTAT: _fstat, Call.STAT: _stat,
     Call.FSYNC: _fsync, Call.FTRUNCATE: _ftruncate, Call.FCNTL: _fcntl, Call.UNLINK: _unlink,
     Call.ACCESS: _access, Call.MKDIR: _mkdir, Call.RMDIR: _rmdir, Call.GETCWD: _getcwd,
-    Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported,
+    Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported, Call.MMAP: _mmap,
 }  # fmt: skip
