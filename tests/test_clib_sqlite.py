@@ -300,3 +300,116 @@ def test_wal_mode_on_an_unprotected_path_fails_with_one_clear_reason(tmp_path: P
     # Exclusive locking keeps the index in SQLite's own memory: WAL then works anywhere.
     r = run_enclave(app, "ex.db", "exclusive", cwd=tmp_path)
     assert r.stdout.splitlines() == ["mode wal", "total 50 ok"], r.stderr
+
+
+# A C library with a thread of its own, started before lockdown (from a --preload module, as a C
+# extension's import would): the thread and the enclave's main thread both open a file.
+THREADED_C = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <unistd.h>
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static const char *target;
+static int asked, answered, result, error;
+
+static void *worker(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    while (!asked) pthread_cond_wait(&cv, &mu);
+    errno = 0;
+    result = open(target, O_RDONLY);
+    error = errno;
+    answered = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+
+int start(void) { pthread_t t; return pthread_create(&t, NULL, worker, NULL); }
+
+/* Ask the worker to open path; returns its errno (0: it got an fd). */
+int open_in_worker(const char *path) {
+    pthread_mutex_lock(&mu);
+    target = path;
+    asked = 1;
+    pthread_cond_broadcast(&cv);
+    while (!answered) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    return result >= 0 ? 0 : error;
+}
+
+/* The same call on the caller's thread: read the file's first bytes. */
+int read_here(const char *path, char *buf, int n) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -errno;
+    int got = (int)read(fd, buf, n);
+    close(fd);
+    return got;
+}
+"""
+
+
+def test_c_io_from_a_thread_the_library_started_is_refused_and_counted(tmp_path: Path) -> None:
+    # The rings have one producer and the scheduler one OS thread: a C library's own thread may
+    # not enter the runtime.  It is refused (EPERM, as at the barrier), and the enclave's own
+    # thread doing the same call at the same time is served.
+    src = tmp_path / "threaded.c"
+    src.write_text(THREADED_C)
+    lib = tmp_path / "libthreaded.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-o", str(lib), str(src), "-lpthread"], check=True)
+    (tmp_path / "data.txt").write_text("served")
+    (tmp_path / "threaded.py").write_text(f"import ctypes\nlib = ctypes.CDLL({str(lib)!r})\nassert lib.start() == 0\n")
+    app = write_app(
+        tmp_path,
+        f"""
+        import ctypes, errno
+        import threaded
+        from pyscone.enclave.stdlib import clib
+        path = {str(tmp_path / "data.txt")!r}.encode()
+        buf = ctypes.create_string_buffer(16)
+        print("main thread", threaded.lib.read_here(path, buf, 16), buf.value)
+        print("library's thread", errno.errorcode[threaded.lib.open_in_worker(path)])
+        print("refused", clib.foreign_calls())
+        """,
+    )
+    r = run_enclave("--preload", "threaded", app, cwd=tmp_path)
+    assert r.stdout.splitlines() == ["main thread 6 b'served'", "library's thread EPERM", "refused 1"], r.stderr
+
+
+def test_lthreads_switch_inside_sqlite_and_their_file_calls_interleave(fs: FS) -> None:
+    # A Python function called by SQLite (a UDF) sleeps: its lthread parks with sqlite3_step's
+    # C frames on its stack (greenlet switches them), holding a read lock, while the other
+    # lthreads run their own queries and file calls on the same encrypted database.
+    db = fs.enc / "udf.db"
+    app = write_app(
+        fs.root,
+        f"""
+        import sqlite3, threading, time
+        path = {str(db)!r}
+        with sqlite3.connect(path) as c:
+            c.execute("create table t (k integer)")
+            c.executemany("insert into t values (?)", [(i,) for i in range(5)])
+        def slow(x):
+            time.sleep(0.1)
+            return x * 10
+        out = {{}}
+        def worker(n):
+            c = sqlite3.connect(path, check_same_thread=False)
+            c.create_function("slow", 1, slow)
+            out[n] = c.execute("select sum(slow(k)) from t where k <= ?", (n,)).fetchone()[0]
+            c.close()
+        start = time.monotonic()
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - start
+        print(sorted(out.items()), "overlapped" if elapsed < 0.9 else f"serial {{elapsed:.2f}}s")
+        """,
+    )
+    r = fs.run(app)
+    assert r.stdout.splitlines() == ["[(0, 0), (1, 10), (2, 30), (3, 60)] overlapped"], r.stderr
