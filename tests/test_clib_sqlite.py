@@ -413,3 +413,24 @@ def test_lthreads_switch_inside_sqlite_and_their_file_calls_interleave(fs: FS) -
     )
     r = fs.run(app)
     assert r.stdout.splitlines() == ["[(0, 0), (1, 10), (2, 30), (3, 60)] overlapped"], r.stderr
+
+
+def test_sqlites_temporary_files_outside_the_shield_are_warned_about_and_can_be_sealed(fs: FS) -> None:
+    # A temp table goes to a file in the first of $SQLITE_TMPDIR, $TMPDIR, /var/tmp, ...: with
+    # an FSPF mounted, the enclave says once when that is outside it, and SQLITE_TMPDIR seals it.
+    app = write_app(
+        fs.root,
+        f"""
+        import sqlite3, sys
+        c = sqlite3.connect(sys.argv[1])
+        c.execute("create temp table tt (a)")
+        c.executemany("insert into tt values (?)", [("{SECRET}" * 4,)] * 20000)
+        print(c.execute("select count(*) from tt").fetchone()[0])
+        """,
+    )
+    r = fs.run(app, str(fs.enc / "t.db"))
+    assert r.stdout == "20000\n", r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "temporary file" in line]
+    assert len(warnings) == 1 and "on an unprotected path" in warnings[0] and "SQLITE_TMPDIR" in warnings[0], r.stderr
+    r = fs.run(app, str(fs.enc / "t.db"), extra=("--env", f"SQLITE_TMPDIR={fs.enc}"))
+    assert r.stdout == "20000\n" and "temporary file" not in r.stderr, r.stderr

@@ -195,7 +195,25 @@ def _open(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     path = _path(p)
     fd = files.os_open(path, a & ~_O_LARGEFILE, b)
     _opened[fd] = path
+    if os.path.basename(path).startswith(b"etilqs_") and files._shield is not None:
+        _warn_temp(path)
     return fd
+
+
+def _warn_temp(path: bytes) -> None:
+    """SQLite's temporary files go to the first of $SQLITE_TMPDIR, $TMPDIR, /var/tmp, /usr/tmp,
+    /tmp that exists: with an FSPF mounted, say once if that is outside the shield (its pages,
+    possibly a protected database's rows, then reach the host in plaintext)."""
+    full = files.abspath(path)
+    if files.in_shield(full) or b"etilqs_" in _explained:
+        return
+    _explained.add(b"etilqs_")
+    print(
+        f"pyscone: warning: SQLite writes its temporary file {full} on an unprotected path; use PRAGMA "
+        "temp_store=memory, or --env SQLITE_TMPDIR=<a directory in an FS-shield region>",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _openat(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
