@@ -41,6 +41,7 @@
 #include <link.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -61,7 +62,7 @@ enum {
 typedef long long (*dispatch_fn)(int, long long, long long, long long, const void *, void *);
 
 static dispatch_fn dispatch;
-static pid_t enclave_tid;
+static __thread int enclave_thread; /* set on the thread that armed the shim, only */
 static __thread int in_dispatch;
 static unsigned long foreign_calls;
 /* The interpreter's executable segments: calls from there are the Python layer's business. */
@@ -166,7 +167,7 @@ int pyscone_shim_prepare(void)
 /* After lockdown: from now on calls from other libraries go to `fn`. */
 void pyscone_shim_arm(dispatch_fn fn)
 {
-    enclave_tid = gettid();
+    enclave_thread = 1;
     dispatch = fn;
 }
 
@@ -187,7 +188,7 @@ static enum route route(const void *caller)
     for (int i = 0; i < nranges; i++)
         if (pc >= range_lo[i] && pc < range_hi[i])
             return FORWARD;
-    if (gettid() != enclave_tid) {
+    if (!enclave_thread) {
         __atomic_add_fetch(&foreign_calls, 1, __ATOMIC_RELAXED);
         return REFUSE;
     }
@@ -435,11 +436,24 @@ char *getcwd(char *buf, size_t size)
     enum route how = route(CALLER);
     if (how == FORWARD)
         return real.getcwd(buf, size);
-    if (how == REFUSE || buf == NULL) { /* glibc's malloc'd variant: not needed by SQLite */
-        errno = how == REFUSE ? EPERM : EINVAL;
+    if (how == REFUSE) {
+        errno = EPERM;
         return NULL;
     }
-    return call(C_GETCWD, (long long)size, 0, 0, NULL, buf) < 0 ? NULL : buf;
+    char *own = NULL;
+    if (buf == NULL) { /* glibc's extension: a buffer of `size` bytes, or as large as needed */
+        size = size ? size : 4096;
+        buf = own = malloc(size);
+        if (buf == NULL)
+            return NULL;
+    }
+    if (call(C_GETCWD, (long long)size, 0, 0, NULL, buf) < 0) {
+        int e = errno;
+        free(own);
+        errno = e;
+        return NULL;
+    }
+    return buf;
 }
 
 ssize_t readlink(const char *path, char *buf, size_t size)
