@@ -434,3 +434,69 @@ def test_sqlites_temporary_files_outside_the_shield_are_warned_about_and_can_be_
     assert len(warnings) == 1 and "on an unprotected path" in warnings[0] and "SQLITE_TMPDIR" in warnings[0], r.stderr
     r = fs.run(app, str(fs.enc / "t.db"), extra=("--env", f"SQLITE_TMPDIR={fs.enc}"))
     assert r.stdout == "20000\n" and "temporary file" not in r.stderr, r.stderr
+
+
+KILL_APP = """
+    import sqlite3, sys
+    con = sqlite3.connect(sys.argv[1])
+    con.execute("create table if not exists t (k integer primary key, v text)")
+    con.commit()
+    count, top = con.execute("select count(*), coalesce(max(k), 0) from t").fetchone()
+    print("start", count, "prefix" if count == top else "HOLE", con.execute("pragma integrity_check").fetchone()[0], flush=True)
+    n = count
+    while True:
+        n += 1
+        with con:
+            con.execute("insert into t values (?, ?)", (n, str(n) * 200))
+        print("committed", n, flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["unprotected", "encrypted"])
+def test_sigkill_in_a_transaction_loop_leaves_the_last_committed_transaction(fs: FS, where: str) -> None:
+    # SIGKILL of the launcher (the enclave dies with it) at arbitrary points of a loop of
+    # transactions: every restart sees a prefix of the rows that holds every commit that returned.
+    import random
+    import signal
+    import time
+
+    db = (fs.enc if where == "encrypted" else fs.root) / "kill.db"
+    app = write_app(fs.root, KILL_APP)
+    env = {k: v for k, v in os.environ.items() if k != "PYSCONE_TEST_HOSTILE"}
+    rng = random.Random(11)
+    acknowledged = 0
+    for _ in range(12):
+        proc = subprocess.Popen(
+            [*PYSCONE, "run", "--fspf", str(fs.fspf), str(app), str(db)],
+            cwd=fs.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        start = proc.stdout.readline().split()
+        assert start[:1] == ["start"] and int(start[1]) >= acknowledged and start[2:] == ["prefix", "ok"], (
+            start,
+            acknowledged,
+            proc.stderr.read() if proc.poll() is not None and proc.stderr else "",
+        )
+        for _ in range(rng.randrange(1, 25)):
+            line = proc.stdout.readline().split()
+            assert line[:1] == ["committed"], line
+            acknowledged = int(line[1])
+        time.sleep(rng.random() * 0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        time.sleep(0.2)  # the enclave follows its launcher (PR_SET_PDEATHSIG)
+    r = run_enclave(
+        "--fspf",
+        fs.fspf,
+        write_app(
+            fs.root,
+            "import sqlite3, sys\nprint(sqlite3.connect(sys.argv[1]).execute('select count(*) from t').fetchone()[0])\n",
+            "count.py",
+        ),
+        db,
+        cwd=fs.root,
+    )
+    assert int(r.stdout) >= acknowledged, (r.stdout, r.stderr)
