@@ -500,3 +500,39 @@ def test_sigkill_in_a_transaction_loop_leaves_the_last_committed_transaction(fs:
         cwd=fs.root,
     )
     assert int(r.stdout) >= acknowledged, (r.stdout, r.stderr)
+
+
+def test_a_finalizer_never_runs_inside_a_call_from_sqlite(tmp_path: Path) -> None:
+    # SQLite holds its global VFS mutex around the fstat after an open.  A collection there
+    # that closes a forgotten connection (a __del__, here a gc callback doing the same) would
+    # re-take that mutex on the same thread: the enclave hung.  No collection runs inside a C call.
+    app = write_app(
+        tmp_path,
+        """
+        import gc, sqlite3, sys
+        victim = sqlite3.connect("victim.db")
+        victim.execute("select 1").fetchall()
+
+        def inside_sqlites_fstat():  # the fstat SQLite makes under its VFS mutex, after an open
+            f = sys._getframe(2)
+            while f is not None and f.f_code.co_name != "_fstat":
+                f = f.f_back
+            return f is not None
+
+        def finalizer(phase, info):
+            global victim
+            if phase == "start" and victim is not None and inside_sqlites_fstat():
+                v, victim = victim, None
+                v.close()
+
+        gc.callbacks.append(finalizer)
+        gc.set_threshold(1)
+        for i in range(5):
+            with sqlite3.connect(f"db{i}.db") as c:
+                c.execute("create table t (a)")
+        gc.set_threshold(700)
+        print("done", victim is not None)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path, timeout=30)
+    assert (r.returncode, r.stdout) == (0, "done True\n"), r.stderr

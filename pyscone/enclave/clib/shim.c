@@ -69,6 +69,16 @@ static unsigned long foreign_calls;
 #define MAX_RANGES 8
 static uintptr_t range_lo[MAX_RANGES], range_hi[MAX_RANGES];
 static int nranges;
+/* The interpreter's own API (found at prepare): the GIL, and its cyclic garbage collector,
+ * which must not run during a call from C.  A collection there may run a finalizer that
+ * closes a forgotten sqlite3 connection, and SQLite closes files under its global VFS mutex,
+ * which it also holds around calls that arrive here (the fstat after an open): on one OS
+ * thread, a deadlock.  It is turned off before the callback's own allocations (ctypes builds
+ * an argument tuple, which can trigger a collection) and back on after. */
+static int (*py_gil_ensure)(void);
+static void (*py_gil_release)(int);
+static int (*py_gc_disable)(void);
+static int (*py_gc_enable)(void);
 
 static struct {
     int (*open)(const char *, int, ...);
@@ -155,7 +165,11 @@ int pyscone_shim_prepare(void)
     struct link_map *lm = NULL;
     void *sym = dlsym(RTLD_DEFAULT, "Py_BytesMain");
     nranges = 0;
-    if (sym == NULL)
+    py_gil_ensure = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Ensure");
+    py_gil_release = (void (*)(int))dlsym(RTLD_DEFAULT, "PyGILState_Release");
+    py_gc_disable = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGC_Disable");
+    py_gc_enable = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGC_Enable");
+    if (sym == NULL || !py_gil_ensure || !py_gil_release || !py_gc_disable || !py_gc_enable)
         return -1;
     /* The link map's l_addr is the load bias, which dl_iterate_phdr calls dlpi_addr. */
     if (dladdr1(sym, &info, (void **)&lm, RTLD_DL_LINKMAP) == 0 || lm == NULL)
@@ -199,7 +213,12 @@ static long long call(int op, long long a, long long b, long long c, const void 
 {
     int saved = errno;
     in_dispatch = 1;
+    int gil = py_gil_ensure();
+    int collecting = py_gc_disable();
     long long r = dispatch(op, a, b, c, p, q);
+    if (collecting)
+        py_gc_enable();
+    py_gil_release(gil);
     in_dispatch = 0;
     if (r < 0) {
         errno = (int)-r;

@@ -22,6 +22,13 @@ lthread doing Python-level I/O on the same file, a contended ``flock``); blockin
 requests from C (``F_SETLKW``) are therefore tried once and answer ``ENOLCK`` if the lock
 is held elsewhere, rather than waiting.
 
+Finalizers.  The cyclic garbage collector does not run during a call from C (the shim turns
+it off, with the GIL held, before ctypes allocates anything for the call).  A collection there
+could run a finalizer that closes a forgotten ``sqlite3`` connection, and SQLite closes a file
+under its global VFS mutex, which it also holds around some of the calls that arrive here (the
+``fstat`` after an ``open``): on one OS thread, a deadlock.  Collection resumes when the call
+returns, in the app's own code.
+
 Threads.  The shim refuses calls from any OS thread but the enclave's (EPERM, counted by
 ``pyscone_shim_foreign_calls``): the rings have a single producer and the scheduler one
 thread.  A C library that does I/O from a thread it started before lockdown meets the
