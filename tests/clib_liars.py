@@ -45,3 +45,40 @@ class DbLie(Liar):
         self.fired = True
         print(f"pyscone-test: lied about {Op(op).name}: {self.arg}", file=sys.stderr, flush=True)
         return forged
+
+
+# The calls whose first argument is an fd (what the renumbering host must translate back).
+_FD_OPS = frozenset(
+    {Op.CLOSE, Op.READ, Op.WRITE, Op.PREAD, Op.PWRITE, Op.LSEEK, Op.FSTAT, Op.FSYNC, Op.FTRUNCATE, Op.ISATTY, Op.LOCK}
+)
+
+
+class DoorbellNumbers(Liar):
+    """Hands out the database's fd under the number of the enclave's own doorbell, an fd of the
+    enclave process the host knows (it passed it), and serves that number as the database.
+
+    Allowed: fd numbers are the host's to choose.  A libc layer that forwarded calls on "the
+    runtime's own fds" by number would send SQLite's reads and writes to the doorbell instead.
+    """
+
+    def __init__(self, arg: str = "") -> None:
+        super().__init__(arg)
+        self.real: int | None = None
+        self.fake = -1
+
+    def handle(self, op: int, args: tuple[int, ...], data: bytes, ex: Any) -> Answer | None:
+        if self.real is not None and op in _FD_OPS and args and args[0] == self.fake:
+            real = self.real
+            if op == Op.CLOSE:
+                self.real = None
+            return ex._handlers[op]((real, *args[1:]), data)  # type: ignore[no-any-return]
+        return None
+
+    def lie(
+        self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes
+    ) -> Answer:
+        if op == Op.OPEN and result >= 0 and request.endswith(b".db") and self.real is None:
+            self.real, self.fake = result, ex.doorbell_out
+            print(f"pyscone-test: lied about OPEN: fd {result} answered as {self.fake}", file=sys.stderr, flush=True)
+            return (self.fake, err, payload)
+        return (result, err, payload)

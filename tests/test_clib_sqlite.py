@@ -536,3 +536,16 @@ def test_a_finalizer_never_runs_inside_a_call_from_sqlite(tmp_path: Path) -> Non
     )
     r = run_enclave(app, cwd=tmp_path, timeout=30)
     assert (r.returncode, r.stdout) == (0, "done True\n"), r.stderr
+
+
+def test_a_host_fd_numbered_like_the_enclaves_doorbell_is_still_the_hosts(tmp_path: Path) -> None:
+    # The shim forwards no call by fd number: the runtime's doorbells are used through
+    # eventfd_read/eventfd_write, which it does not define.  So when the host answers the
+    # database's open with the number of the enclave's own doorbell, SQLite still talks to the host.
+    app = write_app(tmp_path, DB_APP)
+    hostile = {"PYSCONE_TEST_HOSTILE": "py:clib_liars:DoorbellNumbers", "PYTHONPATH": str(TESTS_DIR)}
+    r = run_enclave(app, "app.db", "create", cwd=tmp_path, env=hostile)
+    assert "pyscone-test: lied about OPEN" in r.stderr, r.stderr  # (not a vacuous pass)
+    assert r.stdout.splitlines() == [f"rows 300 {SECRET}-0 {SECRET}-299", "ok"], r.stderr
+    with sqlite3.connect(tmp_path / "app.db") as con:
+        assert con.execute("select count(*) from t").fetchone() == (300,)
