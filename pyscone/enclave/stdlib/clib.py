@@ -35,9 +35,10 @@ thread.  A C library that does I/O from a thread it started before lockdown meet
 same refusal as it met at the barrier before this layer existed.
 
 What is not covered fails closed as before: stdio (``fopen`` opens inside libc, past the
-shim), sockets, ``mmap`` of a file, ``*at`` calls relative to a directory fd, the
-console fds 0..2 (the console shield's), and the interpreter's own libc calls (the
-Python layer interposes those one level up).
+shim), sockets, ``mmap`` of a file (but SQLite's WAL index of a shielded database, see
+:func:`_mmap`), ``*at`` calls relative to a directory fd, the console fds 0..2 (the
+console shield's), and the interpreter's own libc calls (the Python layer interposes those
+one level up).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import struct
 import sys
 from collections.abc import Callable
 
-from pyscone.enclave import loader, scheduler
+from pyscone.enclave import iago, loader, scheduler
 from pyscone.enclave.stdlib import fdops, files
 
 _SHIM_ABI = 1
@@ -153,6 +154,8 @@ def _dispatch(call: int, a: int, b: int, c: int, p: int | None, q: int | None) -
             return handler(a, b, c, p, q)
         finally:
             sched.sync = was
+    except iago.HostViolation as e:  # (iago stops the enclave itself; this is for any other raiser)
+        iago.fail_stop(str(e))
     except OSError as e:
         return -(e.errno or errno.EIO)
     except NotImplementedError:  # dir_fd and friends
