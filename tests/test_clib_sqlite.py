@@ -549,3 +549,36 @@ def test_a_host_fd_numbered_like_the_enclaves_doorbell_is_still_the_hosts(tmp_pa
     assert r.stdout.splitlines() == [f"rows 300 {SECRET}-0 {SECRET}-299", "ok"], r.stderr
     with sqlite3.connect(tmp_path / "app.db") as con:
         assert con.execute("select count(*) from t").fetchone() == (300,)
+
+
+@pytest.mark.parametrize("where", ["unprotected", "encrypted"])
+def test_rename_and_flock_from_c_go_through_the_python_layer(fs: FS, where: str) -> None:
+    d = fs.enc if where == "encrypted" else fs.root
+    app = write_app(
+        fs.root,
+        f"""
+        import ctypes, errno, fcntl, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        d = {str(d)!r}
+        with open(os.path.join(d, "a.txt"), "w") as f:
+            f.write("moved")
+        def err(rc):
+            return "ok" if rc == 0 else errno.errorcode[ctypes.get_errno()]
+        print("rename", err(libc.rename(f"{{d}}/a.txt".encode(), f"{{d}}/b.txt".encode())), open(f"{{d}}/b.txt").read(), os.path.exists(f"{{d}}/a.txt"))
+        print("rename missing", err(libc.rename(f"{{d}}/a.txt".encode(), f"{{d}}/c.txt".encode())))
+        one, two = os.open(f"{{d}}/b.txt", os.O_RDWR), os.open(f"{{d}}/b.txt", os.O_RDWR)
+        print("flock", err(libc.flock(one, fcntl.LOCK_EX | fcntl.LOCK_NB)))
+        print("flock other open", err(libc.flock(two, fcntl.LOCK_EX | fcntl.LOCK_NB)))
+        print("flock other open, blocking", err(libc.flock(two, fcntl.LOCK_EX)))
+        print("unlock, then", err(libc.flock(one, fcntl.LOCK_UN)), err(libc.flock(two, fcntl.LOCK_EX)))
+        """,
+    )
+    r = fs.run(app)
+    assert r.stdout.splitlines() == [
+        "rename ok moved False",
+        "rename missing ENOENT",
+        "flock ok",
+        "flock other open EAGAIN",  # (EWOULDBLOCK)
+        "flock other open, blocking ENOLCK",
+        "unlock, then ok ok",
+    ], r.stderr

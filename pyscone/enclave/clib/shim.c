@@ -54,7 +54,7 @@
 enum {
     C_OPEN = 1, C_CLOSE, C_READ, C_WRITE, C_PREAD, C_PWRITE, C_LSEEK, C_FSTAT, C_STAT,
     C_FSYNC, C_FTRUNCATE, C_FCNTL, C_UNLINK, C_ACCESS, C_MKDIR, C_RMDIR, C_GETCWD,
-    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP,
+    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP, C_RENAME, C_FLOCK,
 };
 
 /* (call, a, b, c, p, q) -> result >= 0, or -errno.  p: an input pointer (a path, data to
@@ -105,6 +105,8 @@ static struct {
     int (*fchmod)(int, mode_t);
     int (*fchown)(int, uid_t, gid_t);
     void *(*mmap)(void *, size_t, int, int, int, off_t);
+    int (*rename)(const char *, const char *);
+    int (*flock)(int, int);
 } real;
 
 static void *next(const char *name) { return dlsym(RTLD_NEXT, name); }
@@ -136,6 +138,8 @@ __attribute__((constructor)) static void resolve(void)
     real.fchmod = next("fchmod");
     real.fchown = next("fchown");
     real.mmap = next("mmap64");
+    real.rename = next("rename");
+    real.flock = next("flock");
 }
 
 static int add_range(struct dl_phdr_info *info, size_t size, void *data)
@@ -491,6 +495,19 @@ int fchown(int fd, uid_t uid, gid_t gid)
 {
     ROUTE(real.fchown(fd, uid, gid));
     return (int)call(C_FCHOWN, fd, uid, gid, NULL, NULL);
+}
+
+/* p: the old path, q: the new one (replaced if it exists, as rename(2) does). */
+int rename(const char *from, const char *to)
+{
+    ROUTE(real.rename(from, to));
+    return (int)call(C_RENAME, 0, 0, 0, from, (void *)to);
+}
+
+int flock(int fd, int operation)
+{
+    ROUTE(real.flock(fd, operation));
+    return (int)call(C_FLOCK, fd, operation, 0, NULL, NULL);
 }
 
 /* A file mapping.  The enclave cannot map a host file (its fds are the host's); the runtime

@@ -88,6 +88,8 @@ class Call(enum.IntEnum):
     FCHOWN = 20
     OPENAT = 21
     MMAP = 22
+    RENAME = 23
+    FLOCK = 24
 
 
 _DISPATCH = ctypes.CFUNCTYPE(
@@ -389,6 +391,21 @@ def _readlink(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     return _out(q, target[:a])
 
 
+def _rename(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
+    files.replace(_path(p), _path(q))  # rename(2) replaces an existing target
+    return 0
+
+
+def _flock(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
+    try:
+        fdops.flock(a, b | fcntl.LOCK_NB)  # never the waiting form from C (see F_SETLKW)
+    except OSError as e:
+        if not b & fcntl.LOCK_NB and e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise OSError(errno.ENOLCK, "a blocking lock request from C cannot wait in the enclave") from None
+        raise
+    return 0
+
+
 def _unsupported(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     # fchmod/fchown: the Python layer has no fd-based mode or owner change (SQLite ignores
     # the result of both: it only tries to keep a journal's owner and mode like the database's).
@@ -402,4 +419,5 @@ _HANDLERS: dict[Call, _Handler] = {
     Call.FSYNC: _fsync, Call.FTRUNCATE: _ftruncate, Call.FCNTL: _fcntl, Call.UNLINK: _unlink,
     Call.ACCESS: _access, Call.MKDIR: _mkdir, Call.RMDIR: _rmdir, Call.GETCWD: _getcwd,
     Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported, Call.MMAP: _mmap,
+    Call.RENAME: _rename, Call.FLOCK: _flock,
 }  # fmt: skip
