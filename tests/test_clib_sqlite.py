@@ -582,3 +582,24 @@ def test_rename_and_flock_from_c_go_through_the_python_layer(fs: FS, where: str)
         "flock other open, blocking ENOLCK",
         "unlock, then ok ok",
     ], r.stderr
+
+
+def test_the_fortified_entry_points_go_through_the_layer_too(tmp_path: Path) -> None:
+    # Libraries built with _FORTIFY_SOURCE (libxml2, zlib, OpenSSL here) call __read_chk & co.
+    (tmp_path / "data.txt").write_text("fortified")
+    app = write_app(
+        tmp_path,
+        f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.__getcwd_chk.restype = ctypes.c_char_p
+        fd = libc.open({str(tmp_path / "data.txt")!r}.encode(), 0)
+        buf = ctypes.create_string_buffer(32)
+        print(libc.__read_chk(fd, buf, 4, 32), buf.value)
+        print(libc.__pread64_chk(fd, buf, 9, ctypes.c_long(0), 32), buf.value)
+        cwd = ctypes.create_string_buffer(4096)
+        print(libc.__getcwd_chk(cwd, 4096, 4096) == {str(tmp_path)!r}.encode())
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.stdout.splitlines() == ["4 b'fort'", "9 b'fortified'", "True"], r.stderr

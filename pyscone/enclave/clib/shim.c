@@ -242,8 +242,10 @@ static int refuse(void)
 /* The 64-bit names are the same functions on x86-64 (off_t and struct stat are 64-bit);
  * aliased in assembler because their C prototypes name struct stat64 and off64_t. */
 #define ALIAS(name, target) __asm__(".globl " #name "\n\t.set " #name ", " #target)
-#define ROUTE(fwd)                                                                              \
-    enum route how_ = route(CALLER);                                                            \
+#define ROUTE(fwd) ROUTE_FROM(CALLER, fwd)
+/* The caller decides the route: a fortified entry point passes its own caller on. */
+#define ROUTE_FROM(caller, fwd)                                                                 \
+    enum route how_ = route(caller);                                                            \
     if (how_ == FORWARD)                                                                        \
         return fwd;                                                                             \
     if (how_ == REFUSE)                                                                         \
@@ -319,13 +321,15 @@ int close(int fd)
     return (int)call(C_CLOSE, fd, 0, 0, NULL, NULL);
 }
 
-ssize_t read(int fd, void *buf, size_t n)
+static ssize_t read_from(const void *caller, int fd, void *buf, size_t n)
 {
-    ROUTE(real.read(fd, buf, n));
+    ROUTE_FROM(caller, real.read(fd, buf, n));
     if (fd >= 0 && fd <= 2)
         return refuse();
     return (ssize_t)call(C_READ, fd, (long long)n, 0, NULL, buf);
 }
+
+ssize_t read(int fd, void *buf, size_t n) { return read_from(CALLER, fd, buf, n); }
 
 ssize_t write(int fd, const void *buf, size_t n)
 {
@@ -335,11 +339,13 @@ ssize_t write(int fd, const void *buf, size_t n)
     return (ssize_t)call(C_WRITE, fd, (long long)n, 0, buf, NULL);
 }
 
-ssize_t pread(int fd, void *buf, size_t n, off_t off)
+static ssize_t pread_from(const void *caller, int fd, void *buf, size_t n, off_t off)
 {
-    ROUTE(real.pread(fd, buf, n, off));
+    ROUTE_FROM(caller, real.pread(fd, buf, n, off));
     return (ssize_t)call(C_PREAD, fd, (long long)n, off, NULL, buf);
 }
+
+ssize_t pread(int fd, void *buf, size_t n, off_t off) { return pread_from(CALLER, fd, buf, n, off); }
 ALIAS(pread64, pread);
 
 ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
@@ -454,9 +460,9 @@ int rmdir(const char *path)
     return (int)call(C_RMDIR, 0, 0, 0, path, NULL);
 }
 
-char *getcwd(char *buf, size_t size)
+static char *getcwd_from(const void *caller, char *buf, size_t size)
 {
-    enum route how = route(CALLER);
+    enum route how = route(caller);
     if (how == FORWARD)
         return real.getcwd(buf, size);
     if (how == REFUSE) {
@@ -479,11 +485,15 @@ char *getcwd(char *buf, size_t size)
     return buf;
 }
 
-ssize_t readlink(const char *path, char *buf, size_t size)
+char *getcwd(char *buf, size_t size) { return getcwd_from(CALLER, buf, size); }
+
+static ssize_t readlink_from(const void *caller, const char *path, char *buf, size_t size)
 {
-    ROUTE(real.readlink(path, buf, size));
+    ROUTE_FROM(caller, real.readlink(path, buf, size));
     return (ssize_t)call(C_READLINK, (long long)size, 0, 0, path, buf);
 }
+
+ssize_t readlink(const char *path, char *buf, size_t size) { return readlink_from(CALLER, path, buf, size); }
 
 int fchmod(int fd, mode_t mode)
 {
@@ -495,6 +505,39 @@ int fchown(int fd, uid_t uid, gid_t gid)
 {
     ROUTE(real.fchown(fd, uid, gid));
     return (int)call(C_FCHOWN, fd, uid, gid, NULL, NULL);
+}
+
+/* What _FORTIFY_SOURCE makes of read/pread/readlink/getcwd when the buffer's size is known:
+ * the same calls, after glibc's own overflow check (which aborts the process, as natively). */
+extern void __chk_fail(void) __attribute__((noreturn));
+
+ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return read_from(CALLER, fd, buf, n);
+}
+
+ssize_t __pread64_chk(int fd, void *buf, size_t n, off_t off, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return pread_from(CALLER, fd, buf, n, off);
+}
+ALIAS(__pread_chk, __pread64_chk);
+
+ssize_t __readlink_chk(const char *path, char *buf, size_t n, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return readlink_from(CALLER, path, buf, n);
+}
+
+char *__getcwd_chk(char *buf, size_t size, size_t buflen)
+{
+    if (size > buflen)
+        __chk_fail();
+    return getcwd_from(CALLER, buf, size);
 }
 
 /* p: the old path, q: the new one (replaced if it exists, as rename(2) does). */
