@@ -614,3 +614,37 @@ def test_the_fortified_entry_points_go_through_the_layer_too(tmp_path: Path) -> 
     )
     r = run_enclave(app, cwd=tmp_path)
     assert r.stdout.splitlines() == ["4 b'fort'", "9 b'fortified'", "True"], r.stderr
+
+
+@pytest.mark.parametrize("where", ["unprotected", "encrypted"])
+def test_sqlalchemys_orm_on_sqlite(fs: FS, where: str) -> None:
+    db = (fs.enc if where == "encrypted" else fs.root) / "orm.db"
+    app = write_app(
+        fs.root,
+        f"""
+        import sys
+        from sqlalchemy import String, create_engine, select
+        from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+        class Base(DeclarativeBase):
+            pass
+
+        class Note(Base):
+            __tablename__ = "notes"
+            id: Mapped[int] = mapped_column(primary_key=True)
+            text: Mapped[str] = mapped_column(String(80))
+
+        engine = create_engine("sqlite:///" + sys.argv[1])
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([Note(text="{SECRET} %d" % i) for i in range(10)])
+            s.commit()
+        with Session(engine) as s:
+            print(s.scalar(select(Note.text).where(Note.id == 4)), len(s.scalars(select(Note)).all()))
+        """,
+    )
+    for run in (1, 2):
+        r = fs.run(app, str(db))
+        assert r.stdout.splitlines() == [f"{SECRET} 3 {10 * run}"], r.stderr
+    if where == "encrypted":
+        assert SECRET.encode() not in db.read_bytes()
