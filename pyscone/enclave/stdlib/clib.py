@@ -145,9 +145,8 @@ def foreign_calls() -> int:
 
 def _dispatch(call: int, a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     """One call from C: its result, or ``-errno``.  Never raises (there is C below us)."""
-    try:
-        handler = _HANDLERS[Call(call)]
-    except ValueError:
+    handler = _BY_NUMBER[call] if 0 <= call < len(_BY_NUMBER) else None
+    if handler is None:
         return -errno.ENOSYS
     try:
         sched = scheduler.get()
@@ -421,3 +420,7 @@ _HANDLERS: dict[Call, _Handler] = {
     Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported, Call.MMAP: _mmap,
     Call.RENAME: _rename, Call.FLOCK: _flock,
 }  # fmt: skip
+# Indexed by call number: the lookup runs on every call from C.
+_BY_NUMBER: list[_Handler | None] = [None] * (max(Call) + 1)
+for _call, _handler in _HANDLERS.items():
+    _BY_NUMBER[_call] = _handler
