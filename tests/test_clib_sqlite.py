@@ -648,3 +648,17 @@ def test_sqlalchemys_orm_on_sqlite(fs: FS, where: str) -> None:
         assert r.stdout.splitlines() == [f"{SECRET} 3 {10 * run}"], r.stderr
     if where == "encrypted":
         assert SECRET.encode() not in db.read_bytes()
+
+
+def test_a_whole_database_rolled_back_with_its_fspf_is_refused_at_mount(fs: FS) -> None:
+    db = fs.enc / "app.db"
+    app = write_app(fs.root, DB_APP)
+    assert fs.run(app, str(db), "create").returncode == 0
+    old_fspf, old_db = fs.fspf.read_bytes(), db.read_bytes()
+    assert "rows 301" in fs.run(app, str(db), "add").stdout
+    # The host puts back the database and the FSPF as they were, consistently: only the pin knows.
+    fs.fspf.write_bytes(old_fspf)
+    db.write_bytes(old_db)
+    r = fs.run(app, str(db), "read")
+    assert r.returncode == 70 and "rows" not in r.stdout, (r.stdout, r.stderr)
+    assert "cannot mount the file-system shield" in r.stderr and "not the pinned version" in r.stderr
