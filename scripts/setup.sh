@@ -15,9 +15,10 @@ for candidate in python3.13 python3.12 python3.11 python3; do
 done
 [[ -n $python ]] || { echo "error: pyscone needs Python 3.11 or newer" >&2; exit 1; }
 
-# System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc (a test builds
-# a C extension), PostgreSQL (the CAS's store is tested against a real server), venv support and
-# headers for the interpreter in use; redis-server for the compatibility matrix's redis case.
+# System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc and libc6-dev
+# (the install builds the libc layer's shim; a test builds a C extension), PostgreSQL (the CAS's
+# store is tested against a real server), venv support and headers for the interpreter in use;
+# redis-server for the compatibility matrix's redis case.
 packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
@@ -36,7 +37,10 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 stamp=.venv/.pyscone-installed
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+# The install also builds the libc layer's shim (setup.py): again when its source changed.
+shim=pyscone/enclave/clib/libpyscone-shim.so
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || ! -f $shim ||
+      pyscone/enclave/clib/shim.c -nt $shim ]]; then
   log "installing pyscone and its development tools into .venv"
   pip_log=$(mktemp)
   if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev,compat]'; } >"$pip_log" 2>&1; then

@@ -24,6 +24,7 @@ import pyscone
 from pyscone.enclave.iago import EXIT_HOST_VIOLATION
 
 ATTEST = Path(pyscone.__file__).parent / "enclave" / "attest.py"
+SHIM = str(Path(pyscone.__file__).parent / "enclave" / "clib" / "libpyscone-shim.so")
 
 TESTS_DIR = Path(__file__).parent
 
@@ -311,6 +312,12 @@ def test_pth_import_lines_and_a_self_deleting_sitecustomize_are_measured(
         ({"flag": "-O"}, "not with pyscone's flags"),  # asserts stripped from the runtime
         ({"flag": "-Xfrozen_modules=off"}, "not with pyscone's flags"),  # the import system from disk
         ({"env": {"LD_PRELOAD": "libm.so.6"}}, "started with LD_PRELOAD set"),
+        # The libc layer's shim is the one library the enclave accepts preloaded, and only alone,
+        # only from its own package, and with nothing else in the environment.
+        ({"env": {"LD_PRELOAD": f"{SHIM}:libm.so.6"}}, "started with LD_PRELOAD set"),
+        ({"env": {"LD_PRELOAD": f"libm.so.6 {SHIM}"}}, "started with LD_PRELOAD set"),
+        ({"env": {"LD_PRELOAD": "/tmp/libpyscone-shim.so"}}, "started with LD_PRELOAD set"),
+        ({"env": {"LD_PRELOAD": SHIM, "LD_LIBRARY_PATH": "/tmp"}}, "started with LD_LIBRARY_PATH set"),
         ({"env": {"OPENSSL_CONF": "/dev/null"}}, "started with OPENSSL_CONF set"),
     ],
 )

@@ -111,7 +111,7 @@ def main() -> None:
     for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
         print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
     sys.path[:] = boot_path
-    from pyscone.enclave.stdlib import console, fdops, files, process, sockets, surface, threads
+    from pyscone.enclave.stdlib import clib, console, fdops, files, process, sockets, surface, threads
 
     if cfg.get("fspf") or cfg.get("measure"):
         # The shield's crypto is a C extension: load it while loading is still possible.
@@ -158,6 +158,10 @@ def main() -> None:
             _boot_error(f"--preload {name}: {type(e).__name__}: {e}")
     importer.install()
     _adopt_finders()
+    try:
+        shim = clib.prepare()  # the libc layer, if the launcher preloaded it (bound now, armed below)
+    except RuntimeError as e:
+        _boot_error(str(e))
     if cfg.get("measure"):
         _measure(cfg, region.geometry)
 
@@ -174,6 +178,8 @@ def main() -> None:
             barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
     except (barrier.BarrierError, MemoryError) as e:
         _boot_error(str(e) or type(e).__name__)
+    if shim:
+        clib.arm()  # from here C libraries' file calls go through the Python layer and the shields
     surface.install(cfg["cpu_count"])  # last: the boot itself still used what it refuses (setrlimit)
     # The C traceback printer reads source lines with direct file I/O (refused by the
     # barrier); the pure-Python one reads them through the interposed open.  Outside a

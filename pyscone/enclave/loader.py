@@ -667,13 +667,26 @@ def _host_violation(reason: str) -> "NoReturn":
     posix._exit(_EXIT_HOST_VIOLATION)
 
 
+#: The libc layer's shim (``enclave/clib/shim.c``), relative to the pyscone package directory.
+SHIM = "enclave/clib/libpyscone-shim.so"
+
+
+def shim_path(pyscone_dir: str) -> str:
+    """The one library the launcher may preload into the enclave (``LD_PRELOAD``)."""
+    return _join(pyscone_dir, SHIM)
+
+
 def _check_start() -> None:
-    """The interpreter must run with pyscone's flags, its bootstrap and no environment."""
+    """The interpreter must run with pyscone's flags, its bootstrap and no environment
+    but ``LD_PRELOAD`` of exactly this package's shim (measured later, as it is mapped)."""
     argv = list(sys.orig_argv)
     n = len(INTERPRETER_FLAGS)
     if argv[1 : n + 1] != list(INTERPRETER_FLAGS) or argv[n + 1 : n + 3] != ["-c", BOOTSTRAP] or len(argv) != n + 5:
         _host_violation(f"the enclave interpreter was started as {argv[1:-3]!r}, not with pyscone's flags")
+    shim = shim_path(_dirname(_dirname(__file__))).encode()
     for key, value in posix.environ.items():
+        if key == b"LD_PRELOAD" and value == shim:
+            continue
         if value not in _COERCED.get(key, ()):
             _host_violation(f"the enclave interpreter was started with {key.decode(errors='replace')} set")
     try:

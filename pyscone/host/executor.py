@@ -524,7 +524,9 @@ class Executor:
             return _void(fcntl.flock, fd, kind | fcntl.LOCK_NB)
         cmds = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
         if family == abi.LOCK_POSIX and kind in cmds:
-            return _void(fcntl.lockf, fd, cmds[kind] | fcntl.LOCK_NB, a[4], a[3], a[5])
+            # lockf takes LOCK_UN alone: LOCK_UN | LOCK_NB is "unrecognized" (ValueError).
+            nb = 0 if kind == fcntl.F_UNLCK else fcntl.LOCK_NB
+            return _void(fcntl.lockf, fd, cmds[kind] | nb, a[4], a[3], a[5])
         return (-1, errno.EINVAL, b"")
 
     def _statvfs(self, a: tuple[int, ...], d: bytes) -> Answer:

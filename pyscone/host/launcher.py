@@ -74,6 +74,16 @@ class HostConfig:
 _PYSCONE_DIR = os.path.dirname(os.path.abspath(pyscone.__file__))
 
 
+def _enclave_env() -> dict[str, str]:
+    """The enclave's whole environment: the libc layer's shim preloaded, if it was built.
+
+    The measuring loader accepts exactly this one variable with exactly this value
+    (``loader._check_start``); without a built shim, C libraries' own I/O meets the barrier.
+    """
+    shim = loader.shim_path(_PYSCONE_DIR)
+    return {"LD_PRELOAD": shim} if os.path.isfile(shim) else {}
+
+
 class LaunchError(Exception):
     """The host cannot start the enclave (reported as one ``error:`` line)."""
 
@@ -115,7 +125,7 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
         proc = subprocess.Popen(
             [sys.executable, *loader.INTERPRETER_FLAGS, "-c", loader.BOOTSTRAP, str(cfg_r), _PYSCONE_DIR],
             pass_fds=(region.fd, bell_host, bell_enclave, cfg_r),
-            env={},
+            env=_enclave_env(),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

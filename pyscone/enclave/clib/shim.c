@@ -1,0 +1,575 @@
+/*
+ * pyscone's libc layer (DESIGN.md section 5): the file entry points of the C library,
+ * interposed for every shared library in the enclave process (SQLite's unix VFS first).
+ *
+ * Theory of operation
+ * -------------------
+ * The launcher preloads this library (LD_PRELOAD, the only environment the measuring
+ * loader accepts), so the dynamic linker binds every other library's `open`, `read`,
+ * `fstat`, ... to the functions below.  Until the runtime arms it, each one forwards to
+ * the next definition (libc's), found once with dlsym(RTLD_NEXT).
+ *
+ * Armed (after lockdown), a call goes to ONE dispatch callback that the enclave runtime
+ * registered (a ctypes function, pyscone/enclave/stdlib/clib.py).  It implements the call
+ * with the Python layer (stdlib/files.py, fdops.py, the FS shield), so there is one
+ * implementation of the semantics and of the Iago checks, not two.  It returns the result,
+ * or -errno.  These calls still forward to libc (where the barrier refuses them, EPERM,
+ * exactly as before the layer existed):
+ *
+ *  - calls made by the interpreter itself (its executable or libpython): the Python layer
+ *    already interposes them one level up, where the runtime's own raw `posix` calls must
+ *    keep meeting the barrier;
+ *  - calls made while the dispatch is running on this thread (the runtime's own code must
+ *    never re-enter itself through C);
+ *
+ * and these are refused (EPERM) without a dispatch:
+ *
+ *  - calls from any OS thread but the enclave's own (a thread a C library started before
+ *    lockdown): the rings have a single producer and the scheduler one thread;
+ *  - reads and writes of fds 0..2: the console shield owns them, and a C library must not
+ *    write around it in plaintext.
+ *
+ * The runtime's own descriptors (the doorbells, the epoll set) are used through
+ * eventfd_read/eventfd_write/epoll_wait, which this library does not interpose, so no fd
+ * number is forwarded on trust: an fd number from a C library is always the host's (or a
+ * virtual fd of the FS shield), even when it equals a doorbell's number.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <link.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#define PYSCONE_SHIM_ABI 1
+
+/* Call numbers: the same table is in pyscone/enclave/stdlib/clib.py (Call). */
+enum {
+    C_OPEN = 1, C_CLOSE, C_READ, C_WRITE, C_PREAD, C_PWRITE, C_LSEEK, C_FSTAT, C_STAT,
+    C_FSYNC, C_FTRUNCATE, C_FCNTL, C_UNLINK, C_ACCESS, C_MKDIR, C_RMDIR, C_GETCWD,
+    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP, C_RENAME, C_FLOCK,
+};
+
+/* (call, a, b, c, p, q) -> result >= 0, or -errno.  p: an input pointer (a path, data to
+ * write), q: an output pointer (a buffer to read into, the 13 stat fields, a struct flock). */
+typedef long long (*dispatch_fn)(int, long long, long long, long long, const void *, void *);
+
+static dispatch_fn dispatch;
+static __thread int enclave_thread; /* set on the thread that armed the shim, only */
+static __thread int in_dispatch;
+static unsigned long foreign_calls;
+/* The interpreter's executable segments: calls from there are the Python layer's business. */
+#define MAX_RANGES 8
+static uintptr_t range_lo[MAX_RANGES], range_hi[MAX_RANGES];
+static int nranges;
+/* The interpreter's own API (found at prepare): the GIL, and its cyclic garbage collector,
+ * which must not run during a call from C.  A collection there may run a finalizer that
+ * closes a forgotten sqlite3 connection, and SQLite closes files under its global VFS mutex,
+ * which it also holds around calls that arrive here (the fstat after an open): on one OS
+ * thread, a deadlock.  It is turned off before the callback's own allocations (ctypes builds
+ * an argument tuple, which can trigger a collection) and back on after. */
+static int (*py_gil_ensure)(void);
+static void (*py_gil_release)(int);
+static int (*py_gc_disable)(void);
+static int (*py_gc_enable)(void);
+
+static struct {
+    int (*open)(const char *, int, ...);
+    int (*openat)(int, const char *, int, ...);
+    int (*close)(int);
+    ssize_t (*read)(int, void *, size_t);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*pread)(int, void *, size_t, off_t);
+    ssize_t (*pwrite)(int, const void *, size_t, off_t);
+    off_t (*lseek)(int, off_t, int);
+    int (*fstat)(int, struct stat *);
+    int (*stat)(const char *, struct stat *);
+    int (*lstat)(const char *, struct stat *);
+    int (*fsync)(int);
+    int (*fdatasync)(int);
+    int (*ftruncate)(int, off_t);
+    int (*fcntl)(int, int, ...);
+    int (*unlink)(const char *);
+    int (*access)(const char *, int);
+    int (*mkdir)(const char *, mode_t);
+    int (*rmdir)(const char *);
+    char *(*getcwd)(char *, size_t);
+    ssize_t (*readlink)(const char *, char *, size_t);
+    int (*fchmod)(int, mode_t);
+    int (*fchown)(int, uid_t, gid_t);
+    void *(*mmap)(void *, size_t, int, int, int, off_t);
+    int (*rename)(const char *, const char *);
+    int (*flock)(int, int);
+} real;
+
+static void *next(const char *name) { return dlsym(RTLD_NEXT, name); }
+
+__attribute__((constructor)) static void resolve(void)
+{
+    /* Before main: the libc functions this library stands in front of. */
+    real.open = next("open64");
+    real.openat = next("openat64");
+    real.close = next("close");
+    real.read = next("read");
+    real.write = next("write");
+    real.pread = next("pread64");
+    real.pwrite = next("pwrite64");
+    real.lseek = next("lseek64");
+    real.fstat = next("fstat64");
+    real.stat = next("stat64");
+    real.lstat = next("lstat64");
+    real.fsync = next("fsync");
+    real.fdatasync = next("fdatasync");
+    real.ftruncate = next("ftruncate64");
+    real.fcntl = next("fcntl64");
+    real.unlink = next("unlink");
+    real.access = next("access");
+    real.mkdir = next("mkdir");
+    real.rmdir = next("rmdir");
+    real.getcwd = next("getcwd");
+    real.readlink = next("readlink");
+    real.fchmod = next("fchmod");
+    real.fchown = next("fchown");
+    real.mmap = next("mmap64");
+    real.rename = next("rename");
+    real.flock = next("flock");
+}
+
+static int add_range(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    if (info->dlpi_addr != (uintptr_t)data)
+        return 0;
+    for (int i = 0; i < info->dlpi_phnum && nranges < MAX_RANGES; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X)) {
+            range_lo[nranges] = info->dlpi_addr + ph->p_vaddr;
+            range_hi[nranges] = range_lo[nranges] + ph->p_memsz;
+            nranges++;
+        }
+    }
+    return 1;
+}
+
+/* Exported to the runtime ------------------------------------------------------------ */
+
+int pyscone_shim_abi(void) { return PYSCONE_SHIM_ABI; }
+
+/* Before lockdown: find the interpreter's code (the object that defines Py_BytesMain). */
+int pyscone_shim_prepare(void)
+{
+    Dl_info info;
+    struct link_map *lm = NULL;
+    void *sym = dlsym(RTLD_DEFAULT, "Py_BytesMain");
+    nranges = 0;
+    py_gil_ensure = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Ensure");
+    py_gil_release = (void (*)(int))dlsym(RTLD_DEFAULT, "PyGILState_Release");
+    py_gc_disable = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGC_Disable");
+    py_gc_enable = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGC_Enable");
+    if (sym == NULL || !py_gil_ensure || !py_gil_release || !py_gc_disable || !py_gc_enable)
+        return -1;
+    /* The link map's l_addr is the load bias, which dl_iterate_phdr calls dlpi_addr. */
+    if (dladdr1(sym, &info, (void **)&lm, RTLD_DL_LINKMAP) == 0 || lm == NULL)
+        return -1;
+    dl_iterate_phdr(add_range, (void *)lm->l_addr);
+    return nranges;
+}
+
+/* After lockdown: from now on calls from other libraries go to `fn`. */
+void pyscone_shim_arm(dispatch_fn fn)
+{
+    enclave_thread = 1;
+    dispatch = fn;
+}
+
+void pyscone_shim_disarm(void) { dispatch = NULL; }
+
+/* Calls refused because they came from another OS thread. */
+unsigned long pyscone_shim_foreign_calls(void) { return foreign_calls; }
+
+/* The routing decision ------------------------------------------------------------------ */
+
+enum route { FORWARD, DISPATCH, REFUSE };
+
+static enum route route(const void *caller)
+{
+    if (dispatch == NULL || in_dispatch)
+        return FORWARD;
+    uintptr_t pc = (uintptr_t)caller;
+    for (int i = 0; i < nranges; i++)
+        if (pc >= range_lo[i] && pc < range_hi[i])
+            return FORWARD;
+    if (!enclave_thread) {
+        __atomic_add_fetch(&foreign_calls, 1, __ATOMIC_RELAXED);
+        return REFUSE;
+    }
+    return DISPATCH;
+}
+
+static long long call(int op, long long a, long long b, long long c, const void *p, void *q)
+{
+    int saved = errno;
+    in_dispatch = 1;
+    int gil = py_gil_ensure();
+    int collecting = py_gc_disable();
+    long long r = dispatch(op, a, b, c, p, q);
+    if (collecting)
+        py_gc_enable();
+    py_gil_release(gil);
+    in_dispatch = 0;
+    if (r < 0) {
+        errno = (int)-r;
+        return -1;
+    }
+    errno = saved;
+    return r;
+}
+
+static int refuse(void)
+{
+    errno = EPERM;
+    return -1;
+}
+
+#define CALLER __builtin_return_address(0)
+/* The 64-bit names are the same functions on x86-64 (off_t and struct stat are 64-bit);
+ * aliased in assembler because their C prototypes name struct stat64 and off64_t. */
+#define ALIAS(name, target) __asm__(".globl " #name "\n\t.set " #name ", " #target)
+#define ROUTE(fwd) ROUTE_FROM(CALLER, fwd)
+/* The caller decides the route: a fortified entry point passes its own caller on. */
+#define ROUTE_FROM(caller, fwd)                                                                 \
+    enum route how_ = route(caller);                                                            \
+    if (how_ == FORWARD)                                                                        \
+        return fwd;                                                                             \
+    if (how_ == REFUSE)                                                                         \
+        return refuse()
+
+static long long stat_out(long long r, struct stat *st, const long long f[13])
+{
+    if (r < 0)
+        return r;
+    memset(st, 0, sizeof *st);
+    st->st_dev = (dev_t)f[0];
+    st->st_ino = (ino_t)f[1];
+    st->st_nlink = (nlink_t)f[2];
+    st->st_mode = (mode_t)f[3];
+    st->st_uid = (uid_t)f[4];
+    st->st_gid = (gid_t)f[5];
+    st->st_rdev = (dev_t)f[6];
+    st->st_size = (off_t)f[7];
+    st->st_blksize = (blksize_t)f[8];
+    st->st_blocks = (blkcnt_t)f[9];
+    st->st_atim.tv_sec = f[10] / 1000000000;
+    st->st_atim.tv_nsec = f[10] % 1000000000;
+    st->st_mtim.tv_sec = f[11] / 1000000000;
+    st->st_mtim.tv_nsec = f[11] % 1000000000;
+    st->st_ctim.tv_sec = f[12] / 1000000000;
+    st->st_ctim.tv_nsec = f[12] % 1000000000;
+    return 0;
+}
+
+/* The interposed entry points ----------------------------------------------------------- */
+
+static int needs_mode(int flags) { return (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE; }
+
+int open(const char *path, int flags, ...)
+{
+    mode_t mode = 0;
+    if (needs_mode(flags)) {
+        va_list ap;
+        va_start(ap, flags);
+        mode = (mode_t)va_arg(ap, int);
+        va_end(ap);
+    }
+    ROUTE(real.open(path, flags, mode));
+    return (int)call(C_OPEN, flags, mode, 0, path, NULL);
+}
+ALIAS(open64, open);
+
+/* What _FORTIFY_SOURCE turns an open without O_CREAT into. */
+int __open_2(const char *path, int flags)
+{
+    ROUTE(real.open(path, flags));
+    return (int)call(C_OPEN, flags, 0, 0, path, NULL);
+}
+ALIAS(__open64_2, __open_2);
+
+int openat(int dirfd, const char *path, int flags, ...)
+{
+    mode_t mode = 0;
+    if (needs_mode(flags)) {
+        va_list ap;
+        va_start(ap, flags);
+        mode = (mode_t)va_arg(ap, int);
+        va_end(ap);
+    }
+    ROUTE(real.openat(dirfd, path, flags, mode));
+    return (int)call(C_OPENAT, flags, mode, dirfd, path, NULL);
+}
+ALIAS(openat64, openat);
+
+int close(int fd)
+{
+    ROUTE(real.close(fd));
+    return (int)call(C_CLOSE, fd, 0, 0, NULL, NULL);
+}
+
+static ssize_t read_from(const void *caller, int fd, void *buf, size_t n)
+{
+    ROUTE_FROM(caller, real.read(fd, buf, n));
+    if (fd >= 0 && fd <= 2)
+        return refuse();
+    return (ssize_t)call(C_READ, fd, (long long)n, 0, NULL, buf);
+}
+
+ssize_t read(int fd, void *buf, size_t n) { return read_from(CALLER, fd, buf, n); }
+
+ssize_t write(int fd, const void *buf, size_t n)
+{
+    ROUTE(real.write(fd, buf, n));
+    if (fd >= 0 && fd <= 2)
+        return refuse();
+    return (ssize_t)call(C_WRITE, fd, (long long)n, 0, buf, NULL);
+}
+
+static ssize_t pread_from(const void *caller, int fd, void *buf, size_t n, off_t off)
+{
+    ROUTE_FROM(caller, real.pread(fd, buf, n, off));
+    return (ssize_t)call(C_PREAD, fd, (long long)n, off, NULL, buf);
+}
+
+ssize_t pread(int fd, void *buf, size_t n, off_t off) { return pread_from(CALLER, fd, buf, n, off); }
+ALIAS(pread64, pread);
+
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+    ROUTE(real.pwrite(fd, buf, n, off));
+    return (ssize_t)call(C_PWRITE, fd, (long long)n, off, buf, NULL);
+}
+ALIAS(pwrite64, pwrite);
+
+off_t lseek(int fd, off_t off, int whence)
+{
+    ROUTE(real.lseek(fd, off, whence));
+    return (off_t)call(C_LSEEK, fd, off, whence, NULL, NULL);
+}
+ALIAS(lseek64, lseek);
+
+int fstat(int fd, struct stat *st)
+{
+    ROUTE(real.fstat(fd, st));
+    long long f[13];
+    return (int)stat_out(call(C_FSTAT, fd, 0, 0, NULL, f), st, f);
+}
+ALIAS(fstat64, fstat);
+
+int stat(const char *path, struct stat *st)
+{
+    ROUTE(real.stat(path, st));
+    long long f[13];
+    return (int)stat_out(call(C_STAT, 1, 0, 0, path, f), st, f);
+}
+ALIAS(stat64, stat);
+
+int lstat(const char *path, struct stat *st)
+{
+    ROUTE(real.lstat(path, st));
+    long long f[13];
+    return (int)stat_out(call(C_STAT, 0, 0, 0, path, f), st, f);
+}
+ALIAS(lstat64, lstat);
+
+int fsync(int fd)
+{
+    ROUTE(real.fsync(fd));
+    return (int)call(C_FSYNC, fd, 0, 0, NULL, NULL);
+}
+
+int fdatasync(int fd)
+{
+    ROUTE(real.fdatasync(fd));
+    return (int)call(C_FSYNC, fd, 0, 0, NULL, NULL);
+}
+
+int ftruncate(int fd, off_t length)
+{
+    ROUTE(real.ftruncate(fd, length));
+    return (int)call(C_FTRUNCATE, fd, length, 0, NULL, NULL);
+}
+ALIAS(ftruncate64, ftruncate);
+
+/* fcntl's third argument is an int or a pointer: both travel as one register on x86-64.
+ * Locks travel as (l_type, l_whence, l_start, l_len, l_pid) in q, written back for F_GETLK. */
+int fcntl(int fd, int cmd, ...)
+{
+    va_list ap;
+    va_start(ap, cmd);
+    long arg = va_arg(ap, long);
+    va_end(ap);
+    ROUTE(real.fcntl(fd, cmd, arg));
+    if (cmd == F_GETLK || cmd == F_SETLK || cmd == F_SETLKW || cmd == F_OFD_GETLK || cmd == F_OFD_SETLK ||
+        cmd == F_OFD_SETLKW) {
+        struct flock *fl = (struct flock *)arg;
+        if (fl == NULL) {
+            errno = EFAULT;
+            return -1;
+        }
+        long long lk[5] = {fl->l_type, fl->l_whence, fl->l_start, fl->l_len, fl->l_pid};
+        long long r = call(C_FCNTL, fd, cmd, 0, NULL, lk);
+        if (r >= 0 && (cmd == F_GETLK || cmd == F_OFD_GETLK)) {
+            fl->l_type = (short)lk[0];
+            fl->l_whence = (short)lk[1];
+            fl->l_start = (off_t)lk[2];
+            fl->l_len = (off_t)lk[3];
+            fl->l_pid = (pid_t)lk[4];
+        }
+        return (int)r;
+    }
+    return (int)call(C_FCNTL, fd, cmd, arg, NULL, NULL);
+}
+ALIAS(fcntl64, fcntl);
+
+int unlink(const char *path)
+{
+    ROUTE(real.unlink(path));
+    return (int)call(C_UNLINK, 0, 0, 0, path, NULL);
+}
+
+int access(const char *path, int mode)
+{
+    ROUTE(real.access(path, mode));
+    return (int)call(C_ACCESS, mode, 0, 0, path, NULL);
+}
+
+int mkdir(const char *path, mode_t mode)
+{
+    ROUTE(real.mkdir(path, mode));
+    return (int)call(C_MKDIR, mode, 0, 0, path, NULL);
+}
+
+int rmdir(const char *path)
+{
+    ROUTE(real.rmdir(path));
+    return (int)call(C_RMDIR, 0, 0, 0, path, NULL);
+}
+
+static char *getcwd_from(const void *caller, char *buf, size_t size)
+{
+    enum route how = route(caller);
+    if (how == FORWARD)
+        return real.getcwd(buf, size);
+    if (how == REFUSE) {
+        errno = EPERM;
+        return NULL;
+    }
+    char *own = NULL;
+    if (buf == NULL) { /* glibc's extension: a buffer of `size` bytes, or as large as needed */
+        size = size ? size : 4096;
+        buf = own = malloc(size);
+        if (buf == NULL)
+            return NULL;
+    }
+    if (call(C_GETCWD, (long long)size, 0, 0, NULL, buf) < 0) {
+        int e = errno;
+        free(own);
+        errno = e;
+        return NULL;
+    }
+    return buf;
+}
+
+char *getcwd(char *buf, size_t size) { return getcwd_from(CALLER, buf, size); }
+
+static ssize_t readlink_from(const void *caller, const char *path, char *buf, size_t size)
+{
+    ROUTE_FROM(caller, real.readlink(path, buf, size));
+    return (ssize_t)call(C_READLINK, (long long)size, 0, 0, path, buf);
+}
+
+ssize_t readlink(const char *path, char *buf, size_t size) { return readlink_from(CALLER, path, buf, size); }
+
+int fchmod(int fd, mode_t mode)
+{
+    ROUTE(real.fchmod(fd, mode));
+    return (int)call(C_FCHMOD, fd, mode, 0, NULL, NULL);
+}
+
+int fchown(int fd, uid_t uid, gid_t gid)
+{
+    ROUTE(real.fchown(fd, uid, gid));
+    return (int)call(C_FCHOWN, fd, uid, gid, NULL, NULL);
+}
+
+/* What _FORTIFY_SOURCE makes of read/pread/readlink/getcwd when the buffer's size is known:
+ * the same calls, after glibc's own overflow check (which aborts the process, as natively). */
+extern void __chk_fail(void) __attribute__((noreturn));
+
+ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return read_from(CALLER, fd, buf, n);
+}
+
+ssize_t __pread64_chk(int fd, void *buf, size_t n, off_t off, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return pread_from(CALLER, fd, buf, n, off);
+}
+ALIAS(__pread_chk, __pread64_chk);
+
+ssize_t __readlink_chk(const char *path, char *buf, size_t n, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return readlink_from(CALLER, path, buf, n);
+}
+
+char *__getcwd_chk(char *buf, size_t size, size_t buflen)
+{
+    if (size > buflen)
+        __chk_fail();
+    return getcwd_from(CALLER, buf, size);
+}
+
+/* p: the old path, q: the new one (replaced if it exists, as rename(2) does). */
+int rename(const char *from, const char *to)
+{
+    ROUTE(real.rename(from, to));
+    return (int)call(C_RENAME, 0, 0, 0, from, (void *)to);
+}
+
+int flock(int fd, int operation)
+{
+    ROUTE(real.flock(fd, operation));
+    return (int)call(C_FLOCK, fd, operation, 0, NULL, NULL);
+}
+
+/* A file mapping.  The enclave cannot map a host file (its fds are the host's); the runtime
+ * may answer 0 ("serve it from enclave memory": SQLite's WAL index, the -shm file, which only
+ * this process uses), and the mapping is then shared anonymous memory, zero-filled as SQLite's
+ * recovery expects of a fresh index.  Anonymous mappings never reach the runtime. */
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    if ((flags & MAP_ANONYMOUS) || fd < 0)
+        return real.mmap(addr, len, prot, flags, fd, off);
+    enum route how = route(CALLER);
+    if (how == FORWARD)
+        return real.mmap(addr, len, prot, flags, fd, off);
+    if (how == REFUSE) {
+        errno = EPERM;
+        return MAP_FAILED;
+    }
+    if (call(C_MMAP, fd, (long long)len, off, NULL, NULL) < 0)
+        return MAP_FAILED;
+    return real.mmap(addr, len, prot, (flags & ~MAP_TYPE) | MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+}
+ALIAS(mmap64, mmap);
