@@ -89,7 +89,7 @@ def main() -> int:
         leaked = [p.name for p in data.iterdir() if b"milk" in p.read_bytes()]
         print(f"host files containing 'milk': {leaked or 'none'}")
 
-        say("The app tries to bypass the runtime with a direct libc open(2): the barrier refuses it")
+        say("The app tries to bypass the runtime with a raw open(2) system call: the barrier refuses it")
         print("GET /escape ->", http("GET", f"{base}/escape"))
 
         say("The host's view of the enclave process")
@@ -97,9 +97,11 @@ def main() -> int:
         status = dict(
             line.split(":\t", 1) for line in Path(f"/proc/{enclave}/status").read_text().splitlines() if ":\t" in line
         )
+        environ = Path(f"/proc/{enclave}/environ").read_bytes()
+        names = sorted(item.split(b"=", 1)[0].decode() for item in environ.split(b"\0") if item)
         print(
-            f"enclave pid {enclave}: Seccomp={status['Seccomp'].strip()} (2 = filter), "
-            f"environment={Path(f'/proc/{enclave}/environ').read_bytes()!r} (SECRET_ON_HOST never reached it)"
+            f"enclave pid {enclave}: Seccomp={status['Seccomp'].strip()} (2 = filter), environment variables: "
+            f"{names} (only the runtime's libc layer; SECRET_ON_HOST never reached it)"
         )
 
         say("^C: the service shuts down as it would under plain python")
