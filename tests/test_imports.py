@@ -115,7 +115,11 @@ def test_pkgutil_iter_modules_lists_a_package_and_sys_path(tmp_path: Path) -> No
     pkg = tmp_path / "plugins"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "notpkg").mkdir()
-    for rel in ("__init__.py", "alpha.py", "sub/__init__.py", "notpkg/x.py", "data.txt"):
+    (pkg / "0002_data").mkdir()
+    (pkg / "has.dot").mkdir()
+    names = ("__init__.py", "alpha.py", "sub/__init__.py", "notpkg/x.py", "data.txt", "0001_initial.py")
+    # pkgutil's rules, not import's: Django's migrations are named like 0001_initial.
+    for rel in (*names, "a.b.py", "0002_data/__init__.py", "has.dot/__init__.py"):
         (pkg / rel).write_text("")
     _build_extension(pkg)
     app = write_app(
@@ -131,7 +135,10 @@ def test_pkgutil_iter_modules_lists_a_package_and_sys_path(tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert r.stdout == run_native(app, cwd=tmp_path).stdout
     first = r.stdout.splitlines()[0]
-    assert first == "[('plugins.alpha', False), ('plugins.sub', True), ('plugins.tinyext', False)]"
+    assert first == (
+        "[('plugins.0001_initial', False), ('plugins.0002_data', True), ('plugins.alpha', False), "
+        "('plugins.sub', True), ('plugins.tinyext', False)]"
+    )
 
 
 def test_django_finds_its_management_commands_and_flask_its_version(tmp_path: Path) -> None:

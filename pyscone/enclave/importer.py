@@ -312,7 +312,12 @@ class EnclavePathEntryFinder:
         return self._meta.find_spec(fullname, [self.path], target)
 
     def iter_modules(self, prefix: str = "") -> list[tuple[str, bool]]:
-        """``(prefix + name, is_package)`` for each module here, sorted, as ``pkgutil`` lists them."""
+        """``(prefix + name, is_package)`` for each module here, sorted, as ``pkgutil`` lists them.
+
+        Its rules, not the import statement's: any name without a dot, identifier or not
+        (Django's migrations are ``0001_initial``), and a directory only if it holds an
+        ``__init__``.
+        """
         base = files.abspath(self.path or ".")
         names = self._meta._listing(base) or frozenset()
         suffixes = (*importlib.machinery.EXTENSION_SUFFIXES, ".py")
@@ -320,9 +325,9 @@ class EnclavePathEntryFinder:
         for name in sorted(names):
             stem = next((name[: -len(s)] for s in suffixes if name.endswith(s)), None)
             if stem is not None:
-                if stem.isidentifier() and stem != "__init__":
+                if stem and "." not in stem and stem != "__init__":
                     found.setdefault(stem, False)
-            elif name.isidentifier() and name != "__pycache__":
+            elif "." not in name:
                 sub = self._meta._listing(os.path.join(base, name))
                 if sub is not None and any(f"__init__{s}" in sub for s in suffixes):
                     found.setdefault(name, True)
