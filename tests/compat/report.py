@@ -27,53 +27,29 @@ from matrix import CASES, EXPECTED_JSON, ROOT, Case, Env, Outcome, expected, run
 DOC = ROOT / "docs" / "compatibility.md"
 
 # Why a failure happens.  Each pattern is looked for in the error line the user sees, then in the
-# traceback above it (the match nearest the end wins: the call that failed).  The items are issue 10's
-# (or the later issue that will fix it).
+# traceback above it (the match nearest the end wins: the call that failed).  Each names the open
+# issue that will fix it.
 WHY: tuple[tuple[str, str], ...] = (
-    (r"\bos\.pipe\b", "`os.pipe` is refused in the enclave (issue 10, item 4: in-enclave pipes)"),
-    (r"\bos\.dup2?\b|\bdup2?\(", "`os.dup` is refused in the enclave (issue 10, item 4)"),
     (
-        r"\bfcntl\b|\bflock\b|\blockf\b|set_inheritable|set_blocking",
-        "an fd-level call (`fcntl`, `set_inheritable`, `set_blocking`) is not interposed (issue 10, item 3)",
-    ),
-    (r"\bumask\b", "`os.umask` is not interposed: -1 with errno 0 (issue 10, item 5)"),
-    (
-        r"listxattr|statvfs|raise_signal",
-        "a stdlib call that is not interposed (`os.listxattr`, `os.statvfs`, `signal.raise_signal`; issue 10, item 5)",
+        r"os\.dup from C code|tofile|fromfile",
+        "numpy's `tofile`/`fromfile` hand a dup of the fd to C stdio (`fdopen`, `fwrite`): stdio is not in "
+        "the libc layer yet (issue 11)",
     ),
     (
-        r"--preload",
-        "a C extension outside the standard library must be named with `--preload`, and the hint "
-        "does not always name what works (issue 10, item 2)",
+        r"SemLock|multiprocessing",
+        "multiprocessing: process-shared semaphores and worker processes (processes are issue 13)",
     ),
     (
-        r"CSafeLoader|CLoader|__with_libyaml__|markupsafe True",
-        "an optional C speed-up is silently missing (issue 10, item 2)",
+        r"(?i)psycopg|libpq|connection is bad|connection to server",
+        "libpq (under psycopg) makes its own socket calls from C; the libc layer covers files so far, "
+        "not sockets (issue 11)",
     ),
-    (
-        r"PackageNotFoundError|No package metadata|importlib\.metadata|Unknown command",
-        "`importlib.metadata`/`pkgutil` find nothing in the enclave (issue 10, item 6)",
-    ),
-    (
-        r"pyscone: error: unrecognized arguments",
-        "`pyscone run -m MODULE ARGS` parses the module's options as its own (issue 10, item 7)",
-    ),
+    (r"(?i)sqlite|unable to open database", "SQLite's own file I/O from C: the libc layer (issue 11)"),
+    (r"subprocess\.\w+ is not supported|\bfork\b|\bexecv", "processes (fork/exec/subprocess): issue 13"),
     (
         r"load_cert_chain|load_verify_locations|create_default_context|SSLError|\bssl\b",
-        "`ssl`: OpenSSL opens CA, certificate and key files itself, outside the enclave (issue 10, item 1)",
+        "`ssl`: a TLS file or handshake the enclave's `ssl` does not cover (docs/tls.md)",
     ),
-    (
-        r"No socket could be created",
-        "cheroot sets `FD_CLOEXEC` with `fcntl` on the listening socket, gets a bare EPERM and reports it as "
-        "this (issue 10, item 3)",
-    ),
-    (
-        r"(?i)psycopg|libpq|connection to server",
-        "psycopg does not load: its binary build is a C extension that needs `--preload` (issue 10, item 2), and "
-        "libpq underneath is a C library doing its own socket I/O (the next issue)",
-    ),
-    (r"(?i)sqlite|unable to open database", "SQLite is a C library doing its own file I/O: the next issue"),
-    (r"subprocess\.\w+ is not supported|\bfork\b|\bexecv", "processes (fork/exec/subprocess): a later issue"),
     (r"Operation not permitted", "a system call that is not interposed hit the barrier: a bare EPERM"),
 )
 
