@@ -283,10 +283,8 @@ REFUSED_APP = """
     except ImportError:
         sys.exit(0)
     with open("n.bin", "wb") as f:
-        try:
-            numpy.arange(3).tofile(f)
-        except OSError as e:
-            print(e.errno, e.strerror)
+        numpy.arange(3).tofile(f)
+    print("tofile ok", numpy.fromfile("n.bin", dtype=numpy.arange(3).dtype).tolist())
 """
 
 
@@ -296,11 +294,9 @@ def test_what_cannot_work_is_one_clear_error(tmp_path: Path) -> None:
     lines = r.stdout.splitlines()
     assert lines[0] == "38 os.dup2 onto a host fd's number (other than 0-2) is not supported inside a pyscone enclave"
     assert lines[1] == "both still open 1 1"
-    if len(lines) > 2:  # numpy's tofile dups the fd from C, then does C stdio on it (C-library I/O)
-        assert lines[2] == (
-            "38 os.dup from C code (C-library I/O on the new fd, as numpy's tofile/fromfile do) "
-            "is not supported inside a pyscone enclave"
-        )
+    # numpy's tofile dups the fd from C, then does C stdio on it: the libc layer covers that.
+    assert lines[2:] in ([], ["tofile ok [0, 1, 2]"]), lines
+    assert "Traceback" not in r.stderr, r.stderr
 
 
 LIAR_APP = """

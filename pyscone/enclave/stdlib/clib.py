@@ -34,11 +34,17 @@ Threads.  The shim refuses calls from any OS thread but the enclave's (EPERM, co
 thread.  A C library that does I/O from a thread it started before lockdown meets the
 same refusal as it met at the barrier before this layer existed.
 
-What is not covered fails closed as before: stdio (``fopen`` opens inside libc, past the
-shim), sockets, ``mmap`` of a file (but SQLite's WAL index of a shielded database, see
-:func:`_mmap`), ``*at`` calls relative to a directory fd, the console fds 0..2 (the
-console shield's), and the interpreter's own libc calls (the Python layer interposes those
-one level up).
+Stdio.  glibc's ``FILE`` calls its own internal ``read``/``write``, past the shim, so the
+shim's ``fopen``/``fopen64``/``fdopen`` build the ``FILE`` with ``fopencookie``: its
+callbacks are the calls ``C_READ``, ``C_WRITE``, ``C_LSEEK`` and ``C_CLOSE`` handled here,
+on the enclave fd (numpy's ``tofile``/``fromfile`` ``fdopen`` a dup of the Python file's).
+``fileno`` of such a ``FILE`` is that fd.  Not covered: ``freopen``, ``tmpfile``, and the
+process's own ``stdin``/``stdout``/``stderr`` (glibc's, on the console fds: refused).
+
+What is not covered fails closed as before: sockets, ``mmap`` of a file (but SQLite's WAL
+index of a shielded database, see :func:`_mmap`), ``*at`` calls relative to a directory fd,
+the console fds 0..2 (the console shield's), and the interpreter's own libc calls (the
+Python layer interposes those one level up).
 """
 
 from __future__ import annotations
@@ -133,6 +139,11 @@ def arm() -> None:
     """After lockdown: route C libraries' file calls to :func:`_dispatch` from now on."""
     if _lib is not None:
         _lib.pyscone_shim_arm(_callback)
+
+
+def active() -> bool:
+    """Whether C libraries' file calls (and their stdio) go through this layer once armed."""
+    return _lib is not None
 
 
 def foreign_calls() -> int:

@@ -46,9 +46,11 @@ after the new name is in place, so no other lthread sees the number closed.
 (``ENOSYS``): once that host fd closed, the host could hand the number out again.
 
 C callers.  numpy's ``tofile``/``fromfile`` call ``os.dup`` from C, then run C
-stdio on the new fd, which is C-library I/O (the libc layer, not built yet): it
-would fail at the barrier and numpy would blame a "wrong debug/release runtime".
-So an ``os.dup`` whose calling Python function never mentions ``dup`` (the call
+stdio on the new fd (``fdopen``, ``fwrite``).  The libc layer covers that (its
+``fdopen`` builds the ``FILE`` over the enclave fd, stdlib/clib.py), so such a dup
+is an ordinary dup.  Without the layer (the shim not preloaded) the stdio would
+fail at the barrier and numpy would blame a "wrong debug/release runtime"; so
+there an ``os.dup`` whose calling Python function never mentions ``dup`` (the call
 came from C code) is refused with one clear ``ENOSYS``.  This is a heuristic on
 the caller's code object: a name, local or string constant with the word "dup"
 (``dup``, ``os_dup``, ``_dup``; not ``dup2``).  Python code that calls ``os.dup``
@@ -275,7 +277,9 @@ def _called_from_c() -> bool:
 
 def os_dup(fd: int) -> int:
     """``os.dup``: a new, non-inheritable number for the same open file."""
-    if _called_from_c():
+    from pyscone.enclave.stdlib import clib  # (lazy: clib imports the fd layers)
+
+    if not clib.active() and _called_from_c():
         raise OSError(
             errno.ENOSYS,
             "os.dup from C code (C-library I/O on the new fd, as numpy's tofile/fromfile do) "
