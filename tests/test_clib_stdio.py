@@ -9,6 +9,7 @@ pyscone/enclave/clib/shim.c) every such call met the barrier, and ``os.dup`` cal
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,96 @@ def test_libc_stdio_called_from_c_goes_through_the_layer(fs: FS) -> None:
     ], r.stderr
     assert "leak" not in r.stdout + r.stderr
     assert b"from C" not in (fs.enc / "c.txt").read_bytes()
+
+
+STDIO_C = r"""
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+
+/* A C library's own stdio: no ctypes between it and libc. */
+int write_file(const char *path, const char *text) {
+    FILE *fp = fopen(path, "w");
+    if (fp == NULL) return errno;
+    if (fprintf(fp, "%s:%d\n", text, 42) < 0) return errno;
+    return fclose(fp) == 0 ? 0 : errno;
+}
+
+int read_file(const char *path, char *buf, int n) {
+    FILE *fp = fopen(path, "re");
+    if (fp == NULL) return -errno;
+    int got = (int)fread(buf, 1, (size_t)n, fp);
+    fclose(fp);
+    return got;
+}
+
+/* A thread started before lockdown, which flushes a FILE the enclave's thread opened. */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static FILE *target;
+static int asked, answered, error;
+
+static void *worker(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    while (!asked) pthread_cond_wait(&cv, &mu);
+    errno = 0;
+    fputs("from the library's thread\n", target);
+    error = fflush(target) == 0 ? 0 : errno;
+    answered = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+
+int start(void) { pthread_t t; return pthread_create(&t, NULL, worker, NULL); }
+
+int flush_in_worker(const char *path) {
+    FILE *fp = fopen(path, "w");
+    if (fp == NULL) return -errno;
+    pthread_mutex_lock(&mu);
+    target = fp;
+    asked = 1;
+    pthread_cond_broadcast(&cv);
+    while (!answered) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    clearerr(fp);
+    fclose(fp);  /* (on this thread: what is still buffered may be written now) */
+    return error;
+}
+"""
+
+
+def test_a_c_librarys_own_stdio_goes_through_the_shield_and_its_threads_are_refused(fs: FS) -> None:
+    src = fs.root / "cstdio.c"
+    src.write_text(STDIO_C)
+    lib = fs.root / "libcstdio.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-o", str(lib), str(src), "-lpthread"], check=True)
+    (fs.root / "cstdio.py").write_text(f"import ctypes\nlib = ctypes.CDLL({str(lib)!r})\nassert lib.start() == 0\n")
+    app = write_app(
+        fs.root,
+        f"""
+        import ctypes, errno
+        import cstdio
+        from pyscone.enclave.stdlib import clib
+        enc = {str(fs.enc)!r}
+        print("write", cstdio.lib.write_file(f"{{enc}}/c.txt".encode(), b"{SECRET}"))
+        buf = ctypes.create_string_buffer(128)
+        print("read", cstdio.lib.read_file(f"{{enc}}/c.txt".encode(), buf, 128), buf.value)
+        print("python", open(f"{{enc}}/c.txt").read().strip())
+        print("missing", errno.errorcode[-cstdio.lib.read_file(f"{{enc}}/none.txt".encode(), buf, 128)])
+        before = clib.foreign_calls()
+        print("library's thread", errno.errorcode[cstdio.lib.flush_in_worker(f"{{enc}}/w.txt".encode())])
+        print("refused", clib.foreign_calls() - before)
+        """,
+    )
+    r = fs.run(app, extra=("--preload", "cstdio"))
+    assert r.stdout.splitlines() == [
+        "write 0",
+        f"read {len(SECRET) + 4} b'{SECRET}:42\\n'",
+        f"python {SECRET}:42",
+        "missing ENOENT",
+        "library's thread EPERM",
+        "refused 1",
+    ], r.stderr
+    assert SECRET.encode() not in (fs.enc / "c.txt").read_bytes()
