@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_enclave, run_native, write_app
+from test_clib_sqlite import SHIM
 from test_fs_shield import FS
 
 from pyscone.enclave.iago import EXIT_HOST_VIOLATION
@@ -58,6 +59,12 @@ NUMPY_APP = f"""
 @pytest.fixture
 def fs(tmp_path: Path) -> FS:
     return FS(tmp_path)
+
+
+def test_the_shim_exports_the_stdio_entry_points() -> None:
+    nm = subprocess.run(["nm", "-D", "--defined-only", SHIM], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in nm.splitlines()}
+    assert {"fopen", "fopen64", "fdopen", "fileno"} <= exported, exported
 
 
 def _native(tmp_path: Path) -> str:
