@@ -54,6 +54,7 @@ import enum
 import errno
 import fcntl
 import os
+import socket
 import struct
 import sys
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class Call(enum.IntEnum):
     MMAP = 22
     RENAME = 23
     FLOCK = 24
+    SOCKET = 25
 
 
 _DISPATCH = ctypes.CFUNCTYPE(
@@ -416,6 +418,23 @@ def _flock(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     return 0
 
 
+def _socket(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
+    """A C library's own socket (libpq's, libuv's): not covered yet, refused, explained once."""
+    if b"socket" not in _explained:
+        _explained.add(b"socket")
+        try:
+            family = socket.AddressFamily(a).name
+        except ValueError:
+            family = str(a)
+        print(
+            f"pyscone: a C library opens a socket ({family}): sockets made by C code (libpq, libuv) do not go "
+            "through the enclave yet: refused (the Python socket module works)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return -errno.EPERM
+
+
 def _unsupported(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     # fchmod/fchown: the Python layer has no fd-based mode or owner change (SQLite ignores
     # the result of both: it only tries to keep a journal's owner and mode like the database's).
@@ -429,7 +448,7 @@ _HANDLERS: dict[Call, _Handler] = {
     Call.FSYNC: _fsync, Call.FTRUNCATE: _ftruncate, Call.FCNTL: _fcntl, Call.UNLINK: _unlink,
     Call.ACCESS: _access, Call.MKDIR: _mkdir, Call.RMDIR: _rmdir, Call.GETCWD: _getcwd,
     Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported, Call.MMAP: _mmap,
-    Call.RENAME: _rename, Call.FLOCK: _flock,
+    Call.RENAME: _rename, Call.FLOCK: _flock, Call.SOCKET: _socket,
 }  # fmt: skip
 # Indexed by call number: the lookup runs on every call from C.
 _BY_NUMBER: list[_Handler | None] = [None] * (max(Call) + 1)
