@@ -688,3 +688,29 @@ def test_a_socket_from_c_is_refused_and_explained_once(tmp_path: Path) -> None:
         "pyscone: a C library opens a socket (AF_INET): sockets made by C code (libpq, libuv) do not go "
         "through the enclave yet: refused (the Python socket module works)"
     ], r.stderr
+
+
+def test_openat_from_c_works_for_cwd_and_absolute_paths_and_refuses_a_directory_fd(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.txt").write_text("x")
+    app = write_app(
+        tmp_path,
+        f"""
+        import ctypes, errno, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        AT_FDCWD = -100
+        def at(dirfd, path):
+            fd = libc.openat(dirfd, path, os.O_RDONLY)
+            err = errno.errorcode.get(ctypes.get_errno()) if fd < 0 else "ok"
+            if fd >= 0:
+                libc.close(fd)
+            return err
+        d = os.open({str(tmp_path / "sub")!r}, os.O_RDONLY)
+        print("cwd", at(AT_FDCWD, b"sub/f.txt"))
+        print("absolute", at(d, {str(tmp_path / "sub" / "f.txt")!r}.encode()))
+        print("dirfd", at(d, b"f.txt"))
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "cwd ok\nabsolute ok\ndirfd ENOSYS\n", r.stderr

@@ -172,8 +172,6 @@ def _dispatch(call: int, a: int, b: int, c: int, p: int | None, q: int | None) -
         iago.fail_stop(str(e))
     except OSError as e:
         return -(e.errno or errno.EIO)
-    except NotImplementedError:  # dir_fd and friends
-        return -errno.ENOSYS
     except (ValueError, TypeError, OverflowError):
         return -errno.EINVAL
     except BaseException as e:  # noqa: BLE001 - ^C or an exit while C waits: keep it for Python
@@ -242,7 +240,8 @@ def _warn_temp(path: bytes) -> None:
 
 def _openat(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     if c != _AT_FDCWD and not _path(p).startswith(b"/"):
-        raise NotImplementedError("openat relative to a directory fd")
+        # Not covered (docs/runtime.md): the Python layer has no directory fds to resolve against.
+        raise OSError(errno.ENOSYS, "openat relative to a directory fd is not supported inside a pyscone enclave")
     return _open(a, b, c, p, q)
 
 
