@@ -15,6 +15,7 @@ The order matters and is the security argument:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -453,23 +454,49 @@ class TagFile:
     shield then fails the app's commit with ``EIO`` (a commit is durable only when its pin
     is).  The file is the host's, so dev mode has no rollback protection against a host
     that lies about writing it; only the CAS gives that.
+
+    Every state is written in place as a record of one fixed size, two lines (``OLD NEW``
+    while a commit is under way, ``NEW NEW`` after it), then fsynced: one small write into the
+    file's first sector, which a kill cannot tear and a disk writes whole, so the file holds
+    the old state or the new and never needs the temporary file, rename and directory fsync
+    of a whole-file replacement (each SQLite transaction pins three FSPF commits, two states
+    each).  The launcher reads the lines as before (``split()``: a tag twice is one tag).
     """
 
     def __init__(self, path: str, max_io: int) -> None:
         self.path = path
         self.max_io = max_io
+        self._fd: int | None = None
+        self._size = -1
 
-    def _write(self, text: str) -> None:
-        # Replaced whole and durably: a torn or lost tag file would strand the file system.
+    def _write(self, first: str, second: str) -> None:
+        from pyscone.enclave.stdlib import files
+
+        record = f"{first}\n{second}\n".encode()
+        if self._fd is None or len(record) != self._size:
+            self._reopen(record)
+            return
+        if files.pwrite(self._fd, record, 0) != len(record):
+            raise OSError(errno.EIO, f"{self.path}: a short write of the FSPF tag")
+        files.fsync(self._fd)
+
+    def _reopen(self, record: bytes) -> None:
+        """The first write (or one of another size): the whole file, replaced durably."""
         from pyscone.enclave.shields.store import replace_host_file
+        from pyscone.enclave.stdlib import files
 
-        replace_host_file(self.path, text.encode(), self.max_io)
+        if self._fd is not None:
+            files.close(self._fd)
+            self._fd = None
+        replace_host_file(self.path, record, self.max_io)
+        self._fd = files.host_open(self.path, os.O_WRONLY, 0)
+        self._size = len(record)
 
     def prepare(self, old: str, new: str) -> None:
-        self._write(f"{old}\n{new}\n")
+        self._write(old, new)
 
     def commit(self, new: str) -> None:
-        self._write(f"{new}\n")
+        self._write(new, new)
 
 
 def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
@@ -593,5 +620,14 @@ def _print_stats(client: SyscallClient) -> None:
             )
         if (shield := fs.shield()) is not None:
             print(f"pyscone: fs shield: {shield.commits} commits, FSPF tag {shield.tag}", file=sys.stderr, flush=True)
+        from pyscone.enclave.stdlib import clib
+
+        if clib.active() and clib.dispatched():
+            print(
+                f"pyscone: libc layer: {clib.dispatched()} calls from C libraries, {clib.fast_answers()} answered "
+                f"by the shim from memory, {clib.foreign_calls()} refused (other OS threads)",
+                file=sys.stderr,
+                flush=True,
+            )
     except Exception:  # noqa: BLE001
         pass

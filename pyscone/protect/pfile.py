@@ -45,6 +45,7 @@ from pyscone.protect.fspf import FileEntry
 GROUP_BYTES = 256 * 1024  # plaintext per layout group
 CACHE_BYTES = 1 << 20  # dirty plaintext kept in the enclave per file before early sealing
 READ_AHEAD_BYTES = 256 * 1024  # plaintext a forward reader has requested ahead of it
+CLEAN_CHUNKS = 8  # verified plaintext chunks kept per file for small reads (see ``_clean``)
 STREAM_BYTES = 32 * 1024  # whole chunks written at once from this much up are sealed at once
 
 
@@ -121,6 +122,13 @@ class ProtectedFile:
         self._valid_end = entry.length
         self._next_read = -1  # where a reader going forward reads next
         self._ahead_to = 0  # chunks before this one have been prefetched
+        # Plaintext of chunks opened for a small read, verified when opened: SQLite reads its
+        # 16-byte change counter at the start of every transaction, and without this each of
+        # those reads is a host round trip and a decryption.  Any change to the file empties it.
+        self._clean: dict[int, bytes] = {}
+        #: Counts the changes to the contents (writes, truncations, commits): a cache of
+        #: anything derived from them is valid while this is unchanged.
+        self.mutations = 0
 
     @property
     def entry(self) -> FileEntry:
@@ -180,6 +188,12 @@ class ProtectedFile:
         end = min(self.length, offset + len(out))
         if end <= offset:
             return 0
+        cs = self.key.chunk_size
+        clean = self._clean.get(offset // cs)
+        if clean is not None and (end - 1) // cs == offset // cs:
+            within = offset % cs
+            out[: end - offset] = clean[within : within + end - offset]
+            return end - offset
         forward, self._next_read = offset == self._next_read, end
         if not forward and self._ahead_to:
             self.store.forget()
@@ -187,7 +201,6 @@ class ProtectedFile:
         if not self._dirty and not self._pending and end <= self._valid_end:
             self._read_committed(offset, end, out, forward)
             return end - offset
-        cs = self.key.chunk_size
         run: list[tuple[int, bytes, int, int, int, int]] = []  # index, tag, size, dst, within, take
         run_start = run_end = -1
 
@@ -238,6 +251,10 @@ class ProtectedFile:
         plaintext = bytearray(max(size, 0))
         open_run_into(self.key, index, record, tag, memoryview(plaintext))
         _put(out, dst, plaintext, within, take)
+        if index not in self._dirty:
+            if len(self._clean) >= CLEAN_CHUNKS:
+                del self._clean[next(iter(self._clean))]
+            self._clean[index] = bytes(plaintext)
 
     def _committed_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
         """Committed chunks ``first..last`` as runs whose records lie back to back on the
@@ -306,10 +323,15 @@ class ProtectedFile:
 
     # -- writing ------------------------------------------------------------------------------
 
+    def _changed(self) -> None:
+        self.mutations += 1
+        self._clean.clear()
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at ``offset`` (a gap past the end reads as zeros).  Not yet committed."""
         if offset < 0:
             raise ValueError("negative offset")
+        self._changed()
         cs = self.key.chunk_size
         pos, view = offset, memoryview(data).cast("B")
         n = len(view)
@@ -355,6 +377,7 @@ class ProtectedFile:
     def truncate(self, length: int) -> None:
         if length < 0:
             raise ValueError("negative length")
+        self._changed()
         cs = self.key.chunk_size
         if length < self.length and length % cs:
             # The chunk the new end falls in keeps its head: make it dirty, cut to size.
@@ -435,6 +458,7 @@ class ProtectedFile:
         returned entry: that replacement is the commit point.  The work is proportional to
         the chunks that changed (plus a copy of the tag array), not to the file's size.
         """
+        self._changed()
         entry, cs = self._committed, self.key.chunk_size
         n = chunk_count(self.length, cs)
         # Chunks that must be (re)sealed besides the dirty ones: the committed ones whose

@@ -67,6 +67,7 @@ static dispatch_fn dispatch;
 static __thread int enclave_thread; /* set on the thread that armed the shim, only */
 static __thread int in_dispatch;
 static unsigned long foreign_calls;
+static unsigned long dispatched; /* calls that went to the runtime */
 /* The interpreter's executable segments: calls from there are the Python layer's business. */
 #define MAX_RANGES 8
 static uintptr_t range_lo[MAX_RANGES], range_hi[MAX_RANGES];
@@ -204,6 +205,9 @@ void pyscone_shim_disarm(void) { dispatch = NULL; }
 /* Calls refused because they came from another OS thread. */
 unsigned long pyscone_shim_foreign_calls(void) { return foreign_calls; }
 
+/* Calls that went to the runtime's callback. */
+unsigned long pyscone_shim_dispatched(void) { return dispatched; }
+
 /* The routing decision ------------------------------------------------------------------ */
 
 enum route { FORWARD, DISPATCH, REFUSE };
@@ -223,9 +227,28 @@ static enum route route(const void *caller)
     return DISPATCH;
 }
 
+/* Whether a call may change what the kept answers say (see "Answers from the enclave's own
+ * memory"): the counter moves before it and after it. */
+static int changes(int op, long long a)
+{
+    switch (op) {
+    case C_OPEN: case C_OPENAT: return (a & (O_CREAT | O_TRUNC)) != 0;
+    case C_WRITE: case C_PWRITE: case C_FTRUNCATE: case C_UNLINK: case C_MKDIR: case C_RMDIR:
+    case C_RENAME: case C_FCHMOD: case C_FCHOWN: return 1;
+    default: return 0;
+    }
+}
+
+static void changed(void);
+void pyscone_shim_forget(int fd);
+
 static long long call(int op, long long a, long long b, long long c, const void *p, void *q)
 {
     int saved = errno;
+    int changing = changes(op, a);
+    if (changing)
+        changed();
+    dispatched++;
     in_dispatch = 1;
     int gil = py_gil_ensure();
     int collecting = py_gc_disable();
@@ -234,6 +257,8 @@ static long long call(int op, long long a, long long b, long long c, const void 
         py_gc_enable();
     py_gil_release(gil);
     in_dispatch = 0;
+    if (changing)
+        changed();
     if (r < 0) {
         errno = (int)-r;
         return -1;
@@ -285,6 +310,185 @@ static long long stat_out(long long r, struct stat *st, const long long f[13])
     return 0;
 }
 
+/* Answers from the enclave's own memory ---------------------------------------------------
+ *
+ * Every SQLite read transaction makes eight calls: four record locks, a stat of the journal
+ * and of the WAL (absent), a 16-byte read of the change counter and an fstat.  Natively they
+ * cost about 0.4 us each; through the callback each is a trip into Python.  For the FS
+ * shield's files the runtime knows every answer ahead (nothing outside this process can hold
+ * a lock on them or change them), so the shim keeps the answers it was given, and gives them
+ * again while nothing has changed:
+ *
+ *  - record locks (F_SETLK/F_SETLKW/F_GETLK and the OFD forms) on an fd the runtime marked
+ *    "local" (pyscone_shim_local: its POSIX locks are granted by the Python layer without
+ *    any check beyond the arguments', fdops._lock) are granted here, after the same checks;
+ *  - fstat of a local fd, and a small pread (at most FAST_READ bytes) of a local fd at the
+ *    same offset and size as the last one, return what the runtime returned last time;
+ *  - stat/lstat of an absolute path the runtime answered ENOENT *and* marked as its own to
+ *    decide (a path in an FS-shield region: field 0 of the stat buffer set to 1) are ENOENT.
+ *
+ * "Nothing has changed" is one counter, pyscone_shim_gen, which the Python layer bumps on
+ * every change to a file's contents, metadata or the namespace (files.py calls its
+ * on_change hooks at each such call), and which the shim bumps too before each of its own
+ * changing calls.  An answer is kept with the value the counter had before it was asked for,
+ * so a change made while it was computed makes it stale at once.  The host is never asked
+ * and never believed here: the kept answers are the runtime's own, computed after its checks. */
+
+#define LOCAL_MAX 64
+#define FAST_READ 64
+#define ABSENT_MAX 16
+#define ABSENT_PATH 256
+
+uint64_t pyscone_shim_gen = 1; /* 0 marks an empty cache entry */
+
+struct local {
+    int fd; /* -1: free */
+    uint64_t st_gen;
+    long long st[13];
+    uint64_t rd_gen;
+    off_t rd_off;
+    size_t rd_len;
+    ssize_t rd_got;
+    unsigned char rd[FAST_READ];
+};
+static struct local locals[LOCAL_MAX];
+static int nlocals; /* entries in use are locals[0..nlocals) with fd >= 0 */
+static struct {
+    uint64_t gen;
+    int follow;
+    char path[ABSENT_PATH];
+} absent[ABSENT_MAX];
+static int absent_next;
+static unsigned long fast_answers;
+
+static struct local *local_of(int fd)
+{
+    for (int i = 0; i < nlocals; i++)
+        if (locals[i].fd == fd)
+            return &locals[i];
+    return NULL;
+}
+
+/* The runtime: locks on `fd` are this process's alone, and so is every answer about it. */
+void pyscone_shim_local(int fd)
+{
+    struct local *l = local_of(fd);
+    if (l == NULL) {
+        for (int i = 0; i < nlocals && l == NULL; i++)
+            if (locals[i].fd < 0)
+                l = &locals[i];
+        if (l == NULL && nlocals < LOCAL_MAX)
+            l = &locals[nlocals++];
+        if (l == NULL)
+            return; /* no room: the fd simply takes the slow path */
+    }
+    memset(l, 0, sizeof *l);
+    l->fd = fd;
+}
+
+/* The runtime: `fd` was closed (by anyone). */
+void pyscone_shim_forget(int fd)
+{
+    struct local *l = local_of(fd);
+    if (l != NULL)
+        l->fd = -1;
+}
+
+unsigned long pyscone_shim_fast_answers(void) { return fast_answers; }
+
+static void changed(void) { __atomic_add_fetch(&pyscone_shim_gen, 1, __ATOMIC_RELAXED); }
+
+static uint64_t gen_now(void) { return __atomic_load_n(&pyscone_shim_gen, __ATOMIC_RELAXED); }
+
+static int absent_slot(const char *path, int follow)
+{
+    if (path == NULL || path[0] != '/' || strnlen(path, ABSENT_PATH) >= ABSENT_PATH)
+        return -2; /* never kept */
+    uint64_t g = gen_now();
+    for (int i = 0; i < ABSENT_MAX; i++)
+        if (absent[i].gen == g && absent[i].follow == follow && strcmp(absent[i].path, path) == 0)
+            return i;
+    return -1;
+}
+
+/* stat/lstat: ENOENT from memory, or the runtime's answer (kept if it says so). */
+static int stat_call(const char *path, struct stat *st, int follow)
+{
+    int slot = absent_slot(path, follow);
+    if (slot >= 0) {
+        fast_answers++;
+        errno = ENOENT;
+        return -1;
+    }
+    long long f[13] = {0};
+    uint64_t g = gen_now();
+    int r = (int)stat_out(call(C_STAT, follow, 0, 0, path, f), st, f);
+    if (r < 0 && errno == ENOENT && f[0] == 1 && slot == -1) {
+        int i = absent_next++ % ABSENT_MAX;
+        strcpy(absent[i].path, path);
+        absent[i].follow = follow;
+        absent[i].gen = g;
+    }
+    return r;
+}
+
+/* A record lock on a local fd: granted (F_GETLK: "nobody would block it"), after the Python
+ * layer's checks of the arguments.  Returns 1 if answered here. */
+static int lock_here(int fd, int cmd, struct flock *fl, int *result)
+{
+    if (local_of(fd) == NULL || fl == NULL)
+        return 0;
+    int getlk = cmd == F_GETLK || cmd == F_OFD_GETLK;
+    int type_ok = fl->l_type == F_RDLCK || fl->l_type == F_WRLCK || (!getlk && fl->l_type == F_UNLCK);
+    if (!type_ok || fl->l_whence < 0 || fl->l_whence > 2) {
+        errno = EINVAL;
+        *result = -1;
+        return 1;
+    }
+    if (getlk)
+        fl->l_type = F_UNLCK;
+    fast_answers++;
+    *result = 0;
+    return 1;
+}
+
+static int fstat_call(int fd, struct stat *st)
+{
+    struct local *l = local_of(fd);
+    uint64_t g = gen_now();
+    if (l != NULL && l->st_gen == g) {
+        fast_answers++;
+        return (int)stat_out(0, st, l->st);
+    }
+    long long f[13];
+    long long r = call(C_FSTAT, fd, 0, 0, NULL, f);
+    if (r >= 0 && (l = local_of(fd)) != NULL) {
+        memcpy(l->st, f, sizeof f);
+        l->st_gen = g;
+    }
+    return (int)stat_out(r, st, f);
+}
+
+static ssize_t pread_call(int fd, void *buf, size_t n, off_t off)
+{
+    struct local *l = n <= FAST_READ ? local_of(fd) : NULL;
+    uint64_t g = gen_now();
+    if (l != NULL && l->rd_gen == g && l->rd_off == off && l->rd_len == n) {
+        fast_answers++;
+        memcpy(buf, l->rd, (size_t)l->rd_got);
+        return l->rd_got;
+    }
+    ssize_t r = (ssize_t)call(C_PREAD, fd, (long long)n, off, NULL, buf);
+    if (r >= 0 && l != NULL && (l = local_of(fd)) != NULL) {
+        memcpy(l->rd, buf, (size_t)r);
+        l->rd_got = r;
+        l->rd_off = off;
+        l->rd_len = n;
+        l->rd_gen = g;
+    }
+    return r;
+}
+
 /* The interposed entry points ----------------------------------------------------------- */
 
 static int needs_mode(int flags) { return (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE; }
@@ -328,6 +532,7 @@ ALIAS(openat64, openat);
 int close(int fd)
 {
     ROUTE(real.close(fd));
+    pyscone_shim_forget(fd);
     return (int)call(C_CLOSE, fd, 0, 0, NULL, NULL);
 }
 
@@ -352,7 +557,7 @@ ssize_t write(int fd, const void *buf, size_t n)
 static ssize_t pread_from(const void *caller, int fd, void *buf, size_t n, off_t off)
 {
     ROUTE_FROM(caller, real.pread(fd, buf, n, off));
-    return (ssize_t)call(C_PREAD, fd, (long long)n, off, NULL, buf);
+    return pread_call(fd, buf, n, off);
 }
 
 ssize_t pread(int fd, void *buf, size_t n, off_t off) { return pread_from(CALLER, fd, buf, n, off); }
@@ -375,24 +580,21 @@ ALIAS(lseek64, lseek);
 int fstat(int fd, struct stat *st)
 {
     ROUTE(real.fstat(fd, st));
-    long long f[13];
-    return (int)stat_out(call(C_FSTAT, fd, 0, 0, NULL, f), st, f);
+    return fstat_call(fd, st);
 }
 ALIAS(fstat64, fstat);
 
 int stat(const char *path, struct stat *st)
 {
     ROUTE(real.stat(path, st));
-    long long f[13];
-    return (int)stat_out(call(C_STAT, 1, 0, 0, path, f), st, f);
+    return stat_call(path, st, 1);
 }
 ALIAS(stat64, stat);
 
 int lstat(const char *path, struct stat *st)
 {
     ROUTE(real.lstat(path, st));
-    long long f[13];
-    return (int)stat_out(call(C_STAT, 0, 0, 0, path, f), st, f);
+    return stat_call(path, st, 0);
 }
 ALIAS(lstat64, lstat);
 
@@ -431,6 +633,9 @@ int fcntl(int fd, int cmd, ...)
             errno = EFAULT;
             return -1;
         }
+        int here;
+        if (lock_here(fd, cmd, fl, &here))
+            return here;
         long long lk[5] = {fl->l_type, fl->l_whence, fl->l_start, fl->l_len, fl->l_pid};
         long long r = call(C_FCNTL, fd, cmd, 0, NULL, lk);
         if (r >= 0 && (cmd == F_GETLK || cmd == F_OFD_GETLK)) {

@@ -500,13 +500,22 @@ class FsShield:
         node = self._open_file(vfd).node
         if node.kind == "memory":
             return self.mem.node_stat(node)
-        return self._file_stat(files.host_fstat(node.host_fd), node.file.length, node.file)
+        return self._node_stat(node)
 
     # -- metadata -----------------------------------------------------------------------------
 
     def _blksize(self, chunk_size: int) -> int:
         # What BufferedReader/Writer use as their buffer: whole chunks whose records fit one call.
         return max(1, self.max_io // (chunk_size + OVERHEAD)) * chunk_size
+
+    def _node_stat(self, node: Node) -> StatResult:
+        """An open protected file's stat: its length is the enclave's, the rest the host's."""
+        pf = node.file
+        mutations = pf.mutations if isinstance(pf, ProtectedFile) else -1
+        cached = node.host_st
+        if cached is None or cached[0] != mutations or mutations < 0:
+            cached = node.host_st = (mutations, files.host_fstat(node.host_fd))
+        return self._file_stat(cached[1], pf.length, pf)
 
     def _file_stat(self, st: StatResult, length: int, pf: ProtectedFile | MemoryFile) -> StatResult:
         chunk = pf.key.chunk_size if isinstance(pf, ProtectedFile) else 4096
@@ -530,7 +539,7 @@ class FsShield:
                 raise self._missing(path)
             node = self.nodes.get(entry.key.file_id)
             if node is not None:
-                return self._file_stat(files.host_fstat(node.host_fd), node.file.length, node.file)
+                return self._node_stat(node)
             st = files.host_stat(entry.store or path, False)
             if st is None and entry.store:
                 st = files.host_stat(path, False)
@@ -776,6 +785,8 @@ class FsShield:
     def chmod(self, path: str, mode: int) -> None:
         with self.lock:
             node, host = self._metadata(path)
+            if node is not None:
+                node.host_st = None
             if host:
                 if self._names().is_dir(host):
                     self._host_makedirs(host)
@@ -786,6 +797,8 @@ class FsShield:
     def utime(self, path: str, args: tuple[int, int, int]) -> None:
         with self.lock:
             node, host = self._metadata(path)
+            if node is not None:
+                node.host_st = None
             if host:
                 if self._names().is_dir(host):
                     self._host_makedirs(host)

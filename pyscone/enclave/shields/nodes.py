@@ -70,7 +70,7 @@ class MemoryFile:
 class Node:
     """One file with at least one open fd (protected), or one memory file."""
 
-    __slots__ = ("created", "file", "host_fd", "ino", "kind", "lock", "mode", "mtime_ns", "path", "refs")
+    __slots__ = ("created", "file", "host_fd", "host_st", "ino", "kind", "lock", "mode", "mtime_ns", "path", "refs")
 
     def __init__(self, path: str, kind: str, file: ProtectedFile | MemoryFile, host_fd: int, ino: int) -> None:
         self.path: str | None = path  # None once unlinked (the data lives until the last close)
@@ -83,6 +83,9 @@ class Node:
         self.ino = ino
         self.mode = 0o644
         self.mtime_ns = time.time_ns()
+        # The host's fstat of host_fd, and file.mutations when it was asked: the host's part of
+        # a stat (mode, times, inode) is asked again only after the contents changed.
+        self.host_st: tuple[int, StatResult] | None = None
 
 
 class OpenFile:

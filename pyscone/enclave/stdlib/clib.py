@@ -133,7 +133,17 @@ def prepare() -> bool:
     lib.pyscone_shim_arm.argtypes = [_DISPATCH]
     lib.pyscone_shim_arm.restype = None
     lib.pyscone_shim_foreign_calls.restype = ctypes.c_ulong
+    lib.pyscone_shim_fast_answers.restype = lib.pyscone_shim_dispatched.restype = ctypes.c_ulong
+    lib.pyscone_shim_local.argtypes = lib.pyscone_shim_forget.argtypes = [ctypes.c_int]
+    lib.pyscone_shim_local.restype = lib.pyscone_shim_forget.restype = None
     _lib, _callback = lib, _DISPATCH(_dispatch)
+    generation = ctypes.c_uint64.in_dll(lib, "pyscone_shim_gen")
+
+    def changed() -> None:
+        generation.value += 1
+
+    files.on_change.append(changed)
+    files.on_close.append(lib.pyscone_shim_forget)
     return True
 
 
@@ -151,6 +161,16 @@ def active() -> bool:
 def foreign_calls() -> int:
     """How many calls the shim refused because another OS thread made them."""
     return int(_lib.pyscone_shim_foreign_calls()) if _lib is not None else 0
+
+
+def fast_answers() -> int:
+    """How many calls from C the shim answered from the runtime's earlier answers."""
+    return int(_lib.pyscone_shim_fast_answers()) if _lib is not None else 0
+
+
+def dispatched() -> int:
+    """How many calls from C went to :func:`_dispatch`."""
+    return int(_lib.pyscone_shim_dispatched()) if _lib is not None else 0
 
 
 # -- the dispatch --------------------------------------------------------------------------
@@ -217,6 +237,10 @@ def _open(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     path = _path(p)
     fd = files.os_open(path, a & ~_O_LARGEFILE, b)
     _opened[fd] = path
+    if _lib is not None and files._vfd(fd) is not None and fdops.posix_locks_local(fd):
+        # An FS-shield file: no other process opens it (its host file is sealed), so its locks
+        # and what it says are this enclave's alone: the shim may answer them itself.
+        _lib.pyscone_shim_local(fd)
     if os.path.basename(path).startswith(b"etilqs_") and files._shield is not None:
         _warn_temp(path)
     return fd
@@ -300,7 +324,14 @@ def _fstat(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
 
 def _stat(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     path = _path(p)
-    return _stat_out(q, files.stat(path) if a else files.lstat(path))
+    try:
+        return _stat_out(q, files.stat(path) if a else files.lstat(path))
+    except FileNotFoundError:
+        if q and path.startswith(b"/") and files.in_shield(files.abspath(path)):
+            # What exists there is the FSPF's to say, and only this enclave changes that: the
+            # shim may say ENOENT again until a change (files.on_change) ends it.
+            (ctypes.c_longlong * 13).from_address(q)[0] = 1
+        raise
 
 
 def _fsync(a: int, b: int, c: int, p: int | None, q: int | None) -> int:

@@ -172,8 +172,18 @@ def _identity(fd: int) -> object:
     return o.node if o is not None else ("dir", sh.dir_opens[fd].path)
 
 
+def posix_locks_local(fd: int) -> bool:
+    """Whether a POSIX record lock on ``fd`` is granted at once, with no one to ask: on
+    everything but a host file (an FS-shield file, whose host file only this enclave opens; a
+    socket; the console), no other process can hold one, and within one process POSIX locks
+    never conflict.  (The libc layer's shim grants them itself on the fds clib marks so.)"""
+    return _kind(fd) != iago.FdTable.FILE
+
+
 def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int, wait: bool) -> None:
     """One lock request; ``wait``: until it is granted (retried here, never on the host)."""
+    if family == abi.LOCK_POSIX and posix_locks_local(fd):
+        return
     where = _kind(fd)
     fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
     if where not in ("vfd", iago.FdTable.FILE):
@@ -181,7 +191,7 @@ def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int,
     delay = _RETRY_FIRST
     while True:
         if where == "vfd":
-            if family == abi.LOCK_POSIX or _flocks.try_lock(_identity(fd), fd, kind):
+            if _flocks.try_lock(_identity(fd), fd, kind):
                 return
             err = errno.EWOULDBLOCK
         else:

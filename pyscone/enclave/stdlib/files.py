@@ -15,11 +15,12 @@ number and works on the handle it names (``dups.resolve``).
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat as stat_mod
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
@@ -246,11 +247,34 @@ def finish_read_whole(pending: Any, path: str) -> bytes:
     return bytes(data) if not more else _read_rest(path, bytes(data))
 
 
+#: Called after every call that may change a file's contents, its metadata or what exists:
+#: the libc layer (clib.py) keeps answers about FS-shield files while none of these runs.
+on_change: list[Callable[[], None]] = []
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _changes(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` may change files: the ``on_change`` hooks run after it (whatever its outcome)."""
+
+    @functools.wraps(fn)
+    def changing(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for hook in on_change:
+                hook()
+
+    return changing
+
+
 def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
     _no_dir_fd(dir_fd)
     p = abspath(path)
     mode &= ~umask
     if sh := _shielded(p):
+        if flags & (os.O_CREAT | os.O_TRUNC):
+            return _changes(sh.open)(p, flags, mode)
         return sh.open(p, flags, mode)
     fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=os.fspath(path))
     return int(fd)
@@ -305,6 +329,7 @@ def read(fd: int, n: int) -> bytes:
     return bytes(data)
 
 
+@_changes
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
@@ -330,6 +355,7 @@ def pread(fd: int, n: int, offset: int) -> bytes:
     return bytes(data)
 
 
+@_changes
 def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
@@ -390,6 +416,7 @@ def listdir(path: Path | None = None) -> list[Any]:
     return fsmeta.listdir(path)
 
 
+@_changes
 def mkdir(path: Path, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
     p = abspath(path)
@@ -399,6 +426,7 @@ def mkdir(path: Path, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
     _call(Op.MKDIR, (mode,), _enc(p), filename=os.fspath(path))
 
 
+@_changes
 def rmdir(path: Path, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
     p = abspath(path)
@@ -408,6 +436,7 @@ def rmdir(path: Path, *, dir_fd: int | None = None) -> None:
     _call(Op.RMDIR, (), _enc(p), filename=os.fspath(path))
 
 
+@_changes
 def unlink(path: Path, *, dir_fd: int | None = None) -> None:
     _no_dir_fd(dir_fd)
     p = abspath(path)
@@ -416,6 +445,7 @@ def unlink(path: Path, *, dir_fd: int | None = None) -> None:
     _call(Op.UNLINK, (), _enc(p), filename=os.fspath(path))
 
 
+@_changes
 def _rename(src: Path, dst: Path, replace: bool) -> None:
     s, d = abspath(src), abspath(dst)
     if _shield is not None and (_shield.governs(s) or _shield.governs(d)):
@@ -449,6 +479,7 @@ def fsync(fd: Any) -> None:
     _call(Op.FSYNC, (fd,))
 
 
+@_changes
 def ftruncate(fd: int, length: int) -> None:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
@@ -481,6 +512,7 @@ def access(
     return host_access(p, mode)
 
 
+@_changes
 def chmod(path: Path, mode: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:
     _no_dir_fd(dir_fd)
     p = abspath(path)
@@ -489,6 +521,7 @@ def chmod(path: Path, mode: int, *, dir_fd: int | None = None, follow_symlinks: 
     _call(Op.CHMOD, (mode,), _enc(p), filename=os.fspath(path))
 
 
+@_changes
 def utime(
     path: Path,
     times: tuple[float, float] | None = None,
