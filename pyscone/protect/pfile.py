@@ -190,8 +190,8 @@ class ProtectedFile:
             return 0
         cs = self.key.chunk_size
         clean = self._clean.get(offset // cs)
-        if clean is not None and (end - 1) // cs == offset // cs:
-            within = offset % cs
+        within = offset % cs
+        if clean is not None and (end - 1) // cs == offset // cs and within + end - offset <= len(clean):
             out[: end - offset] = clean[within : within + end - offset]
             return end - offset
         forward, self._next_read = offset == self._next_read, end
@@ -251,7 +251,8 @@ class ProtectedFile:
         plaintext = bytearray(max(size, 0))
         open_run_into(self.key, index, record, tag, memoryview(plaintext))
         _put(out, dst, plaintext, within, take)
-        if index not in self._dirty:
+        cs = self.key.chunk_size
+        if index not in self._dirty and size == min(cs, self.length - index * cs):  # (not a record the file outgrew)
             if len(self._clean) >= CLEAN_CHUNKS:
                 del self._clean[next(iter(self._clean))]
             self._clean[index] = bytes(plaintext)
