@@ -1,0 +1,117 @@
+"""C extensions that do their own I/O, in the enclave (issue 11): lxml's libxml2 and zlib, Pillow's
+encoders, numpy's ``fromfile`` on a tampered file, and uvloop (refused at import, with the reason).
+
+libxml2 as lxml's manylinux wheel links it in (statically, with zlib) was built against an old
+glibc: it calls ``stat`` through ``__xstat64`` and hands zlib a ``dup`` of every file it reads
+(``gzdopen``).  Before the libc layer interposed both (pyscone/enclave/clib/shim.c), writing a
+file worked but ``lxml.etree.parse(path)`` failed with EPERM from the barrier.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_enclave, run_native, write_app
+from test_fs_shield import FS
+
+from pyscone.protect.pfile import record_offset
+
+SECRET = "xml-text-the-host-must-never-read"
+
+# Every way of reading and writing an XML file by path that an lxml user meets first.  What is
+# printed is what the parsed trees hold, so a wrong tree cannot hide behind "no error".
+LXML_APP = f"""
+    import os, sys
+    from lxml import etree
+    d = sys.argv[1]
+    root = etree.Element("catalog", version="2")
+    for i in range(400):  # ~17 kB: several chunks of the FS shield, several reads of libxml2
+        etree.SubElement(root, "item", id=str(i)).text = "{SECRET}-%d" % i
+    tree = etree.ElementTree(root)
+    tree.write(os.path.join(d, "plain.xml"))
+    tree.write(os.path.join(d, "decl.xml"), xml_declaration=True, encoding="utf-8")
+    tree.write(os.path.join(d, "doc.xml.gz"), compression=6)  # zlib's own gzopen writes it
+    for name in ("plain.xml", "decl.xml", "doc.xml.gz"):
+        t = etree.parse(os.path.join(d, name))
+        r = t.getroot()
+        print("parse", name, r.tag, r.get("version"), len(r), r[399].text, t.docinfo.encoding,
+              etree.tostring(r) == etree.tostring(root))
+    events = [(ev, el.get("id")) for ev, el in etree.iterparse(os.path.join(d, "decl.xml"), tag="item")]
+    print("iterparse", len(events), events[0], events[-1])
+    try:
+        etree.parse(os.path.join(d, "missing.xml"))
+    except OSError as e:
+        print("missing", type(e).__name__)
+"""
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> FS:
+    return FS(tmp_path)
+
+
+def _native(tmp_path: Path) -> tuple[str, Path]:
+    d = tmp_path / "native"
+    d.mkdir()
+    r = run_native(write_app(tmp_path, LXML_APP, "native_lxml.py"), str(d), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("\nparse ") == 2, r.stderr
+    return r.stdout, d
+
+
+def test_lxml_parses_and_writes_files_on_an_unprotected_path_as_natively(tmp_path: Path) -> None:
+    pytest.importorskip("lxml")
+    native, native_dir = _native(tmp_path)
+    d = tmp_path / "enclave"
+    d.mkdir()
+    r = run_enclave(write_app(tmp_path, LXML_APP), str(d), cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, native), r.stderr
+    for name in ("plain.xml", "decl.xml"):  # (the .gz holds a timestamp)
+        assert (d / name).read_bytes() == (native_dir / name).read_bytes(), name
+
+
+def test_lxml_in_an_encrypted_region_gives_the_native_trees_and_seals_the_files(fs: FS) -> None:
+    pytest.importorskip("lxml")
+    native, _ = _native(fs.root)
+    r = fs.run(write_app(fs.root, LXML_APP), str(fs.enc))
+    assert (r.returncode, r.stdout) == (0, native), r.stderr
+    host = {p.name: p.read_bytes() for p in fs.enc.iterdir() if p.is_file()}
+    assert set(host) == {"plain.xml", "decl.xml", "doc.xml.gz"}
+    for name, data in host.items():
+        assert SECRET.encode() not in data and b"<catalog" not in data and b"<?xml" not in data, name
+        assert not data.startswith(b"\x1f\x8b"), name  # not even the gzip header reaches the host
+
+
+@pytest.mark.parametrize("name", ["decl.xml", "doc.xml.gz"])
+def test_a_tampered_encrypted_xml_file_is_an_error_never_a_wrong_tree(fs: FS, name: str) -> None:
+    pytest.importorskip("lxml")
+    app = write_app(
+        fs.root,
+        """
+        import sys
+        from lxml import etree
+        try:
+            r = etree.parse(sys.argv[1]).getroot()
+            print("tree", len(r), r[-1].text)
+        except (etree.XMLSyntaxError, OSError) as e:
+            print("refused", type(e).__name__)
+        """,
+        "read_xml.py",
+    )
+    assert fs.run(write_app(fs.root, LXML_APP), str(fs.enc)).returncode == 0
+    p = fs.enc / name
+    assert fs.run(app, str(p)).stdout == f"tree 400 {SECRET}-399\n"
+    data = bytearray(p.read_bytes())
+    chunk = 2 if name == "decl.xml" else 0  # a middle chunk; the whole .gz is one chunk
+    flipped = 0
+    for slot in (0, 1):  # every slot of that chunk's record that the file has
+        at = record_offset(4096, chunk, slot) + 200
+        if at < len(data):
+            data[at] ^= 0x01
+            flipped += 1
+    assert flipped
+    p.write_bytes(bytes(data))
+    r = fs.run(app, str(p))
+    assert r.stdout.startswith("refused "), (r.stdout, r.stderr)
+    assert "tree" not in r.stdout
+    assert "pyscone: fs shield:" in r.stderr and "refused" in r.stderr, r.stderr
