@@ -9,10 +9,11 @@ file worked but ``lxml.etree.parse(path)`` failed with EPERM from the barrier.
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import run_enclave, run_native, write_app
+from conftest import Server, free_port, run_enclave, run_native, write_app
 from test_fs_shield import FS
 
 from pyscone.protect.pfile import record_offset
@@ -115,3 +116,57 @@ def test_a_tampered_encrypted_xml_file_is_an_error_never_a_wrong_tree(fs: FS, na
     assert r.stdout.startswith("refused "), (r.stdout, r.stderr)
     assert "tree" not in r.stdout
     assert "pyscone: fs shield:" in r.stderr and "refused" in r.stderr, r.stderr
+
+
+def test_import_uvloop_is_an_import_error_that_says_why(tmp_path: Path) -> None:
+    # Before the refusal the import worked and uvloop.Loop() died at the barrier (EPERM from libuv's epoll_create).
+    pytest.importorskip("uvloop")
+    app = write_app(
+        tmp_path,
+        """
+        try:
+            import uvloop
+            print("imported", uvloop.new_event_loop())
+        except ImportError as e:
+            print("ImportError", e.name, e)
+        try:
+            import uvloop.loop
+        except ImportError as e:
+            print("ImportError", e.name)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, (r.stdout, r.stderr)
+    assert lines[0].startswith("ImportError uvloop pyscone: uvloop is not supported inside a pyscone enclave: ")
+    assert "libuv" in lines[0] and "system calls" in lines[0] and "asyncio" in lines[0], lines[0]
+    assert lines[1] == "ImportError uvloop"  # (its parent first, as python imports it)
+    assert r.stderr.count("uvloop is not supported") == 1, r.stderr  # said once, not per import
+
+
+def test_uvicorn_with_uvloop_installed_falls_back_to_asyncio_and_serves(tmp_path: Path, server: list[Server]) -> None:
+    pytest.importorskip("uvloop")
+    pytest.importorskip("uvicorn")
+    write_app(
+        tmp_path,
+        """
+        import asyncio
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            loop = type(asyncio.get_running_loop())
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": f"served by {loop.__module__}.{loop.__name__}".encode()})
+        """,
+        "asgi_app.py",
+    )
+    port = free_port()
+    # uvicorn's defaults: --loop auto, which tries uvloop first.
+    server.append(Server(["-m", "uvicorn", "asgi_app:app", "--port", str(port)], tmp_path, port))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+        status, body = resp.status, resp.read().decode()
+    assert (status, body) == (200, "served by asyncio.unix_events._UnixSelectorEventLoop")
+    _, _, err = server[0].stop()
+    assert "uvloop is not supported inside a pyscone enclave" in err, err
+    assert "Uvicorn running on" in err, err
