@@ -170,3 +170,93 @@ def test_uvicorn_with_uvloop_installed_falls_back_to_asyncio_and_serves(tmp_path
     _, _, err = server[0].stop()
     assert "uvloop is not supported inside a pyscone enclave" in err, err
     assert "Uvicorn running on" in err, err
+
+
+# Pillow's encoders write to the file's descriptor from C (ImageFile._save: encode_to_file(fileno)),
+# its decoders read through the Python file.  The compatibility matrix's "pillow" case covers an
+# unprotected working directory; this is the encrypted region.
+PILLOW_APP = """
+    import hashlib, os, sys
+    from PIL import Image, ImageDraw
+    d = sys.argv[1]
+    im = Image.new("RGB", (640, 480), "white")  # large enough for many encoder buffers
+    draw = ImageDraw.Draw(im)
+    for i in range(0, 640, 16):
+        draw.line((i, 0, 640 - i, 480), fill=(i % 256, 80, 255 - i % 256), width=3)
+    im.save(os.path.join(d, "a.png"))
+    im.save(os.path.join(d, "a.jpg"), quality=90)
+    im.save(os.path.join(d, "b.jpg"), quality=90, progressive=True, optimize=True)
+    for name in ("a.png", "a.jpg", "b.jpg"):
+        with Image.open(os.path.join(d, name)) as got:
+            print(name, got.format, got.size, got.mode, hashlib.sha256(got.tobytes()).hexdigest()[:16])
+"""
+
+
+def test_pillow_saves_and_opens_jpeg_and_png_in_an_encrypted_region_as_natively(fs: FS) -> None:
+    pytest.importorskip("PIL")
+    native_dir = fs.root / "native"
+    native_dir.mkdir()
+    native = run_native(write_app(fs.root, PILLOW_APP, "native_pillow.py"), str(native_dir), cwd=fs.root)
+    assert native.returncode == 0 and native.stdout.count("\n") == 3, native.stderr
+    r = fs.run(write_app(fs.root, PILLOW_APP), str(fs.enc))
+    assert (r.returncode, r.stdout) == (0, native.stdout), r.stderr
+    for name in ("a.png", "a.jpg", "b.jpg"):
+        data = (fs.enc / name).read_bytes()
+        assert b"PNG" not in data[:64] and b"JFIF" not in data[:64] and not data.startswith(b"\xff\xd8"), name
+        assert data != (native_dir / name).read_bytes()
+
+
+def test_numpy_fromfile_of_a_tampered_chunk_raises_and_the_open_file_stays_refused(fs: FS) -> None:
+    # numpy never asks ferror after its fread: before the shield refused seeks on an open file
+    # whose read met a refused chunk, fromfile(path) returned 100000 elements, the last
+    # 94880 of them zeros (tests/test_clib_stdio.py has the C-level view of the same read).
+    pytest.importorskip("numpy")
+    app = write_app(
+        fs.root,
+        """
+        import sys
+        import numpy as np
+        p = sys.argv[1]
+        if sys.argv[2] == "write":
+            np.arange(1, 100001, dtype=np.int64).tofile(p)
+        for how in ("path", "count", "open-file"):
+            try:
+                if how == "open-file":
+                    with open(p, "rb") as f:
+                        got = np.fromfile(f, dtype=np.int64)
+                else:
+                    got = np.fromfile(p, dtype=np.int64, count=100000 if how == "count" else -1)
+                print(how, len(got), int(got[-1]))
+            except OSError as e:
+                print(how, "refused", e)
+        with open(p, "rb", buffering=0) as f:  # the Python layer: the same rule
+            print("head", int.from_bytes(f.read(8), "little"))
+            try:
+                f.read()
+            except OSError as e:
+                print("read", e.errno)
+            try:
+                f.seek(0)
+            except OSError as e:
+                print("seek", e.errno)
+        """,
+        "np_tamper.py",
+    )
+    p = fs.enc / "a.bin"
+    r = fs.run(app, str(p), "write")
+    assert r.stdout.splitlines()[:3] == ["path 100000 100000", "count 100000 100000", "open-file 100000 100000"], (
+        r.stderr
+    )
+    data = bytearray(p.read_bytes())
+    for slot in (0, 1):
+        data[record_offset(4096, 10, slot) + 100] ^= 0x01
+    p.write_bytes(bytes(data))
+    r = fs.run(app, str(p), "read")
+    assert r.stdout.splitlines() == [
+        "path refused seeking file failed",
+        "count refused seeking file failed",
+        "open-file refused seeking file failed",
+        "head 1",
+        "read 5",
+        "seek 5",
+    ], (r.stdout, r.stderr)
