@@ -260,3 +260,49 @@ def test_numpy_fromfile_of_a_tampered_chunk_raises_and_the_open_file_stays_refus
         "read 5",
         "seek 5",
     ], (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("where", ["unprotected", "encrypted"])
+def test_dup_and_the_old_stat_names_from_c_go_through_the_layer(fs: FS, where: str) -> None:
+    # What libxml2 does, without lxml: a C dup shares the open file (its offset), outlives the
+    # close of the original, and is refused for a number that names nothing, as dup(2) is;
+    # __xstat64/__fxstat64 (the pre-2.33 stat of manylinux2014 wheels) answer the enclave's view.
+    d = fs.enc if where == "encrypted" else fs.root
+    app = write_app(
+        fs.root,
+        f"""
+        import ctypes, errno, os, stat
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+        libc.read.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+        libc.read.restype = ctypes.c_ssize_t
+        buf = ctypes.create_string_buffer(64)
+        path = os.path.join({str(d)!r}, "f.txt")
+        with open(path, "w") as f:
+            f.write("0123456789abcdef")
+        fd = libc.open(path.encode(), os.O_RDONLY, 0)
+        print("read", libc.read(fd, buf, 4), buf.raw[:4])
+        fd2 = libc.dup(fd)
+        print("dup", fd2 not in (-1, fd), libc.read(fd2, buf, 4), buf.raw[:4])
+        print("close original", libc.close(fd), libc.read(fd2, buf, 64), buf.raw[:8], libc.close(fd2))
+        print("dup of nothing", libc.dup(fd), errno.errorcode[ctypes.get_errno()])
+        st = (ctypes.c_char * 144)()  # struct stat on x86-64
+        size = lambda: int.from_bytes(bytes(st)[48:56], "little")  # st_size
+        mode = lambda: int.from_bytes(bytes(st)[24:28], "little")  # st_mode
+        print("xstat", libc.__xstat64(1, path.encode(), st), size(), stat.S_ISREG(mode()))
+        fd = libc.open(path.encode(), os.O_RDONLY, 0)
+        print("fxstat", libc.__fxstat64(1, fd, st), size(), libc.close(fd))
+        print("lxstat missing", libc.__lxstat64(1, path.encode() + b".none", st), errno.errorcode[ctypes.get_errno()])
+        """,
+        "cdup.py",
+    )
+    r = fs.run(app)
+    assert r.stdout.splitlines() == [
+        "read 4 b'0123'",
+        "dup True 4 b'4567'",
+        "close original 0 8 b'89abcdef' 0",
+        "dup of nothing -1 EBADF",
+        "xstat 0 16 True",
+        "fxstat 0 16 0",
+        "lxstat missing -1 ENOENT",
+    ], (r.stdout, r.stderr)
