@@ -464,6 +464,11 @@ KILL_APP = """
 """
 
 
+# Kills per region: issue 11 asks for several hundred (PYSCONE_KILLS=300); the default keeps the suite fast.
+KILLS = int(os.environ.get("PYSCONE_KILLS", "12"))
+
+
+@pytest.mark.timeout(max(120, 6 * KILLS))  # a kill costs about one enclave start (~1-2 s here)
 @pytest.mark.parametrize("where", ["unprotected", "encrypted"])
 def test_sigkill_in_a_transaction_loop_leaves_the_last_committed_transaction(fs: FS, where: str) -> None:
     # SIGKILL of the launcher (the enclave dies with it) at arbitrary points of a loop of
@@ -477,7 +482,7 @@ def test_sigkill_in_a_transaction_loop_leaves_the_last_committed_transaction(fs:
     env = {k: v for k, v in os.environ.items() if k != "PYSCONE_TEST_HOSTILE"}
     rng = random.Random(11)
     acknowledged = 0
-    for _ in range(12):
+    for _ in range(KILLS):
         proc = subprocess.Popen(
             [*PYSCONE, "run", "--fspf", str(fs.fspf), str(app), str(db)],
             cwd=fs.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -39,6 +39,31 @@ from typing import Any
 from pyscone.enclave import codecache, loader
 from pyscone.enclave.stdlib import files
 
+#: Extension modules that make their own system calls from C, past both layers of interposition:
+#: importing one would only move the failure to the barrier's bare EPERM in the middle of the app.
+#: Refused at ``import`` instead (top-level name -> why), so that code written to fall back on
+#: ``ImportError`` (uvicorn's ``--loop auto``, its default) does, and says why once on stderr.
+OWN_SYSCALLS: dict[str, str] = {
+    "uvloop": (
+        "its libuv makes its own epoll, eventfd and socket system calls, which the libc layer does not "
+        "interpose; asyncio's own event loop works (uvicorn's --loop auto falls back to it)"
+    ),
+}
+_explained: set[str] = set()
+
+
+def refused(fullname: str) -> ImportError | None:
+    """The ``ImportError`` for a module of :data:`OWN_SYSCALLS`, or None (and explain it once)."""
+    top = fullname.partition(".")[0]
+    why = OWN_SYSCALLS.get(top)
+    if why is None:
+        return None
+    message = f"pyscone: {top} is not supported inside a pyscone enclave: {why}"
+    if top not in _explained:
+        _explained.add(top)
+        print(f"{message} (import {fullname} refused)", file=sys.stderr, flush=True)
+    return ImportError(message, name=fullname)
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -135,7 +160,8 @@ def map_app_extensions(app_dir: str | None) -> list[str]:
     """
     found, stopped = find_extensions(app_extension_roots(app_dir))
     for path, module in found:
-        loader.map_extension(path, module)
+        if module.partition(".")[0] not in OWN_SYSCALLS:  # (never imported: neither mapped nor measured)
+            loader.map_extension(path, module)
     return [
         f"more than {WALK_BUDGET} files below {root}: C extensions found after those cannot be imported"
         for root in stopped
@@ -234,6 +260,9 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
                 "it must be imported before the measurement (boot step 2)",
                 name=fullname,
             )
+        error = refused(fullname)
+        if error is not None:
+            raise error
         tail = fullname.rpartition(".")[2]
         namespace: list[str] = []
         for entry in sys.path if path is None else path:

@@ -56,7 +56,7 @@
 enum {
     C_OPEN = 1, C_CLOSE, C_READ, C_WRITE, C_PREAD, C_PWRITE, C_LSEEK, C_FSTAT, C_STAT,
     C_FSYNC, C_FTRUNCATE, C_FCNTL, C_UNLINK, C_ACCESS, C_MKDIR, C_RMDIR, C_GETCWD,
-    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP, C_RENAME, C_FLOCK, C_SOCKET,
+    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP, C_RENAME, C_FLOCK, C_SOCKET, C_DUP,
 };
 
 /* (call, a, b, c, p, q) -> result >= 0, or -errno.  p: an input pointer (a path, data to
@@ -766,6 +766,47 @@ int flock(int fd, int operation)
 {
     ROUTE(real.flock(fd, operation));
     return (int)call(C_FLOCK, fd, operation, 0, NULL, NULL);
+}
+
+/* Libraries built against glibc < 2.33 (manylinux2014 wheels: lxml's libxml2) call stat
+ * through these versioned names, and libxml2 hands zlib a dup of every file it opens
+ * (gzdopen): without them both met the barrier and lxml.etree.parse(path) failed with EPERM.
+ * `ver` is _STAT_VER_LINUX, whose struct stat is the one above on x86-64. */
+static int (*real_dup)(int);
+__attribute__((constructor)) static void resolve_compat(void) { real_dup = next("dup"); }
+
+int __xstat64(int ver, const char *path, struct stat *st)
+{
+    (void)ver;
+    ROUTE(real.stat(path, st));
+    long long f[13];
+    return (int)stat_out(call(C_STAT, 1, 0, 0, path, f), st, f);
+}
+ALIAS(__xstat, __xstat64);
+
+int __lxstat64(int ver, const char *path, struct stat *st)
+{
+    (void)ver;
+    ROUTE(real.lstat(path, st));
+    long long f[13];
+    return (int)stat_out(call(C_STAT, 0, 0, 0, path, f), st, f);
+}
+ALIAS(__lxstat, __lxstat64);
+
+int __fxstat64(int ver, int fd, struct stat *st)
+{
+    (void)ver;
+    ROUTE(real.fstat(fd, st));
+    long long f[13];
+    return (int)stat_out(call(C_FSTAT, fd, 0, 0, NULL, f), st, f);
+}
+ALIAS(__fxstat, __fxstat64);
+
+/* A dup is a second name for the same open file in the Python layer (stdlib/dups.py). */
+int dup(int fd)
+{
+    ROUTE(real_dup(fd));
+    return (int)call(C_DUP, fd, 0, 0, NULL, NULL);
 }
 
 /* A socket.  Sockets from C (libpq, libuv) are not covered yet: the runtime refuses them, as the

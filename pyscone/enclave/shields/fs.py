@@ -419,7 +419,11 @@ class FsShield:
             if buffered and o.pos != o.read_end and isinstance(pf, ProtectedFile):
                 cs = pf.key.chunk_size
                 out = out[: cs - o.pos % cs]
-            n = self._readinto(o.node, o.pos, out)
+            try:
+                n = self._readinto(o.node, o.pos, out)
+            except OSError:
+                o.poisoned = True
+                raise
             o.pos += n
             o.read_end = o.pos
             return n
@@ -461,6 +465,10 @@ class FsShield:
         if vfd in self.dir_opens:
             return 0  # as Linux: a directory's offset is the listing's, which we never read
         o = self._open_file(vfd)
+        if o.poisoned:
+            # C readers lose a refused chunk's EIO: numpy's fromfile keeps a short fread's
+            # zero-filled array and never asks ferror, but does check this seek (and tell).
+            raise _err(errno.EIO)
         if how == os.SEEK_SET:
             new = pos
         elif how == os.SEEK_CUR:

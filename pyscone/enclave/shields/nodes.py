@@ -89,12 +89,13 @@ class Node:
 
 
 class OpenFile:
-    __slots__ = ("append", "node", "pos", "read_end", "readable", "writable")
+    __slots__ = ("append", "node", "poisoned", "pos", "read_end", "readable", "writable")
 
     def __init__(self, node: Node, readable: bool, writable: bool, append: bool) -> None:
         self.node = node
         self.pos = 0
         self.read_end = 0  # where the last read ended: a read from elsewhere follows a seek
+        self.poisoned = False  # a read at the position met a refused chunk: seeks fail (FsShield.lseek)
         self.readable = readable
         self.writable = writable
         self.append = append

@@ -60,7 +60,7 @@ import sys
 from collections.abc import Callable
 
 from pyscone.enclave import iago, loader, scheduler
-from pyscone.enclave.stdlib import fdops, files
+from pyscone.enclave.stdlib import dups, fdops, files
 
 _SHIM_ABI = 1
 _AT_FDCWD = -100
@@ -98,6 +98,7 @@ class Call(enum.IntEnum):
     RENAME = 23
     FLOCK = 24
     SOCKET = 25
+    DUP = 26
 
 
 _DISPATCH = ctypes.CFUNCTYPE(
@@ -465,6 +466,14 @@ def _socket(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     return -errno.EPERM
 
 
+def _dup(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
+    # dup(2) clears FD_CLOEXEC on the new number; its path follows it (for _mmap's question).
+    fd = dups.dup(a, inheritable=True)
+    if a in _opened:
+        _opened[fd] = _opened[a]
+    return fd
+
+
 def _unsupported(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     # fchmod/fchown: the Python layer has no fd-based mode or owner change (SQLite ignores
     # the result of both: it only tries to keep a journal's owner and mode like the database's).
@@ -478,7 +487,7 @@ _HANDLERS: dict[Call, _Handler] = {
     Call.FSYNC: _fsync, Call.FTRUNCATE: _ftruncate, Call.FCNTL: _fcntl, Call.UNLINK: _unlink,
     Call.ACCESS: _access, Call.MKDIR: _mkdir, Call.RMDIR: _rmdir, Call.GETCWD: _getcwd,
     Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported, Call.MMAP: _mmap,
-    Call.RENAME: _rename, Call.FLOCK: _flock, Call.SOCKET: _socket,
+    Call.RENAME: _rename, Call.FLOCK: _flock, Call.SOCKET: _socket, Call.DUP: _dup,
 }  # fmt: skip
 # Indexed by call number: the lookup runs on every call from C.
 _BY_NUMBER: list[_Handler | None] = [None] * (max(Call) + 1)
