@@ -56,7 +56,8 @@
 enum {
     C_OPEN = 1, C_CLOSE, C_READ, C_WRITE, C_PREAD, C_PWRITE, C_LSEEK, C_FSTAT, C_STAT,
     C_FSYNC, C_FTRUNCATE, C_FCNTL, C_UNLINK, C_ACCESS, C_MKDIR, C_RMDIR, C_GETCWD,
-    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP, C_RENAME, C_FLOCK, C_SOCKET, C_DUP,
+    C_READLINK, C_FCHMOD, C_FCHOWN, C_OPENAT, C_MMAP, C_RENAME, C_FLOCK, C_SOCKET,
+    C_DUP = 46, /* 26..45: sockets */
 };
 
 /* (call, a, b, c, p, q) -> result >= 0, or -errno.  p: an input pointer (a path, data to

@@ -98,7 +98,7 @@ class Call(enum.IntEnum):
     RENAME = 23
     FLOCK = 24
     SOCKET = 25
-    DUP = 26
+    DUP = 46  # (26..45: the socket calls)
 
 
 _DISPATCH = ctypes.CFUNCTYPE(
