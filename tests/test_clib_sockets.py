@@ -117,6 +117,65 @@ int nonblocking(const char *ip, int port, char *out, int n) {
              w, (int)(r3 > 0 ? r3 : 0), buf);
     return fd;
 }
+
+/* A listening socket from C (bound to an ephemeral loopback port), and its accept. */
+int serve_open(int *port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 8) < 0) return -errno;
+    socklen_t len = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
+int serve_one(int lfd, char *out, int n) {
+    struct sockaddr_in peer;
+    socklen_t len = sizeof peer;
+    int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_CLOEXEC);
+    if (fd < 0) return -errno;
+    char buf[32] = {0};
+    ssize_t r = recv(fd, buf, sizeof buf - 1, 0);
+    send(fd, "served", 6, 0);
+    snprintf(out, n, "accepted %s len %u recv %zd %s", inet_ntoa(peer.sin_addr), len, r, buf);
+    return fd;
+}
+
+/* UDP: a datagram to a port and its echo, with the sender's address (sendmsg/recvmsg too). */
+int udp(int port, char *out, int n) {
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {0}, from;
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    ssize_t w = sendto(fd, "dgram", 5, 0, (struct sockaddr *)&a, sizeof a);
+    char buf[32] = {0};
+    socklen_t len = sizeof from;
+    ssize_t r = recvfrom(fd, buf, sizeof buf - 1, 0, (struct sockaddr *)&from, &len);
+    struct iovec iov[2] = {{"vec", 3}, {"tor", 3}};
+    struct msghdr m = {0};
+    m.msg_name = &a;
+    m.msg_namelen = sizeof a;
+    m.msg_iov = iov;
+    m.msg_iovlen = 2;
+    ssize_t w2 = sendmsg(fd, &m, 0);
+    char b1[2] = {0}, b2[8] = {0};
+    struct iovec in[2] = {{b1, 2}, {b2, 7}};
+    struct msghdr mi = {0};
+    mi.msg_name = &from;
+    mi.msg_namelen = sizeof from;
+    mi.msg_iov = in;
+    mi.msg_iovlen = 2;
+    ssize_t r2 = recvmsg(fd, &mi, 0);
+    snprintf(out, n, "sendto %zd recvfrom %zd %s from port %d len %u sendmsg %zd recvmsg %zd %.2s|%s", w, r, buf,
+             ntohs(from.sin_port) == port, len, w2, r2, b1, b2);
+    close(fd);
+    return 0;
+}
 """
 
 CLIENT_APP = """
@@ -435,3 +494,59 @@ def test_a_socket_made_through_ctypes_is_an_enclave_socket(tmp_path: Path) -> No
         "the socket module still works",
     ], r.stderr
     assert "pyscone: a C library" not in r.stderr
+
+
+SERVER_APP = """
+import ctypes, socket, sys
+from cclient import lib
+port = ctypes.c_int()
+lfd = lib.serve_open(ctypes.byref(port))
+print("listening", lfd > 2, port.value > 0)
+# The enclave's own Python socket connects to the C library's listening socket.
+c = socket.create_connection(("127.0.0.1", port.value))
+c.sendall(b"hello")
+out = ctypes.create_string_buffer(160)
+fd = lib.serve_one(lfd, out, 160)
+print(out.value.decode(), c.recv(16))
+c.close()
+lib.udp(int(sys.argv[1]), out, 160)
+print(out.value.decode())
+"""
+
+
+@pytest.fixture
+def udp_echo_port() -> Iterator[int]:
+    """A native UDP echo server on loopback (a thread of this test process)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = srv.recvfrom(4096)
+            except TimeoutError:
+                continue
+            srv.sendto(data, peer)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_a_c_library_can_listen_accept_and_use_udp(tmp_path: Path, client_lib: Path, udp_echo_port: int) -> None:
+    app = _client_app(tmp_path, client_lib)
+    app.write_text(SERVER_APP)
+    native = run_native(app, str(udp_echo_port), cwd=tmp_path)
+    assert native.returncode == 0, native.stderr
+    r = run_enclave("--preload", "cclient", app, str(udp_echo_port), cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, native.stdout), r.stderr
+    assert r.stdout.splitlines() == [
+        "listening True True",
+        "accepted 127.0.0.1 len 16 recv 5 hello b'served'",
+        "sendto 5 recvfrom 5 dgram from port 1 len 16 sendmsg 6 recvmsg 6 ve|ctor",
+    ], r.stderr
