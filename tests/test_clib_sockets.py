@@ -118,6 +118,17 @@ int nonblocking(const char *ip, int port, char *out, int n) {
     return fd;
 }
 
+/* poll on two fds for POLLIN; returns the count, the revents in *ra and *rb. */
+int poll_pair(int a, int b, int ms, int *ra, int *rb, double *took) {
+    struct pollfd p[2] = {{a, POLLIN, 0}, {b, POLLIN, 0}};
+    double t0 = now();
+    int r = poll(p, 2, ms);
+    *took = now() - t0;
+    *ra = p[0].revents;
+    *rb = p[1].revents;
+    return r;
+}
+
 /* A listening socket from C (bound to an ephemeral loopback port), and its accept. */
 int serve_open(int *port) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -550,3 +561,40 @@ def test_a_c_library_can_listen_accept_and_use_udp(tmp_path: Path, client_lib: P
         "accepted 127.0.0.1 len 16 recv 5 hello b'served'",
         "sendto 5 recvfrom 5 dgram from port 1 len 16 sendmsg 6 recvmsg 6 ve|ctor",
     ], r.stderr
+
+
+PIPE_APP = """
+import ctypes, os, socket, sys
+from cclient import lib
+port = int(sys.argv[1])
+out = ctypes.create_string_buffer(256)
+sock = lib.blocking(b"127.0.0.1", str(port).encode(), out, 256)
+r, w = os.pipe()
+ra, rb, took = ctypes.c_int(), ctypes.c_int(), ctypes.c_double()
+def pair(a, b, ms):
+    n = lib.poll_pair(a, b, ms, ctypes.byref(ra), ctypes.byref(rb), ctypes.byref(took))
+    return n, ra.value, rb.value, round(took.value, 1)
+print("pipe+socket, nothing ready", pair(r, sock, 300))
+os.write(w, b"x")
+print("pipe ready", pair(r, sock, 5000))
+os.read(r, 1)
+print("pipe alone, blocking", pair(r, -1, -1))
+"""
+
+
+def test_a_poll_from_c_never_parks_on_an_enclave_pipe(tmp_path: Path, client_lib: Path, echo_port: int) -> None:
+    # An enclave pipe (os.pipe) lives in enclave memory: waiting on it parks the lthread until
+    # another one writes, which no lthread can do during a call from C.  Its readiness is looked
+    # at once; the host fds are waited on with the timeout; a pipe alone answers at once.
+    app = _client_app(tmp_path, client_lib)
+    app.write_text(PIPE_APP)
+    r = run_enclave("--preload", "cclient", app, str(echo_port), cwd=tmp_path, timeout=30)
+    assert (r.returncode, r.stdout.splitlines()) == (
+        0,
+        [
+            "pipe+socket, nothing ready (0, 0, 0, 0.3)",
+            "pipe ready (1, 1, 0, 0.0)",
+            "pipe alone, blocking (0, 0, 0, 0.0)",
+        ],
+    ), r.stderr
+    assert r.stderr.count("polls an enclave pipe") == 1, r.stderr

@@ -36,6 +36,8 @@ A poll's timeout is the enclave's timer cancelling the host call.
 Not covered, refused with one line on the console: sockets of other families or kinds (netlink,
 raw, packet), ``epoll`` instances made by C code (libuv's), ancillary data, ``ppoll`` with a
 signal mask, and ``poll`` on no fds as a sleep (it cannot wait in place without a host call).
+A poll from C does not wait for an enclave pipe end (``os.pipe``; see :func:`_wait`), and
+says so once.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from typing import Any
 
 from pyscone import abi
 from pyscone.enclave import iago
-from pyscone.enclave.stdlib import fdops
+from pyscone.enclave.stdlib import dups, fdops, pipes
 from pyscone.enclave.stdlib.sockets import EnclaveSocket, _poll, getaddrinfo, socketpair
 
 _fds = iago.fds
@@ -68,6 +70,8 @@ _UNCOVERED = {
     "cross the enclave boundary: refused",
     3: "a C library calls poll on no descriptors to sleep, which cannot wait inside a call from C: refused",
     4: "a C library calls ppoll with a signal mask, which the enclave cannot swap atomically: refused",
+    5: "a C library polls an enclave pipe (os.pipe), which no lthread can write during a call from C: the "
+    "poll does not wait for it",
 }
 _explained: set[object] = set()
 
@@ -346,13 +350,30 @@ def poll(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
             return 0
         _explain_once(("uncovered", 3), _UNCOVERED[3])
         return -errno.EINVAL
-    ready = dict(_poll(list(wanted.items()), 0.0 if invalid else timeout)) if wanted else {}
+    ready = _wait(wanted, 0.0 if invalid else timeout)
     count = 0
     for i, (fd, events) in enumerate(asked):
         revents = abi.POLLNVAL if fd in invalid else ready.get(fd, 0) & ((events & 0xFFFF) | _ALWAYS) if fd >= 0 else 0
         _POLLFD.pack_into(entries, i * _POLLFD.size, fd, events, revents)
         count += bool(revents)
     return count
+
+
+def _wait(wanted: dict[int, int], timeout: float | None) -> dict[int, int]:
+    """``sockets._poll``, except that a poll from C never waits on an enclave pipe end.
+
+    Waiting on a pipe parks the lthread until another one writes (``pipes.wait``), and a call
+    from C must never park (``clib``: "How a call from C may wait").  Nor can another lthread
+    write meanwhile, so a pipe's readiness is what it is now: it is looked at once, and only the
+    host fds are waited on (a set of pipes alone, none ready, is answered at once: 0).
+    """
+    local = [fd for fd in wanted if pipes.is_local(dups.resolve(fd))]
+    if not local or timeout == 0.0:
+        return dict(_poll(list(wanted.items()), timeout))
+    _explain_once(("uncovered", 5), _UNCOVERED[5])
+    now = dict(_poll(list(wanted.items()), 0.0))
+    host = [(fd, ev) for fd, ev in wanted.items() if fd not in local]
+    return now if now or not host else dict(_poll(host, timeout))
 
 
 def getaddrinfo_(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
