@@ -598,3 +598,46 @@ def test_a_poll_from_c_never_parks_on_an_enclave_pipe(tmp_path: Path, client_lib
         ],
     ), r.stderr
     assert r.stderr.count("polls an enclave pipe") == 1, r.stderr
+
+
+GAI_APP = """
+import ctypes, socket
+libc = ctypes.CDLL(None, use_errno=True)
+class AI(ctypes.Structure):
+    pass
+AI._fields_ = [("flags", ctypes.c_int), ("family", ctypes.c_int), ("socktype", ctypes.c_int), ("protocol", ctypes.c_int),
+               ("addrlen", ctypes.c_uint32), ("addr", ctypes.c_void_p), ("canonname", ctypes.c_char_p), ("next", ctypes.POINTER(AI))]
+def gai(node, service, family=0, socktype=0, flags=0):
+    hints = AI(flags=flags, family=family, socktype=socktype)
+    res = ctypes.POINTER(AI)()
+    r = libc.getaddrinfo(node, service, ctypes.byref(hints), ctypes.byref(res))
+    if r:
+        return r
+    out, p = [], res
+    while p:
+        a = p.contents
+        raw = ctypes.string_at(a.addr, a.addrlen)
+        out.append((a.family, a.socktype, a.addrlen, raw.hex(), a.canonname))
+        p = a.next
+    libc.freeaddrinfo(res)
+    return sorted(out, key=repr)
+print(gai(b"127.0.0.1", b"5432", socket.AF_INET, socket.SOCK_STREAM))
+print(gai(b"localhost", b"80", 0, socket.SOCK_STREAM))
+print(gai(None, b"8080", socket.AF_INET, socket.SOCK_STREAM, socket.AI_PASSIVE))
+print(gai(b"localhost", None, socket.AF_INET, socket.SOCK_DGRAM, socket.AI_CANONNAME))
+print(gai(b"no-such-host.invalid", b"80"))
+print(gai(b"127.0.0.1", b"nosuchservice", socket.AF_INET, socket.SOCK_STREAM))
+"""
+
+
+def test_getaddrinfo_from_c_answers_as_natively(tmp_path: Path) -> None:
+    # glibc's own resolver would open /etc/hosts and a netlink socket past the shim (the barrier):
+    # the answer is the Python layer's, rebuilt as glibc's list, and freed by our freeaddrinfo.
+    app = write_app(tmp_path, GAI_APP)
+    native = run_native(app, cwd=tmp_path)
+    assert native.returncode == 0, native.stderr
+    r = run_enclave(app, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, native.stdout), r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "[(2, 1, 16, '020015387f0000010000000000000000', None)]"
+    assert lines[3].endswith("b'localhost')]") and lines[4:] == ["-2", "-8"]  # EAI_NONAME, EAI_SERVICE
