@@ -35,6 +35,7 @@ CLIENT_C = r"""
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -127,6 +128,30 @@ int poll_pair(int a, int b, int ms, int *ra, int *rb, double *took) {
     *ra = p[0].revents;
     *rb = p[1].revents;
     return r;
+}
+
+/* select on one fd (read or write), and the sleeps: poll and select on no descriptors. */
+int select_one(int fd, int write, int ms, double *took) {
+    fd_set set;
+    FD_ZERO(&set);
+    FD_SET(fd, &set);
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    double t0 = now();
+    int r = select(fd + 1, write ? NULL : &set, write ? &set : NULL, NULL, &tv);
+    *took = now() - t0;
+    return r < 0 ? -errno : r * 10 + FD_ISSET(fd, &set);
+}
+
+int sleeps(double *p_took, double *s_took) {
+    double t0 = now();
+    int a = poll(NULL, 0, 200);
+    *p_took = now() - t0;
+    struct timeval tv = {0, 150000};
+    t0 = now();
+    int b = select(0, NULL, NULL, NULL, &tv);
+    *s_took = now() - t0;
+    int c = poll(NULL, 0, -1) < 0 ? errno : 0; /* for ever: refused */
+    return a * 100 + b * 10 + (c == EPERM);
 }
 
 /* A listening socket from C (bound to an ephemeral loopback port), and its accept. */
@@ -641,3 +666,30 @@ def test_getaddrinfo_from_c_answers_as_natively(tmp_path: Path) -> None:
     lines = r.stdout.splitlines()
     assert lines[0] == "[(2, 1, 16, '020015387f0000010000000000000000', None)]"
     assert lines[3].endswith("b'localhost')]") and lines[4:] == ["-2", "-8"]  # EAI_NONAME, EAI_SERVICE
+
+
+SELECT_APP = """
+import ctypes, os, sys
+from cclient import lib
+port = int(sys.argv[1])
+out = ctypes.create_string_buffer(256)
+sock = lib.blocking(b"127.0.0.1", str(port).encode(), out, 256)
+took, took2 = ctypes.c_double(), ctypes.c_double()
+print("writable", lib.select_one(sock, 1, 1000, ctypes.byref(took)), took.value < 0.5)
+print("nothing to read", lib.select_one(sock, 0, 250, ctypes.byref(took)), 0.2 < took.value < 3)
+os.write(sock, b"echo")
+print("readable", lib.select_one(sock, 0, 5000, ctypes.byref(took)), took.value < 3)
+print("sleeps", lib.sleeps(ctypes.byref(took), ctypes.byref(took2)), 0.15 < took.value < 3, 0.1 < took2.value < 3)
+"""
+
+
+def test_select_and_sleeps_from_c(tmp_path: Path, client_lib: Path, echo_port: int) -> None:
+    # select is the shim's, as a poll; a wait on no descriptors is a sleep in place; for ever is refused.
+    app = _client_app(tmp_path, client_lib)
+    app.write_text(SELECT_APP)
+    r = run_enclave("--preload", "cclient", app, str(echo_port), cwd=tmp_path, timeout=30)
+    assert (r.returncode, r.stdout.splitlines()) == (
+        0,
+        ["writable 11 True", "nothing to read 0 True", "readable 11 True", "sleeps 1 True True"],
+    ), r.stderr
+    assert "waits for ever on no descriptors" in r.stderr, r.stderr

@@ -814,12 +814,14 @@ enum {
 
 /* What C_UNCOVERED explains (once each, on the console), then refuses: the same numbers are in
  * stdlib/clibnet.py (_UNCOVERED). */
-enum { U_EPOLL = 1, U_CONTROL = 2, U_SIGMASK = 4 };
+enum { U_EPOLL = 1, U_CONTROL = 2, U_SLEEP = 3, U_SIGMASK = 4 };
 
 #include <netdb.h>
 #include <poll.h>
 #include <sys/epoll.h>
+#include <sys/select.h>
 #include <sys/socket.h>
+#include <time.h>
 
 static struct {
     int (*connect)(int, const struct sockaddr *, socklen_t);
@@ -836,6 +838,8 @@ static struct {
     int (*shutdown)(int, int);
     int (*poll)(struct pollfd *, nfds_t, int);
     int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+    int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+    int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
     int (*getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
     void (*freeaddrinfo)(struct addrinfo *);
     int (*bind)(int, const struct sockaddr *, socklen_t);
@@ -863,6 +867,8 @@ __attribute__((constructor)) static void resolve_net(void)
     net.shutdown = next("shutdown");
     net.poll = next("poll");
     net.ppoll = next("ppoll");
+    net.select = next("select");
+    net.pselect = next("pselect");
     net.getaddrinfo = next("getaddrinfo");
     net.freeaddrinfo = next("freeaddrinfo");
     net.bind = next("bind");
@@ -1076,11 +1082,39 @@ int shutdown(int fd, int how)
     return (int)call(C_SHUTDOWN, fd, how, 0, NULL, NULL);
 }
 
+/* A wait on no descriptors is a sleep (poll(NULL, 0, ms), select(0, ..., &tv)): done here, in
+ * place (nanosleep is the barrier's to allow), as every wait from C is; for ever is refused. */
+static int no_fds(const struct pollfd *fds, nfds_t nfds)
+{
+    for (nfds_t i = 0; i < nfds; i++)
+        if (fds[i].fd >= 0)
+            return 0;
+    return 1;
+}
+
+static int sleep_ms(long long ms)
+{
+    if (ms < 0)
+        return (int)call(C_UNCOVERED, U_SLEEP, 0, 0, NULL, NULL);
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+    return nanosleep(&ts, NULL) < 0 ? -1 : 0; /* EINTR: a signal, as natively */
+}
+
 /* q: the pollfd array (revents written back), a: its length, b: the timeout in ms (< 0: none). */
+static int poll_ms(struct pollfd *fds, nfds_t nfds, long long ms)
+{
+    if (no_fds(fds, nfds)) {
+        for (nfds_t i = 0; i < nfds; i++)
+            fds[i].revents = 0;
+        return sleep_ms(ms);
+    }
+    return (int)call(C_POLL, (long long)nfds, ms, 0, NULL, fds);
+}
+
 static int poll_from(const void *caller, struct pollfd *fds, nfds_t nfds, int timeout)
 {
     ROUTE_FROM(caller, net.poll(fds, nfds, timeout));
-    return (int)call(C_POLL, (long long)nfds, timeout, 0, NULL, fds);
+    return poll_ms(fds, nfds, timeout);
 }
 
 int poll(struct pollfd *fds, nfds_t nfds, int timeout) { return poll_from(CALLER, fds, nfds, timeout); }
@@ -1096,7 +1130,79 @@ int ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *ts, const sigs
         if (ms > 0x7fffffff)
             ms = 0x7fffffff;
     }
-    return (int)call(C_POLL, (long long)nfds, ms, 0, NULL, fds);
+    return poll_ms(fds, nfds, ms);
+}
+
+/* select as a poll (what Linux itself does): readable is POLLIN, POLLHUP or POLLERR, writable
+ * POLLOUT or POLLERR, exceptional POLLPRI; a closed fd is EBADF.  The timeval is not updated. */
+static int select_ms(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, long long ms)
+{
+    if (nfds < 0 || nfds > FD_SETSIZE) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct pollfd *p = malloc(sizeof *p * (size_t)(nfds ? nfds : 1));
+    if (p == NULL)
+        return -1;
+    int n = 0;
+    for (int fd = 0; fd < nfds; fd++) {
+        short ev = (short)((rd && FD_ISSET(fd, rd) ? POLLIN : 0) | (wr && FD_ISSET(fd, wr) ? POLLOUT : 0) |
+                           (ex && FD_ISSET(fd, ex) ? POLLPRI : 0));
+        if (ev)
+            p[n++] = (struct pollfd){fd, ev, 0};
+    }
+    int r = poll_ms(p, (nfds_t)n, ms);
+    if (r >= 0) {
+        r = 0;
+        for (int i = 0; i < n; i++) {
+            if (p[i].revents & POLLNVAL) {
+                free(p);
+                errno = EBADF;
+                return -1;
+            }
+        }
+        if (rd)
+            FD_ZERO(rd);
+        if (wr)
+            FD_ZERO(wr);
+        if (ex)
+            FD_ZERO(ex);
+        for (int i = 0; i < n; i++) {
+            short ev = p[i].events, got = p[i].revents;
+            if ((ev & POLLIN) && (got & (POLLIN | POLLHUP | POLLERR))) {
+                FD_SET(p[i].fd, rd);
+                r++;
+            }
+            if ((ev & POLLOUT) && (got & (POLLOUT | POLLERR))) {
+                FD_SET(p[i].fd, wr);
+                r++;
+            }
+            if ((ev & POLLPRI) && (got & POLLPRI)) {
+                FD_SET(p[i].fd, ex);
+                r++;
+            }
+        }
+    }
+    int e = errno;
+    free(p);
+    errno = e;
+    return r;
+}
+
+int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval *tv)
+{
+    ROUTE(net.select(nfds, rd, wr, ex, tv));
+    long long ms = tv ? (long long)tv->tv_sec * 1000 + (tv->tv_usec + 999) / 1000 : -1;
+    return select_ms(nfds, rd, wr, ex, ms);
+}
+
+int pselect(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, const struct timespec *ts, const sigset_t *mask)
+{
+    ROUTE(net.pselect(nfds, rd, wr, ex, ts, mask));
+    if (mask != NULL)
+        return (int)call(C_UNCOVERED, U_SIGMASK, 0, 0, NULL, NULL);
+    long long ms = ts ? (long long)ts->tv_sec * 1000 + (ts->tv_nsec + 999999) / 1000000 : -1;
+    return select_ms(nfds, rd, wr, ex, ms);
 }
 
 /* What _FORTIFY_SOURCE makes of recv/recvfrom/poll when the buffer's size is known. */

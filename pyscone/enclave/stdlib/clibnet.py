@@ -19,8 +19,9 @@ entry points that libpq (under psycopg), hiredis and libmemcached call, and send
   ancillary data: ``SCM_RIGHTS`` would carry fds across the enclave boundary; refused).
 * ``read``/``write``/``close``/``fcntl`` on a socket fd: the file calls the shim already routes
   (``files``, ``fdops``), which know socket fds (``O_NONBLOCK`` is ``fdops``'s).
-* ``poll``/``ppoll``: the Python layer's ``select`` implementation (``sockets._poll``, one host
-  ``POLL``; the host's answer must name exactly the fds and events asked).
+* ``poll``/``ppoll`` (and ``select``/``pselect``, turned into a poll by the shim): the Python
+  layer's ``select`` implementation (``sockets._poll``, one host ``POLL``; the host's answer must
+  name exactly the fds and events asked).
 * ``getaddrinfo``/``freeaddrinfo``: the Python layer's ``socket.getaddrinfo`` (one host call,
   its answer checked against the question).  glibc's own resolver cannot run here: it opens
   ``/etc/hosts``, ``/etc/nsswitch.conf`` and a netlink socket through internal calls that meet
@@ -35,7 +36,8 @@ A poll's timeout is the enclave's timer cancelling the host call.
 
 Not covered, refused with one line on the console: sockets of other families or kinds (netlink,
 raw, packet), ``epoll`` instances made by C code (libuv's), ancillary data, ``ppoll`` with a
-signal mask, and ``poll`` on no fds as a sleep (it cannot wait in place without a host call).
+signal mask, and a ``poll``/``select`` on no fds for ever (one with a timeout is a sleep, done
+by the shim in place).  ``select``/``pselect`` are the shim's, as a ``poll``.
 A poll from C does not wait for an enclave pipe end (``os.pipe``; see :func:`_wait`), and
 says so once.
 """
@@ -68,8 +70,9 @@ _UNCOVERED = {
     "enclave: refused (Python's selectors and asyncio work)",
     2: "a C library sends ancillary data (sendmsg with msg_control: SCM_RIGHTS, credentials), which cannot "
     "cross the enclave boundary: refused",
-    3: "a C library calls poll on no descriptors to sleep, which cannot wait inside a call from C: refused",
-    4: "a C library calls ppoll with a signal mask, which the enclave cannot swap atomically: refused",
+    3: "a C library waits for ever on no descriptors (poll or select without a timeout), which nothing "
+    "could end inside a call from C: refused",
+    4: "a C library calls ppoll or pselect with a signal mask, which the enclave cannot swap atomically: refused",
     5: "a C library polls an enclave pipe (os.pipe), which no lthread can write during a call from C: the "
     "poll does not wait for it",
 }
