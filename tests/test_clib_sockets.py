@@ -509,6 +509,14 @@ def test_a_socket_made_through_ctypes_is_an_enclave_socket(tmp_path: Path) -> No
         print("fds", all(fd > 2 for fd in fds), len(set(fds)))
         s = socket.socket(fileno=fds[0])
         print("python sees", s.family.name, s.type.name, s.getblocking())
+        # Python's default timeout is Python's: a C library's socket stays blocking, as natively.
+        socket.setdefaulttimeout(5)
+        fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+        nb = libc.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0)
+        print("blocking", os.get_blocking(fd), os.get_blocking(nb))
+        socket.setdefaulttimeout(None)
+        os.close(fd)
+        os.close(nb)
         s.close()
         for fd in fds[1:]:
             os.close(fd)
@@ -526,6 +534,7 @@ def test_a_socket_made_through_ctypes_is_an_enclave_socket(tmp_path: Path) -> No
     assert r.stdout.splitlines() == [
         "fds True 3",
         "python sees AF_INET SOCK_STREAM True",
+        "blocking True False",
         "closed True",
         "the socket module still works",
     ], r.stderr

@@ -190,7 +190,15 @@ def socket_(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
             "(TCP, UDP and Unix-domain sockets only): refused",
         )
         return -errno.EPERM
-    return EnclaveSocket(a, b, c).detach()  # (SOCK_NONBLOCK makes its fd non-blocking)
+    fd = EnclaveSocket(a, b, c).detach()
+    _nonblocking(fd, b)
+    return fd
+
+
+def _nonblocking(fd: int, flags: int) -> None:
+    """A new fd from C is blocking unless ``SOCK_NONBLOCK`` says otherwise, whatever the app's
+    ``socket.setdefaulttimeout`` (Python's, which the socket objects made here would follow)."""
+    (_fds.nonblocking.add if flags & _SOCK_NONBLOCK else _fds.nonblocking.discard)(fd)
 
 
 def socketpair_(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
@@ -198,8 +206,8 @@ def socketpair_(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
         raise _efault()
     one, two = socketpair(a, b, c)
     fds = (one.detach(), two.detach())
-    if b & _SOCK_NONBLOCK:
-        _fds.nonblocking.update(fds)
+    for fd in fds:
+        _nonblocking(fd, b)
     (ctypes.c_int * 2).from_address(q)[:] = list(fds)
     return 0
 
@@ -245,8 +253,7 @@ def accept(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
         conn, peer = s.accept()
         family = s._family
     fd = conn.detach()
-    if b & _SOCK_NONBLOCK:
-        _fds.nonblocking.add(fd)
+    _nonblocking(fd, b)
     _put_address(arg, family, peer)
     return fd
 
