@@ -702,3 +702,34 @@ def test_select_and_sleeps_from_c(tmp_path: Path, client_lib: Path, echo_port: i
         ["writable 11 True", "nothing to read 0 True", "readable 11 True", "sleeps 1 True True"],
     ), r.stderr
     assert "waits for ever on no descriptors" in r.stderr, r.stderr
+
+
+TICKER_APP = """
+import sys, threading, time
+import psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+ticks, done = [], threading.Event()
+def ticker():
+    while not done.is_set():
+        time.sleep(0.02)
+        ticks.append(1)
+t = threading.Thread(target=ticker)
+t.start()
+time.sleep(0.05)
+before = len(ticks)
+c.execute("select pg_sleep(0.5)")
+during = len(ticks) - before
+done.set()
+t.join()
+print("ticks during the query", during >= 5)
+"""
+
+
+def test_with_psycopgs_python_wait_other_threads_run_during_a_query(tmp_path: Path, postgres_url: str) -> None:
+    # psycopg's default sync wait is a C poll, which waits in place (other lthreads stall: see
+    # docs/runtime.md); PSYCOPG_WAIT_FUNC=wait_poll makes it wait in the enclave's select.poll.
+    _, port = _pg(postgres_url)
+    app = write_app(tmp_path, TICKER_APP)
+    conninfo = f"host=127.0.0.1 port={port} user=postgres dbname=cas"
+    r = run_enclave("--env", "PSYCOPG_WAIT_FUNC=wait_poll", app, conninfo, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "ticks during the query True\n"), r.stderr
