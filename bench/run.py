@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py            # about 3 minutes
     .venv/bin/python bench/run.py --quick    # under a minute
-    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports or servers
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite or pg
 
 What is measured, native Python against ``pyscone run``:
 
@@ -20,7 +20,11 @@ What is measured, native Python against ``pyscone run``:
 * imports: ``bench/imports.py``: ``import flask`` and ``django.setup()`` natively and in
   an enclave with and without its verified bytecode cache (in-process and wall time);
 * servers: ``bench/servers.py``: every server app of the compatibility matrix
-  (``tests/compat/``) natively and in an enclave, driven by ``wrk``.
+  (``tests/compat/``) natively and in an enclave, driven by ``wrk``;
+* sqlite: ``bench/sqlite.py``: point selects and single-row commits (1 and 100 per
+  transaction) natively and in an enclave on an unprotected path and in an encrypted region;
+* pg: ``bench/pg.py``: psycopg 3 queries per second against one PostgreSQL (``select 1``
+  and a point select by primary key), over TCP and a Unix socket, natively and in an enclave.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -56,7 +60,9 @@ from typing import Any
 import attest  # bench/attest.py, next to this script
 import fs  # bench/fs.py, next to this script
 import imports  # bench/imports.py, next to this script
+import pg  # bench/pg.py, next to this script
 import servers  # bench/servers.py, next to this script
+import sqlite  # bench/sqlite.py, next to this script
 from report import table  # bench/report.py, next to this script
 
 BENCH = Path(__file__).resolve().parent
@@ -602,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    parts = ("syscalls", "http", "fs", "attest", "imports", "servers")
+    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg")
     p.add_argument("--only", choices=parts, default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
@@ -634,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     attest_report: attest.AttestReport | None = None
     import_results: list[imports.ImportResult] = []
     server_results: list[servers.ServerThroughput] = []
+    sqlite_results: list[sqlite.SqliteResult] = []
+    pg_results: list[pg.PgResult] = []
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -647,7 +655,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             import_results = imports.bench_imports(a.quick, log)
         if a.only in (None, "servers"):
             server_results = servers.bench_servers(a.quick, log)
-    except (BenchError, fs.FsBenchError, attest.AttestBenchError, imports.ImportBenchError) as e:
+        if a.only in (None, "sqlite"):
+            sqlite_results = sqlite.bench_sqlite(a.quick, log)
+        if a.only in (None, "pg"):
+            pg_results = pg.bench_pg(a.quick, log)
+    except (
+        BenchError,
+        fs.FsBenchError,
+        attest.AttestBenchError,
+        imports.ImportBenchError,
+        sqlite.SqliteBenchError,
+        pg.PgBenchError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -688,6 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += imports.report_lines(import_results)
     if server_results:
         out += servers.report_lines(server_results, a.quick)
+    if sqlite_results:
+        out += sqlite.report_lines(sqlite_results)
+    if pg_results:
+        out += pg.report_lines(pg_results)
     print("\n".join(out), flush=True)
 
     report = {
@@ -704,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "attest": asdict(attest_report) if attest_report is not None else None,
         "imports": [asdict(r) for r in import_results],
         "servers": [{**asdict(r), "ratio": r.ratio} for r in server_results],
+        "sqlite": [asdict(r) for r in sqlite_results],
+        "pg": [asdict(r) for r in pg_results],
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)

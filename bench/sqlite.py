@@ -100,7 +100,9 @@ def bench_sqlite(quick: bool, log: Log) -> list[SqliteResult]:
                     samples[config].append(_run(config, root, workload, n))
                 log(f"sqlite: {workload} round {i + 1}/{rounds}")
             for config in CONFIGS:
-                results.append(SqliteResult(workload, config, count, round(statistics.median(samples[config]), 1), rounds))
+                results.append(
+                    SqliteResult(workload, config, count, round(statistics.median(samples[config]), 1), rounds)
+                )
     return results
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from pyscone import abi
 from pyscone.abi import Op
 from pyscone.host.hostile import Answer, Liar
 
@@ -82,3 +83,40 @@ class DoorbellNumbers(Liar):
             print(f"pyscone-test: lied about OPEN: fd {result} answered as {self.fake}", file=sys.stderr, flush=True)
             return (self.fake, err, payload)
         return (result, err, payload)
+
+
+class SockLie(Liar):
+    """Lies about the sockets a C library made (``CONNECT`` to port ``PORT`` marks the fd):
+    ``recv-overflow:PORT``: a ``RECV`` answers one byte more than the C buffer asked for;
+    ``poll-stranger:PORT``: a ``POLL`` on that fd reports it ready under another fd's number."""
+
+    CASES = ("recv-overflow", "poll-stranger")
+
+    def __init__(self, arg: str = "") -> None:
+        super().__init__(arg)
+        self.case, _, port = arg.partition(":")
+        if self.case not in self.CASES or not port.isdigit():
+            raise ValueError(f"no lie called {arg!r}")
+        self.port = int(port)
+        self.fds: set[int] = set()
+        self.fired = False
+
+    def lie(
+        self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes
+    ) -> Answer:
+        forged: Answer | None = None
+        if op == Op.CONNECT and request[:2] == self.port.to_bytes(2, "little"):
+            self.fds.add(args[0])  # (abi.INET_ADDR: the port first, little-endian)
+        elif self.fired or not args or (args[0] not in self.fds and op != Op.POLL):
+            pass
+        elif self.case == "recv-overflow" and op == Op.RECV and result > 0:
+            forged = (args[1] + 1, 0, (payload + b"!" * (args[1] + 1))[: args[1] + 1])
+        elif self.case == "poll-stranger" and op == Op.POLL and result > 0:
+            fd, ev, revents = abi.POLLFD.unpack_from(payload, 0)
+            if fd in self.fds:
+                forged = (result, 0, abi.POLLFD.pack(fd + 1, ev, revents) + payload[abi.POLLFD.size :])
+        if forged is None:
+            return (result, err, payload)
+        self.fired = True
+        print(f"pyscone-test: lied about {Op(op).name}: {self.case}", file=sys.stderr, flush=True)
+        return forged

@@ -118,5 +118,5 @@ def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server for this test run (scripts/setup.sh installs it)."""
     from pyscone.cas import localpg
 
-    with localpg.cluster() as url:
+    with localpg.cluster(tcp=True) as url:  # (tests/test_clib_sockets.py connects over TCP too)
         yield url

@@ -52,3 +52,22 @@ def test_the_servers_benchmark_runs_one_case() -> None:
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "http-server" in r.stdout and "slowest three against native: http-server" in r.stdout, r.stdout
+
+
+def test_the_psycopg_benchmark_runs() -> None:
+    out = _quick("pg.py")
+    assert "select1" in out and "point" in out and "enclave/native" in out, out
+    report = json.loads((BENCH / "results" / "pg.json").read_text())
+    assert {(r["query"], r["transport"], r["kind"]) for r in report["pg"]} == {
+        (q, t, k) for q in ("select1", "point") for t in ("tcp", "unix") for k in ("native", "enclave")
+    }
+    assert all(r["qps"] > 0 for r in report["pg"])
+
+
+def test_the_sqlite_benchmark_runs() -> None:
+    out = _quick("sqlite.py")
+    for row in ("select  ", "commit-1  ", "commit-100  ", "what limits each row"):
+        assert row in out, out
+    report = json.loads((BENCH / "results" / "sqlite.json").read_text())
+    assert {r["config"] for r in report} == {"native", "unprotected", "encrypted"}
+    assert all(r["ops_per_s"] > 0 for r in report)

@@ -670,31 +670,6 @@ def test_a_whole_database_rolled_back_with_its_fspf_is_refused_at_mount(fs: FS) 
     assert "cannot mount the file-system shield" in r.stderr and "not the pinned version" in r.stderr
 
 
-def test_a_socket_from_c_is_refused_and_explained_once(tmp_path: Path) -> None:
-    # libpq and libuv make their own sockets: not covered by the layer yet, so refused as the
-    # barrier would refuse them, but with one line that says so instead of a library's riddle.
-    app = write_app(
-        tmp_path,
-        """
-        import ctypes, errno, socket
-        libc = ctypes.CDLL(None, use_errno=True)
-        for _ in range(3):
-            print("socket", libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0), errno.errorcode[ctypes.get_errno()])
-        s = socket.socket()
-        s.close()
-        print("the socket module still works")
-        """,
-    )
-    r = run_enclave(app, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "socket -1 EPERM\n" * 3 + "the socket module still works\n"
-    lines = [ln for ln in r.stderr.splitlines() if "opens a socket" in ln]
-    assert lines == [
-        "pyscone: a C library opens a socket (AF_INET): sockets made by C code (libpq, libuv) do not go "
-        "through the enclave yet: refused (the Python socket module works)"
-    ], r.stderr
-
-
 def test_openat_from_c_works_for_cwd_and_absolute_paths_and_refuses_a_directory_fd(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "f.txt").write_text("x")

@@ -29,8 +29,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def cluster(database: str = "cas") -> Iterator[str]:
-    """Start a fresh cluster with one empty database; yield its SQLAlchemy URL; remove it after."""
+def cluster(database: str = "cas", *, tcp: bool = False) -> Iterator[str]:
+    """Start a fresh cluster with one empty database; yield its SQLAlchemy URL; remove it after.
+
+    With ``tcp`` it also listens on 127.0.0.1 (the same port as its socket's name).
+    """
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     initdb = found[-1] if found else shutil.which("initdb")
     if initdb is None:
@@ -50,7 +53,8 @@ def cluster(database: str = "cas") -> Iterator[str]:
 
     try:
         run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
-        options = f"-k {root} -p {port} -c listen_addresses='' -c fsync=off"
+        listen = "127.0.0.1" if tcp else ""
+        options = f"-k {root} -p {port} -c listen_addresses='{listen}' -c fsync=off"
         run("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
         try:
             run("createdb", "-h", str(root), "-p", str(port), "-U", "postgres", database)

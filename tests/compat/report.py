@@ -41,8 +41,8 @@ WHY: tuple[tuple[str, str], ...] = (
     ),
     (
         r"(?i)psycopg|libpq|connection is bad|connection to server",
-        "libpq (under psycopg) makes its own socket calls from C; the libc layer covers files so far, "
-        "not sockets (issue 11)",
+        "libpq (under psycopg): a call from C that the libc layer's socket section does not carry "
+        "(docs/runtime.md, the libc layer: sockets)",
     ),
     (r"(?i)sqlite|unable to open database", "SQLite's own file I/O from C: the libc layer (issue 11)"),
     (r"subprocess\.\w+ is not supported|\bfork\b|\bexecv", "processes (fork/exec/subprocess): issue 13"),

@@ -41,7 +41,12 @@ on the enclave fd (numpy's ``tofile``/``fromfile`` ``fdopen`` a dup of the Pytho
 ``fileno`` of such a ``FILE`` is that fd.  Not covered: ``freopen``, ``tmpfile``, and the
 process's own ``stdin``/``stdout``/``stderr`` (glibc's, on the console fds: refused).
 
-What is not covered fails closed as before: sockets, ``mmap`` of a file (but SQLite's WAL
+Sockets and poll.  C libraries' client (and listening) sockets, ``poll`` and ``getaddrinfo``
+go to the Python layer's socket code: see :mod:`pyscone.enclave.stdlib.clibnet`, which says
+where each function belongs.  A blocking one waits in place (above): the enclave's other
+lthreads stall meanwhile; non-blocking sockets (libpq's) answer ``EAGAIN`` at once.
+
+What is not covered fails closed as before: ``mmap`` of a file (but SQLite's WAL
 index of a shielded database, see :func:`_mmap`), ``*at`` calls relative to a directory fd,
 the console fds 0..2 (the console shield's), and the interpreter's own libc calls (the
 Python layer interposes those one level up).
@@ -54,13 +59,12 @@ import enum
 import errno
 import fcntl
 import os
-import socket
 import struct
 import sys
 from collections.abc import Callable
 
 from pyscone.enclave import iago, loader, scheduler
-from pyscone.enclave.stdlib import dups, fdops, files
+from pyscone.enclave.stdlib import clibnet, dups, fdops, files
 
 _SHIM_ABI = 1
 _AT_FDCWD = -100
@@ -98,7 +102,25 @@ class Call(enum.IntEnum):
     RENAME = 23
     FLOCK = 24
     SOCKET = 25
-    DUP = 46  # (26..45: the socket calls)
+    # Sockets and poll (clibnet.py; 26..45 are theirs).
+    CONNECT = 26
+    SEND = 27
+    RECV = 28
+    SENDTO = 29
+    RECVFROM = 30
+    GETSOCKOPT = 31
+    SETSOCKOPT = 32
+    GETSOCKNAME = 33
+    GETPEERNAME = 34
+    SHUTDOWN = 35
+    POLL = 36
+    GETADDRINFO = 37
+    BIND = 38
+    LISTEN = 39
+    ACCEPT = 40
+    SOCKETPAIR = 41
+    UNCOVERED = 42
+    DUP = 46
 
 
 _DISPATCH = ctypes.CFUNCTYPE(
@@ -449,23 +471,6 @@ def _flock(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     return 0
 
 
-def _socket(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
-    """A C library's own socket (libpq's, libuv's): not covered yet, refused, explained once."""
-    if b"socket" not in _explained:
-        _explained.add(b"socket")
-        try:
-            family = socket.AddressFamily(a).name
-        except ValueError:
-            family = str(a)
-        print(
-            f"pyscone: a C library opens a socket ({family}): sockets made by C code (libpq, libuv) do not go "
-            "through the enclave yet: refused (the Python socket module works)",
-            file=sys.stderr,
-            flush=True,
-        )
-    return -errno.EPERM
-
-
 def _dup(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
     # dup(2) clears FD_CLOEXEC on the new number; its path follows it (for _mmap's question).
     fd = dups.dup(a, inheritable=True)
@@ -487,7 +492,14 @@ _HANDLERS: dict[Call, _Handler] = {
     Call.FSYNC: _fsync, Call.FTRUNCATE: _ftruncate, Call.FCNTL: _fcntl, Call.UNLINK: _unlink,
     Call.ACCESS: _access, Call.MKDIR: _mkdir, Call.RMDIR: _rmdir, Call.GETCWD: _getcwd,
     Call.READLINK: _readlink, Call.FCHMOD: _unsupported, Call.FCHOWN: _unsupported, Call.MMAP: _mmap,
-    Call.RENAME: _rename, Call.FLOCK: _flock, Call.SOCKET: _socket, Call.DUP: _dup,
+    Call.RENAME: _rename, Call.FLOCK: _flock,
+    Call.SOCKET: clibnet.socket_, Call.SOCKETPAIR: clibnet.socketpair_, Call.CONNECT: clibnet.connect,
+    Call.BIND: clibnet.bind, Call.LISTEN: clibnet.listen, Call.ACCEPT: clibnet.accept, Call.SEND: clibnet.send,
+    Call.SENDTO: clibnet.sendto, Call.RECV: clibnet.recv, Call.RECVFROM: clibnet.recvfrom,
+    Call.GETSOCKOPT: clibnet.getsockopt, Call.SETSOCKOPT: clibnet.setsockopt,
+    Call.GETSOCKNAME: clibnet.getsockname, Call.GETPEERNAME: clibnet.getpeername,
+    Call.SHUTDOWN: clibnet.shutdown, Call.POLL: clibnet.poll, Call.GETADDRINFO: clibnet.getaddrinfo_,
+    Call.UNCOVERED: clibnet.uncovered, Call.DUP: _dup,
 }  # fmt: skip
 # Indexed by call number: the lookup runs on every call from C.
 _BY_NUMBER: list[_Handler | None] = [None] * (max(Call) + 1)

@@ -325,7 +325,9 @@ def read(fd: int, n: int) -> bytes:
     if sh := _vfd(fd):
         return sh.read(fd, n)
     kind = _fds.kind(fd)
-    _, data = _call(Op.READ, (fd, min(n, _slot_data)), wait=kind != iago.FdTable.FILE)
+    # A socket with O_NONBLOCK (a C library's, set with fcntl) answers EAGAIN, as in Linux.
+    wait = kind != iago.FdTable.FILE and fd not in _fds.nonblocking
+    _, data = _call(Op.READ, (fd, min(n, _slot_data)), wait=wait)
     return bytes(data)
 
 
@@ -338,7 +340,7 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
         return sh.write(fd, data)
     kind = _fds.kind(fd)
     view = memoryview(data).cast("B")[:_slot_data]
-    n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE)
+    n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE and fd not in _fds.nonblocking)
     return int(n)
 
 

@@ -100,6 +100,20 @@ class EnclaveSocket(_StdSocket):
             # a default timeout is set (the fd may be a dup whose flag another socket relies on).
             _note_timeout(fd, timeout)
 
+    @classmethod
+    def over(cls, fd: int) -> EnclaveSocket:
+        """A socket object on the fd a C library holds, blocking as the fd's ``O_NONBLOCK`` says.
+
+        The libc layer's view (stdlib/clibnet.py): made for one call and then :meth:`detach`-ed,
+        never closed.  The fd's flag is the C library's (``fcntl``), not a default timeout's.
+        """
+        h = dups.resolve(fd)
+        nonblocking = h in _fds.nonblocking
+        sock = cls(fileno=fd)  # ENOTSOCK for a file, EBADF for a closed fd
+        (_fds.nonblocking.add if nonblocking else _fds.nonblocking.discard)(h)
+        sock._timeout = 0.0 if nonblocking else None
+        return sock
+
     @staticmethod
     def _opt(fd: int, opt: int) -> int:
         _r, v = _call(Op.GETSOCKOPT, (fd, socket.SOL_SOCKET, opt, 0))
