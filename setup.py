@@ -1,4 +1,4 @@
-"""Build of pyscone's one C component: the libc layer's shim (pyscone/enclave/clib/shim.c).
+"""Build of pyscone's one C component: the libc layer's shim (pyscone/enclave/clib/shim*.c).
 
 Everything else is in pyproject.toml.  The shim is a plain shared library, not a Python
 extension: the enclave launcher preloads it (LD_PRELOAD) and the runtime talks to it through
@@ -33,7 +33,12 @@ setup(
     ext_modules=[
         Extension(
             SHIM,
-            sources=["pyscone/enclave/clib/shim.c"],
+            sources=[
+                "pyscone/enclave/clib/shim.c",
+                "pyscone/enclave/clib/shim_stdio.c",
+                "pyscone/enclave/clib/shim_net.c",
+            ],
+            depends=["pyscone/enclave/clib/shim.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=default"],
             libraries=["dl"],
         )

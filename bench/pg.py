@@ -12,7 +12,7 @@ every run.  ``bench/apps/pg_queries.py`` runs N queries on one connection, each 
 ``pyscone run``, the two alternating within each round; over TCP and over the Unix socket.
 Queries per second are the medians over the rounds; the ratio is enclave/native (the issue's
 target: >= 0.7).  In the enclave every query is libpq's ``send``, ``poll`` and ``recv`` from C,
-each one call through the libc layer (``clib/shim.c`` -> ``stdlib/clibnet.py``) and one host call.
+each one call through the libc layer (``clib/shim_net.c`` -> ``stdlib/clibnet.py``) and one host call.
 Alone, the results go to ``bench/results/pg.json``.
 """
 

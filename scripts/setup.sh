@@ -37,10 +37,13 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 stamp=.venv/.pyscone-installed
-# The install also builds the libc layer's shim (setup.py): again when its source changed.
+# The install also builds the libc layer's shim (setup.py): again when one of its sources changed.
 shim=pyscone/enclave/clib/libpyscone-shim.so
-if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || ! -f $shim ||
-      pyscone/enclave/clib/shim.c -nt $shim ]]; then
+shim_changed=
+for src in pyscone/enclave/clib/*.[ch]; do
+  if [[ $src -nt $shim ]]; then shim_changed=1; fi
+done
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || ! -f $shim || -n $shim_changed ]]; then
   log "installing pyscone and its development tools into .venv"
   pip_log=$(mktemp)
   if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[dev,compat]'; } >"$pip_log" 2>&1; then

@@ -1,6 +1,6 @@
 """Sockets, poll and name resolution from C libraries, through the libc layer (issue 11).
 
-Before the layer's socket section (pyscone/enclave/clib/shim.c, stdlib/clibnet.py), a C library's
+Before the layer's socket section (pyscone/enclave/clib/shim_net.c, stdlib/clibnet.py), a C library's
 ``socket()`` was refused (EPERM, one line): libpq under psycopg could not connect at all.  Now its
 calls go to the Python layer's socket code (the same host calls and Iago checks as the app's own
 ``socket`` module).  The server side is always real and native: PostgreSQL from the Debian package

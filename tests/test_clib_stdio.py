@@ -3,7 +3,7 @@
 
 glibc's ``FILE`` calls its own internal ``read``/``write``, which no interposed symbol stands
 in front of: before the shim's ``fopen``/``fdopen`` (``fopencookie`` over the enclave fd,
-pyscone/enclave/clib/shim.c) every such call met the barrier, and ``os.dup`` called from C
+pyscone/enclave/clib/shim_stdio.c) every such call met the barrier, and ``os.dup`` called from C
 (numpy's first step) was refused outright (stdlib/dups.py).
 """
 

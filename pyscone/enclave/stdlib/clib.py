@@ -75,7 +75,7 @@ _F_OFD_GETLK, _F_OFD_SETLK, _F_OFD_SETLKW = 36, 37, 38
 
 
 class Call(enum.IntEnum):
-    """The shim's call numbers (``enum`` at the top of shim.c: keep the two in step)."""
+    """The shim's call numbers (the ``enum`` in shim.h: keep the two in step)."""
 
     OPEN = 1
     CLOSE = 2

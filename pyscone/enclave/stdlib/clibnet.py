@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-The shim (``clib/shim.c``, its last section) stands in front of the socket, poll and resolver
-entry points that libpq (under psycopg), hiredis and libmemcached call, and sends each to
-``clib._dispatch``, which calls the handler here.  Where each function belongs:
+The shim (``clib/shim_net.c``; ``socket`` itself is in ``shim.c``) stands in front of the
+socket, poll and resolver entry points that libpq (under psycopg), hiredis and libmemcached
+call, and sends each to ``clib._dispatch``, which calls the handler here.  Where each function belongs:
 
 * ``socket``, ``socketpair``, ``connect``, ``bind``, ``listen``, ``accept``/``accept4``,
   ``send``/``sendto``, ``recv``/``recvfrom``, ``getsockopt``/``setsockopt``,
@@ -64,7 +64,7 @@ _FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
 _KINDS = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
 _POLLFD = struct.Struct("=iHH")  # struct pollfd (events and revents as the bits they are)
 _ALWAYS = abi.POLLERR | abi.POLLHUP | abi.POLLNVAL
-#: What ``C_UNCOVERED`` explains (shim.c's ``U_*``), and the line it prints once.
+#: What ``C_UNCOVERED`` explains (shim_net.c's ``U_*``), and the line it prints once.
 _UNCOVERED = {
     1: "a C library makes an epoll instance (libuv's event loop): epoll from C code does not go through the "
     "enclave: refused (Python's selectors and asyncio work)",
@@ -80,13 +80,13 @@ _explained: set[object] = set()
 
 
 class _SockArg(ctypes.Structure):
-    """shim.c's ``struct sockarg``: an address buffer and its length (in: size, out: full length)."""
+    """shim_net.c's ``struct sockarg``: an address buffer and its length (in: size, out: full length)."""
 
     _fields_ = [("addr", ctypes.c_void_p), ("len", ctypes.c_longlong)]
 
 
 class _GaiArg(ctypes.Structure):
-    """shim.c's ``struct gaiarg``: getaddrinfo's node and service, and the answer buffer's size."""
+    """shim_net.c's ``struct gaiarg``: getaddrinfo's node and service, and the answer buffer's size."""
 
     _fields_ = [("node", ctypes.c_char_p), ("service", ctypes.c_char_p), ("cap", ctypes.c_longlong)]
 
@@ -173,7 +173,7 @@ def _arg(q: int | None) -> _SockArg:
     return _SockArg.from_address(q)
 
 
-# -- the handlers (clib._dispatch calls them with (a, b, c, p, q), as shim.c passes them) ---------
+# -- the handlers (clib._dispatch calls them with (a, b, c, p, q), as shim_net.c passes them) -----
 
 
 def socket_(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
@@ -387,7 +387,7 @@ def _wait(wanted: dict[int, int], timeout: float | None) -> dict[int, int]:
 
 
 def getaddrinfo_(a: int, b: int, c: int, p: int | None, q: int | None) -> int:
-    """The Python layer's ``socket.getaddrinfo``, its answer in the layout shim.c's ``gai_build`` reads."""
+    """The Python layer's ``socket.getaddrinfo``, its answer in the layout shim_net.c's ``gai_build`` reads."""
     if not p or not q:
         raise _efault()
     arg = _GaiArg.from_address(p)
