@@ -95,7 +95,7 @@ class Op(enum.IntEnum):
     RMDIR = 21  # data=path
     UNLINK = 22  # data=path
     RENAME = 23  # data=src NUL dst
-    FSYNC = 24  # a0=fd
+    FSYNC = 24  # a0=fd, a1=1: fdatasync (the data and its size, not the times)
     FTRUNCATE = 25  # a0=fd a1=length
     ACCESS = 26  # data=path a0=mode
     CHMOD = 27  # data=path a0=mode

@@ -305,9 +305,9 @@ class Relay:
         self._server.close()
 
 
-def _second_phases(n: int) -> bool:
-    """Connection 1 of a run attests; then each commit makes two: its first and second phase."""
-    return n >= 3 and n % 2 == 1
+def _pin_reports(n: int) -> bool:
+    """Connection 1 of a run attests; then each commit makes one: its pin report."""
+    return n >= 2
 
 
 @pytest.fixture(scope="module")
@@ -329,9 +329,14 @@ def _volume(world: World, name: str) -> tuple[Path, Path, str, str]:
 
 
 def _snapshot(*paths: Path) -> dict[Path, bytes | None]:
+    """What the host keeps of ``paths`` (files, or directories' trees); an FSPF with its
+    second copy (``FSPF.1``, which the enclave writes at its commits)."""
     out: dict[Path, bytes | None] = {}
     for p in paths:
-        for f in [p] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else []:
+        copy = Path(f"{p}.1")
+        for f in (
+            [p, *([copy] if copy.is_file() else [])] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else []
+        ):
             out[f] = f.read_bytes() if f.is_file() else None
     return out
 
@@ -342,6 +347,9 @@ def _restore(saved: dict[Path, bytes | None], *dirs: Path) -> None:
         for f in sorted(d.rglob("*"), reverse=True):
             if f not in saved and f.is_file():
                 f.unlink()
+    for f in list(saved):
+        if f.suffix == ".fspf" and Path(f"{f}.1") not in saved:
+            Path(f"{f}.1").unlink(missing_ok=True)
     for f, content in saved.items():
         if content is not None:
             f.write_bytes(content)
@@ -360,7 +368,7 @@ def _measure_via(world: World, relay: Relay) -> str:
     return r.stdout.strip()
 
 
-def test_a_dropped_second_phase_fails_fsync_and_close_with_eio(world: World, relay: Relay) -> None:
+def test_a_dropped_pin_report_fails_fsync_and_close_with_eio(world: World, relay: Relay) -> None:
     fspf, data, key, tag = _volume(world, "phase2")
     write_app(
         world.root,
@@ -388,7 +396,7 @@ def test_a_dropped_second_phase_fails_fsync_and_close_with_eio(world: World, rel
         _measure_via(world, relay), "[phase2.py]", f"    fspf: {{path: {fspf}, key: {key}, tag: {tag}}}\n"
     )
     assert world.owner("session", "create", str(world.policy("phase2", service))).returncode == 0
-    relay.drop = _second_phases
+    relay.drop = _pin_reports
     try:
         r = _run_via(world, relay, "phase2/app")
     finally:
@@ -402,7 +410,7 @@ def test_a_dropped_second_phase_fails_fsync_and_close_with_eio(world: World, rel
 
 def test_the_host_cannot_undo_an_acknowledged_commit_by_dropping_reports(world: World, relay: Relay) -> None:
     """The failed-login counter: each start records one attempt, durably, before it may check a
-    password.  The host drops every second-phase report and puts its copy of the disk back
+    password.  The host drops every pin report and puts its copy of the disk back
     before each start, hoping the counter never grows (unlimited guesses)."""
     fspf, data, key, tag = _volume(world, "login")
     write_app(
@@ -430,7 +438,7 @@ def test_the_host_cannot_undo_an_acknowledged_commit_by_dropping_reports(world: 
     saved = _snapshot(fspf, data)
     recorded = 0  # the highest count the app was told is durable
     for _ in range(3):
-        relay.drop = _second_phases
+        relay.drop = _pin_reports
         try:
             r = _run_via(world, relay, "login/app")
         finally:

@@ -175,7 +175,7 @@ def test_an_older_copy_of_the_database_put_back_by_the_host_is_refused(fs: FS) -
     assert out and out[-1].startswith("refused ") and "Error" in out[-1], (r.stdout, r.stderr)
     assert "pyscone: fs shield:" in r.stderr and "refused" in r.stderr, r.stderr
     # And the database with the FSPF that described it, consistently: only the pin knows.
-    fs.fspf.write_bytes(old_fspf)
+    fs.put_back_fspf(old_fspf)
     r = fs.run(fs.root / "orm_app.py", str(db), "show")
     assert r.returncode == 70 and "notes" not in r.stdout, (r.stdout, r.stderr)
     assert "cannot mount the file-system shield" in r.stderr and "not the pinned version" in r.stderr

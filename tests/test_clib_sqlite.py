@@ -663,7 +663,7 @@ def test_a_whole_database_rolled_back_with_its_fspf_is_refused_at_mount(fs: FS) 
     old_fspf, old_db = fs.fspf.read_bytes(), db.read_bytes()
     assert "rows 301" in fs.run(app, str(db), "add").stdout
     # The host puts back the database and the FSPF as they were, consistently: only the pin knows.
-    fs.fspf.write_bytes(old_fspf)
+    fs.put_back_fspf(old_fspf)
     db.write_bytes(old_db)
     r = fs.run(app, str(db), "read")
     assert r.returncode == 70 and "rows" not in r.stdout, (r.stdout, r.stderr)

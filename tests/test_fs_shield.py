@@ -37,6 +37,12 @@ class FS:
     def run(self, app: Path, *args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
         return run_enclave("--fspf", self.fspf, *extra, app, *args, cwd=self.root)
 
+    def put_back_fspf(self, old: bytes) -> None:
+        """The host puts back an old disk's FSPF: its one copy (the enclave's second copy,
+        ``FSPF.1``, written at its commits, did not exist yet)."""
+        self.fspf.write_bytes(old)
+        Path(f"{self.fspf}.1").unlink(missing_ok=True)
+
     def add(self, dest: Path, content: bytes) -> None:
         src = self.root / "plain.tmp"
         src.write_bytes(content)
@@ -259,10 +265,15 @@ def test_an_old_fspf_is_refused_when_its_tag_is_pinned(fs: FS) -> None:
     app = write_app(fs.root, f"open({str(fs.enc / 'balance')!r}, 'w').write('0')")
     r = fs.run(app)
     assert r.returncode == 0, r.stderr
-    # The host rolls back the whole file system: FSPF and data, consistently.
+    reader = write_app(fs.root, READER, "reader.py")
+    # Only the FSPF's first copy and the data put back: the newer, pinned copy is mounted, and
+    # the old data does not open under it.
     fs.fspf.write_bytes(old_fspf)
     (fs.enc / "balance").write_bytes(old_data)
-    reader = write_app(fs.root, READER, "reader.py")
+    r = fs.run(reader, str(fs.enc / "balance"))
+    assert "OK" not in r.stdout and "refused" in r.stderr, r.stdout + r.stderr
+    # The host rolls back the whole file system: FSPF and data, consistently.
+    fs.put_back_fspf(old_fspf)
     r = fs.run(reader, str(fs.enc / "balance"))
     assert r.returncode == 70 and "OK" not in r.stdout
     assert "cannot mount the file-system shield" in r.stderr and "not the pinned version" in r.stderr
@@ -544,3 +555,37 @@ def test_buffered_random_reads_return_exactly_what_was_written(fs: FS) -> None:
     )
     r = fs.run(app)
     assert (r.returncode, r.stdout) == (0, "mismatches 0\n"), r.stderr
+
+
+def _copies(fs: FS) -> tuple[Path, Path]:
+    """(the pinned copy of the FSPF, the other one): the tag file names the pinned one."""
+    pinned = (fs.root / "fs.fspf.tag").read_text().split()[0]
+    both = [fs.fspf, Path(f"{fs.fspf}.1")]
+    current = [c for c in both if c.exists() and c.read_bytes()[-16:].hex() == pinned]
+    assert len(current) == 1, pinned
+    return current[0], next(c for c in both if c != current[0])
+
+
+def test_commits_write_the_fspf_copy_that_is_not_pinned_and_a_torn_copy_is_never_mounted(fs: FS) -> None:
+    """The FSPF has two copies on the host (``enclave/shields/fspfcopies.py``): each commit is
+    written over the one not pinned, so a torn or altered write there costs nothing."""
+    fs.add(fs.enc / "n", b"0")
+    app = write_app(fs.root, f"import sys\nopen({str(fs.enc / 'n')!r}, 'w').write(sys.argv[1])")
+    reader = write_app(fs.root, READER, "reader.py")
+    seen = set()
+    for i in range(1, 4):
+        assert fs.run(app, str(i)).returncode == 0
+        current, other = _copies(fs)
+        seen.add(current.name)
+        r = fs.run(reader, str(fs.enc / "n"))
+        assert r.stdout.strip() == f"OK {fs.enc / 'n'} {i}", r.stderr
+    assert seen == {"fs.fspf", "fs.fspf.1"}  # they take turns
+    # A kill in the middle of a commit's write: the unpinned copy torn, or garbage.
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:]):
+        other.write_bytes(damage(other.read_bytes()))
+        r = fs.run(reader, str(fs.enc / "n"))
+        assert (r.returncode, r.stdout.strip()) == (0, f"OK {fs.enc / 'n'} 3"), r.stderr
+    # The pinned copy altered: nothing else may stand in for it.
+    current.write_bytes(damage(current.read_bytes()))
+    r = fs.run(reader, str(fs.enc / "n"))
+    assert r.returncode == 70 and "cannot mount the file-system shield" in r.stderr, r.stdout + r.stderr

@@ -192,11 +192,17 @@ def open_config(enclave_key: ec.EllipticCurvePrivateKey, nonce: bytes, blob: byt
     return config
 
 
-def tag_mac(run_key: bytes, session: str, service: str, seq: int, tags: list[str]) -> str:
-    """The MAC of a tag report: the ``seq``-th report of this run pins ``tags``."""
-    message = _TAG_DOMAIN + json.dumps([session, service, seq, tags]).encode()
+def tag_mac(run_key: bytes, session: str, service: str, seq: int, tags: list[str], after: str | None = None) -> str:
+    """The MAC of a tag report: the ``seq``-th report of this run pins ``tags`` (following the
+    pinned tag ``after``, if it names one; else ``tags[0]`` must be pinned)."""
+    fields: list[object] = [session, service, seq, tags]
+    if after is not None:
+        fields.append(after)
+    message = _TAG_DOMAIN + json.dumps(fields).encode()
     return hmac.new(run_key, message, hashlib.sha256).hexdigest()
 
 
-def check_tag_mac(run_key: bytes, session: str, service: str, seq: int, tags: list[str], mac: str) -> bool:
-    return hmac.compare_digest(tag_mac(run_key, session, service, seq, tags), mac)
+def check_tag_mac(
+    run_key: bytes, session: str, service: str, seq: int, tags: list[str], mac: str, after: str | None = None
+) -> bool:
+    return hmac.compare_digest(tag_mac(run_key, session, service, seq, tags, after), mac)

@@ -16,7 +16,7 @@ bytes, refused as it streams in)::
     GET  /v1/sessions/{name}/audit  owner   -> {name, events}
     POST /v1/challenge              enclave {session, service} -> {nonce}
     POST /v1/attest                 enclave {session, service, nonce, quote, public_key} -> {sealed}
-    POST /v1/tags                   enclave {session, service, run, seq, tags, mac} -> {tags}
+    POST /v1/tags                   enclave {session, service, run, seq, tags, after?, mac} -> {tags}
 """
 
 from __future__ import annotations
@@ -286,7 +286,13 @@ def build_app(cas: Cas) -> Starlette:
             "/v1/tags",
             enclave(
                 lambda d: cas.report_tags(
-                    d["session"], d["service"], d["run"].lower(), d["seq"], [t.lower() for t in d["tags"]], d["mac"]
+                    d["session"],
+                    d["service"],
+                    d["run"].lower(),
+                    d["seq"],
+                    [t.lower() for t in d["tags"]],
+                    d["mac"],
+                    d["after"].lower() if isinstance(d.get("after"), str) else None,
                 ),
                 "tags",
             ),

@@ -224,12 +224,14 @@ class Cas:
         )
         return Answer(200, {"sealed": sealed.hex()})
 
-    def report_tags(self, session: str, service: str, run_id: str, seq: int, tags: list[str], mac: str) -> Answer:
+    def report_tags(
+        self, session: str, service: str, run_id: str, seq: int, tags: list[str], mac: str, after: str | None = None
+    ) -> Answer:
         try:
             found = self.store.run_key(session, service, run_id)
-            if found is None or not protocol.check_tag_mac(found.key, session, service, seq, tags, mac):
+            if found is None or not protocol.check_tag_mac(found.key, session, service, seq, tags, mac, after):
                 return self._refuse_tags(session, service, f"refused: not authentic (run {run_id[:16]})", 403)
-            why = self.store.pin_tags(session, service, run_id, seq, tags)
+            why = self.store.pin_tags(session, service, run_id, seq, tags, after)
         except Tampered as e:
             self._log(f"pyscone cas: tag report of {session}/{service}: {e}")
             return _error(403, "tag report refused")

@@ -498,8 +498,11 @@ class Store:
         )
         return Run(key, int(r.seq), r.volume)
 
-    def pin_tags(self, session: str, service: str, run_id: str, seq: int, tags: Sequence[str]) -> str | None:
-        """Move the pin of the run's volume to ``tags`` (``[old, new]`` or ``[new]``).
+    def pin_tags(
+        self, session: str, service: str, run_id: str, seq: int, tags: Sequence[str], after: str | None = None
+    ) -> str | None:
+        """Move the pin of the run's volume to ``tags``: ``[new]`` after ``after`` (a commit),
+        or (``after`` None) ``[old, new]`` / ``[new]``, whose first tag must be pinned.
 
         Returns:
             None if it moved, else why not: the report is stale (not newer than the run's
@@ -519,8 +522,9 @@ class Store:
                 if found is None:
                     return "the volume has no pin", "", 0
                 pinned, old_gen = found
-                if not tags or tags[0] not in pinned:
-                    return f"{tags[0] if tags else '(none)'} is not a version the pin accepts", "", 0
+                follows = after if after is not None else (tags[0] if tags else None)
+                if not tags or follows not in pinned:
+                    return f"{follows or '(none)'} is not a version the pin accepts", "", 0
                 path = db.execute(
                     sa.select(volumes.c.path).where(volumes.c.session == session, volumes.c.volume == r.volume)
                 ).scalar_one()

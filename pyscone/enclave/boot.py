@@ -431,36 +431,36 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 
     try:
         key = bytes.fromhex(spec["key"])
-        table, tag = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
+        table, tag, copy = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
     except IntegrityError as e:
         return f"cannot mount the file-system shield: {spec['path']}: {e}"
     except OSError as e:
         return f"cannot mount the file-system shield: {spec['path']}: {e.strerror}"
     except ValueError as e:
         return f"cannot mount the file-system shield: {e}"
-    shield = fs.mount(table, key, spec["path"], tag, slot_data)
+    shield = fs.mount(table, key, spec["path"], tag, slot_data, copy)
     if spec.get("pin") is not None:
         shield.pin = spec["pin"]  # the CAS
     elif spec.get("tag_file"):
         shield.pin = TagFile(spec["tag_file"], slot_data)
-        shield.pin.commit(shield.tag)
+        shield.pin.commit(shield.tag, shield.tag)
     return None
 
 
 class TagFile:
-    """Dev mode's pin: the tags the next run's launcher accepts, one per line (no CAS).
+    """Dev mode's pin: the tag the next run's launcher accepts (no CAS).
 
     A write that fails raises (``OSError`` from the host), never passes silently: the
     shield then fails the app's commit with ``EIO`` (a commit is durable only when its pin
     is).  The file is the host's, so dev mode has no rollback protection against a host
     that lies about writing it; only the CAS gives that.
 
-    Every state is written in place as a record of one fixed size, two lines (``OLD NEW``
-    while a commit is under way, ``NEW NEW`` after it), then fsynced: one small write into the
-    file's first sector, which a kill cannot tear and a disk writes whole, so the file holds
-    the old state or the new and never needs the temporary file, rename and directory fsync
-    of a whole-file replacement (each SQLite transaction pins three FSPF commits, two states
-    each).  The launcher reads the lines as before (``split()``: a tag twice is one tag).
+    Each pin is written in place as a record of one fixed size (the tag on two lines, as
+    the launcher reads them with ``split()``: a tag twice is one tag), then fsynced: one small
+    write into the file's first sector, which a kill cannot tear and a disk writes whole, so
+    the file holds the old tag or the new and never needs the temporary file, rename and
+    directory fsync of a whole-file replacement (each SQLite transaction pins four commits).
+    The first write of a run (or one of another size) replaces the file whole.
     """
 
     def __init__(self, path: str, max_io: int) -> None:
@@ -469,19 +469,18 @@ class TagFile:
         self._fd: int | None = None
         self._size = -1
 
-    def _write(self, first: str, second: str) -> None:
+    def commit(self, old: str, new: str) -> None:
         from pyscone.enclave.stdlib import files
 
-        record = f"{first}\n{second}\n".encode()
+        record = f"{new}\n{new}\n".encode()
         if self._fd is None or len(record) != self._size:
             self._reopen(record)
             return
         if files.pwrite(self._fd, record, 0) != len(record):
             raise OSError(errno.EIO, f"{self.path}: a short write of the FSPF tag")
-        files.fsync(self._fd)
+        files.fdatasync(self._fd)
 
     def _reopen(self, record: bytes) -> None:
-        """The first write (or one of another size): the whole file, replaced durably."""
         from pyscone.enclave.shields.store import replace_host_file
         from pyscone.enclave.stdlib import files
 
@@ -491,12 +490,6 @@ class TagFile:
         replace_host_file(self.path, record, self.max_io)
         self._fd = files.host_open(self.path, os.O_WRONLY, 0)
         self._size = len(record)
-
-    def prepare(self, old: str, new: str) -> None:
-        self._write(old, new)
-
-    def commit(self, new: str) -> None:
-        self._write(new, new)
 
 
 def _run_app(cfg: dict[str, Any], status: list[int]) -> None:

@@ -198,22 +198,22 @@ def _attest(conn: CasConnection, session: str, service: str, las: tuple[str, int
 
 
 class CasPin:
-    """The FS shield's tag pin in production: each change is reported to the CAS, MAC'd with
+    """The FS shield's tag pin in production: each commit is reported to the CAS, MAC'd with
     the run key the attested configuration carried.
 
-    A commit is durable for the app only once the CAS has acknowledged its pin: until the
-    second phase is taken, the CAS still accepts the previous FSPF, and a host that drops
-    that report (the network is the host's) and restores the old disk would undo the commit
-    at the next start.  So a failed second phase fails the commit (``OSError(EIO)`` from the
-    app's ``fsync``/``close``), like the first; the next commit's first phase, which names
-    the new FSPF as its predecessor, narrows the pin again."""
+    One report per commit, after the new FSPF is written over the unpinned copy: "from
+    ``old``, accept ``new`` only".  The CAS takes it only if ``old`` is what it pins (the chain
+    of commits).  A commit is durable for the app only once the CAS has acknowledged it: a
+    report the CAS did not take (unreachable, refused, or dropped by the host, whose network
+    it is) fails the commit (``OSError(EIO)`` from the app's ``fsync``/``close``), and the next
+    start is given the old FSPF, whose copy was not written."""
 
     def __init__(self, cas: dict[str, str], run: dict[str, str]) -> None:
         self.cas = cas
         self.run = run
         self.seq = 0
 
-    def _report(self, tags: list[str]) -> None:
+    def _report(self, tags: list[str], after: str) -> None:
         """Raises:
         OSError(EIO): the CAS did not acknowledge the report (unreachable, or refused it)."""
         self.seq += 1
@@ -224,7 +224,8 @@ class CasPin:
             "run": self.run["id"],
             "seq": self.seq,
             "tags": tags,
-            "mac": protocol.tag_mac(key, s, svc, self.seq, tags),
+            "after": after,
+            "mac": protocol.tag_mac(key, s, svc, self.seq, tags, after),
         }
         try:
             status, reply = https_post(self.cas["url"], self.cas["cert_sha256"], "/v1/tags", doc)
@@ -233,8 +234,5 @@ class CasPin:
         if status != 200:
             raise OSError(errno.EIO, f"the CAS did not take the new FSPF tag ({reply.get('error', status)})")
 
-    def prepare(self, old: str, new: str) -> None:
-        self._report([old, new])  # on failure the commit fails; the old FSPF stays in force
-
-    def commit(self, new: str) -> None:
-        self._report([new])  # on failure the commit is not durable: the caller reports EIO
+    def commit(self, old: str, new: str) -> None:
+        self._report([new], old)  # on failure the commit is not durable: the caller reports EIO

@@ -157,7 +157,7 @@ class Executor:
             Op.RMDIR: lambda a, d: _void(os.rmdir, _path(d)),
             Op.UNLINK: lambda a, d: _void(os.unlink, _path(d)),
             Op.RENAME: self._rename,
-            Op.FSYNC: lambda a, d: _void(os.fsync, a[0]),
+            Op.FSYNC: lambda a, d: _void(os.fdatasync if a[1] else os.fsync, a[0]),
             Op.FTRUNCATE: lambda a, d: _void(os.ftruncate, a[0], a[1]),
             Op.ACCESS: lambda a, d: (int(not os.access(_path(d), a[0])), 0, b""),
             Op.CHMOD: lambda a, d: _void(os.chmod, _path(d), a[0]),

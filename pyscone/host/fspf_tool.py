@@ -81,29 +81,57 @@ def read_key(path: str) -> bytes:
     return key
 
 
+def _copies(paths: Paths) -> list[str]:
+    """The FSPF's copies on disk (the enclave writes ``FSPF.1`` beside ``FSPF``, in turn)."""
+    return [p for p in (paths.fspf, paths.fspf + ".1") if p == paths.fspf or os.path.exists(p)]
+
+
 def load(paths: Paths) -> tuple[FSPF, bytes, str]:
-    """The FSPF, its key and its tag."""
+    """The FSPF, its key and its tag: of its copies, the one the tag file names, else the
+    newest that opens (``enclave/shields/fspfcopies.py``)."""
     key = read_key(paths.key)
     try:
-        with open(paths.fspf, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise ToolError(f"cannot read {paths.fspf}: {e.strerror}") from None
-    try:
-        return fspf_mod.open_sealed(blob, key), key, fspf_mod.tag_of(blob)
-    except IntegrityError as e:
-        raise ToolError(f"{paths.fspf}: {e} (wrong key?)") from None
-    except ValueError as e:
-        raise ToolError(f"{paths.fspf}: {e}") from None
+        with open(paths.tag) as fh:
+            pinned = set(fh.read().split())
+    except OSError:
+        pinned = set()
+    found: list[tuple[bool, int, FSPF, str]] = []
+    problem: ToolError | None = None
+    for where in _copies(paths):
+        try:
+            with open(where, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise ToolError(f"cannot read {where}: {e.strerror}") from None
+        try:
+            table, tag = fspf_mod.open_sealed(blob, key), fspf_mod.tag_of(blob)
+        except IntegrityError as e:
+            problem = problem or ToolError(f"{where}: {e} (wrong key?)")
+            continue
+        except ValueError as e:
+            problem = problem or ToolError(f"{where}: {e}")
+            continue
+        found.append((tag in pinned, table.generation, table, tag))
+    if not found:
+        assert problem is not None
+        raise problem
+    _, _, table, tag = max(found, key=lambda f: (f[0], f[1]))
+    return table, key, tag
 
 
 def save(paths: Paths, table: FSPF, key: bytes) -> str:
+    """Write ``table`` as the FSPF's only copy (newer than any copy there was) and pin it."""
+    table.generation += 1
     try:
         blob, tag = fspf_mod.seal(table, key)
     except ValueError as e:
         raise ToolError(str(e)) from None
     _write_atomic(paths.fspf, blob)
     _write_atomic(paths.tag, (tag + "\n").encode())
+    try:
+        os.unlink(paths.fspf + ".1")
+    except FileNotFoundError:
+        pass
     return tag
 
 

@@ -113,6 +113,9 @@ class FSPF:
     #: Directories in protected regions that exist though no listed file lies below them
     #: (made by the app, or left when their last file went): see ``protect/namespace.py``.
     dirs: set[str] = field(default_factory=set)
+    #: Counts the commits of this table: of two copies on the host the higher is the newer
+    #: (``enclave/shields/fspfcopies.py``).  0 (a table the tools wrote) is not encoded.
+    generation: int = 0
 
     def region_for(self, path: str) -> Region:
         """The region that governs ``path`` (a normalized absolute path): longest prefix wins."""
@@ -177,6 +180,8 @@ class FSPF:
         }
         if self.dirs:  # only when there are some: an FSPF without any keeps its encoding
             doc["dirs"] = sorted(self.dirs)
+        if self.generation:
+            doc["generation"] = self.generation
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -194,9 +199,12 @@ class FSPF:
             dirs = doc.get("dirs", [])
             if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
                 raise ValueError("dirs is not a list of paths")
+            generation = doc.get("generation", 0)
+            if type(generation) is not int or generation < 0:
+                raise ValueError("generation is not a count")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed FSPF: {e}") from None
-        fspf = cls(regions, files, set(dirs))
+        fspf = cls(regions, files, set(dirs), generation)
         fspf.validate()
         return fspf
 

@@ -23,14 +23,14 @@ goes to the host as before.
   host symlink cannot move a path out of (or into) a region.
 * **Memory files** live in enclave memory only; the host sees nothing of them.
 * **Commit** (fsync, close of a writer, exit): the file's changed chunks are sealed
-  into free slots, the store is fsynced, and a new sealed FSPF replaces the old
-  one (write temporary, fsync, rename, fsync directory) — the commit point.  Its
-  tag is ``shield().tag``.
+  into free slots, the store is fsynced, and the new sealed FSPF is written over
+  the FSPF's copy that is not pinned (``fspfcopies.py``: two copies on the host,
+  written in place in turn).  Its tag is ``shield().tag``.
 * **Pinning** the newest tag where the next start checks it (the CAS in production, a
-  tag file in dev mode) is two-phase, so a kill cannot strand the file system: the
-  :class:`TagPin` accepts the new tag as *pending* before the FSPF is replaced, and
-  as the only one after.  A kill in between leaves both acceptable: the old one is
-  then a legitimate crash outcome (that commit never returned to the app).
+  tag file in dev mode) is then one report, the commit point: the :class:`TagPin`
+  accepts the new tag alone.  The pinned copy is never written, so a kill anywhere
+  leaves the last pinned FSPF whole (a commit whose pin was not taken never
+  returned to the app).
 * **Rename** of a protected file is an FSPF change first (the entry names its old
   host path as ``store``), then a host rename, then a second FSPF change; a crash
   between them is finished at the next mount (:meth:`FsShield.recover`).
@@ -52,10 +52,11 @@ from typing import Any, Protocol
 
 from pyscone import abi
 from pyscone.abi import DT_DIR, DT_REG, StatResult
+from pyscone.enclave.shields import fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
-from pyscone.enclave.shields.store import HostStore, replace_host_file
+from pyscone.enclave.shields.store import HostStore
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect import fspf as fspf_mod
@@ -67,22 +68,21 @@ from pyscone.protect.pfile import ProtectedFile
 VFD_BASE = abi.MAX_FD  # the host never returns an fd this high (iago refuses it)
 PROTECTED = namespace.PROTECTED
 __all__ = ["VFD_BASE", "FsShield", "MemoryFile", "Node", "OpenFile", "TagPin", "load", "log", "mount", "shield"]
+load = fspfcopies.load
 
 
 class TagPin(Protocol):
-    """Where the newest FSPF tag is pinned (dev mode: a file; production: the CAS).  Both
-    methods raise ``OSError`` if the pin did not take the change: a commit is durable for
-    the app only when its pin is acknowledged, so the shield then fails it with ``EIO``."""
+    """Where the newest FSPF tag is pinned (dev mode: a file; production: the CAS).  Raises
+    ``OSError`` if the pin did not take the change: a commit is durable for the app only when
+    its pin is acknowledged, so the shield then fails it with ``EIO``."""
 
-    def prepare(self, old: str, new: str) -> None:
-        """Before the commit point: accept ``new`` besides ``old``."""
-
-    def commit(self, new: str) -> None:
-        """After it: accept ``new`` only (until then the next start may get ``old``)."""
+    def commit(self, old: str, new: str) -> None:
+        """Accept ``new`` only, from now on; ``old`` is the tag it follows (the CAS refuses a
+        report that does not follow its chain of commits)."""
 
 
 class FsShield:
-    def __init__(self, table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int) -> None:
+    def __init__(self, table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int, copy: int = 0) -> None:
         self.fspf = table
         self.key = key
         self.fspf_path = fspf_path
@@ -105,7 +105,8 @@ class FsShield:
         self._dir_inos: dict[str, int] = {}
         self._ignored: set[str] = set()
         # Only protected regions' metadata decides; skip the FSPF's own files when listing.
-        self._own = {fspf_path, fspf_path + ".tmp"}
+        self.copies = fspfcopies.Copies(fspf_path, max_io, copy)
+        self._own = {fspf_path + ".tmp", *self.copies.names()}
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -174,28 +175,24 @@ class FsShield:
     # -- the FSPF -----------------------------------------------------------------------------
 
     def _write_fspf(self) -> None:
-        """Seal and atomically replace the FSPF on the host: the commit point.  Raises
-        ``OSError(EIO)`` if the pin fails either phase; after the commit point the shield goes
-        on from the new FSPF, but the app must not count that commit durable."""
-
-        def unpinned(what: str, e: OSError) -> OSError:
-            log(f"commit {what} FSPF tag {tag}: {e.strerror or e}")
-            return OSError(errno.EIO, f"{os.strerror(errno.EIO)}: commit {what.split(':')[0]}: {e.strerror or e}")
-
+        """Seal the FSPF, write it over the unpinned copy, then pin it: the commit point.
+        Raises ``OSError(EIO)`` if the pin did not take it; the shield then goes on from the new
+        FSPF, but the app must not count that commit durable (the next start gets the old one)."""
+        self.fspf.generation += 1
         blob, tag = fspf_mod.seal(self.fspf, self.key)
-        if self.pin is not None:
-            try:
-                self.pin.prepare(self.tag, tag)
-            except OSError as e:
-                raise unpinned("refused: the pin did not take", e) from None
-        replace_host_file(self.fspf_path, blob, self.max_io)
-        self.tag = tag
+        copy = self.copies.write(blob)
+        old, self.tag = self.tag, tag
         self.commits += 1
         if self.pin is not None:
             try:
-                self.pin.commit(tag)  # if lost, the next commit's first phase narrows the pin
+                self.pin.commit(old, tag)
             except OSError as e:
-                raise unpinned("not durable: the pin did not acknowledge", e) from None
+                log(f"commit not durable: the pin did not acknowledge FSPF tag {tag}: {e.strerror or e}")
+                raise OSError(
+                    errno.EIO,
+                    f"{os.strerror(errno.EIO)}: commit not durable: the pin did not acknowledge: {e.strerror or e}",
+                ) from None
+        self.copies.current = copy
 
     def recover(self) -> None:
         """Finish renames a crash interrupted (entries whose records are still at ``store``)."""
@@ -238,7 +235,7 @@ class FsShield:
                 raise self._integrity(node.path or "(unlinked file)", e) from None
             store.drain()
             if store.wrote:
-                files.fsync(node.host_fd)
+                files.fdatasync(node.host_fd)  # the records and the file's size: not its times
                 store.wrote = False
             with self.lock:
                 node.created = False
@@ -830,34 +827,14 @@ class FsShield:
 _shield: FsShield | None = None
 
 
-def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int) -> FsShield:
-    """Route the protected regions of ``table`` through a new shield."""
+def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int, copy: int = 0) -> FsShield:
+    """Route the protected regions of ``table`` (read from FSPF copy ``copy``) through a new shield."""
     global _shield
-    shield = FsShield(table, key, fspf_path, tag, max_io)
+    shield = FsShield(table, key, fspf_path, tag, max_io, copy)
     files.set_shield(shield)
     _shield = shield
     shield.recover()
     return shield
-
-
-def load(path: str, key: bytes, pinned: list[str] | None, max_io: int) -> tuple[FSPF, str]:
-    """Read and open the sealed FSPF at ``path`` (a host path) with ``key``.
-
-    Raises:
-        IntegrityError: wrong key, altered, or not a pinned version (``pinned``: the tags
-            accepted, normally one; two after a kill between the phases of a pin).
-        OSError: it cannot be read.
-    """
-    fd = files.host_open(path, os.O_RDONLY, 0)
-    try:
-        size = files.fstat(fd).st_size
-        blob = bytes(HostStore(fd, max_io).pread(0, size))
-    finally:
-        files.close(fd)
-    tag = fspf_mod.tag_of(blob)
-    if pinned is not None and tag not in [t.lower() for t in pinned]:
-        raise IntegrityError("the FSPF is not the pinned version")
-    return fspf_mod.open_sealed(blob, key), tag
 
 
 def shield() -> FsShield | None:

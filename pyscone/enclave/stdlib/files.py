@@ -470,7 +470,8 @@ def replace(src: Path, dst: Path, *, src_dir_fd: int | None = None, dst_dir_fd: 
     _rename(src, dst, True)
 
 
-def fsync(fd: Any) -> None:
+def fsync(fd: Any, *, data_only: bool = False) -> None:
+    """``os.fsync``; ``data_only``: ``os.fdatasync`` (a protected file commits either way)."""
     fd = dups.resolve(fd if isinstance(fd, int) else fd.fileno())
     if pipes.is_local(fd):
         pipes.fstat(fd)
@@ -478,7 +479,11 @@ def fsync(fd: Any) -> None:
     if sh := _vfd(fd):
         return sh.fsync(fd)
     _fds.kind(fd)
-    _call(Op.FSYNC, (fd,))
+    _call(Op.FSYNC, (fd, int(data_only)))
+
+
+def fdatasync(fd: Any) -> None:
+    fsync(fd, data_only=True)
 
 
 @_changes
@@ -612,7 +617,7 @@ def install(cwd: str, slot_data: int) -> None:
     interpose(
         os, open=os_open, close=close, read=read, write=write, pread=pread, pwrite=pwrite, lseek=lseek,
         fstat=fstat, stat=stat, lstat=lstat, mkdir=mkdir, rmdir=rmdir,
-        unlink=unlink, remove=unlink, rename=rename, replace=replace, fsync=fsync, fdatasync=fsync,
+        unlink=unlink, remove=unlink, rename=rename, replace=replace, fsync=fsync, fdatasync=fdatasync,
         ftruncate=ftruncate, truncate=truncate, access=access, chmod=chmod, utime=utime, readlink=readlink,
         symlink=symlink, isatty=isatty, getcwd=getcwd, getcwdb=getcwdb, chdir=chdir,
         # No dir_fd support: stdlib code (shutil.rmtree, os.fwalk) then takes its path-based route.
