@@ -109,8 +109,9 @@ def bench_sqlite(quick: bool, log: Log) -> list[SqliteResult]:
 LIMITS = {
     "select": "unprotected: 8 host round trips per select (4 locks, 2 stats, a read, an fstat); "
     "encrypted: none (the shim answers them from memory)",
-    "commit-1": "encrypted: 4 FSPF commits per transaction (the journal twice, the database, the journal's "
-    "unlink), each an atomic replacement of the FSPF (2 fsyncs) and 2 pinned tag writes (1 fsync each)",
+    "commit-1": "encrypted: 4 FS-shield commits per transaction (the journal twice, the database, the "
+    "journal's unlink), each a sealed FSPF written over its unpinned copy and a pinned tag write (2 fdatasyncs), "
+    "about 35 host round trips in all",
     "commit-100": "as commit-1, over 100 rows: the per-transaction cost is shared",
 }
 

@@ -247,8 +247,9 @@ def finish_read_whole(pending: Any, path: str) -> bytes:
     return bytes(data) if not more else _read_rest(path, bytes(data))
 
 
-#: Called after every call that may change a file's contents, its metadata or what exists:
-#: the libc layer (clib.py) keeps answers about FS-shield files while none of these runs.
+#: Called after every call that may change an FS-shield file's contents or metadata, or what
+#: exists in a region (writes to host files need not: nothing is kept about those): the libc
+#: layer (clib.py) keeps answers about FS-shield files while none of these runs.
 on_change: list[Callable[[], None]] = []
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -262,8 +263,7 @@ def _changes(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         try:
             return fn(*args, **kwargs)
         finally:
-            for hook in on_change:
-                hook()
+            _changed()
 
     return changing
 
@@ -331,13 +331,20 @@ def read(fd: int, n: int) -> bytes:
     return bytes(data)
 
 
-@_changes
+def _changed() -> None:
+    for hook in on_change:
+        hook()
+
+
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
         return pipes.write(fd, data)
     if sh := _vfd(fd):
-        return sh.write(fd, data)
+        try:  # (only an FS-shield file's change matters to on_change: see its comment)
+            return sh.write(fd, data)
+        finally:
+            _changed()
     kind = _fds.kind(fd)
     view = memoryview(data).cast("B")[:_slot_data]
     n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE and fd not in _fds.nonblocking)
@@ -357,13 +364,15 @@ def pread(fd: int, n: int, offset: int) -> bytes:
     return bytes(data)
 
 
-@_changes
 def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
         raise _espipe(fd)
     if sh := _vfd(fd):
-        return sh.pwrite(fd, data, offset)
+        try:
+            return sh.pwrite(fd, data, offset)
+        finally:
+            _changed()
     _fds.kind(fd)
     n, _ = _call(Op.PWRITE, (fd, offset), bytes(memoryview(data).cast("B")[:_slot_data]))
     return int(n)
@@ -486,14 +495,16 @@ def fdatasync(fd: Any) -> None:
     fsync(fd, data_only=True)
 
 
-@_changes
 def ftruncate(fd: int, length: int) -> None:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
         pipes.fstat(fd)
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if sh := _vfd(fd):
-        return sh.ftruncate(fd, length)
+        try:
+            return sh.ftruncate(fd, length)
+        finally:
+            _changed()
     _fds.kind(fd)
     _call(Op.FTRUNCATE, (fd, length))
 
