@@ -8,6 +8,7 @@ app's package and its migration are ordinary files on the unprotected root regio
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,46 +17,8 @@ from test_fs_shield import FS
 
 SECRET = "django-row-the-host-must-never-read"
 
-MODELS = """
-from django.db import models
-
-
-class Author(models.Model):
-    name = models.CharField(max_length=80, unique=True)
-
-
-class Note(models.Model):
-    author = models.ForeignKey(Author, on_delete=models.CASCADE, related_name="notes")
-    text = models.TextField()
-    stars = models.IntegerField(default=0)
-"""
-
-MIGRATION = """
-from django.db import migrations, models
-
-
-class Migration(migrations.Migration):
-    initial = True
-    dependencies = []
-    operations = [
-        migrations.CreateModel(
-            name="Author",
-            fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("name", models.CharField(max_length=80, unique=True)),
-            ],
-        ),
-        migrations.CreateModel(
-            name="Note",
-            fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("text", models.TextField()),
-                ("stars", models.IntegerField(default=0)),
-                ("author", models.ForeignKey(on_delete=models.deletion.CASCADE, related_name="notes", to="notes.author")),
-            ],
-        ),
-    ]
-"""
+# The Django app: the compatibility matrix's (its models and its migration).
+NOTES = Path(__file__).parent / "compat" / "apps" / "django_orm" / "notes"
 
 # One step of the project's life per run.  Whatever Django says about a bad database is printed
 # as its class: wrong rows cannot hide behind it.
@@ -116,12 +79,7 @@ except DatabaseError as e:
 @pytest.fixture
 def fs(tmp_path: Path) -> FS:
     fs = FS(tmp_path)
-    pkg = tmp_path / "notes"
-    (pkg / "migrations").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "models.py").write_text(MODELS)
-    (pkg / "migrations" / "__init__.py").write_text("")
-    (pkg / "migrations" / "0001_initial.py").write_text(MIGRATION)
+    shutil.copytree(NOTES, tmp_path / "notes", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "orm_app.py").write_text(APP)
     return fs
 
