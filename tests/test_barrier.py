@@ -18,9 +18,10 @@ def attempt(name, fn):
     ctypes.set_errno(0)
     rc = fn()
     print(name, rc, errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno()))
-# The raw system call: libc's open() itself goes through the libc layer (tests/test_clib_sqlite.py).
+# The raw system calls: libc's open() and socket() themselves go through the libc layer
+# (tests/test_clib_sqlite.py, tests/test_clib_sockets.py).
 attempt("open", lambda: libc.syscall(2, b"/etc/hostname", 0))  # SYS_open on x86-64
-attempt("socket", lambda: libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0))
+attempt("socket", lambda: libc.syscall(41, socket.AF_INET, socket.SOCK_STREAM, 0))  # SYS_socket
 attempt("write", lambda: libc.write(2, b"leak\\n", 5))
 attempt("getpid", lambda: int(libc.getpid() > 0))
 with open("/etc/hostname") as f:
