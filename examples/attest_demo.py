@@ -126,7 +126,8 @@ secrets:
     run("cas", "audit", "notes", *owner)
 
     say("The host rolls the file system back one version: the tag the CAS pinned refuses it")
-    saved = {p: p.read_bytes() for p in [fspf, *data.iterdir()]}
+    copy = Path(f"{fspf}.1")  # the FSPF's second copy, which the enclave writes in turn
+    saved = {p: p.read_bytes() for p in [fspf, *([copy] if copy.exists() else []), *data.iterdir()]}
     app = subprocess.Popen([*PYSCONE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert app.stdout is not None
     app.stdout.readline()
@@ -135,7 +136,7 @@ secrets:
     app.wait(timeout=20)
     for p, content in saved.items():
         p.write_bytes(content)
-    for extra in set(data.iterdir()) - set(saved):
+    for extra in {*data.iterdir(), *([copy] if copy.exists() else [])} - set(saved):
         extra.unlink()
     r = run(*cmd, check=False)
     print(f"exit status {r.returncode}")
