@@ -357,6 +357,39 @@ def test_psycopg_queries_postgresql_from_the_enclave(tmp_path: Path, postgres_ur
     assert "pyscone: a C library" not in r.stderr, r.stderr
 
 
+PSYCOPG2_APP = """
+import sys
+import psycopg2, psycopg2.errors
+c = psycopg2.connect(sys.argv[1])
+table = sys.argv[2]
+cur = c.cursor()
+cur.execute(f"create table {table} (k int primary key, v text)")
+cur.execute(f"insert into {table} values (%s, %s), (%s, %s)", (1, "one", 2, "two"))
+c.commit()
+try:
+    cur.execute(f"insert into {table} values (1, 'again')")
+except psycopg2.errors.UniqueViolation as e:
+    print("server error", type(e).__name__, e.pgcode)
+    c.rollback()
+cur.execute(f"select k, v from {table} order by k")
+print("rows", cur.fetchall())
+c.close()
+"""
+
+
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_psycopg2_queries_postgresql_from_the_enclave(tmp_path: Path, postgres_url: str, via: str) -> None:
+    """psycopg2's libpq waits in C (a blocking connect and ``poll``), unlike psycopg 3's."""
+    sockdir, port = _pg(postgres_url)
+    host = "127.0.0.1" if via == "tcp" else sockdir
+    conninfo = f"host={host} port={port} user=postgres dbname=cas connect_timeout=10"
+    app = write_app(tmp_path, PSYCOPG2_APP)
+    r = run_enclave(app, conninfo, f"t2_{via}_{os.getpid()}", cwd=tmp_path)
+    expected = ["server error UniqueViolation 23505", "rows [(1, 'one'), (2, 'two')]"]
+    assert (r.returncode, r.stdout.splitlines()) == (0, expected), r.stderr
+    assert "pyscone: a C library" not in r.stderr, r.stderr
+
+
 ASYNC_APP = """
 import asyncio, sys, time
 import psycopg
