@@ -1,6 +1,6 @@
 """Run pyscone's benchmarks side by side with native Python and print one table.
 
-    .venv/bin/python bench/run.py            # about 3 minutes
+    .venv/bin/python bench/run.py            # about 18 minutes (sqlite 4, pg 2, servers and fs several)
     .venv/bin/python bench/run.py --quick    # under a minute
     .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite or pg
 
