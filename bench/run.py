@@ -1,7 +1,7 @@
 """Run pyscone's benchmarks side by side with native Python and print one table.
 
-    .venv/bin/python bench/run.py            # about 18 minutes (sqlite 4, pg 2, servers and fs several)
-    .venv/bin/python bench/run.py --quick    # under a minute
+    .venv/bin/python bench/run.py            # every part (sqlite about 4 minutes and pg about 2 of them)
+    .venv/bin/python bench/run.py --quick    # short runs of every part
     .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite or pg
 
 What is measured, native Python against ``pyscone run``:
