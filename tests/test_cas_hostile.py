@@ -408,6 +408,36 @@ def test_a_dropped_pin_report_fails_fsync_and_close_with_eio(world: World, relay
     assert "commit not durable: the pin did not acknowledge" in r.stderr
 
 
+def test_pin_reports_share_one_connection_and_survive_the_cas_closing_it(world: World, relay: Relay) -> None:
+    """The pin keeps its connection to the CAS between commits; when the CAS closes it (its idle
+    timeout, 5 s), the next report goes over a new one and the commit still succeeds."""
+    fspf, data, key, tag = _volume(world, "idle")
+    write_app(
+        world.root,
+        f"""
+        import os, time
+        p = os.path.join({str(data)!r}, "n")
+        for i in range(3):
+            with open(p, "w") as f:
+                f.write(str(i))
+                f.flush()
+                os.fsync(f.fileno())
+        time.sleep(6)
+        with open(p, "w") as f:
+            f.write("after the idle timeout")
+        print(open(p).read())
+        """,
+        "idle.py",
+    )
+    service = _service(_measure_via(world, relay), "[idle.py]", f"    fspf: {{path: {fspf}, key: {key}, tag: {tag}}}\n")
+    assert world.owner("session", "create", str(world.policy("idle", service))).returncode == 0
+    r = _run_via(world, relay, "idle/app")
+    assert (r.returncode, r.stdout) == (0, "after the idle timeout\n"), r.stdout + r.stderr
+    # The attestation, the reports before the pause on one connection, and one after it (a
+    # report per connection would be at least 6).
+    assert relay.count == 3, relay.count
+
+
 def test_the_host_cannot_undo_an_acknowledged_commit_by_dropping_reports(world: World, relay: Relay) -> None:
     """The failed-login counter: each start records one attempt, durably, before it may check a
     password.  The host drops every pin report and puts its copy of the disk back

@@ -212,6 +212,25 @@ class CasPin:
         self.cas = cas
         self.run = run
         self.seq = 0
+        # Reports go over one kept-alive connection (a TLS handshake per commit cost more than
+        # the commit).  One the CAS closed meanwhile (its idle timeout) is opened again and the
+        # same report, same number, sent once more: if the first one did reach the CAS, the
+        # repeat is refused as stale and the commit fails (EIO), never counted twice.
+        self._conn: CasConnection | None = None
+
+    def _post(self, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        for attempt in (1, 2):
+            fresh = self._conn is None
+            if self._conn is None:
+                self._conn = CasConnection(self.cas["url"], self.cas["cert_sha256"])
+            try:
+                return self._conn.post("/v1/tags", doc)
+            except AttestationError:
+                self._conn.close()
+                self._conn = None
+                if fresh or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _report(self, tags: list[str], after: str) -> None:
         """Raises:
@@ -228,7 +247,7 @@ class CasPin:
             "mac": protocol.tag_mac(key, s, svc, self.seq, tags, after),
         }
         try:
-            status, reply = https_post(self.cas["url"], self.cas["cert_sha256"], "/v1/tags", doc)
+            status, reply = self._post(doc)
         except AttestationError as e:
             raise OSError(errno.EIO, f"the CAS did not take the new FSPF tag: {e}") from None
         if status != 200:
