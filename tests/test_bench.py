@@ -69,5 +69,5 @@ def test_the_sqlite_benchmark_runs() -> None:
     for row in ("select  ", "commit-1  ", "commit-100  ", "what limits each row"):
         assert row in out, out
     report = json.loads((BENCH / "results" / "sqlite.json").read_text())
-    assert {r["config"] for r in report} == {"native", "unprotected", "encrypted"}
+    assert {r["config"] for r in report} == {"native", "unprotected", "encrypted", "attested"}
     assert all(r["ops_per_s"] > 0 for r in report)
