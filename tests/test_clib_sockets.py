@@ -346,15 +346,19 @@ PSYCOPG_OUT = [
 ]
 
 
-@pytest.mark.parametrize("via", ["tcp", "unix"])
-def test_psycopg_queries_postgresql_from_the_enclave(tmp_path: Path, postgres_url: str, via: str) -> None:
+def _run_client(tmp_path: Path, postgres_url: str, via: str, source: str, table: str) -> list[str]:
+    """Run a PostgreSQL client app in the enclave, over TCP or the Unix socket; its output lines."""
     sockdir, port = _pg(postgres_url)
     host = "127.0.0.1" if via == "tcp" else sockdir
     conninfo = f"host={host} port={port} user=postgres dbname=cas connect_timeout=10"
-    app = write_app(tmp_path, PSYCOPG_APP)
-    r = run_enclave(app, conninfo, f"t_{via}_{os.getpid()}", cwd=tmp_path)
-    assert (r.returncode, r.stdout.splitlines()) == (0, PSYCOPG_OUT), r.stderr
-    assert "pyscone: a C library" not in r.stderr, r.stderr
+    r = run_enclave(write_app(tmp_path, source), conninfo, f"{table}_{via}_{os.getpid()}", cwd=tmp_path)
+    assert r.returncode == 0 and "pyscone: a C library" not in r.stderr, r.stderr
+    return r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_psycopg_queries_postgresql_from_the_enclave(tmp_path: Path, postgres_url: str, via: str) -> None:
+    assert _run_client(tmp_path, postgres_url, via, PSYCOPG_APP, "t") == PSYCOPG_OUT
 
 
 PSYCOPG2_APP = """
@@ -380,14 +384,8 @@ c.close()
 @pytest.mark.parametrize("via", ["tcp", "unix"])
 def test_psycopg2_queries_postgresql_from_the_enclave(tmp_path: Path, postgres_url: str, via: str) -> None:
     """psycopg2's libpq waits in C (a blocking connect and ``poll``), unlike psycopg 3's."""
-    sockdir, port = _pg(postgres_url)
-    host = "127.0.0.1" if via == "tcp" else sockdir
-    conninfo = f"host={host} port={port} user=postgres dbname=cas connect_timeout=10"
-    app = write_app(tmp_path, PSYCOPG2_APP)
-    r = run_enclave(app, conninfo, f"t2_{via}_{os.getpid()}", cwd=tmp_path)
-    expected = ["server error UniqueViolation 23505", "rows [(1, 'one'), (2, 'two')]"]
-    assert (r.returncode, r.stdout.splitlines()) == (0, expected), r.stderr
-    assert "pyscone: a C library" not in r.stderr, r.stderr
+    out = _run_client(tmp_path, postgres_url, via, PSYCOPG2_APP, "t2")
+    assert out == ["server error UniqueViolation 23505", "rows [(1, 'one'), (2, 'two')]"]
 
 
 ASYNC_APP = """
