@@ -146,3 +146,25 @@ def test_a_second_connection_s_commit_is_seen_by_the_first(fs: FS, tmp_path: Pat
     assert native.stdout.startswith("True"), native.stderr
     r = fs.run(app, str(fs.enc / "two.db"))
     assert (r.returncode, r.stdout) == (0, native.stdout), r.stderr
+
+
+METADATA_APP = """
+    import os, sys
+    p = os.path.join(sys.argv[1], "m.txt")
+    with open(p, "w") as f:
+        f.write("x")
+    fd = os.open(p, os.O_RDONLY)
+    before = os.fstat(fd)
+    os.chmod(p, 0o600)
+    os.utime(p, ns=(10**18, 10**18))
+    after = os.fstat(fd)
+    print(oct(before.st_mode & 0o777) != oct(after.st_mode & 0o777), oct(after.st_mode & 0o777), after.st_mtime_ns)
+"""
+
+
+def test_an_open_files_stat_follows_chmod_and_utime(fs: FS, tmp_path: Path) -> None:
+    """The shield keeps the host's part of an open file's stat until the file changes: a chmod
+    or utime by path changes it too."""
+    app = write_app(tmp_path, METADATA_APP)
+    r = fs.run(app, str(fs.enc))
+    assert (r.returncode, r.stdout) == (0, f"True 0o600 {10**18}\n"), r.stderr

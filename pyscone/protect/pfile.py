@@ -189,11 +189,11 @@ class ProtectedFile:
         if end <= offset:
             return 0
         cs = self.key.chunk_size
-        clean = self._clean.get(offset // cs)
-        within = offset % cs
-        if clean is not None and (end - 1) // cs == offset // cs and within + end - offset <= len(clean):
-            out[: end - offset] = clean[within : within + end - offset]
-            return end - offset
+        if self._clean and (clean := self._clean.get(offset // cs)) is not None:
+            within = offset % cs
+            if (end - 1) // cs == offset // cs and within + end - offset <= len(clean):
+                out[: end - offset] = clean[within : within + end - offset]
+                return end - offset
         forward, self._next_read = offset == self._next_read, end
         if not forward and self._ahead_to:
             self.store.forget()

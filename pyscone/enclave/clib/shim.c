@@ -202,8 +202,6 @@ long long call(int op, long long a, long long b, long long c, const void *p, voi
 {
     int saved = errno;
     int changing = changes(op, a);
-    if (changing)
-        changed();
     dispatched++;
     in_dispatch = 1;
     int gil = py_gil_ensure();

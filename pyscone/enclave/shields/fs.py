@@ -516,10 +516,10 @@ class FsShield:
     def _node_stat(self, node: Node) -> StatResult:
         """An open protected file's stat: its length is the enclave's, the rest the host's."""
         pf = node.file
-        mutations = pf.mutations if isinstance(pf, ProtectedFile) else -1
+        assert isinstance(pf, ProtectedFile)  # (a memory file's stat is self.mem's)
         cached = node.host_st
-        if cached is None or cached[0] != mutations or mutations < 0:
-            cached = node.host_st = (mutations, files.host_fstat(node.host_fd))
+        if cached is None or cached[0] != pf.mutations:
+            cached = node.host_st = (pf.mutations, files.host_fstat(node.host_fd))
         return self._file_stat(cached[1], pf.length, pf)
 
     def _file_stat(self, st: StatResult, length: int, pf: ProtectedFile | MemoryFile) -> StatResult:
@@ -787,11 +787,17 @@ class FsShield:
                 return True  # a directory the host lacks: it is made when it is needed
             return files.host_access(host, mode)
 
+    def _forget_host_stat(self, path: str) -> None:
+        """A chmod or utime of an open protected file: its next stat asks the host again."""
+        entry = self.fspf.files.get(path)
+        open_node = self.nodes.get(entry.key.file_id) if entry is not None else None
+        if open_node is not None:
+            open_node.host_st = None
+
     def chmod(self, path: str, mode: int) -> None:
         with self.lock:
             node, host = self._metadata(path)
-            if node is not None:
-                node.host_st = None
+            self._forget_host_stat(path)
             if host:
                 if self._names().is_dir(host):
                     self._host_makedirs(host)
@@ -802,8 +808,7 @@ class FsShield:
     def utime(self, path: str, args: tuple[int, int, int]) -> None:
         with self.lock:
             node, host = self._metadata(path)
-            if node is not None:
-                node.host_st = None
+            self._forget_host_stat(path)
             if host:
                 if self._names().is_dir(host):
                     self._host_makedirs(host)

@@ -182,12 +182,11 @@ def posix_locks_local(fd: int) -> bool:
 
 def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int, wait: bool) -> None:
     """One lock request; ``wait``: until it is granted (retried here, never on the host)."""
-    if family == abi.LOCK_POSIX and posix_locks_local(fd):
-        return
     where = _kind(fd)
+    local = where != iago.FdTable.FILE  # posix_locks_local(fd)
+    if local and (family == abi.LOCK_POSIX or where != "vfd"):
+        return  # no other process can hold a lock here; only a vfd's flocks are kept (_flocks)
     fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
-    if where not in ("vfd", iago.FdTable.FILE):
-        return  # a socket or the console: nothing else can hold a lock on it
     delay = _RETRY_FIRST
     while True:
         if where == "vfd":

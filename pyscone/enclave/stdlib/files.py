@@ -273,9 +273,12 @@ def os_open(path: Path, flags: int, mode: int = 0o777, *, dir_fd: int | None = N
     p = abspath(path)
     mode &= ~umask
     if sh := _shielded(p):
-        if flags & (os.O_CREAT | os.O_TRUNC):
-            return _changes(sh.open)(p, flags, mode)
-        return sh.open(p, flags, mode)
+        if not flags & (os.O_CREAT | os.O_TRUNC):
+            return sh.open(p, flags, mode)
+        try:
+            return sh.open(p, flags, mode)
+        finally:
+            _changed()
     fd, _ = _call(Op.OPEN, (flags, mode), _enc(p), filename=os.fspath(path))
     return int(fd)
 
