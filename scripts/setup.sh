@@ -18,8 +18,9 @@ done
 # System packages: libseccomp (the barrier), curl and wrk (tests, benchmarks), gcc and libc6-dev
 # (the install builds the libc layer's shim; a test builds a C extension), PostgreSQL (the CAS's
 # store is tested against a real server), venv support and headers for the interpreter in use;
-# redis-server for the compatibility matrix's redis case.
-packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server)
+# redis-server for the compatibility matrix's redis case (its redis-tools: redis-benchmark); stunnel4,
+# the TLS terminator the network shield's benchmark compares against.
+packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server stunnel4)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || packages+=(python3-dev)
