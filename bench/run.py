@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py            # every part (sqlite about 4 minutes and pg about 2 of them)
     .venv/bin/python bench/run.py --quick    # short runs of every part
-    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite or pg
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite, pg or tls
 
 What is measured, native Python against ``pyscone run``:
 
@@ -24,7 +24,10 @@ What is measured, native Python against ``pyscone run``:
 * sqlite: ``bench/sqlite.py``: point selects and single-row commits (1 and 100 per
   transaction) natively and in an enclave on an unprotected path and in an encrypted region;
 * pg: ``bench/pg.py``: psycopg 3 queries per second against one PostgreSQL (``select 1``
-  and a point select by primary key), over TCP and a Unix socket, natively and in an enclave.
+  and a point select by primary key), over TCP and a Unix socket, natively and in an enclave;
+* tls: ``bench/tls.py``: the network shield: HTTPS requests/s and TLS handshakes/s of a plain
+  asyncio server (and a Redis-protocol server under ``redis-benchmark --tls``) in an enclave behind
+  the shield, natively behind stunnel4, natively with ``ssl``, and plain for reference.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -63,6 +66,7 @@ import imports  # bench/imports.py, next to this script
 import pg  # bench/pg.py, next to this script
 import servers  # bench/servers.py, next to this script
 import sqlite  # bench/sqlite.py, next to this script
+import tls  # bench/tls.py, next to this script
 from report import table  # bench/report.py, next to this script
 
 BENCH = Path(__file__).resolve().parent
@@ -608,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg")
+    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg", "tls")
     p.add_argument("--only", choices=parts, default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
@@ -642,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_results: list[servers.ServerThroughput] = []
     sqlite_results: list[sqlite.SqliteResult] = []
     pg_results: list[pg.PgResult] = []
+    tls_report: tls.TlsReport | None = None
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -659,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sqlite_results = sqlite.bench_sqlite(a.quick, log)
         if a.only in (None, "pg"):
             pg_results = pg.bench_pg(a.quick, log)
+        if a.only in (None, "tls"):
+            tls_report = tls.bench_tls(a.quick, log)
     except (
         BenchError,
         fs.FsBenchError,
@@ -666,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         imports.ImportBenchError,
         sqlite.SqliteBenchError,
         pg.PgBenchError,
+        tls.TlsBenchError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -711,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += sqlite.report_lines(sqlite_results)
     if pg_results:
         out += pg.report_lines(pg_results)
+    if tls_report is not None:
+        out += tls.report_lines(tls_report)
     print("\n".join(out), flush=True)
 
     report = {
@@ -729,9 +739,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": [{**asdict(r), "ratio": r.ratio} for r in server_results],
         "sqlite": [asdict(r) for r in sqlite_results],
         "pg": [asdict(r) for r in pg_results],
+        "tls": asdict(tls_report) if tls_report is not None else None,
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)
+    if tls_report is not None and tls.failed(tls_report):
+        print("error: some TLS configurations failed (above)", file=sys.stderr)
+        return 1
     return 0
 
 

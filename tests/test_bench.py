@@ -71,3 +71,23 @@ def test_the_sqlite_benchmark_runs() -> None:
     report = json.loads((BENCH / "results" / "sqlite.json").read_text())
     assert {r["config"] for r in report} == {"native", "unprotected", "encrypted", "attested"}
     assert all(r["ops_per_s"] > 0 for r in report)
+
+
+def test_the_tls_benchmark_runs() -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "tls.py"), "--quick", "--seconds", "1", "--redis-requests", "2000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "target keepalive: shield/stunnel" in r.stdout and "target full: shield/stunnel" in r.stdout, r.stdout
+    report = json.loads((BENCH / "results" / "tls.json").read_text())
+    configs = ("stunnel", "ssl", "shield", "enclave-plain", "native-plain")
+    loads = ("keepalive", "resumed", "full", "redis-set", "redis-get")
+    assert {(x["load"], x["config"]) for x in report["runs"]} == {(ld, c) for ld in loads for c in configs}
+    for run in report["runs"]:
+        assert run["error"] is None and run["rate"] > 0 and run["errors"] == 0, run
+        assert run["app_cpu_s"] > 0 and (run["stunnel_cpu_s"] > 0) == (run["config"] == "stunnel"), run
+        # Every TLS configuration was checked by a client that verified the chain, on TLS 1.3.
+        assert run["tls"].startswith("TLSv1.3 ") if run["config"] in configs[:3] else run["tls"] == "plain", run
