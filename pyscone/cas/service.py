@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets as _random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,6 +212,8 @@ class Cas:
         }
         if svc.fspf is not None:
             config["fspf"] = {"path": svc.fspf.path, "key": render(svc.fspf.key), "tags": tags}
+        if svc.network is not None:
+            config["network"] = _render_all(svc.network, render)
         try:
             sealed = protocol.seal_config(public, nonce_bytes, config)
         except ValueError as e:
@@ -252,3 +255,14 @@ class Cas:
 def _volumes(pol: policy_mod.Policy) -> dict[str, str]:
     """The session's volumes: FSPF path -> the tag the policy names (shared by its services)."""
     return {svc.fspf.path: svc.fspf.tag.lower() for svc in pol.services.values() if svc.fspf is not None}
+
+
+def _render_all(value: Any, render: Callable[[str], str]) -> Any:
+    """``value`` (the network rules: mappings, lists, strings, numbers) with its secrets put in."""
+    if isinstance(value, str):
+        return render(value)
+    if isinstance(value, Mapping):
+        return {k: _render_all(v, render) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_all(v, render) for v in value]
+    return value
