@@ -342,8 +342,28 @@ def _network(node: _Node, check: Callable[[_Node, str], str]) -> dict[str, Any]:
     try:
         netpolicy.parse(spec)
     except netpolicy.NetPolicyError as e:
-        raise node.fail(str(e)) from None
+        raise _locate(node, str(e)).fail(str(e)) from None
     return dict(spec)
+
+
+def _locate(node: _Node, message: str) -> _Node:
+    """The node a network-rule error names (``listen[0].port: ...``), for its line."""
+    where = re.match(r"^([A-Za-z_]+(?:\[\d+\]|\.[A-Za-z_]+)*): ", message)
+    current = node.node
+    for step in re.findall(r"[A-Za-z_]+|\[\d+\]", where.group(1) if where else ""):
+        if isinstance(current, yaml.MappingNode):
+            found = [v for k, v in current.value if isinstance(k, yaml.ScalarNode) and k.value == step]
+            if not found:
+                break
+            current = found[0]
+        elif isinstance(current, yaml.SequenceNode) and step.startswith("["):
+            i = int(step[1:-1])
+            if i >= len(current.value):
+                break
+            current = current.value[i]
+        else:
+            break
+    return _Node(current, node.path)
 
 
 def _ref_checker(secrets: Mapping[str, SecretSpec]) -> Callable[[_Node, str], str]:

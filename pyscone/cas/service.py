@@ -127,7 +127,10 @@ class Cas:
         row = self.store.session(name)
         if row is None or row.owner != owner:
             return _error(404, f"no session {name!r} of yours")
-        return Answer(200, {"name": name, "version": row.version, "policy": row.policy})
+        # The session CA's certificate is public: clients of the service's x509 secrets
+        # (the network shield's server identity) trust it.
+        ca = row.values.get(secrets.CA_CERT)
+        return Answer(200, {"name": name, "version": row.version, "policy": row.policy, "ca": ca})
 
     def audit(self, owner: str, name: str) -> Answer:
         row = self.store.session(name)
