@@ -90,6 +90,7 @@ class Conn:
         self.error: OSError | None = None
         self.shut = False  # the host socket was shut down after an error
         self.closing = False  # close_notify sent
+        self.received = 0  # bytes of ciphertext the peer sent
         if not server_side:
             self._step()  # the ClientHello, sent when the socket can send
 
@@ -116,8 +117,10 @@ class Conn:
         except ssl.SSLZeroReturnError:
             self.eof = True
         except ssl.SSLEOFError:
-            if self.ready:
-                self.eof = True  # a peer that closed without close_notify (most HTTP clients)
+            if self.ready or not self.received:
+                # A peer that closed without close_notify (most HTTP clients), or before it sent
+                # anything (a TCP health check): the app sees the end, as natively.
+                self.eof = True
             else:
                 self._fail("the peer closed the connection during the handshake")
         except ssl.SSLError as e:
@@ -150,6 +153,7 @@ class Conn:
         """One read of ciphertext from the host, opened (raises BlockingIOError if none)."""
         data = io.recv(_READ)
         if data:
+            self.received += len(data)
             self.inc.write(data)
         else:
             self.inc.write_eof()
