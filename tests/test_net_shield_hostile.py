@@ -39,7 +39,7 @@ socketserver.ThreadingTCPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_for
 
 
 def _pki(d: Path) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostile-test-ca")])
     ca = (
@@ -127,18 +127,20 @@ def enclave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, in
 def _talk(d: Path, port: int, lines: list[bytes]) -> bytes:
     ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
     got = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            for line in lines:
-                s.sendall(line)
-            try:
-                while len(got) < sum(len(b"echo:") + len(x) for x in lines):
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    got += chunk
-            except (OSError, ssl.SSLError):
-                pass
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        for line in lines:
+            s.sendall(line)
+        try:
+            while len(got) < sum(len(b"echo:") + len(x) for x in lines):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        except (OSError, ssl.SSLError):
+            pass
     return got
 
 
@@ -173,14 +175,16 @@ def test_flipped_records_never_reach_the_app_and_the_next_connection_is_served(
         import time
 
         ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                time.sleep(0.3)  # the client's Finished has gone through
-                relay.armed.set()
-                s.sendall(b"SECRET-TAMPERED-LINE\n")
-                with pytest.raises((OSError, ssl.SSLError)):
-                    if not s.recv(100):
-                        raise ConnectionResetError("closed")
+        with (
+            socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            time.sleep(0.3)  # the client's Finished has gone through
+            relay.armed.set()
+            s.sendall(b"SECRET-TAMPERED-LINE\n")
+            with pytest.raises((OSError, ssl.SSLError)):
+                if not s.recv(100):
+                    raise ConnectionResetError("closed")
         seen = _readline(proc, "error")
         assert not any("SECRET" in line for line in seen), seen
         assert "ConnectionResetError" in seen[-1] and "bad record mac" in seen[-1], seen
@@ -206,16 +210,18 @@ def test_a_replayed_record_is_refused(enclave: tuple[Path, int, subprocess.Popen
         import time
 
         ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                time.sleep(0.3)
-                relay.armed.set()
-                s.sendall(b"once-A\n")
-                assert s.recv(100) == b"echo:once-A\n"
-                s.sendall(b"once-B\n")
-                with pytest.raises((OSError, ssl.SSLError)):
-                    if not s.recv(100):
-                        raise ConnectionResetError("closed")
+        with (
+            socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            time.sleep(0.3)
+            relay.armed.set()
+            s.sendall(b"once-A\n")
+            assert s.recv(100) == b"echo:once-A\n"
+            s.sendall(b"once-B\n")
+            with pytest.raises((OSError, ssl.SSLError)):
+                if not s.recv(100):
+                    raise ConnectionResetError("closed")
         seen = _readline(proc, "error")
         assert [x for x in seen if x.startswith("got")] == ["got once-A"], seen
     finally:
