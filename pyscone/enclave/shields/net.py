@@ -42,10 +42,11 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyscone import abi
-from pyscone.enclave import iago
+from pyscone.abi import Op
+from pyscone.enclave import iago, scheduler
 from pyscone.protect.netpolicy import ConnectRule, ListenRule, NetPolicy, NetPolicyError
 
 #: Plaintext a non-blocking client may write before its handshake has finished.
@@ -63,6 +64,41 @@ class IO(Protocol):
     def recv(self, n: int) -> bytes: ...
 
     def shutdown(self) -> None: ...  # best effort, never raises
+
+
+class HostIO:
+    """The host socket ``h`` under a connection, as one caller waits on it: ``timeout`` None
+    (blocking), 0 (non-blocking: ``EAGAIN`` at once) or seconds (``TimeoutError``)."""
+
+    __slots__ = ("blocking", "h", "timeout")
+
+    def __init__(self, h: int, timeout: float | None) -> None:
+        self.h = h
+        self.timeout = timeout
+        self.blocking = timeout != 0.0
+
+    def _call(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
+        t = self.timeout
+        result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
+        if result < 0:
+            if err == errno.ETIMEDOUT:
+                raise TimeoutError("timed out")
+            raise OSError(err, os.strerror(err))
+        return result, value
+
+    def send(self, data: bytes) -> int:
+        return self._call(Op.SEND, (self.h, 0), data)[0]
+
+    def recv(self, n: int) -> bytes:
+        return bytes(self._call(Op.RECV, (self.h, n, 0))[1])
+
+    def shutdown(self) -> None:
+        scheduler.get().post(Op.SHUTDOWN, (self.h, socket.SHUT_RDWR))
+
+
+def conn(h: int) -> Conn | None:
+    """The shielded connection on host socket ``h``, if there is one."""
+    return None if _shield is None else _shield.conns.get(h)
 
 
 def log(message: str) -> None:
