@@ -50,9 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import datetime
 import io
-import ipaddress
 import json
 import os
 import re
@@ -70,6 +68,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from report import table  # bench/report.py, next to this script
+from tls_files import Keys, make_keys, shield_conf, stunnel_conf  # bench/tls_files.py
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -91,84 +90,6 @@ Log = Callable[[str], None]
 
 class TlsBenchError(Exception):
     """A configuration could not run: one line, with what its processes said."""
-
-
-# --------------------------------------------------------------------------- keys and config files
-
-
-@dataclass
-class Keys:
-    dir: Path
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def make_keys(directory: Path) -> Keys:
-    """A CA and a server certificate for 127.0.0.1 and localhost (ECDSA P-256), as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyscone TLS benchmark CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(san, critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    keys = Keys(directory, directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    keys.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    keys.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    keys.key.touch(0o600)
-    keys.key.write_bytes(pem)
-    return keys
-
-
-def stunnel_conf(keys: Keys, accept: int, connect: int) -> Path:
-    """A foreground stunnel service: TLS 1.3 on ``accept``, plain TCP to the app on ``connect``."""
-    path = keys.dir / f"stunnel-{accept}.conf"
-    path.write_text(
-        "foreground = yes\npid =\nsyslog = no\ndebug = 3\n"
-        "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
-        f"[bench]\naccept = 127.0.0.1:{accept}\nconnect = 127.0.0.1:{connect}\n"
-        f"cert = {keys.cert}\nkey = {keys.key}\nsslVersionMin = TLSv1.3\n"
-    )
-    return path
-
-
-def shield_conf(keys: Keys, port: int) -> Path:
-    """The network shield's dev-mode file: the app's port is a TLS server with our certificate."""
-    path = keys.dir / f"net-shield-{port}.yaml"
-    path.write_text(
-        f"listen:\n  - port: {port}\n    cert: {keys.cert.name}\n    key: {keys.key.name}\n"
-        "unlisted: refuse\nudp: refuse\n"
-    )
-    return path
 
 
 # --------------------------------------------------------------------------- processes and CPU
@@ -268,6 +189,7 @@ class Run:
     client_cpu_s: float = 0.0
     tls: str = ""  # the version and cipher the check saw
     stopped: str = ""
+    shield_log: dict[str, int] = field(default_factory=dict)  # the session's shield log lines (first run only)
     error: str | None = None
 
     @property
@@ -511,7 +433,21 @@ def session(kind: str, config: str, rnd: int, keys: Keys, work: Path, opts: Opti
             if p.role == "app":
                 for r in runs:
                     r.stopped = how
+                runs[0].shield_log = shield_log_lines(p)
     return runs
+
+
+SHIELD_LINE = re.compile(r"^pyscone: network shield: (?:\S+ -> port \d+: )?(.*?)(?:: |$)")
+
+
+def shield_log_lines(proc: Proc) -> dict[str, int]:
+    """The network shield's log lines, by kind ("TLS handshake failed", ...): none is expected."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in proc.stderr.read_text(errors="replace").splitlines():
+            if m := SHIELD_LINE.match(line):
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 @dataclass
@@ -543,6 +479,7 @@ class TlsReport:
     redis_requests: int
     redis: str  # "" when measured, else why not
     runs: list[Run] = field(default_factory=list)
+    loadavg: tuple[float, float] = (0.0, 0.0)  # before, after: other work on the machine skews every row
 
 
 def bench_tls(
@@ -570,11 +507,13 @@ def bench_tls(
     with tempfile.TemporaryDirectory(prefix="pyscone-bench-tls-") as tmp:
         work = Path(tmp)
         keys = make_keys(work)
+        load_before = os.getloadavg()[0]
         for rnd in range(1, opts.rounds + 1):
             order = opts.configs if rnd % 2 else opts.configs[::-1]
             for kind in ("http", "redis") if opts.redis else ("http",):
                 for config in order:
                     report.runs += session(kind, config, rnd, keys, work, opts, log)
+        report.loadavg = (load_before, os.getloadavg()[0])
     return report
 
 
@@ -660,7 +599,8 @@ def report_lines(report: TlsReport) -> list[str]:
         "keepalive = wrk on kept-alive connections, resumed = wrk with Connection: close (a new connection "
         "and a resumed TLS 1.3 handshake per request), full = ab (a new connection and a full handshake per "
         f"request); redis-benchmark -c 16 -n {report.redis_requests}; median of {report.rounds} round(s), "
-        "configurations alternating; cpu-us/req = the server's process trees (app + stunnel) during the load"
+        "configurations alternating; cpu-us/req = the server's process trees (app + stunnel) during the load; "
+        f"load average {report.loadavg[0]:.2f} before, {report.loadavg[1]:.2f} after"
     )
     headers = ["load", "config", "req/s", "p99 ms", "errors", "cpu-us/req", "stunnel %", "client cpu-us"]
     lines = [head, "", table([*headers, "vs stunnel", "vs ssl"], cells), ""]
@@ -672,6 +612,16 @@ def report_lines(report: TlsReport) -> list[str]:
             lines.append(f"target {load}: shield/stunnel {verdict}")
     seen = {f"{r.config}: {r.tls}" for r in rows if r.tls and r.tls != "plain"}
     lines += ["TLS seen by the check client: " + "; ".join(sorted(seen))] if seen else []
+    logged: dict[str, int] = {}
+    for run in report.runs:
+        for kind, count in run.shield_log.items():
+            logged[kind] = logged.get(kind, 0) + count
+    lines.append(
+        "network shield log lines: "
+        + (", ".join(f"{k} x{n}" for k, n in logged.items()) or "none")
+        + " (a timed load that ends cuts the handshakes under way: 'the peer closed the connection during the "
+        "handshake')"
+    )
     if report.redis:
         lines.append(f"redis: not measured: {report.redis}")
     failures: dict[tuple[str, str], list[str]] = {}
