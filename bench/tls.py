@@ -37,8 +37,8 @@ And the same for a Redis-protocol server (``bench/apps/resp_server.py``: asyncio
 under ``redis-benchmark --tls -c 16 -t set`` then ``-t get`` (16 kept-alive connections), when
 this redis-benchmark has ``--tls``.
 
-CPU: the user + system time of each started process group (the app, or ``pyscone run`` with its
-enclave; and stunnel) read from ``/proc/PID/stat`` just before and just after the load, so per
+CPU: the user + system time of each started process and its descendants (the app, or ``pyscone
+run`` with its enclave; and stunnel) read from ``/proc/PID/stat`` just before and just after the load, so per
 request it is the serving cost only, start-up and shutdown excluded; the client's (wrk's,
 redis-benchmark's) own CPU is reported apart.  Rates and CPU per request are medians over the
 rounds.  The target (issue 12): the shield at >= 0.8x of the app behind stunnel.  Alone, the
@@ -58,17 +58,16 @@ import shutil
 import signal
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from report import table  # bench/report.py, next to this script
 from tls_files import Keys, make_keys, shield_conf, stunnel_conf  # bench/tls_files.py
+from tls_report import REDIS_LOADS, Run, TlsReport, failed, report_lines  # bench/tls_report.py
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -79,8 +78,6 @@ PYTHON = sys.executable
 CONFIGS = ("stunnel", "ssl", "shield", "enclave-plain", "native-plain")
 TLS_CONFIGS = ("stunnel", "ssl", "shield")
 HTTP_LOADS = ("keepalive", "resumed", "full")
-REDIS_LOADS = ("redis-set", "redis-get")
-TARGET = 0.8
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 TICK = os.sysconf("SC_CLK_TCK")
@@ -102,10 +99,10 @@ def free_port() -> int:
         return port
 
 
-def group_cpu(pgids: Sequence[int]) -> list[float]:
-    """User + system CPU seconds so far of every live process in each process group (its threads and
-    the children it has waited for included), from ``/proc``: what ``psutil`` would read."""
-    totals = dict.fromkeys(pgids, 0.0)
+def _scan() -> tuple[dict[int, int], dict[int, float]]:
+    """Every live process's parent and CPU seconds so far (utime + stime + its waited-for children's)."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -114,10 +111,28 @@ def group_cpu(pgids: Sequence[int]) -> list[float]:
         except OSError:  # gone meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
-        pgrp = int(fields[2])
-        if pgrp in totals:
-            totals[pgrp] += sum(int(f) for f in fields[11:15]) / TICK  # utime stime cutime cstime
-    return [totals[g] for g in pgids]
+        parent[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = sum(int(f) for f in fields[11:15]) / TICK
+    return parent, cpu
+
+
+def _under(pid: int, root: int, parent: dict[int, int]) -> bool:
+    while pid > 1 and pid != root:
+        pid = parent.get(pid, 0)
+    return pid == root
+
+
+def tree_cpu(roots: Sequence[int]) -> list[float]:
+    """CPU seconds so far of each root process and all its live descendants (their threads, and the
+    children they have waited for, included), from ``/proc``: what ``psutil`` would read.  By
+    parentage, not by process group: ``pyscone run`` starts its enclave in a session of its own."""
+    parent, cpu = _scan()
+    return [sum(sec for pid, sec in cpu.items() if _under(pid, root, parent)) for root in roots]
+
+
+def descendants(root: int) -> list[int]:
+    parent, _ = _scan()
+    return [pid for pid in parent if pid != root and _under(pid, root, parent)]
 
 
 @dataclass
@@ -157,6 +172,7 @@ def start(role: str, cmd: list[str], cwd: Path, log_dir: Path) -> Proc:
 def stop(proc: Proc) -> str:
     """^C (stunnel: SIGTERM) the process group, wait, SIGKILL what is left.  Returns how it ended."""
     how = "exited"
+    below = descendants(proc.popen.pid)  # an enclave is in a session of its own
     if proc.popen.poll() is None:
         how = "stopped"
         sig = signal.SIGTERM if proc.role == "stunnel" else signal.SIGINT
@@ -167,36 +183,15 @@ def stop(proc: Proc) -> str:
         except subprocess.TimeoutExpired:
             how = "killed"
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.popen.pid, signal.SIGKILL)  # also an enclave left behind by its host
+        os.killpg(proc.popen.pid, signal.SIGKILL)
     proc.popen.wait()
+    for pid in below:  # an enclave left behind by its host (by pid: only what this run started)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     return how
 
 
 # --------------------------------------------------------------------------- one configuration
-
-
-@dataclass
-class Run:
-    load: str
-    config: str
-    round: int
-    rate: float | None = None  # requests/s
-    requests: int = 0
-    p99_ms: float | None = None
-    errors: int = 0  # wrk socket errors + non-2xx
-    app_cpu_s: float = 0.0  # during the load
-    stunnel_cpu_s: float = 0.0
-    client_cpu_s: float = 0.0
-    tls: str = ""  # the version and cipher the check saw
-    stopped: str = ""
-    shield_log: dict[str, int] = field(default_factory=dict)  # the session's shield log lines (first run only)
-    error: str | None = None
-
-    @property
-    def cpu_us_per_request(self) -> float | None:
-        if not self.requests:
-            return None
-        return (self.app_cpu_s + self.stunnel_cpu_s) / self.requests * 1e6
 
 
 @dataclass
@@ -285,7 +280,7 @@ def launch(kind: str, config: str, keys: Keys, work: Path, has_shield: bool) -> 
             "leave it out with --configs"
         )
     native = [PYTHON, str(app), str(port), "127.0.0.1"]
-    enclave = [PYTHON, "-m", "pyscone.cli", "run", "--no-venv"]
+    enclave = [PYTHON, "-m", "pyscone.cli", "run", "--no-venv", "--stats"]  # (counted anyway; printed at exit)
     if config in ("native-plain", "stunnel"):
         cmd = native
     elif config == "ssl":
@@ -317,8 +312,8 @@ UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 def measure(started: Started, cmd: list[str], run: Run) -> str:
     """Run the client ``cmd`` against the started configuration; fills the run's CPU; returns its output."""
-    pgids = [p.popen.pid for p in started.procs]
-    before = group_cpu(pgids)
+    roots = [p.popen.pid for p in started.procs]
+    before = tree_cpu(roots)
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         out, _ = client.communicate(timeout=600)
@@ -327,7 +322,7 @@ def measure(started: Started, cmd: list[str], run: Run) -> str:
         client.communicate()
         raise TlsBenchError(f"{cmd[0]} did not finish") from None
     finally:
-        after = group_cpu(pgids)
+        after = tree_cpu(roots)
     for p, b, a in zip(started.procs, before, after, strict=True):
         if p.role == "app":
             run.app_cpu_s += a - b
@@ -401,9 +396,10 @@ def client_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def session(kind: str, config: str, rnd: int, keys: Keys, work: Path, opts: Options, log: Log) -> list[Run]:
+def session(
+    kind: str, loads: Sequence[str], config: str, rnd: int, keys: Keys, work: Path, opts: Options, log: Log
+) -> list[Run]:
     """Start one configuration, run its loads one after another, stop it."""
-    loads = HTTP_LOADS if kind == "http" else REDIS_LOADS
     runs = [Run(load, config, rnd) for load in loads]
     try:
         started, seen = launch(kind, config, keys, work, opts.has_shield)
@@ -434,10 +430,23 @@ def session(kind: str, config: str, rnd: int, keys: Keys, work: Path, opts: Opti
                 for r in runs:
                     r.stopped = how
                 runs[0].shield_log = shield_log_lines(p)
+                runs[0].host_calls = host_calls(p)
     return runs
 
 
 SHIELD_LINE = re.compile(r"^pyscone: network shield: (?:\S+ -> port \d+: )?(.*?)(?:: |$)")
+
+
+HOST_CALLS = re.compile(r"^pyscone: host calls by kind: (.*)$", re.M)
+
+
+def host_calls(proc: Proc) -> dict[str, int]:
+    """An enclave's host calls by kind over its whole run (``--stats``, the ten most frequent)."""
+    try:
+        m = HOST_CALLS.search(proc.stderr.read_text(errors="replace"))
+    except OSError:
+        return {}
+    return {k: int(n) for k, n in (item.rsplit(" ", 1) for item in m.group(1).split(", "))} if m else {}
 
 
 def shield_log_lines(proc: Proc) -> dict[str, int]:
@@ -472,16 +481,6 @@ def redis_has_tls() -> bool:
     return "--tls" in r.stdout + r.stderr
 
 
-@dataclass
-class TlsReport:
-    seconds: int
-    rounds: int
-    redis_requests: int
-    redis: str  # "" when measured, else why not
-    runs: list[Run] = field(default_factory=list)
-    loadavg: tuple[float, float] = (0.0, 0.0)  # before, after: other work on the machine skews every row
-
-
 def bench_tls(
     quick: bool,
     log: Log,
@@ -510,130 +509,14 @@ def bench_tls(
         load_before = os.getloadavg()[0]
         for rnd in range(1, opts.rounds + 1):
             order = opts.configs if rnd % 2 else opts.configs[::-1]
-            for kind in ("http", "redis") if opts.redis else ("http",):
+            # A start per HTTP load (so that an enclave's host calls are the load's own); the Redis
+            # loads share one (GET reads what SET wrote).
+            parts = [("http", (load,)) for load in HTTP_LOADS] + ([("redis", REDIS_LOADS)] if opts.redis else [])
+            for kind, loads in parts:
                 for config in order:
-                    report.runs += session(kind, config, rnd, keys, work, opts, log)
+                    report.runs += session(kind, loads, config, rnd, keys, work, opts, log)
         report.loadavg = (load_before, os.getloadavg()[0])
     return report
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class Row:
-    load: str
-    config: str
-    rate: float | None
-    p99_ms: float | None
-    cpu_us: float | None
-    stunnel_share: float | None
-    client_cpu_us: float | None
-    errors: int
-    tls: str
-    failures: list[str]
-
-
-def rows_of(report: TlsReport) -> list[Row]:
-    groups: dict[tuple[str, str], list[Run]] = {}
-    for r in report.runs:
-        groups.setdefault((r.load, r.config), []).append(r)
-    rows = []
-    for (load, config), runs in groups.items():
-        ok = [r for r in runs if r.rate is not None and r.error is None]
-
-        def med(values: list[float]) -> float | None:
-            return statistics.median(values) if values else None
-
-        cpus = [c for r in ok if (c := r.cpu_us_per_request) is not None]
-        total = sum(r.app_cpu_s + r.stunnel_cpu_s for r in ok)
-        rows.append(
-            Row(
-                load,
-                config,
-                med([r.rate for r in ok if r.rate is not None]),
-                med([r.p99_ms for r in ok if r.p99_ms is not None]),
-                med(cpus),
-                sum(r.stunnel_cpu_s for r in ok) / total if total and config == "stunnel" else None,
-                med([r.client_cpu_s / r.requests * 1e6 for r in ok if r.requests]),
-                sum(r.errors for r in ok),
-                ok[0].tls if ok else "",
-                sorted({r.error for r in runs if r.error}),
-            )
-        )
-    return rows
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def fmt(value: float | None, spec: str = ",.0f") -> str:
-    return "-" if value is None else f"{value:{spec}}"
-
-
-def report_lines(report: TlsReport) -> list[str]:
-    rows = rows_of(report)
-    by = {(r.load, r.config): r for r in rows}
-    cells = []
-    for r in rows:
-        vs_stunnel = ratio(r.rate, by[(r.load, "stunnel")].rate) if (r.load, "stunnel") in by else None
-        vs_ssl = ratio(r.rate, by[(r.load, "ssl")].rate) if (r.load, "ssl") in by else None
-        cells.append(
-            [
-                r.load,
-                r.config,
-                fmt(r.rate),
-                fmt(r.p99_ms, ".2f"),
-                str(r.errors),
-                fmt(r.cpu_us, ".0f"),
-                fmt(r.stunnel_share and r.stunnel_share * 100, ".0f"),
-                fmt(r.client_cpu_us, ".0f"),
-                fmt(vs_stunnel, ".2f"),
-                fmt(vs_ssl, ".2f"),
-            ]
-        )
-    head = (
-        f"tls: one plain asyncio server natively behind stunnel4, natively with ssl, in an enclave behind "
-        f"the network shield (and plain, natively and in an enclave); 16 connections for {report.seconds} s: "
-        "keepalive = wrk on kept-alive connections, resumed = wrk with Connection: close (a new connection "
-        "and a resumed TLS 1.3 handshake per request), full = ab (a new connection and a full handshake per "
-        f"request); redis-benchmark -c 16 -n {report.redis_requests}; median of {report.rounds} round(s), "
-        "configurations alternating; cpu-us/req = the server's process trees (app + stunnel) during the load; "
-        f"load average {report.loadavg[0]:.2f} before, {report.loadavg[1]:.2f} after"
-    )
-    headers = ["load", "config", "req/s", "p99 ms", "errors", "cpu-us/req", "stunnel %", "client cpu-us"]
-    lines = [head, "", table([*headers, "vs stunnel", "vs ssl"], cells), ""]
-    for load in dict.fromkeys(r.load for r in rows):
-        s, n = by.get((load, "shield")), by.get((load, "stunnel"))
-        if s and n:
-            x = ratio(s.rate, n.rate)
-            verdict = "not measured" if x is None else f"{x:.2f}x, {'meets' if x >= TARGET else 'below'} {TARGET}x"
-            lines.append(f"target {load}: shield/stunnel {verdict}")
-    seen = {f"{r.config}: {r.tls}" for r in rows if r.tls and r.tls != "plain"}
-    lines += ["TLS seen by the check client: " + "; ".join(sorted(seen))] if seen else []
-    logged: dict[str, int] = {}
-    for run in report.runs:
-        for kind, count in run.shield_log.items():
-            logged[kind] = logged.get(kind, 0) + count
-    lines.append(
-        "network shield log lines: "
-        + (", ".join(f"{k} x{n}" for k, n in logged.items()) or "none")
-        + " (a timed load that ends cuts the handshakes under way: 'the peer closed the connection during the "
-        "handshake')"
-    )
-    if report.redis:
-        lines.append(f"redis: not measured: {report.redis}")
-    failures: dict[tuple[str, str], list[str]] = {}
-    for r in rows:
-        for e in r.failures:
-            failures.setdefault((r.config, e), []).append(r.load)
-    lines += [f"FAILED {config} ({', '.join(loads)}): {e}" for (config, e), loads in failures.items()]
-    return [*lines, ""]
-
-
-def failed(report: TlsReport) -> bool:
-    return any(r.error for r in report.runs)
 
 
 def main(argv: list[str] | None = None) -> int:
