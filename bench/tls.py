@@ -5,7 +5,7 @@
 
 One unmodified plain-TCP server app, ``bench/apps/aio_keepalive.py`` (an asyncio HTTP/1.1
 keep-alive server; why that one: its docstring), in five configurations that alternate within
-each round (the order reverses every other round), each started afresh for the round:
+each round (the order reverses every other round), each started afresh for every load:
 
 * ``stunnel``: the app natively on plain HTTP behind stunnel4 (Debian's) on the same machine,
   TLS 1.3, TCP_NODELAY on both of its sockets;
@@ -19,8 +19,8 @@ each round (the order reverses every other round), each started afresh for the r
 Certificate: ECDSA P-256 from a CA made for the run with ``cryptography`` in a temp dir.  Before
 it is measured, every configuration is checked with a real client that verifies the chain against
 that CA and the body it gets, twice, the second connection offering the first's session (the
-TLS version, the cipher and whether the server resumed are reported).  Three loads per start, each
-for D seconds with 16 connections at once:
+TLS version, the cipher and whether the server resumed are reported).  Three loads, each for D
+seconds with 16 connections at once:
 
 * ``keepalive``: HTTPS requests/s on 16 kept-alive connections, ``wrk -t1 -c16 --latency``;
 * ``resumed``: the same with a ``Connection: close`` header: the app closes every connection
@@ -34,15 +34,16 @@ for D seconds with 16 connections at once:
 For the two of them requests/s = handshakes/s (for the plain configurations: TCP connections/s).
 
 And the same for a Redis-protocol server (``bench/apps/resp_server.py``: asyncio, PING/SET/GET)
-under ``redis-benchmark --tls -c 16 -t set`` then ``-t get`` (16 kept-alive connections), when
-this redis-benchmark has ``--tls``.
+under ``redis-benchmark --tls -c 16 -t set`` then ``-t get`` on one start (16 kept-alive
+connections), when this redis-benchmark has ``--tls``.
 
 CPU: the user + system time of each started process and its descendants (the app, or ``pyscone
-run`` with its enclave; and stunnel) read from ``/proc/PID/stat`` just before and just after the load, so per
-request it is the serving cost only, start-up and shutdown excluded; the client's (wrk's,
-redis-benchmark's) own CPU is reported apart.  Rates and CPU per request are medians over the
-rounds.  The target (issue 12): the shield at >= 0.8x of the app behind stunnel.  Alone, the
-results go to ``bench/results/tls.json``.
+run`` with its enclave; and stunnel) read from ``/proc/PID/stat`` just before and just after the
+load, so per request it is the serving cost only, start-up and shutdown excluded; the client's
+(wrk's, ab's, redis-benchmark's) own CPU is reported apart.  An enclave runs with ``--stats``
+(counted anyway, printed at exit): its socket host calls per request are reported too.  Rates and
+CPU per request are medians over the rounds.  The target (issue 12): the shield at >= 0.8x of the
+app behind stunnel.  Alone, the results go to ``bench/results/tls.json``.
 """
 
 from __future__ import annotations
