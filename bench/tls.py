@@ -27,9 +27,13 @@ seconds with 16 connections at once:
   after its answer and wrk opens a new one, so every request is a new TCP connection and a new
   TLS handshake, but wrk keeps its ``SSL`` object across reconnections (``SSL_clear``) and so
   offers the last session: a TLS 1.3 PSK resumption (still an ECDHE exchange, no certificate
-  signature) wherever the server issues tickets;
+  signature) wherever the server issues tickets.  Caveat: wrk spins while it waits for a
+  handshake (its connecting socket stays registered for writability, so ``SSL_connect`` is
+  retried in a loop), so its CPU per request grows with the server's handshake latency and takes
+  a core from the server on a small machine: the slower the server, the more it is penalised;
 * ``full``: ``ab -c 16`` (HTTP/1.0, no keep-alive, a fresh ``SSL`` per connection): a new
-  connection and a full handshake, the server's ECDSA signature included, per request.
+  connection and a full handshake, the server's ECDSA signature included, per request.  ab waits
+  for the handshake in ``poll``: this is the fair handshakes/s figure.
 
 For the two of them requests/s = handshakes/s (for the plain configurations: TCP connections/s).
 

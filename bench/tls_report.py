@@ -142,8 +142,9 @@ def report_lines(report: TlsReport) -> list[str]:
         f"tls: one plain asyncio server natively behind stunnel4, natively with ssl, in an enclave behind "
         f"the network shield (and plain, natively and in an enclave); 16 connections for {report.seconds} s: "
         "keepalive = wrk on kept-alive connections, resumed = wrk with Connection: close (a new connection "
-        "and a resumed TLS 1.3 handshake per request), full = ab (a new connection and a full handshake per "
-        f"request); redis-benchmark -c 16 -n {report.redis_requests}; median of {report.rounds} round(s), "
+        "and a resumed TLS 1.3 handshake per request; wrk spins while a handshake is under way, so a slow "
+        "server loses CPU to it), full = ab (a new connection and a full handshake per request, the fair "
+        f"handshakes/s); redis-benchmark -c 16 -n {report.redis_requests}; median of {report.rounds} round(s), "
         "configurations alternating; cpu-us/req = the server's process trees (app + stunnel) during the load; "
         f"load average {report.loadavg[0]:.2f} before, {report.loadavg[1]:.2f} after"
     )
