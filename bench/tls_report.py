@@ -155,7 +155,9 @@ def report_lines(report: TlsReport) -> list[str]:
         if s and n:
             x = ratio(s.rate, n.rate)
             verdict = "not measured" if x is None else f"{x:.2f}x, {'meets' if x >= TARGET else 'below'} {TARGET}x"
-            lines.append(f"target {load}: shield/stunnel {verdict}")
+            b = by.get((load, "ssl"))
+            vs_ssl = ratio(s.rate, b.rate) if b else None
+            lines.append(f"target {load}: shield/stunnel {verdict}" + (f"; shield/ssl {vs_ssl:.2f}x" if vs_ssl else ""))
     for r in rows:
         if r.host_calls and r.load != "redis-get":  # (the Redis loads share one enclave)
             what = "redis" if r.load == "redis-set" else r.load
