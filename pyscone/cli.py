@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the newest FSPF tag is kept and pinned from (default PATH.tag)",
     )
     run.add_argument(
+        "--net-shield",
+        metavar="FILE",
+        help="DEV MODE: the network shield's rules (YAML: listen/connect/unlisted/udp, docs/network-shield.md); "
+        "in production the session policy's 'network' gives them",
+    )
+    run.add_argument(
         "--session",
         metavar="NAME/SERVICE",
         help="with --cas: the session and service to attest for; the CAS supplies argv, env, files and the FSPF",
@@ -513,8 +519,54 @@ def cmd_run(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     enclave.fspf = _fspf_config(a)
+    enclave.network = _net_shield_config(a.net_shield)
     enclave.bytecode_cache = _bytecode_cache(a, dev=True)
     return launch(enclave, host)
+
+
+_PEM_FIELDS = ("cert", "key", "ca", "client_ca")
+
+
+def _net_shield_config(path: str | None) -> dict[str, Any] | None:
+    """Dev mode: the network shield's rules from a file on the host, its PEM files read here."""
+    if path is None:
+        return None
+    import yaml
+
+    from pyscone.protect import netpolicy
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            spec = yaml.safe_load(fh)
+    except OSError as e:
+        raise UsageError(f"--net-shield {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"--net-shield {path}: not valid YAML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    if isinstance(spec, dict):
+        for section in ("listen", "connect"):
+            rules = spec.get(section)
+            for i, rule in enumerate(rules if isinstance(rules, list) else []):
+                for name in _PEM_FIELDS if isinstance(rule, dict) else ():
+                    value = rule.get(name)
+                    if isinstance(value, str) and "-----BEGIN" not in value:
+                        try:
+                            with open(os.path.join(base, value), encoding="ascii") as fh:
+                                rule[name] = fh.read()
+                        except (OSError, UnicodeDecodeError) as e:
+                            why = getattr(e, "strerror", None) or "not a PEM file"
+                            raise UsageError(f"--net-shield {path}: {section}[{i}].{name}: {value}: {why}") from None
+    try:
+        netpolicy.parse(spec)
+    except netpolicy.NetPolicyError as e:
+        raise UsageError(f"--net-shield {path}: {e}") from None
+    print(
+        "pyscone: WARNING: dev mode: the network shield's keys come from the host's disk; "
+        "in production the CAS delivers them only after attestation.",
+        file=sys.stderr,
+    )
+    assert isinstance(spec, dict)
+    return spec
 
 
 def _run_attested(a: argparse.Namespace) -> int:

@@ -58,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         clients.append(p)
     sh = ssub.add_parser("show", help="print a session's policy and version")
     sh.add_argument("name")
+    sh.add_argument(
+        "--ca",
+        action="store_true",
+        help="print the session's CA certificate instead (PEM: what clients of its x509 secrets trust)",
+    )
     au = csub.add_parser("audit", help="the attestations and changes of a session")
     au.add_argument("name")
     for p in (*clients, sh, au, t, d):
@@ -157,6 +162,11 @@ def _owner(a: argparse.Namespace) -> int:
             return 0
         if a.session_command == "show":
             doc = client.session(a.name)
+            if a.ca:
+                if not doc.get("ca"):
+                    raise CliError(f"session {a.name} has no CA yet (it has no x509 secret)")
+                sys.stdout.write(doc["ca"])
+                return 0
             print(f"# session {doc['name']}, version {doc['version']}")
             sys.stdout.write(doc["policy"])
             return 0

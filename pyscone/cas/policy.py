@@ -86,6 +86,7 @@ class Service:
     files: Mapping[str, str]
     fspf: FspfSpec | None
     cwd: str = "/"  # the enclave's working directory: never the host's
+    network: Mapping[str, Any] | None = None  # the network shield's rules (protect/netpolicy.py)
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,8 @@ def _secret(name: str, node: _Node) -> SecretSpec:
 
 def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Service:
     m = node.mapping(
-        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd"}, {"argv"}
+        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd", "network"},
+        {"argv"},
     )
     mrenclaves = frozenset(
         bytes.fromhex(n.string(HEX32, "a 64-hex-digit MRENCLAVE"))
@@ -311,7 +313,57 @@ def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Servi
         if not cwd.startswith("/") or "\0" in cwd:
             raise m["cwd"].fail("the working directory is an absolute path")
         cwd = posixpath.normpath(cwd)
-    return Service(name, expected, argv, env, files, fspf, cwd)
+    network = _network(m["network"], check) if "network" in m else None
+    return Service(name, expected, argv, env, files, fspf, cwd, network)
+
+
+def _network(node: _Node, check: Callable[[_Node, str], str]) -> dict[str, Any]:
+    """A service's network-shield rules: validated by the one parser the enclave uses too."""
+    from pyscone.protect import netpolicy
+
+    if not isinstance(node.node, yaml.MappingNode):
+        raise node.fail("expected a mapping")
+    try:
+        spec = yaml.safe_load(yaml.serialize(node.node))
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+        raise node.fail("not a valid value") from None
+
+    def refs(value: Any) -> None:
+        if isinstance(value, str):
+            check(node, value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                refs(v)
+        elif isinstance(value, list):
+            for v in value:
+                refs(v)
+
+    refs(spec)
+    try:
+        netpolicy.parse(spec)
+    except netpolicy.NetPolicyError as e:
+        raise _locate(node, str(e)).fail(str(e)) from None
+    return dict(spec)
+
+
+def _locate(node: _Node, message: str) -> _Node:
+    """The node a network-rule error names (``listen[0].port: ...``), for its line."""
+    where = re.match(r"^([A-Za-z_]+(?:\[\d+\]|\.[A-Za-z_]+)*): ", message)
+    current = node.node
+    for step in re.findall(r"[A-Za-z_]+|\[\d+\]", where.group(1) if where else ""):
+        if isinstance(current, yaml.MappingNode):
+            found = [v for k, v in current.value if isinstance(k, yaml.ScalarNode) and k.value == step]
+            if not found:
+                break
+            current = found[0]
+        elif isinstance(current, yaml.SequenceNode) and step.startswith("["):
+            i = int(step[1:-1])
+            if i >= len(current.value):
+                break
+            current = current.value[i]
+        else:
+            break
+    return _Node(current, node.path)
 
 
 def _ref_checker(secrets: Mapping[str, SecretSpec]) -> Callable[[_Node, str], str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets as _random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,10 @@ class Cas:
         row = self.store.session(name)
         if row is None or row.owner != owner:
             return _error(404, f"no session {name!r} of yours")
-        return Answer(200, {"name": name, "version": row.version, "policy": row.policy})
+        # The session CA's certificate is public: clients of the service's x509 secrets
+        # (the network shield's server identity) trust it.
+        ca = row.values.get(secrets.CA_CERT)
+        return Answer(200, {"name": name, "version": row.version, "policy": row.policy, "ca": ca})
 
     def audit(self, owner: str, name: str) -> Answer:
         row = self.store.session(name)
@@ -211,6 +215,8 @@ class Cas:
         }
         if svc.fspf is not None:
             config["fspf"] = {"path": svc.fspf.path, "key": render(svc.fspf.key), "tags": tags}
+        if svc.network is not None:
+            config["network"] = _render_all(svc.network, render)
         try:
             sealed = protocol.seal_config(public, nonce_bytes, config)
         except ValueError as e:
@@ -252,3 +258,14 @@ class Cas:
 def _volumes(pol: policy_mod.Policy) -> dict[str, str]:
     """The session's volumes: FSPF path -> the tag the policy names (shared by its services)."""
     return {svc.fspf.path: svc.fspf.tag.lower() for svc in pol.services.values() if svc.fspf is not None}
+
+
+def _render_all(value: Any, render: Callable[[str], str]) -> Any:
+    """``value`` (the network rules: mappings, lists, strings, numbers) with its secrets put in."""
+    if isinstance(value, str):
+        return render(value)
+    if isinstance(value, Mapping):
+        return {k: _render_all(v, render) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_all(v, render) for v in value]
+    return value

@@ -346,6 +346,7 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     os.environ.clear()
     os.environ.update(config["env"])
     cfg["files"] = config["files"]
+    cfg["network"] = config.get("network")  # the CAS's rules, never the host's
     cfg["bytecode_key"] = config.get("bytecode_key")  # the CAS's, never the host's
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
@@ -404,6 +405,20 @@ def _app_dir(cfg: dict[str, Any]) -> str:
 def _path0(cfg: dict[str, Any]) -> str:
     """sys.path[0] as python sets it: the app's directory, or '' for -c."""
     return "" if cfg.get("command") is not None else _app_dir(cfg)
+
+
+def _shield_network(spec: object) -> str | None:
+    """Turn the network shield on, before the app runs (its rules from the CAS, or in dev mode
+    from the host)."""
+    from pyscone.enclave.shields import net
+    from pyscone.enclave.stdlib import tls
+    from pyscone.protect.netpolicy import NetPolicyError
+
+    try:
+        net.install(spec, tls._use_chain_and_key)
+    except NetPolicyError as e:
+        return f"network shield: {e}"
+    return None
 
 
 def _inject(injected: dict[str, str]) -> str | None:
@@ -507,6 +522,8 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
             error = f"cannot mount the file-system shield: {type(e).__name__}: {e}"
     if error is None and cfg.get("files"):
         error = _inject(cfg["files"])
+    if error is None and cfg.get("network"):
+        error = _shield_network(cfg["network"])
     if error is None and cfg.get("cas"):
         error = _enter(cfg)
     if error is None:

@@ -30,6 +30,7 @@ from typing import Any
 from pyscone.cas import protocol
 from pyscone.enclave import attest
 from pyscone.enclave.attest import AttestationError
+from pyscone.enclave.stdlib import sockets
 from pyscone.platform import keys, quote
 
 TIMEOUT = 30.0
@@ -57,7 +58,7 @@ class CasConnection:
         self._tls = ctx.wrap_bio(self._in, self._out, server_hostname=parts.hostname)
         self._buffer = bytearray()
         with self._errors():
-            self._sock = socket.create_connection((parts.hostname, parts.port or 443), timeout=TIMEOUT)
+            self._sock = sockets.runtime_connection(parts.hostname, parts.port or 443, TIMEOUT)
             # Small records each way: without this, Nagle holds a request behind the ACK of the
             # handshake's last record, which the CAS delays (about 40 ms a request).
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -107,6 +107,8 @@ class FdTable:
         # (the FS shield's) are recorded here too.  As in Python, only 0..2 are inheritable.
         self.inheritable: set[int] = {0, 1, 2}
         self.nonblocking: set[int] = set()
+        # Told of every fd the enclave forgets (the network shield drops the connection on it).
+        self.forget_hooks: list[Callable[[int], None]] = []
 
     def adopt(self, fd: int, kind: str, family: int = 0, *, type: int = 0, proto: int = 0, flags: int = 0) -> None:  # noqa: A002
         if not 0 <= fd < abi.MAX_FD:
@@ -142,6 +144,8 @@ class FdTable:
             table.pop(fd, None)
         self.inheritable.discard(fd)
         self.nonblocking.discard(fd)
+        for hook in self.forget_hooks:
+            hook(fd)
 
     def snapshot(self) -> FdTable:
         """A copy of everything (for tests that validate replies in isolation)."""

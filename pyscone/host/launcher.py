@@ -57,6 +57,7 @@ class EnclaveConfig:
     # CAS gives the key.  Not measured: the cache holds only what the enclave itself sealed.
     bytecode_cache: dict[str, str] | None = None
     venv: str | None = None  # the app's virtualenv, absolute (enclave/venv.py; measured)
+    network: dict[str, object] | None = None  # dev mode: the network shield's rules (with a CAS, the CAS's)
 
 
 @dataclass

@@ -25,11 +25,13 @@ import os
 import select
 import socket
 import struct
+import time
 from typing import Any
 
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
+from pyscone.enclave.shields import net
 from pyscone.enclave.stdlib import dups, interpose, pipes
 
 LISTEN_BACKLOG_FLOOR = 128
@@ -55,6 +57,38 @@ def _raise(err: int) -> None:
     if err == errno.ETIMEDOUT:
         raise TimeoutError("timed out")
     raise OSError(err, os.strerror(err))
+
+
+class _ShieldIO:
+    """The host socket under a network-shield connection, as one caller waits on it."""
+
+    __slots__ = ("blocking", "h", "timeout")
+
+    def __init__(self, h: int, timeout: float | None) -> None:
+        self.h = h
+        self.timeout = timeout
+        self.blocking = timeout != 0.0
+
+    def _call(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
+        t = self.timeout
+        result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
+        if result < 0:
+            _raise(err)
+        return result, value
+
+    def send(self, data: bytes) -> int:
+        return self._call(Op.SEND, (self.h, 0), data)[0]
+
+    def recv(self, n: int) -> bytes:
+        return bytes(self._call(Op.RECV, (self.h, n, 0))[1])
+
+    def shutdown(self) -> None:
+        scheduler.get().post(Op.SHUTDOWN, (self.h, socket.SHUT_RDWR))
+
+
+def _conn(h: int) -> net.Conn | None:
+    shield = net.shield()
+    return None if shield is None else shield.conns.get(h)
 
 
 class EnclaveSocket(_StdSocket):
@@ -186,10 +220,21 @@ class EnclaveSocket(_StdSocket):
             _raise(err)
         return result, value
 
+    def _shield_io(self, h: int, flags: int = 0) -> _ShieldIO:
+        t = self._timeout
+        if (t is None and h in _fds.nonblocking) or flags & getattr(socket, "MSG_DONTWAIT", 0):
+            t = 0.0
+        return _ShieldIO(h, t)
+
     # -- connection set-up --------------------------------------------------------------------
 
     def bind(self, address: Any) -> None:
-        _call(Op.BIND, (self._live(),), abi.encode_sockaddr(self._family, address))
+        h = self._live()
+        data = abi.encode_sockaddr(self._family, address)
+        shield = net.shield()
+        if shield is not None:
+            shield.check_bind(h, self._family, self._kind, address)
+        _call(Op.BIND, (h,), data)
 
     def listen(self, backlog: int = min(socket.SOMAXCONN, 128)) -> None:
         # At least LISTEN_BACKLOG_FLOOR: an accept loop in the enclave takes longer to come
@@ -203,7 +248,11 @@ class EnclaveSocket(_StdSocket):
         return newfd, addr
 
     def accept(self) -> tuple[EnclaveSocket, Any]:
-        _, (fd, addr, local) = self._io(Op.ACCEPT, (self._live(),))
+        listener = self._live()
+        _, (fd, addr, local) = self._io(Op.ACCEPT, (listener,))
+        shield = net.shield()
+        if shield is not None:
+            shield.accepted(listener, fd, addr)
         sock = EnclaveSocket(self._family, self._kind, self._proto, fileno=fd)
         sock._sockname = local  # a connected socket's local address never changes
         if socket.getdefaulttimeout() is None and self.gettimeout():
@@ -219,21 +268,31 @@ class EnclaveSocket(_StdSocket):
 
     def connect_ex(self, address: Any) -> int:
         t = self._timeout
+        h = self._live()
         data = abi.encode_sockaddr(self._family, address)
-        result, err, _ = scheduler.get().host_call(
-            Op.CONNECT, (self._live(),), data, wait=t != 0.0, timeout=t if t else None
-        )
+        shield = net.shield()
+        rule = None if shield is None else shield.connect_rule(h, self._family, self._kind, address)
+        result, err, _ = scheduler.get().host_call(Op.CONNECT, (h,), data, wait=t != 0.0, timeout=t if t else None)
         if result < 0 and err == errno.EAGAIN and t == 0.0:
-            return errno.EINPROGRESS
-        if result < 0 and err == errno.ETIMEDOUT and t:
+            err = errno.EINPROGRESS
+        elif result < 0 and err == errno.ETIMEDOUT and t:
             raise TimeoutError("timed out")
+        if rule is not None and shield is not None and (result >= 0 or err == errno.EINPROGRESS):
+            conn = shield.client(h, rule)
+            io = self._shield_io(h)
+            if result >= 0 and io.blocking:
+                conn.handshake(io)  # a bad certificate is connect's error
         return err if result < 0 else 0
 
     # -- data ---------------------------------------------------------------------------------
 
     def send(self, data: Any, flags: int = 0) -> int:
         view = memoryview(data).cast("B")[:_slot_data]
-        n, _ = self._io(Op.SEND, (self._live(), flags), bytes(view))
+        h = self._live()
+        conn = _conn(h)
+        if conn is not None:
+            return conn.send(self._shield_io(h, flags), bytes(view))
+        n, _ = self._io(Op.SEND, (h, flags), bytes(view))
         return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
@@ -244,6 +303,12 @@ class EnclaveSocket(_StdSocket):
 
     def sendto(self, data: Any, flags_or_addr: Any, addr: Any = None) -> int:
         flags, address = (0, flags_or_addr) if addr is None else (flags_or_addr, addr)
+        shield = net.shield()
+        if shield is not None:
+            h = self._live()
+            if h in shield.conns:
+                return self.send(data, flags)  # a connected stream socket ignores the address
+            shield.check_datagram(h, self._family, self._kind)
         enc = abi.encode_sockaddr(self._family, address)
         payload = bytes(memoryview(data).cast("B")[: _slot_data - 4 - len(enc)])
         n, _ = self._io(Op.SENDTO, (self._live(), flags), struct.pack("<I", len(enc)) + enc + payload)
@@ -252,7 +317,11 @@ class EnclaveSocket(_StdSocket):
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
-        _, data = self._io(Op.RECV, (self._live(), min(bufsize, _slot_data), flags))
+        h = self._live()
+        conn = _conn(h)
+        if conn is not None:
+            return conn.recv(self._shield_io(h, flags), min(bufsize, _slot_data), bool(flags & socket.MSG_PEEK))
+        _, data = self._io(Op.RECV, (h, min(bufsize, _slot_data), flags))
         return bytes(data)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -265,6 +334,8 @@ class EnclaveSocket(_StdSocket):
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         if bufsize < 0:
             raise ValueError("negative buffersize in recvfrom")
+        if _conn(self._live()) is not None:
+            return self.recv(bufsize, flags), None
         _, (data, addr) = self._io(Op.RECVFROM, (self._live(), min(bufsize, _slot_data), flags))
         return bytes(data), addr
 
@@ -307,7 +378,11 @@ class EnclaveSocket(_StdSocket):
         return _call(Op.GETPEERNAME, (self._live(),))[1]
 
     def shutdown(self, how: int) -> None:
-        _call(Op.SHUTDOWN, (self._live(), how))
+        h = self._live()
+        conn = _conn(h)
+        if conn is not None and how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            conn.close_notify(self._shield_io(h))
+        _call(Op.SHUTDOWN, (h, how))
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -320,6 +395,9 @@ class EnclaveSocket(_StdSocket):
             if h != fd or _fds.kinds.get(h) != iago.FdTable.SOCKET:
                 dups.close_handle(h)  # the number named something else by then (a dup2 onto it)
                 return
+            conn = _conn(h)
+            if conn is not None:
+                conn.close_notify(_ShieldIO(h, 0.0))  # the peer sees a clean end, not a truncation
             _fds.forget(h)  # before the host can reuse the number (see files.close)
             # Posted, not awaited: a socket's close reports nothing worth a round trip,
             # and the host runs the ring in order, so no later call can overtake it.
@@ -382,6 +460,25 @@ def _call(op: int, args: tuple[int, ...] = (), data: bytes = b"") -> tuple[int, 
     return result, value
 
 
+def runtime_connection(host: str, port: int, timeout: float) -> EnclaveSocket:
+    """A TCP connection of the runtime itself (the CAS's pin reports), never under the network
+    shield: the shield is for the app's traffic, and these carry their own pinned TLS."""
+    problem: OSError | None = None
+    for family, kind, proto, _, address in getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = EnclaveSocket(family, kind, proto)
+        shield = net.shield()
+        if shield is not None:
+            shield.exempt.add(sock._live())
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            problem = e
+            sock.close()
+    raise problem or OSError(errno.EHOSTUNREACH, f"{host}: no address")
+
+
 def socketpair(
     family: int = socket.AF_UNIX,
     type: int = socket.SOCK_STREAM,  # noqa: A002 - the stdlib's parameter name
@@ -406,6 +503,11 @@ def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int
         if err:
             _raise(err)
         raise socket.gaierror(value, _gai_message(value))
+    shield = net.shield()
+    if shield is not None and h:
+        # A name a rule gives: its addresses now reach that rule (the host answered, so the
+        # TLS handshake, not this answer, decides whether the server is the one named).
+        shield.note_resolved(h.decode("ascii", "replace"), [str(sa[0]) for *_, sa in value if sa])
     return [
         (socket._intenum_converter(f, socket.AddressFamily), socket._intenum_converter(t, socket.SocketKind), pr, c, sa)  # type: ignore[attr-defined]
         for f, t, pr, c, sa in value
@@ -489,6 +591,13 @@ def _poll_handles(fds: list[tuple[int, int]], timeout: float | None) -> list[tup
 
 
 def _host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
+    shield = net.shield()
+    if shield is not None and shield.conns and any(h in shield.conns for h, _ in fds):
+        return net.poll(shield, fds, timeout, _raw_host_poll, lambda h: _ShieldIO(h, 0.0), time.monotonic)
+    return _raw_host_poll(fds, timeout)
+
+
+def _raw_host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     for fd, _ in fds:
         _fds.kind(fd)  # EBADF for a descriptor the enclave never opened
     if not fds:
