@@ -128,6 +128,9 @@ ECHO_SERVER = """
 
 # One app for every outbound case: each argument is a step, each step prints one line, "ok ..."
 # or where it failed ("connect", "send", "recv", ...) with the exception's type, errno and text.
+# Steps: tcp:HOST:PORT (a request line, one reply line), tcp-eof:HOST:PORT (the same with
+# shutdown(SHUT_WR) after the request), unix:PATH, bind:PORT, udp-bind:PORT, udp-connect:HOST:PORT,
+# udp-sendto:HOST:PORT.
 STEPS = """
     import errno, socket, sys
     secret = sys.argv[1].encode()
@@ -135,19 +138,22 @@ STEPS = """
     def addr(text):
         host, _, port = text.rpartition(":")
         return host, int(port)
-    def talk(s, where):
+    def talk(s, where, half_close=False):
         global stage
         stage = "connect"
         s.connect(where)
         stage = "send"
         s.sendall(b"request " + secret + b"\\n")
+        if half_close:  # "that is all": the server answers once it has seen our end
+            stage = "shutdown"
+            s.shutdown(socket.SHUT_WR)
         stage = "recv"
         return "reply " + s.makefile("rb").readline().decode().strip()
     def run(kind, arg):
         global stage
-        if kind == "tcp":
+        if kind in ("tcp", "tcp-eof"):
             with socket.socket() as s:
-                return talk(s, addr(arg))
+                return talk(s, addr(arg), kind == "tcp-eof")
         if kind == "unix":
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 return talk(s, arg)

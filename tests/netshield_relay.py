@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from conftest import PYSCONE
 
@@ -133,6 +134,7 @@ class Seen:
 
     line: bytes = b""
     peer_cn: str | None = None
+    sni: str | None = None  # the server name the client sent
     error: str | None = None
 
 
@@ -143,6 +145,8 @@ class NativeServer:
         where: ("127.0.0.1", 0) for a fresh TCP port, or a Unix socket path.
         cert, key: its TLS identity; None for plaintext.
         client_ca: if given, a client certificate signed by it is required.
+        until_eof: read everything up to the client's end (a TLS close_notify, or EOF) before
+            answering, instead of one line.
     """
 
     def __init__(
@@ -152,8 +156,10 @@ class NativeServer:
         key: Path | None = None,
         client_ca: Path | None = None,
         reply: bytes = b"reply ",
+        until_eof: bool = False,
     ) -> None:
         self.reply = reply
+        self.until_eof = until_eof
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         self._ctx: ssl.SSLContext | None = None
@@ -163,6 +169,7 @@ class NativeServer:
             if client_ca is not None:
                 self._ctx.verify_mode = ssl.CERT_REQUIRED
                 self._ctx.load_verify_locations(client_ca)
+            self._ctx.sni_callback = _note_sni
         if isinstance(where, str):
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._listener.bind(where)
@@ -198,14 +205,15 @@ class NativeServer:
         try:
             if self._ctx is not None:
                 conn = self._ctx.wrap_socket(conn, server_side=True)
+                seen.sni = getattr(conn, "sni", None)
                 cert = conn.getpeercert()
                 if cert:
                     seen.peer_cn = dict(x[0] for x in cert["subject"])["commonName"]
-            f = conn.makefile("rwb")
-            seen.line = f.readline()
-            if seen.line:
-                f.write(self.reply + seen.line)
-                f.flush()
+            with conn.makefile("rwb") as f:
+                seen.line = f.read() if self.until_eof else f.readline()
+                if seen.line:
+                    f.write(self.reply + seen.line)
+                    f.flush()
         except (OSError, ValueError) as e:
             seen.error = f"{type(e).__name__}: {e}"
         finally:
@@ -218,6 +226,10 @@ class NativeServer:
     def close(self) -> None:
         self._stop.set()
         self._listener.close()
+
+
+def _note_sni(sock: ssl.SSLSocket | ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+    sock.sni = name  # type: ignore[union-attr]
 
 
 def is_listening(port: int | None, path: str | None) -> bool:
@@ -252,6 +264,15 @@ class Enclave:
         self.proc = subprocess.Popen(
             [*PYSCONE, "run", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        # Read both pipes as the enclave writes them, so that a test can wait for a line.
+        self._out, self._err = bytearray(), bytearray()
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
         deadline = time.monotonic() + 20
         while not is_listening(port, path):
             if self.proc.poll() is not None:
@@ -262,6 +283,20 @@ class Enclave:
                 raise AssertionError(f"the enclave is not listening on {port or path} after 20 s")
             time.sleep(0.05)
 
+    def _read(self, pipe: IO[bytes] | None, into: bytearray) -> None:
+        assert pipe is not None
+        while data := pipe.read1(65536):  # type: ignore[attr-defined]
+            with self._changed:
+                into += data
+                self._changed.notify_all()
+
+    def wait_stdout(self, text: str, count: int = 1, timeout: float = 20.0) -> str:
+        """Wait until the app has printed ``text`` ``count`` times (its output is its own pace:
+        a handler prints after the peer's end reached it); returns stdout so far."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._out.decode(errors="replace").count(text) >= count, timeout)
+            return self._out.decode(errors="replace")
+
     def stop(self) -> tuple[int, str, str]:
         """Stop it (if it still runs) and return (exit code, stdout, stderr); again: the same."""
         if self._result is not None:
@@ -269,11 +304,12 @@ class Enclave:
         if self.proc.poll() is None:
             self.proc.send_signal(2)
             try:
-                out, err = self.proc.communicate(timeout=15)
+                self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                out, err = self.proc.communicate()
-        else:
-            out, err = self.proc.communicate()
-        self._result = (self.proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+                self.proc.wait()
+        for t in self._readers:
+            t.join(10)
+        out, err = self._out.decode(errors="replace"), self._err.decode(errors="replace")
+        self._result = (self.proc.returncode, out, err)
         return self._result

@@ -12,8 +12,10 @@ relay does see the plaintext then, so "the relay saw no secret" below means some
 from __future__ import annotations
 
 import re
+import ssl
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ def _curl(port: int, path: bytes, *extra: str) -> subprocess.CompletedProcess[st
 # -- the controls: without the shield the relay sees everything -----------------------------------
 
 
-def test_control_without_the_shield_the_relay_records_theplaintext_client(tmp_path: Path, host: Host) -> None:
+def test_control_without_the_shield_the_relay_records_the_plaintext(tmp_path: Path, host: Host) -> None:
     need("curl")
     path, marker = _www(tmp_path)
     port = free_port()
@@ -114,7 +116,8 @@ def test_curl_gets_https_from_an_unmodified_http_server(tmp_path: Path, pki: Pki
     assert bad.returncode != 0 and "certificate" in bad.stderr.lower(), bad.stderr
     code, _, err = srv.stop()
     assert code == 0, err[-3000:]
-    assert "insecure" in err.lower(), "dev mode must say loudly that the keys are on the host's disk"
+    # Dev mode says, loudly, that the keys come from the host's disk.
+    assert re.search(r"^pyscone: warning: .*dev mode.*host", err, re.I | re.M), err[-3000:]
     assert f'GET /{path.decode()}.html HTTP/1.1" 200' in err  # the app itself saw the plaintext request
 
 
@@ -260,6 +263,38 @@ def test_redis_py_reaches_a_tls_only_redis_server(tmp_path: Path, pki: Pki, host
     assert got.stdout.strip() == secret, got.stderr
 
 
+def test_a_destination_named_by_host_name(tmp_path: Path, pki: Pki, host: Host) -> None:
+    """A rule naming a host applies to the addresses the app itself resolved that name to; the name
+    is what the server's certificate is checked against, and the SNI the server receives."""
+    native = host.native(ident=pki.server)
+    by_ip, by_name = f"tcp:127.0.0.1:{native.port}", f"tcp:localhost:{native.port}"
+    cfg = write_net_shield(tmp_path / "net.yaml", connect=[{"to": f"localhost:{native.port}", "ca": pki.ca}])
+    secret = fresh_secret("request")
+    app = write_app(tmp_path, STEPS)
+    # Before the app resolved "localhost", 127.0.0.1 is no listed destination.
+    got = steps_of(run_enclave("--net-shield", cfg, app, secret.decode(), by_ip, cwd=tmp_path))
+    assert got[by_ip].startswith("connect PermissionError EACCES"), got
+    got = steps_of(run_enclave("--net-shield", cfg, app, secret.decode(), by_name, cwd=tmp_path))
+    assert got[by_name] == f"ok reply reply request {secret.decode()}", got
+    assert [(s.sni, s.line) for s in native.seen] == [("localhost", b"request " + secret + b"\n")]
+
+
+def test_the_apps_half_close_becomes_a_close_notify(tmp_path: Path, pki: Pki, host: Host) -> None:
+    """shutdown(SHUT_WR) after a request: the TLS server sees a clean end (close_notify), answers,
+    and the app still reads the answer."""
+    native = host.native(ident=pki.server, until_eof=True)
+    relay = host.relay(native.address)
+    dest = f"127.0.0.1:{relay.port}"
+    cfg = write_net_shield(tmp_path / "net.yaml", connect=[{"to": dest, "ca": pki.ca}])
+    secret = fresh_secret("request")
+    got = steps_of(
+        run_enclave("--net-shield", cfg, write_app(tmp_path, STEPS), secret.decode(), f"tcp-eof:{dest}", cwd=tmp_path)
+    )
+    assert got[f"tcp-eof:{dest}"] == f"ok reply reply request {secret.decode()}", got
+    assert [(s.line, s.error) for s in native.seen] == [(b"request " + secret + b"\n", None)]
+    relay.assert_hidden(secret)
+
+
 # -- refusals on a listened port: the app sees ECONNRESET, others are still served ----------------
 
 
@@ -279,6 +314,7 @@ def _refused_then_served(
     assert not (isinstance(got, str) and got.startswith("TimeoutError")), "the refused connection was not closed"
     _, good = tls_line(("127.0.0.1", port), tls_ctx(pki, pki.client), b"good client\n")
     assert good == b"GOOD CLIENT\n", f"the enclave stopped serving after the refusal: {good!r}"
+    srv.wait_stdout(f"peer {cport}: ")
     code, out, err = srv.stop()
     assert code == 0, err[-3000:]
     assert f"peer {cport}: ConnectionResetError ECONNRESET" in out.splitlines(), out
@@ -308,6 +344,22 @@ def test_refused_a_plaintext_client_on_a_shielded_port(tmp_path: Path, pki: Pki,
     assert reason.strip(), "the log must say why"
 
 
+def test_refused_a_tls_1_1_client(tmp_path: Path, pki: Pki, host: Host) -> None:
+    """The wire carries TLS 1.2 or 1.3 only, whatever an old client offers."""
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(pki.ca)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this OpenSSL offer TLS 1.1 at all
+    got, reason = _refused_then_served(
+        tmp_path, pki, host, lambda port: tls_line(("127.0.0.1", port), old, b"bad client\n"), client_ca=False
+    )
+    assert isinstance(got, str), got
+    assert "protocol" in reason.lower() or "version" in reason.lower(), reason
+
+
 # -- refusals of destinations: ECONNABORTED from connect(), others still reached ------------------
 
 
@@ -320,7 +372,8 @@ def _destinations(tmp_path: Path, pki: Pki, host: Host, bad: list[dict[str, Any]
     args = [f"tcp:{rule['to']}" for rule in bad] + [f"tcp:127.0.0.1:{good.port}"]
     r = run_enclave("--net-shield", cfg, write_app(tmp_path, STEPS), secret.decode(), *args, cwd=tmp_path, timeout=45)
     steps = steps_of(r)
-    assert steps[args[-1]] == f"ok reply request {secret.decode()}", "the good destination after the bad ones"
+    assert steps[args[-1]] == f"ok reply reply request {secret.decode()}", "the good destination after the bad ones"
+    assert [x.sni for x in good.seen] == ["localhost"]  # the rule's server_name, sent as SNI
     return steps, r.stderr, secret.decode()
 
 
