@@ -57,6 +57,10 @@ class Case:
     https: bool = False  # the server itself speaks HTTPS (certificate from the private CA)
     fixture: str | None = None  # "http", "https", "redis" or "postgres": what a client app connects to
     timeout: float = 60.0
+    # The app speaks plain HTTP; in the enclave the network shield carries it over TLS (a server:
+    # its port is a listening rule, and the client checks the server against the private CA; a
+    # client: its fixture speaks only HTTPS and a connect rule reaches it).  Natively: plain HTTP.
+    shielded: bool = False
 
 
 def _server(name: str, covers: str, files: tuple[str, ...], argv: tuple[str, ...], expect: str, **kw: object) -> Case:
@@ -110,6 +114,13 @@ CASES: tuple[Case, ...] = (
         ("asyncio_server.py", "{port}"), "hello from asyncio streams"),
     _server("http-server", "python -m http.server (stdlib baseline)", ("sample.json",),
         ("-m", "http.server", "--bind", "127.0.0.1", "{port}"), '"a": "text"', path="/sample.json"),
+    # ---- the same servers, HTTPS by the network shield (the app unchanged, plain HTTP natively)
+    _server("flask-waitress-shielded", "Flask on waitress, HTTPS by the network shield", ("flask_waitress.py",),
+        ("flask_waitress.py", "{port}"), "hello from flask on waitress", shielded=True),
+    _server("fastapi-uvicorn-shielded", "FastAPI on uvicorn, HTTPS by the network shield", ("fastapi_uvicorn.py",),
+        ("fastapi_uvicorn.py", "{port}"), '"hello":"from fastapi on uvicorn"', shielded=True),
+    _server("django-shielded", "Django runserver, HTTPS by the network shield", DJANGO,
+        ("django_site/manage.py", "runserver", "--noreload", "--settings", "mysite.settings_nodb", "127.0.0.1:{port}"), "hello from django", shielded=True),
     # ---- clients, against a fixture on loopback
     Case("requests-http", "requests Session over HTTP", ("requests_http.py",),
         ("requests_http.py", "{url}"), "200 hello from the fixture", fixture="http"),
@@ -117,6 +128,8 @@ CASES: tuple[Case, ...] = (
         ("requests_https_ca.py", "{url}", "{ca}"), "200 hello from the fixture", fixture="https"),
     Case("httpx-sync", "httpx.Client over HTTP", ("httpx_sync.py",),
         ("httpx_sync.py", "{url}"), "200 hello from the fixture", fixture="http"),
+    Case("requests-shielded", "requests over plain HTTP to an HTTPS-only server, by a connect rule", ("requests_http.py",),
+        ("requests_http.py", "{url}"), "200 hello from the fixture", fixture="http", shielded=True),
     Case("httpx-async", "httpx.AsyncClient, 5 concurrent requests", ("httpx_async.py",),
         ("httpx_async.py", "{url}"), "5 hello from the fixture", fixture="http"),
     Case("httpx-https-ca", "httpx over HTTPS, ssl context from a private CA", ("httpx_https_ca.py",),
@@ -416,9 +429,24 @@ def prepare(case: Case, workdir: Path) -> None:
             shutil.copy(src, workdir / name)
 
 
-def command(case: Case, mode: str, values: dict[str, str]) -> list[str]:
+def command(case: Case, mode: str, values: dict[str, str], shield: Path | None = None) -> list[str]:
     argv = [a.format(**values) for a in case.argv]
-    return [PYTHON, *argv] if mode == "native" else [*PYSCONE, *argv]
+    if mode == "native":
+        return [PYTHON, *argv]
+    return [*PYSCONE, *(["--net-shield", str(shield)] if shield else []), *argv]
+
+
+def shield_rules(case: Case, mode: str, pki: PKI, workdir: Path, port: int) -> Path | None:
+    """The ``--net-shield`` file of a shielded case in the enclave (see ``Case.shielded``)."""
+    if not case.shielded or mode == "native":
+        return None
+    if case.server:
+        rule = f"listen:\n  - port: {port}\n    cert: {pki.cert}\n    key: {pki.key}\n"
+    else:
+        rule = f"connect:\n  - to: 127.0.0.1:{port}\n    ca: {pki.ca}\n"
+    path = workdir.with_name(workdir.name + ".net.yaml")
+    path.write_text(rule + "unlisted: refuse\n")
+    return path
 
 
 def child_env(workdir: Path) -> dict[str, str]:
@@ -475,7 +503,7 @@ def serving(case: Case, mode: str, env: Env, workdir: Path) -> Iterator[Running]
     log = workdir.with_name(workdir.name + ".stderr")
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            command(case, mode, values),
+            command(case, mode, values, shield_rules(case, mode, env.pki, workdir, port)),
             cwd=workdir,
             env=child_env(workdir),
             stdin=subprocess.DEVNULL,
@@ -490,8 +518,9 @@ def serving(case: Case, mode: str, env: Env, workdir: Path) -> Iterator[Running]
             text = log.read_text(errors="replace")
             why = last_line(text, workdir) if exited else f"not listening after {case.timeout:.0f} s"
             raise CaseFailed(why, text[-3000:])
-        scheme = "https" if case.https else "http"
-        ctx = env.pki.client_context() if case.https else None
+        tls = case.https or (case.shielded and mode != "native")
+        scheme = "https" if tls else "http"
+        ctx = env.pki.client_context() if tls else None
         yield Running(f"{scheme}://127.0.0.1:{port}", ctx, proc, log, workdir)
     finally:
         _stop(proc)
@@ -524,8 +553,14 @@ def run_case(case: Case, mode: str, env: Env) -> Outcome:
         else:
             with contextlib.ExitStack() as stack:
                 values = {"ca": str(env.pki.ca)}
+                shield = None
                 if case.fixture in ("http", "https"):
-                    values["url"] = stack.enter_context(http_fixture(env.pki if case.fixture == "https" else None))
+                    tls = case.fixture == "https" or (case.shielded and mode != "native")
+                    url = stack.enter_context(http_fixture(env.pki if tls else None))
+                    if case.shielded and mode != "native":  # the app speaks HTTP; the shield, TLS
+                        url = "http://" + url.split("://", 1)[1]
+                        shield = shield_rules(case, mode, env.pki, workdir, int(url.rsplit(":", 1)[1].split("/")[0]))
+                    values["url"] = url
                 elif case.fixture == "redis":
                     values["port"] = str(stack.enter_context(redis_fixture(workdir)))
                 elif case.fixture == "postgres":
@@ -538,7 +573,7 @@ def run_case(case: Case, mode: str, env: Env) -> Outcome:
                     (workdir / case.files[0] / "database.json").write_text(json.dumps(db))
                 try:
                     proc = subprocess.run(
-                        command(case, mode, values),
+                        command(case, mode, values, shield),
                         cwd=workdir,
                         env=child_env(workdir),
                         stdin=subprocess.DEVNULL,
@@ -583,8 +618,8 @@ def wrk(url: str, seconds: float, connections: int = 16) -> float | None:
 
 def throughput(case: Case, mode: str, env: Env, seconds: float) -> float | None:
     """Start the server case again and measure it; None when it does not serve."""
-    if case.https:
-        return None  # wrk's TLS is not what we compare here; the case's own check covers it
+    if case.https or case.shielded:
+        return None  # wrk's TLS is not what we compare here (bench/tls.py is); the case's own check covers it
     workdir = env.scratch / f"{case.name}-{mode}-wrk"
     if workdir.exists():
         shutil.rmtree(workdir)

@@ -42,10 +42,11 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyscone import abi
-from pyscone.enclave import iago
+from pyscone.abi import Op
+from pyscone.enclave import iago, scheduler
 from pyscone.protect.netpolicy import ConnectRule, ListenRule, NetPolicy, NetPolicyError
 
 #: Plaintext a non-blocking client may write before its handshake has finished.
@@ -63,6 +64,41 @@ class IO(Protocol):
     def recv(self, n: int) -> bytes: ...
 
     def shutdown(self) -> None: ...  # best effort, never raises
+
+
+class HostIO:
+    """The host socket ``h`` under a connection, as one caller waits on it: ``timeout`` None
+    (blocking), 0 (non-blocking: ``EAGAIN`` at once) or seconds (``TimeoutError``)."""
+
+    __slots__ = ("blocking", "h", "timeout")
+
+    def __init__(self, h: int, timeout: float | None) -> None:
+        self.h = h
+        self.timeout = timeout
+        self.blocking = timeout != 0.0
+
+    def _call(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
+        t = self.timeout
+        result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
+        if result < 0:
+            if err == errno.ETIMEDOUT:
+                raise TimeoutError("timed out")
+            raise OSError(err, os.strerror(err))
+        return result, value
+
+    def send(self, data: bytes) -> int:
+        return self._call(Op.SEND, (self.h, 0), data)[0]
+
+    def recv(self, n: int) -> bytes:
+        return bytes(self._call(Op.RECV, (self.h, n, 0))[1])
+
+    def shutdown(self) -> None:
+        scheduler.get().post(Op.SHUTDOWN, (self.h, socket.SHUT_RDWR))
+
+
+def conn(h: int) -> Conn | None:
+    """The shielded connection on host socket ``h``, if there is one."""
+    return None if _shield is None else _shield.conns.get(h)
 
 
 def log(message: str) -> None:
@@ -90,6 +126,7 @@ class Conn:
         self.error: OSError | None = None
         self.shut = False  # the host socket was shut down after an error
         self.closing = False  # close_notify sent
+        self.received = 0  # bytes of ciphertext the peer sent
         if not server_side:
             self._step()  # the ClientHello, sent when the socket can send
 
@@ -116,8 +153,10 @@ class Conn:
         except ssl.SSLZeroReturnError:
             self.eof = True
         except ssl.SSLEOFError:
-            if self.ready:
-                self.eof = True  # a peer that closed without close_notify (most HTTP clients)
+            if self.ready or not self.received:
+                # A peer that closed without close_notify (most HTTP clients), or before it sent
+                # anything (a TCP health check): the app sees the end, as natively.
+                self.eof = True
             else:
                 self._fail("the peer closed the connection during the handshake")
         except ssl.SSLError as e:
@@ -150,6 +189,7 @@ class Conn:
         """One read of ciphertext from the host, opened (raises BlockingIOError if none)."""
         data = io.recv(_READ)
         if data:
+            self.received += len(data)
             self.inc.write(data)
         else:
             self.inc.write_eof()
@@ -306,68 +346,81 @@ class Shield:
         log(f"refused {what} (not in the policy)")
         return PermissionError(errno.EACCES, f"network shield: {what} is not allowed by the policy")
 
-    def check_bind(self, h: int, family: int, kind: int, address: object) -> None:
-        """Record a listening rule for the socket, or refuse the bind (EACCES)."""
-        if h in self.exempt:
-            return
-        if kind == socket.SOCK_DGRAM and family in (socket.AF_INET, socket.AF_INET6):
-            self._udp("a UDP bind")
-            return
-        if kind != socket.SOCK_STREAM:
-            return
-        rule: ListenRule | None
-        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
-            port = int(address[1])
-            if port == 0:
-                return  # an ephemeral port: a client's, never a listed server's
-            rule, what = self.policy.listen_rule(port=port), f"listening on port {port}"
-        elif family == socket.AF_UNIX and isinstance(address, str) and address and not address.startswith("\0"):
-            rule, what = self.policy.listen_rule(path=os.path.normpath(address)), f"listening on {address}"
-        else:
-            return
-        if rule is not None:
-            self.listening[h] = rule
-        elif self.policy.unlisted == "refuse":
+    def _unlisted(self, what: str) -> None:
+        if self.policy.unlisted == "refuse":
             raise self._refuse(what)
-        else:
-            self.once(f"plaintext: {what} (not in the policy)")
+        self.once(f"plaintext: {what} (not in the policy)")
 
     def _udp(self, what: str) -> None:
         if self.policy.udp == "refuse":
             raise self._refuse(what)
 
-    def check_datagram(self, h: int, family: int, kind: int) -> None:
-        """``connect``/``sendto`` of a UDP socket."""
-        if h not in self.exempt and kind == socket.SOCK_DGRAM and family in (socket.AF_INET, socket.AF_INET6):
+    @staticmethod
+    def _unix_path(address: object) -> str | None:
+        """A Unix socket address as text ('' unnamed, a leading NUL for the abstract namespace)."""
+        if isinstance(address, bytes | bytearray):
+            return os.fsdecode(bytes(address))
+        return address if isinstance(address, str) else None
+
+    def check_bind(self, h: int, family: int, kind: int, address: object) -> None:
+        """Record a listening rule for the socket, or refuse the bind (EACCES)."""
+        if h in self.exempt:
+            return
+        inet = family in (socket.AF_INET, socket.AF_INET6)
+        rule: ListenRule | None = None
+        if inet and kind == socket.SOCK_DGRAM:
+            self._udp("a UDP bind")
+            return
+        if inet and kind == socket.SOCK_STREAM and isinstance(address, tuple):
+            port = int(address[1])
+            if port == 0:
+                return  # an ephemeral port: a client's, never a listed server's
+            rule, what = self.policy.listen_rule(port=port), f"listening on port {port}"
+        elif family == socket.AF_UNIX and (path := self._unix_path(address)):
+            if kind == socket.SOCK_STREAM and not path.startswith("\0"):
+                rule = self.policy.listen_rule(path=os.path.normpath(path))
+            what = f"listening on the Unix socket {path!r}"
+        else:
+            return
+        if rule is not None:
+            self.listening[h] = rule
+        else:
+            self._unlisted(what)
+
+    def check_datagram(self, h: int, family: int, kind: int, address: object = None) -> None:
+        """``sendto`` on a socket that is not a shielded connection."""
+        if h in self.exempt or kind != socket.SOCK_DGRAM:
+            return
+        if family in (socket.AF_INET, socket.AF_INET6):
             self._udp("UDP traffic")
+        elif family == socket.AF_UNIX and (path := self._unix_path(address)):
+            self._unlisted(f"a datagram to the Unix socket {path!r}")  # no TLS for datagrams
 
     def connect_rule(self, h: int, family: int, kind: int, address: object) -> ConnectRule | None:
         """The rule for a destination, or None for plaintext; EACCES if the policy refuses it."""
         if h in self.exempt:
             return None
-        if kind == socket.SOCK_DGRAM:
-            self.check_datagram(h, family, kind)
-            return None
-        if kind != socket.SOCK_STREAM:
-            return None
-        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
+        if family in (socket.AF_INET, socket.AF_INET6):
+            if kind == socket.SOCK_DGRAM:
+                self._udp("UDP traffic")
+                return None
+            if kind != socket.SOCK_STREAM or not isinstance(address, tuple):
+                return None
             ip, port = _ip(str(address[0])), int(address[1])
             names = self.names.get(ip, set())
             for rule in self.policy.connect:
                 if rule.port == port and (rule.host == ip or rule.host in names):
                     return rule
             what = f"a connection to {ip}:{port}" if ":" not in ip else f"a connection to [{ip}]:{port}"
-        elif family == socket.AF_UNIX and isinstance(address, str) and address and not address.startswith("\0"):
-            path = os.path.normpath(address)
-            for rule in self.policy.connect:
-                if rule.path == path:
-                    return rule
-            what = f"a connection to {address}"
+        elif family == socket.AF_UNIX and (path := self._unix_path(address)):
+            if kind == socket.SOCK_STREAM and not path.startswith("\0"):
+                for rule in self.policy.connect:
+                    if rule.path == os.path.normpath(path):
+                        return rule
+            what = f"a connection to the Unix socket {path!r}"
         else:
             return None
-        if self.policy.unlisted == "refuse":
-            raise self._refuse(what)
-        self.once(f"plaintext: {what} (not in the policy)")
+        self._unlisted(what)
         return None
 
     def note_resolved(self, host: str, addresses: list[str]) -> None:

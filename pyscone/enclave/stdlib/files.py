@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
+from pyscone.enclave.shields import net
 from pyscone.enclave.stdlib import dups, interpose, pipes
 
 if TYPE_CHECKING:
@@ -311,7 +312,8 @@ def close_handle(fd: int) -> None:
                 for hook in on_close:
                     hook(fd)
         return
-    _fds.kind(fd)
+    if _fds.kind(fd) == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
+        conn.close_notify(net.HostIO(fd, 0.0))  # a C library's close: the peer sees a clean end
     # Forget the fd *before* the host closes it (Linux releases it even if close fails):
     # the host may hand the number out again at once, to a call answered before ours.
     _fds.forget(fd)
@@ -328,6 +330,8 @@ def read(fd: int, n: int) -> bytes:
     if sh := _vfd(fd):
         return sh.read(fd, n)
     kind = _fds.kind(fd)
+    if kind == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
+        return conn.recv(net.HostIO(fd, 0.0 if fd in _fds.nonblocking else None), min(n, _slot_data))
     # A socket with O_NONBLOCK (a C library's, set with fcntl) answers EAGAIN, as in Linux.
     wait = kind != iago.FdTable.FILE and fd not in _fds.nonblocking
     _, data = _call(Op.READ, (fd, min(n, _slot_data)), wait=wait)
@@ -350,6 +354,8 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
             _changed()
     kind = _fds.kind(fd)
     view = memoryview(data).cast("B")[:_slot_data]
+    if kind == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
+        return conn.send(net.HostIO(fd, 0.0 if fd in _fds.nonblocking else None), bytes(view))
     n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE and fd not in _fds.nonblocking)
     return int(n)
 

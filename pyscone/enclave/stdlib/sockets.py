@@ -59,38 +59,6 @@ def _raise(err: int) -> None:
     raise OSError(err, os.strerror(err))
 
 
-class _ShieldIO:
-    """The host socket under a network-shield connection, as one caller waits on it."""
-
-    __slots__ = ("blocking", "h", "timeout")
-
-    def __init__(self, h: int, timeout: float | None) -> None:
-        self.h = h
-        self.timeout = timeout
-        self.blocking = timeout != 0.0
-
-    def _call(self, op: int, args: tuple[int, ...], data: bytes = b"") -> tuple[int, Any]:
-        t = self.timeout
-        result, err, value = scheduler.get().host_call(op, args, data, wait=t != 0.0, timeout=t if t else None)
-        if result < 0:
-            _raise(err)
-        return result, value
-
-    def send(self, data: bytes) -> int:
-        return self._call(Op.SEND, (self.h, 0), data)[0]
-
-    def recv(self, n: int) -> bytes:
-        return bytes(self._call(Op.RECV, (self.h, n, 0))[1])
-
-    def shutdown(self) -> None:
-        scheduler.get().post(Op.SHUTDOWN, (self.h, socket.SHUT_RDWR))
-
-
-def _conn(h: int) -> net.Conn | None:
-    shield = net.shield()
-    return None if shield is None else shield.conns.get(h)
-
-
 class EnclaveSocket(_StdSocket):
     """A socket whose kernel object lives on the host."""
 
@@ -220,11 +188,11 @@ class EnclaveSocket(_StdSocket):
             _raise(err)
         return result, value
 
-    def _shield_io(self, h: int, flags: int = 0) -> _ShieldIO:
+    def _shield_io(self, h: int, flags: int = 0) -> net.HostIO:
         t = self._timeout
         if (t is None and h in _fds.nonblocking) or flags & getattr(socket, "MSG_DONTWAIT", 0):
             t = 0.0
-        return _ShieldIO(h, t)
+        return net.HostIO(h, t)
 
     # -- connection set-up --------------------------------------------------------------------
 
@@ -289,7 +257,7 @@ class EnclaveSocket(_StdSocket):
     def send(self, data: Any, flags: int = 0) -> int:
         view = memoryview(data).cast("B")[:_slot_data]
         h = self._live()
-        conn = _conn(h)
+        conn = net.conn(h)
         if conn is not None:
             return conn.send(self._shield_io(h, flags), bytes(view))
         n, _ = self._io(Op.SEND, (h, flags), bytes(view))
@@ -308,7 +276,7 @@ class EnclaveSocket(_StdSocket):
             h = self._live()
             if h in shield.conns:
                 return self.send(data, flags)  # a connected stream socket ignores the address
-            shield.check_datagram(h, self._family, self._kind)
+            shield.check_datagram(h, self._family, self._kind, address)
         enc = abi.encode_sockaddr(self._family, address)
         payload = bytes(memoryview(data).cast("B")[: _slot_data - 4 - len(enc)])
         n, _ = self._io(Op.SENDTO, (self._live(), flags), struct.pack("<I", len(enc)) + enc + payload)
@@ -318,7 +286,7 @@ class EnclaveSocket(_StdSocket):
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
         h = self._live()
-        conn = _conn(h)
+        conn = net.conn(h)
         if conn is not None:
             return conn.recv(self._shield_io(h, flags), min(bufsize, _slot_data), bool(flags & socket.MSG_PEEK))
         _, data = self._io(Op.RECV, (h, min(bufsize, _slot_data), flags))
@@ -334,7 +302,7 @@ class EnclaveSocket(_StdSocket):
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         if bufsize < 0:
             raise ValueError("negative buffersize in recvfrom")
-        if _conn(self._live()) is not None:
+        if net.conn(self._live()) is not None:
             return self.recv(bufsize, flags), None
         _, (data, addr) = self._io(Op.RECVFROM, (self._live(), min(bufsize, _slot_data), flags))
         return bytes(data), addr
@@ -379,7 +347,7 @@ class EnclaveSocket(_StdSocket):
 
     def shutdown(self, how: int) -> None:
         h = self._live()
-        conn = _conn(h)
+        conn = net.conn(h)
         if conn is not None and how in (socket.SHUT_WR, socket.SHUT_RDWR):
             conn.close_notify(self._shield_io(h))
         _call(Op.SHUTDOWN, (h, how))
@@ -395,9 +363,9 @@ class EnclaveSocket(_StdSocket):
             if h != fd or _fds.kinds.get(h) != iago.FdTable.SOCKET:
                 dups.close_handle(h)  # the number named something else by then (a dup2 onto it)
                 return
-            conn = _conn(h)
+            conn = net.conn(h)
             if conn is not None:
-                conn.close_notify(_ShieldIO(h, 0.0))  # the peer sees a clean end, not a truncation
+                conn.close_notify(net.HostIO(h, 0.0))  # the peer sees a clean end, not a truncation
             _fds.forget(h)  # before the host can reuse the number (see files.close)
             # Posted, not awaited: a socket's close reports nothing worth a round trip,
             # and the host runs the ring in order, so no later call can overtake it.
@@ -593,7 +561,7 @@ def _poll_handles(fds: list[tuple[int, int]], timeout: float | None) -> list[tup
 def _host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     shield = net.shield()
     if shield is not None and shield.conns and any(h in shield.conns for h, _ in fds):
-        return net.poll(shield, fds, timeout, _raw_host_poll, lambda h: _ShieldIO(h, 0.0), time.monotonic)
+        return net.poll(shield, fds, timeout, _raw_host_poll, lambda h: net.HostIO(h, 0.0), time.monotonic)
     return _raw_host_poll(fds, timeout)
 
 
