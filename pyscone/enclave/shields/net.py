@@ -127,6 +127,7 @@ class Conn:
         self.shut = False  # the host socket was shut down after an error
         self.closing = False  # close_notify sent
         self.received = 0  # bytes of ciphertext the peer sent
+        self.broken: OSError | None = None  # the host socket refused our records (the peer went away)
         if not server_side:
             self._step()  # the ClientHello, sent when the socket can send
 
@@ -228,22 +229,35 @@ class Conn:
                 self._raise(io)
             if self.eof or n == 0:
                 return b""
-            if self.out:
-                try:
-                    self.flush(io)  # a handshake message the peer waits for
-                except BlockingIOError:
-                    if io.blocking:
-                        raise
+            if self.out and not self._flush_for_reading(io) and io.blocking:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # (a timeout says so itself)
             self.fill(io)
             if self.out:
-                try:
-                    self.flush(io)
-                except BlockingIOError:
-                    pass  # sent when the host can take it (poll flushes it)
+                self._flush_for_reading(io)  # sent when the host can take it (poll flushes it)
+
+    def _flush_for_reading(self, io: IO) -> bool:
+        """Send what waits (a handshake message, a session ticket) on the way to a read.
+
+        Returns False if the host took not all of it.  A peer that has gone (``EPIPE``,
+        ``ECONNRESET``) cannot take it any more: it is dropped, the reader goes on to the bytes
+        and the end the peer sent, and the next ``send`` reports the error.
+        """
+        try:
+            self.flush(io)
+        except BlockingIOError:
+            return False
+        except TimeoutError:
+            raise
+        except OSError as e:
+            self.out.clear()
+            self.broken = e
+        return True
 
     def send(self, io: IO, data: bytes) -> int:
         if self.error is not None:
             self._raise(io)
+        if self.broken is not None:
+            raise self.broken
         if self.closing:
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
         self.flush(io)  # non-blocking: EAGAIN while earlier records wait
