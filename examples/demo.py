@@ -3,16 +3,24 @@ from the host's side, what the enclave boundary means.  Embedded defaults: no CA
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 PYSCONE = [sys.executable, "-m", "pyscone.cli", "run"]
@@ -29,10 +37,68 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http(method: str, url: str, body: bytes | None = None) -> object:
+def http(method: str, url: str, body: bytes | None = None, ctx: ssl.SSLContext | None = None) -> object:
     req = urllib.request.Request(url, data=body, method=method)
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
         return json.loads(r.read())
+
+
+def make_tls_identity(work: Path) -> None:
+    """The owner's CA and the service's certificate (for localhost), as PEM files in ``work``."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "demo owner CA")])
+    day = datetime.timedelta(days=1)
+    ca = (
+        x509.CertificateBuilder(ca_name, ca_name, ca_key.public_key(), 1, now, now + day)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (
+        x509.CertificateBuilder(ca_name, name, key.public_key(), 2, now, now + day)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (work / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (work / "notes.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    (work / "notes.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+
+
+class RecordingRelay:
+    """What the host does with the traffic it carries: here, it keeps a copy of every byte."""
+
+    def __init__(self, target: int) -> None:
+        self.carried = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.carried += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def tool(*args: str) -> None:
@@ -47,10 +113,17 @@ def main() -> int:
     data.mkdir()
     fspf = work / "notes.fspf"
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     say("The owner declares the notes directory an encrypted region of the file-system shield")
     tool("create", str(fspf))
     tool("addr", str(fspf), str(data), "--kind", "encrypted")
+    say("... and gives the service a TLS identity: the network shield serves its port over TLS")
+    make_tls_identity(work)
+    rules = work / "net.yaml"
+    rules.write_text(f"listen:\n  - port: {port}\n    cert: notes.pem\n    key: notes.key\nunlisted: refuse\n")
+    print(f"$ cat {rules}\n{rules.read_text().rstrip()}")
+    relay = RecordingRelay(port)
+    base = f"https://localhost:{relay.port}"  # every request goes through the host's relay
+    ctx = ssl.create_default_context(cafile=str(work / "ca.pem"))
 
     say("Start examples/notes_app.py, unmodified, inside an enclave, with the shield mounted")
     cmd = [
@@ -58,13 +131,18 @@ def main() -> int:
         "--stats",
         "--fspf",
         str(fspf),
+        "--net-shield",
+        str(rules),
         "--env",
         "NOTES_TITLE=enclave notes",
         str(ROOT / "examples/notes_app.py"),
         str(port),
         str(data),
     ]
-    print(f"$ pyscone run --stats --fspf {fspf} --env NOTES_TITLE='enclave notes' examples/notes_app.py", port, data)
+    print(
+        f"$ pyscone run --stats --fspf {fspf} --net-shield {rules} --env NOTES_TITLE='enclave notes' "
+        f"examples/notes_app.py {port} {data}"
+    )
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "SECRET_ON_HOST": "hunter2"}
     )
@@ -80,17 +158,24 @@ def main() -> int:
                     return 1
                 time.sleep(0.1)
 
-        say("A real HTTP client talks to it; its threads are lthreads, its syscalls go through the rings")
+        say("A real HTTPS client talks to the plain-HTTP app; its threads are lthreads, its syscalls use the rings")
         for text in ("buy milk", "attest the CAS", "ship pyscone"):
-            print("POST /notes ->", http("POST", f"{base}/notes", text.encode()))
-        print("GET /notes  ->", http("GET", f"{base}/notes"))
+            print("POST /notes ->", http("POST", f"{base}/notes", text.encode(), ctx=ctx))
+        print("GET /notes  ->", http("GET", f"{base}/notes", ctx=ctx))
+        say("The host's view of the traffic it relayed: TLS records only")
+        print(f"bytes relayed: {len(relay.carried)}; containing 'milk': {b'milk' in relay.carried}")
+        try:
+            http("GET", f"http://127.0.0.1:{port}/notes")
+            print("plain HTTP to the port: answered (unexpected)")
+        except OSError as e:
+            print(f"plain HTTP to the port: no answer ({type(e).__name__}): the port speaks only TLS")
         say("The host's view of the notes: the files exist, their contents are ciphertext")
         print("files on the host:", sorted(p.name for p in data.iterdir()))
         leaked = [p.name for p in data.iterdir() if b"milk" in p.read_bytes()]
         print(f"host files containing 'milk': {leaked or 'none'}")
 
         say("The app tries to bypass the runtime with a raw open(2) system call: the barrier refuses it")
-        print("GET /escape ->", http("GET", f"{base}/escape"))
+        print("GET /escape ->", http("GET", f"{base}/escape", ctx=ctx))
 
         say("The host's view of the enclave process")
         enclave = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
@@ -144,8 +229,8 @@ def main() -> int:
     print(f"exit status {r.returncode}; stdout {r.stdout!r}")
     print(r.stderr.strip().splitlines()[-1])
     say(
-        "Done: unmodified app, asynchronous system calls, encrypted files, a barrier that fails closed, "
-        "an enclave that stops on a lie"
+        "Done: unmodified app, asynchronous system calls, encrypted files and traffic, a barrier that fails "
+        "closed, an enclave that stops on a lie"
     )
     return 0
 

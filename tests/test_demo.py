@@ -15,6 +15,7 @@ def test_the_main_demo_runs_and_shows_each_property() -> None:
     out = r.stdout
     assert "'notes': ['buy milk', 'attest the CAS', 'ship pyscone']" in out
     assert "host files containing 'milk': none" in out
+    assert "containing 'milk': False" in out and "the port speaks only TLS" in out
     assert "'errno': 'Operation not permitted'" in out
     assert "Seccomp=2" in out and "environment variables: ['LD_PRELOAD'] (only the runtime's libc layer" in out
     assert "buy milk\n" in out.split("reads a note back")[1]

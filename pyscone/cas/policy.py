@@ -19,6 +19,10 @@ it.  Example::
         env: {DB_PASSWORD: "${secret:db_password}", MODE: production}
         files: {/run/secrets/api.key: "${secret:api_tls.key}"}
         fspf: {path: /data/app.fspf, key: <hex>, tag: <hex>}
+        network:                 # the network shield (grammar: protect/netpolicy.py)
+          listen: [{port: 8443, cert: "${secret:api_tls.cert}", key: "${secret:api_tls.key}"}]
+          connect: [{to: "db.internal:5432", ca: <PEM>}]
+          unlisted: refuse       # or allow (plaintext, logged)
     secrets:
       db_password: {kind: password, length: 24}
       token: {kind: random, bytes: 32}        # hex

@@ -127,6 +127,7 @@ class Conn:
         self.shut = False  # the host socket was shut down after an error
         self.closing = False  # close_notify sent
         self.received = 0  # bytes of ciphertext the peer sent
+        self.broken: OSError | None = None  # the host socket refused our records (the peer went away)
         if not server_side:
             self._step()  # the ClientHello, sent when the socket can send
 
@@ -228,22 +229,35 @@ class Conn:
                 self._raise(io)
             if self.eof or n == 0:
                 return b""
-            if self.out:
-                try:
-                    self.flush(io)  # a handshake message the peer waits for
-                except BlockingIOError:
-                    if io.blocking:
-                        raise
+            if self.out and not self._flush_for_reading(io) and io.blocking:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # (a timeout says so itself)
             self.fill(io)
             if self.out:
-                try:
-                    self.flush(io)
-                except BlockingIOError:
-                    pass  # sent when the host can take it (poll flushes it)
+                self._flush_for_reading(io)  # sent when the host can take it (poll flushes it)
+
+    def _flush_for_reading(self, io: IO) -> bool:
+        """Send what waits (a handshake message, a session ticket) on the way to a read.
+
+        Returns False if the host took not all of it.  A peer that has gone (``EPIPE``,
+        ``ECONNRESET``) cannot take it any more: it is dropped, the reader goes on to the bytes
+        and the end the peer sent, and the next ``send`` reports the error.
+        """
+        try:
+            self.flush(io)
+        except BlockingIOError:
+            return False
+        except TimeoutError:
+            raise
+        except OSError as e:
+            self.out.clear()
+            self.broken = e
+        return True
 
     def send(self, io: IO, data: bytes) -> int:
         if self.error is not None:
             self._raise(io)
+        if self.broken is not None:
+            raise self.broken
         if self.closing:
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
         self.flush(io)  # non-blocking: EAGAIN while earlier records wait
@@ -346,68 +360,81 @@ class Shield:
         log(f"refused {what} (not in the policy)")
         return PermissionError(errno.EACCES, f"network shield: {what} is not allowed by the policy")
 
-    def check_bind(self, h: int, family: int, kind: int, address: object) -> None:
-        """Record a listening rule for the socket, or refuse the bind (EACCES)."""
-        if h in self.exempt:
-            return
-        if kind == socket.SOCK_DGRAM and family in (socket.AF_INET, socket.AF_INET6):
-            self._udp("a UDP bind")
-            return
-        if kind != socket.SOCK_STREAM:
-            return
-        rule: ListenRule | None
-        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
-            port = int(address[1])
-            if port == 0:
-                return  # an ephemeral port: a client's, never a listed server's
-            rule, what = self.policy.listen_rule(port=port), f"listening on port {port}"
-        elif family == socket.AF_UNIX and isinstance(address, str) and address and not address.startswith("\0"):
-            rule, what = self.policy.listen_rule(path=os.path.normpath(address)), f"listening on {address}"
-        else:
-            return
-        if rule is not None:
-            self.listening[h] = rule
-        elif self.policy.unlisted == "refuse":
+    def _unlisted(self, what: str) -> None:
+        if self.policy.unlisted == "refuse":
             raise self._refuse(what)
-        else:
-            self.once(f"plaintext: {what} (not in the policy)")
+        self.once(f"plaintext: {what} (not in the policy)")
 
     def _udp(self, what: str) -> None:
         if self.policy.udp == "refuse":
             raise self._refuse(what)
 
-    def check_datagram(self, h: int, family: int, kind: int) -> None:
-        """``connect``/``sendto`` of a UDP socket."""
-        if h not in self.exempt and kind == socket.SOCK_DGRAM and family in (socket.AF_INET, socket.AF_INET6):
+    @staticmethod
+    def _unix_path(address: object) -> str | None:
+        """A Unix socket address as text ('' unnamed, a leading NUL for the abstract namespace)."""
+        if isinstance(address, bytes | bytearray):
+            return os.fsdecode(bytes(address))
+        return address if isinstance(address, str) else None
+
+    def check_bind(self, h: int, family: int, kind: int, address: object) -> None:
+        """Record a listening rule for the socket, or refuse the bind (EACCES)."""
+        if h in self.exempt:
+            return
+        inet = family in (socket.AF_INET, socket.AF_INET6)
+        rule: ListenRule | None = None
+        if inet and kind == socket.SOCK_DGRAM:
+            self._udp("a UDP bind")
+            return
+        if inet and kind == socket.SOCK_STREAM and isinstance(address, tuple):
+            port = int(address[1])
+            if port == 0:
+                return  # an ephemeral port: a client's, never a listed server's
+            rule, what = self.policy.listen_rule(port=port), f"listening on port {port}"
+        elif family == socket.AF_UNIX and (path := self._unix_path(address)):
+            if kind == socket.SOCK_STREAM and not path.startswith("\0"):
+                rule = self.policy.listen_rule(path=os.path.normpath(path))
+            what = f"listening on the Unix socket {path!r}"
+        else:
+            return
+        if rule is not None:
+            self.listening[h] = rule
+        else:
+            self._unlisted(what)
+
+    def check_datagram(self, h: int, family: int, kind: int, address: object = None) -> None:
+        """``sendto`` on a socket that is not a shielded connection."""
+        if h in self.exempt or kind != socket.SOCK_DGRAM:
+            return
+        if family in (socket.AF_INET, socket.AF_INET6):
             self._udp("UDP traffic")
+        elif family == socket.AF_UNIX and (path := self._unix_path(address)):
+            self._unlisted(f"a datagram to the Unix socket {path!r}")  # no TLS for datagrams
 
     def connect_rule(self, h: int, family: int, kind: int, address: object) -> ConnectRule | None:
         """The rule for a destination, or None for plaintext; EACCES if the policy refuses it."""
         if h in self.exempt:
             return None
-        if kind == socket.SOCK_DGRAM:
-            self.check_datagram(h, family, kind)
-            return None
-        if kind != socket.SOCK_STREAM:
-            return None
-        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
+        if family in (socket.AF_INET, socket.AF_INET6):
+            if kind == socket.SOCK_DGRAM:
+                self._udp("UDP traffic")
+                return None
+            if kind != socket.SOCK_STREAM or not isinstance(address, tuple):
+                return None
             ip, port = _ip(str(address[0])), int(address[1])
             names = self.names.get(ip, set())
             for rule in self.policy.connect:
                 if rule.port == port and (rule.host == ip or rule.host in names):
                     return rule
             what = f"a connection to {ip}:{port}" if ":" not in ip else f"a connection to [{ip}]:{port}"
-        elif family == socket.AF_UNIX and isinstance(address, str) and address and not address.startswith("\0"):
-            path = os.path.normpath(address)
-            for rule in self.policy.connect:
-                if rule.path == path:
-                    return rule
-            what = f"a connection to {address}"
+        elif family == socket.AF_UNIX and (path := self._unix_path(address)):
+            if kind == socket.SOCK_STREAM and not path.startswith("\0"):
+                for rule in self.policy.connect:
+                    if rule.path == os.path.normpath(path):
+                        return rule
+            what = f"a connection to the Unix socket {path!r}"
         else:
             return None
-        if self.policy.unlisted == "refuse":
-            raise self._refuse(what)
-        self.once(f"plaintext: {what} (not in the policy)")
+        self._unlisted(what)
         return None
 
     def note_resolved(self, host: str, addresses: list[str]) -> None:

@@ -312,7 +312,8 @@ def close_handle(fd: int) -> None:
                 for hook in on_close:
                     hook(fd)
         return
-    _fds.kind(fd)
+    if _fds.kind(fd) == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
+        conn.close_notify(net.HostIO(fd, 0.0))  # a C library's close: the peer sees a clean end
     # Forget the fd *before* the host closes it (Linux releases it even if close fails):
     # the host may hand the number out again at once, to a call answered before ours.
     _fds.forget(fd)

@@ -276,7 +276,7 @@ class EnclaveSocket(_StdSocket):
             h = self._live()
             if h in shield.conns:
                 return self.send(data, flags)  # a connected stream socket ignores the address
-            shield.check_datagram(h, self._family, self._kind)
+            shield.check_datagram(h, self._family, self._kind, address)
         enc = abi.encode_sockaddr(self._family, address)
         payload = bytes(memoryview(data).cast("B")[: _slot_data - 4 - len(enc)])
         n, _ = self._io(Op.SENDTO, (self._live(), flags), struct.pack("<I", len(enc)) + enc + payload)
