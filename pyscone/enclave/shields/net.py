@@ -119,6 +119,9 @@ class Conn:
         self.server_side = server_side
         self.where = where  # for the log: "peer -> port 8443" or "TLS to db:5432"
         self.out = bytearray()  # records not yet taken by the host
+        # A TLS 1.3 server's session tickets: nobody waits for them, so they leave with the
+        # app's first send (or close) instead of in a host call of their own.
+        self.later = bytearray()
         self.plain = bytearray()  # opened, not yet given to the app
         self.early = bytearray()  # written before the handshake ended (non-blocking client)
         self.ready = False
@@ -141,6 +144,8 @@ class Conn:
             if not self.ready:
                 self.obj.do_handshake()
                 self.ready = True
+                if self.server_side and self.outb.pending and self.obj.version() == "TLSv1.3":
+                    self.later += self.outb.read()
                 if self.early:
                     self.obj.write(bytes(self.early))
                     self.early.clear()
@@ -164,6 +169,7 @@ class Conn:
             self._fail(_reason(e))
         finally:
             if self.outb.pending:
+                self._take_later()  # records leave in the order they were made
                 self.out += self.outb.read()
 
     def _fail(self, reason: str) -> None:
@@ -274,6 +280,7 @@ class Conn:
         except ssl.SSLError as e:
             self._fail(_reason(e))
             self._raise(io)
+        self._take_later()
         self.out += self.outb.read()
         try:
             self.flush(io)
@@ -281,6 +288,11 @@ class Conn:
             if io.blocking:
                 raise
         return len(data)
+
+    def _take_later(self) -> None:
+        if self.later:
+            self.out += self.later
+            self.later.clear()
 
     def close_notify(self, io: IO) -> None:
         """Say goodbye (``shutdown(SHUT_WR)``, or a close): the peer then sees a clean end."""
@@ -291,6 +303,7 @@ class Conn:
             self.obj.unwrap()
         except ssl.SSLError:
             pass  # SSLWantReadError: ours is written, the peer's is not awaited
+        self._take_later()
         self.out += self.outb.read()
         try:
             self.flush(io)
