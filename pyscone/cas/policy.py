@@ -19,6 +19,7 @@ it.  Example::
         env: {DB_PASSWORD: "${secret:db_password}", MODE: production}
         files: {/run/secrets/api.key: "${secret:api_tls.key}"}
         fspf: {path: /data/app.fspf, key: <hex>, tag: <hex>}
+        console: {key: <hex>}    # the console shield, under the owner's key (pyscone console)
     secrets:
       db_password: {kind: password, length: 24}
       token: {kind: random, bytes: 32}        # hex
@@ -86,6 +87,7 @@ class Service:
     files: Mapping[str, str]
     fspf: FspfSpec | None
     cwd: str = "/"  # the enclave's working directory: never the host's
+    console_key: str | None = None  # hex: the console shield's key, the owner's (docs/console-shield.md)
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,8 @@ def _secret(name: str, node: _Node) -> SecretSpec:
 
 def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Service:
     m = node.mapping(
-        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd"}, {"argv"}
+        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd", "console"},
+        {"argv"},
     )
     mrenclaves = frozenset(
         bytes.fromhex(n.string(HEX32, "a 64-hex-digit MRENCLAVE"))
@@ -311,7 +314,22 @@ def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Servi
         if not cwd.startswith("/") or "\0" in cwd:
             raise m["cwd"].fail("the working directory is an absolute path")
         cwd = posixpath.normpath(cwd)
-    return Service(name, expected, argv, env, files, fspf, cwd)
+    return Service(name, expected, argv, env, files, fspf, cwd, _console_key(m["console"]) if "console" in m else None)
+
+
+def _console_key(node: _Node) -> str:
+    """``console: {key: <64 hex>}``: the owner's own key, since only the owner reads the output.
+
+    A secret the CAS makes is never shown to anyone, so no one could decrypt records under it:
+    a reference is refused, not accepted and made useless.
+    """
+    key = node.mapping({"key"}, {"key"})["key"]
+    text = key.string()
+    if SECRET_REF.search(text):
+        raise key.fail("the console key is the owner's (64 hex digits): a secret the CAS makes is never shown")
+    if not HEX32.match(text):
+        raise key.fail("expected the console key: 64 hex digits (pyscone console --make-key --key-file FILE)")
+    return text.lower()
 
 
 def _ref_checker(secrets: Mapping[str, SecretSpec]) -> Callable[[_Node, str], str]:

@@ -57,6 +57,7 @@ class EnclaveConfig:
     # CAS gives the key.  Not measured: the cache holds only what the enclave itself sealed.
     bytecode_cache: dict[str, str] | None = None
     venv: str | None = None  # the app's virtualenv, absolute (enclave/venv.py; measured)
+    console: dict[str, str] | None = None  # dev mode's console shield: {"key": hex} (with a CAS: the policy's)
 
 
 @dataclass
