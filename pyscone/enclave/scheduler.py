@@ -281,6 +281,23 @@ class Scheduler:
         pending.call.lt = lt
         return self._await(pending.call, pending.op, pending.args, pending.data, None)
 
+    def poll(self, pending: InFlight, *, wait: bool = False) -> tuple[int, int, Any] | None:
+        """The reply of a call made by :meth:`start`, if it has come (``None`` if not yet).
+
+        Never switches lthreads, so the hub (a timer) may ask too, where :meth:`finish`
+        cannot; with ``wait`` it waits in place for the reply.  Once it returns a reply,
+        the call is done (as after :meth:`finish`).
+        """
+        while True:
+            self._drain()
+            reply = self._replies.pop(pending.call.token, None)
+            if reply is not None:
+                result, err, payload = reply
+                return iago.validate(pending.op, pending.args, pending.data, result, err, payload)
+            if not wait:
+                return None
+            self.client.wait(self._next_timeout())
+
     def drop(self, pending: InFlight) -> None:
         """Give up a call made by :meth:`start`: its reply, now or later, is discarded."""
         call = pending.call

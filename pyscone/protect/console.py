@@ -164,7 +164,7 @@ class Encoder:
         sealed = self._aead.encrypt(self._gseq.to_bytes(12, "big"), payload, header)
         self._gseq += 1
         self._sseq[stream] += 1
-        return PREFIX + binascii.b2a_base64(header + sealed, newline=False) + b"\n"
+        return PREFIX + binascii.b2a_base64(header + sealed)  # (with its newline)
 
     def start(self) -> list[bytes]:
         """The START record of each stream: first, before any data."""
@@ -172,6 +172,8 @@ class Encoder:
 
     def write(self, stream: Stream, data: bytes | bytearray | memoryview) -> list[bytes]:
         """The record lines of one write (several if it is larger than the payload bound)."""
+        if len(data) <= self._max and isinstance(data, bytes):
+            return [self._line(Kind.DATA, stream, data)]
         view = memoryview(data).cast("B")
         return [self._line(Kind.DATA, stream, bytes(view[i : i + self._max])) for i in range(0, len(view), self._max)]
 

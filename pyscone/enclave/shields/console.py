@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,16 @@ from pyscone.abi import Op
 from pyscone.enclave import scheduler
 
 if TYPE_CHECKING:
+    from pyscone.enclave.scheduler import InFlight
     from pyscone.protect.console import Encoder, InputReader, Stream
+
+#: Record bytes that may wait behind the write in flight before a write waits for the host.
+_BACKLOG = 1 << 18
+#: When the app waits for anything, how soon the hub moves what is still queued.
+_TICK_S = 0.0005
+#: A small write within this long of the last host write waits to go with the next ones.
+_GAP_S = 0.001
+_NO_WAIT, _BELOW_BACKLOG, _DRAIN, _NOW = 0, 1, 2, 3
 
 _shield: ConsoleShield | None = None
 
@@ -49,8 +59,13 @@ class ConsoleShield:
         self._bad_input = fmt.ConsoleError
         self._said = False
         self._slot = slot_data
-        self._queue: deque[tuple[int, bytes]] = deque()
-        self._writing = False
+        self._queue: deque[tuple[int, bytes]] = deque()  # (fd, record lines), in sequence order
+        self._queued = 0
+        self._inflight: tuple[InFlight, int, bytes] | None = None
+        self._pumping = False
+        self._timer_armed = False
+        self._started = 0.0  # when the last host write was started (time.monotonic)
+        self._error: OSError | None = None
         self._pending = b""
         self.run = run
 
@@ -58,44 +73,122 @@ class ConsoleShield:
         """Seal one write to console fd 1 or 2; returns its length (all of it is taken).
 
         Raises:
-            OSError: the host failed a write (the app sees it, as it would a full disk).
+            OSError: the host failed this or an earlier write (as a full disk fails a buffered file).
         """
         if fd not in (1, 2):
             raise OSError(errno.EBADF, "the console's stdin is not writable with the console shield on")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         n = len(memoryview(data).cast("B"))
-        if n:
-            self._submit(fd, b"".join(self._enc.write(self._streams[fd], data)))
+        if not n:
+            return 0
+        lines = self._enc.write(self._streams[fd], data)
+        chunk = lines[0] if len(lines) == 1 else b"".join(lines)
+        self._queue.append((fd, chunk))
+        self._queued += len(chunk)
+        if self._queued < self._slot and time.monotonic() - self._started < _GAP_S:
+            if not self._timer_armed:  # (the common case of a burst: the pump would only wait too)
+                self._arm(scheduler.get())
+            return n
+        self._pump(_BELOW_BACKLOG if self._queued > _BACKLOG else _NO_WAIT)
         return n
 
-    def _submit(self, fd: int, lines: bytes) -> None:
-        self._queue.append((fd, lines))
-        if self._writing:
-            return  # the writer at work takes it, in order
-        self._writing = True
-        try:
-            while self._queue:
-                fd, chunk = self._queue.popleft()
-                parts = [chunk]
-                size = len(chunk)
-                while self._queue and self._queue[0][0] == fd and size + len(self._queue[0][1]) <= self._slot:
-                    size += len(self._queue[0][1])
-                    parts.append(self._queue.popleft()[1])
-                self._put(fd, b"".join(parts) if len(parts) > 1 else chunk)
-        finally:
-            self._writing = False
+    def _pump(self, wait: int = _NO_WAIT) -> None:
+        """Move the queue to the host: one write in flight at a time, the rest coalesced behind it.
 
-    def _put(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
+        ``wait``: :data:`_NO_WAIT` never waits (what is left goes with the next write, a
+        flush, or the timer: the hub's, when the app next waits for anything);
+        :data:`_BELOW_BACKLOG` waits until the queue is under :data:`_BACKLOG`, one write
+        still in flight; :data:`_DRAIN` until everything is on the host; :data:`_NOW` (the
+        timer) never waits but starts what is queued.  Otherwise, a
+        new write is started at once only if the last started a while ago (:data:`_GAP_S`)
+        or much is queued, so that a burst of small writes becomes a few large ones.
+        """
+        if self._pumping:
+            return  # (re-entered from a signal handler or a finalizer: the outer pump takes it)
+        self._pumping = True
         sched = scheduler.get()
-        while view:
-            r, err, _ = sched.host_call(Op.WRITE, (fd,), view[: self._slot], wait=True)
-            if r < 0:
-                if err == errno.EINTR:
-                    continue
-                raise OSError(err, "console write failed")
-            if r == 0:
-                raise OSError(errno.EIO, "the host wrote nothing to the console")
-            view = view[r:]
+        try:
+            while True:
+                must = wait == _DRAIN or (wait == _BELOW_BACKLOG and self._queued > _BACKLOG)
+                if self._inflight is not None:
+                    call, fd, sent = self._inflight
+                    if must and sched.current is not None and not sched.sync:
+                        reply: tuple[int, int, object] | None = sched.finish(call)
+                    else:
+                        reply = sched.poll(call, wait=must)
+                    if reply is None:
+                        self._arm(sched)
+                        return
+                    self._inflight = None
+                    self._done(fd, sent, reply[0], reply[1])
+                if not self._queue:
+                    return
+                now = time.monotonic()
+                if wait == _NO_WAIT and self._queued < self._slot and now - self._started < _GAP_S:
+                    self._arm(sched)
+                    return
+                self._started = now
+                fd, data = self._take()
+                pending = sched.start(Op.WRITE, (fd,), data)
+                if pending is None:  # the hub, sync mode, or no free slot: an ordinary call
+                    r, err, _ = sched.host_call(Op.WRITE, (fd,), data, wait=True)
+                    self._done(fd, data, r, err)
+                else:
+                    self._inflight = (pending, fd, data)
+        finally:
+            self._pumping = False
+
+    def _take(self) -> tuple[int, bytes]:
+        """Up to a slot of the queue's head fd (a record line may span two host writes)."""
+        fd = self._queue[0][0]
+        parts = []
+        room = self._slot
+        while room and self._queue and self._queue[0][0] == fd:
+            data = self._queue.popleft()[1]
+            if len(data) > room:
+                self._queue.appendleft((fd, data[room:]))
+                data = data[:room]
+            parts.append(data)
+            room -= len(data)
+        self._queued -= self._slot - room
+        return fd, b"".join(parts) if len(parts) > 1 else parts[0]
+
+    def _done(self, fd: int, sent: bytes, r: int, err: int) -> None:
+        """One host write answered: a short one is sent again from where it stopped, first."""
+        if r < 0 and err == errno.EINTR:
+            r = 0
+        elif r < 0:
+            self._error = OSError(err, "console write failed")
+            return
+        elif r == 0 and sent:
+            self._error = OSError(errno.EIO, "the host wrote nothing to the console")
+            return
+        if r < len(sent):
+            self._queue.appendleft((fd, sent[r:]))
+            self._queued += len(sent) - r
+
+    def _arm(self, sched: scheduler.Scheduler) -> None:
+        if not self._timer_armed:
+            self._timer_armed = True
+            sched.call_later(_TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        self._timer_armed = False
+        self._pump(_NOW)
+
+    def flush(self) -> None:
+        """Wait until every record written so far is on the host."""
+        sched = scheduler.get()
+        while self._queue or self._inflight is not None:
+            if self._pumping:  # another lthread is at it: let it finish
+                sched.sleep(0.0005)
+                continue
+            self._pump(_DRAIN)
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes of the owner's input (``b""`` at its end).
@@ -105,6 +198,7 @@ class ConsoleShield:
         """
         if n <= 0:
             return b""
+        self.flush()  # a prompt is out before its answer is awaited
         sched = scheduler.get()
         while not self._pending:
             if self._input.ended:
@@ -138,8 +232,9 @@ class ConsoleShield:
         if self._enc.ended:
             return
         out, err = self._enc.end(status)  # stdout's, then stderr's
-        self._submit(1, out)
-        self._submit(2, err)
+        self._queue += [(1, out), (2, err)]
+        self._queued += len(out) + len(err)
+        self.flush()
 
 
 def active() -> ConsoleShield | None:
@@ -162,8 +257,8 @@ def turn_on(key: bytes, run: bytes, slot_data: int) -> ConsoleShield:
     shield = ConsoleShield(key, run, slot_data)
     lines = shield._enc.start()
     _shield = shield
-    shield._submit(1, lines[0])
-    shield._submit(2, lines[1])
+    shield._queue += [(1, lines[0]), (2, lines[1])]
+    shield.flush()
     return shield
 
 
