@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py            # every part (sqlite about 4 minutes and pg about 2 of them)
     .venv/bin/python bench/run.py --quick    # short runs of every part
-    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite or pg
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite, pg
+                                             # or console
 
 What is measured, native Python against ``pyscone run``:
 
@@ -25,6 +26,8 @@ What is measured, native Python against ``pyscone run``:
   transaction) natively and in an enclave on an unprotected path and in an encrypted region;
 * pg: ``bench/pg.py``: psycopg 3 queries per second against one PostgreSQL (``select 1``
   and a point select by primary key), over TCP and a Unix socket, natively and in an enclave.
+* console: ``bench/console.py``: an app printing lines (buffered and flushed) and 64 KiB writes to
+  a pipe, natively and in an enclave without and with the console shield.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -58,6 +61,7 @@ from types import FrameType
 from typing import Any
 
 import attest  # bench/attest.py, next to this script
+import console  # bench/console.py, next to this script
 import fs  # bench/fs.py, next to this script
 import imports  # bench/imports.py, next to this script
 import pg  # bench/pg.py, next to this script
@@ -608,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg")
+    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg", "console")
     p.add_argument("--only", choices=parts, default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
@@ -642,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_results: list[servers.ServerThroughput] = []
     sqlite_results: list[sqlite.SqliteResult] = []
     pg_results: list[pg.PgResult] = []
+    console_results: list[console.ConsoleResult] = []
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -659,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sqlite_results = sqlite.bench_sqlite(a.quick, log)
         if a.only in (None, "pg"):
             pg_results = pg.bench_pg(a.quick, log)
+        if a.only in (None, "console"):
+            console_results = console.bench_console(a.quick, log)
     except (
         BenchError,
         fs.FsBenchError,
@@ -666,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         imports.ImportBenchError,
         sqlite.SqliteBenchError,
         pg.PgBenchError,
+        console.ConsoleBenchError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -711,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += sqlite.report_lines(sqlite_results)
     if pg_results:
         out += pg.report_lines(pg_results)
+    if console_results:
+        out += console.report_lines(console_results)
     print("\n".join(out), flush=True)
 
     report = {
@@ -729,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": [{**asdict(r), "ratio": r.ratio} for r in server_results],
         "sqlite": [asdict(r) for r in sqlite_results],
         "pg": [asdict(r) for r in pg_results],
+        "console": [asdict(r) for r in console_results],
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)

@@ -71,3 +71,12 @@ def test_the_sqlite_benchmark_runs() -> None:
     report = json.loads((BENCH / "results" / "sqlite.json").read_text())
     assert {r["config"] for r in report} == {"native", "unprotected", "encrypted", "attested"}
     assert all(r["ops_per_s"] > 0 for r in report)
+
+
+def test_the_console_benchmark_runs() -> None:
+    out = _quick("console.py")
+    for row in ("lines  ", "lines-flush  ", "bytes  ", "what limits each row"):
+        assert row in out, out
+    report = json.loads((BENCH / "results" / "console.json").read_text())
+    assert {r["config"] for r in report} == {"native", "enclave", "shield"}
+    assert all(r["per_s"] > 0 for r in report)

@@ -4,15 +4,23 @@ Every path by which bytes reach the host's fds 0-2 comes here while the shield i
 ``sys.stdout``/``sys.stderr`` (and so ``print`` and the runtime's own ``pyscone:`` lines)
 through :class:`~pyscone.enclave.stdlib.console.ConsoleIO`, and ``os.write``/``os.read``
 on a number that names the console (0-2 or a dup of them) through ``stdlib/files.py``.
-C stdio never reaches the console (the libc shim refuses fds 0-2), so it cannot write
-around the shield.  One write is one record (several if larger than a record's bound);
-the record format is :mod:`pyscone.protect.console`.
+C code cannot write around the shield: the libc layer refuses a C library's ``write`` to
+fds 0-2, and glibc's own ``stdout`` (``printf``) meets the barrier (outside debug enclaves).
+One write is one record (several if larger than a record's bound); the record format is
+:mod:`pyscone.protect.console`.
 
-Order.  Records carry a global sequence number, so they must reach the host in the order
-they were numbered, even when two lthreads print at once (each parks in its host call) or
-a signal handler prints while a write is in flight.  So a write is numbered and queued in
-one step, and whichever caller finds no one writing writes the queue out, in order, in as
-few host calls as fit; a caller that finds a writer at work leaves its records to it.
+Order and write-behind.  Records carry a global sequence number, so they must reach the
+host in the order they were numbered, even when two lthreads print at once or a signal
+handler prints while a write is in flight.  So a write is numbered and queued in one
+step, and the queue goes to the host in order with at most one host write in flight
+(``Scheduler.start``): the app does not wait for the host, and what it writes while a host
+write is under way is coalesced behind it into one host write of up to a slot (a burst of
+small writes within :data:`_GAP_S` of the last host write waits for the next one, too).
+What is queued goes out at the app's next write, when the app waits for anything (a timer
+of the hub), before a read of stdin (a prompt is out before its answer is awaited), and at
+exit, before the end records.  The queue is bounded (:data:`_BACKLOG`): past it a write
+waits.  A host write that fails is the error of the app's next write (as a buffered
+file's would be).
 
 stdin.  With the shield on, what the host sends on fd 0 must be the owner's records
 (``pyscone console --encode-input``); their plaintext is what ``input()`` and
