@@ -172,9 +172,9 @@ class Encoder:
 
     def write(self, stream: Stream, data: bytes | bytearray | memoryview) -> list[bytes]:
         """The record lines of one write (several if it is larger than the payload bound)."""
-        if len(data) <= self._max and isinstance(data, bytes):
-            return [self._line(Kind.DATA, stream, data)]
         view = memoryview(data).cast("B")
+        if view.nbytes <= self._max:
+            return [self._line(Kind.DATA, stream, bytes(view))]
         return [self._line(Kind.DATA, stream, bytes(view[i : i + self._max])) for i in range(0, len(view), self._max)]
 
     def end(self, status: int) -> list[bytes]:

@@ -88,7 +88,7 @@ class ConsoleShield:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        n = len(memoryview(data).cast("B"))
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
         if not n:
             return 0
         lines = self._enc.write(self._streams[fd], data)
