@@ -162,8 +162,8 @@ def report_lines(results: list[ConsoleResult]) -> list[str]:
         )
     head = (
         "console: an app writing to a pipe, rate from its first write to its last byte out of the pipe, "
-        f"median of {results[0].rounds} round(s) (configurations alternate); lines = print of 60-byte lines, lines-flush = each flushed, "
-        "bytes = 64 KiB writes; pipe x = bytes on the host's pipe with the shield / natively"
+        f"median of {results[0].rounds} round(s) (configurations alternate); lines = print of 60-byte lines, "
+        "lines-flush = each flushed, bytes = 64 KiB writes; pipe x = bytes on the host's pipe, shield / native"
     )
     headers = ["workload", "count", "unit", "native", "enclave", "vs native", "shield", "vs native", "vs enclave"]
     headers.append("pipe x")

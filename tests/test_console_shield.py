@@ -475,3 +475,37 @@ def test_the_enclave_refuses_positional_io_on_the_shielded_console(tmp_path: Pat
     assert b"MARK" not in ran.stdout
     assert _console(tmp_path, key, tmp_path / "out.log")[1] == b"ESPIPE\nESPIPE\n"
     assert os.path.exists(key)
+
+
+def test_a_loop_that_only_prints_lets_other_lthreads_timers_and_ctrl_c_run(tmp_path: Path) -> None:
+    """A shielded write does not wait for the host, so it must still be a turn and a safe point."""
+    key = _key(tmp_path)
+    daemon = write_app(
+        tmp_path,
+        """
+        import threading, time
+        def spam():
+            while True:
+                print("spam", flush=True)
+        threading.Thread(target=spam, daemon=True).start()
+        time.sleep(0.2)
+        print("main done", flush=True)
+        """,
+        "daemon.py",
+    )
+    out, _ = _run_to_files(tmp_path, key, daemon)
+    status, plain, own = _console(tmp_path, key, out)
+    assert status == 0 and b"main done\n" in plain and b"spam\n" in plain, own
+    loop = write_app(tmp_path, "while True:\n    print('loop', flush=True)\n", "loop.py")
+    log, err = tmp_path / "loop.log", tmp_path / "loop.err"
+    with open(log, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(
+            [*PYSCONE, "run", "--console-key-file", str(key), str(loop)], cwd=tmp_path, stdout=o, stderr=e
+        )
+        deadline = time.monotonic() + 60
+        while log.read_bytes().count(b"\n") < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(2)  # ^C
+        assert proc.wait(30) == 130
+    status, plain, own = _console(tmp_path, key, log, err)
+    assert status == 0 and "exited with status 130" in own and b"KeyboardInterrupt" in plain, own

@@ -162,6 +162,14 @@ class Scheduler:
         self.ready.append((lt, None))
         self.park()
 
+    def others_waiting(self) -> bool:
+        """Whether another lthread, a due timer or a signal waits for the CPU.
+
+        An lthread that goes on without waiting for the host (the console shield writes
+        behind the app) checks this to stay a fair turn and a safe point for ^C.
+        """
+        return bool(self.ready or self._signals or self._interrupt is not None or self._timer_due())
+
     def sleep(self, seconds: float) -> None:
         lt = self.current
         if lt is None:  # the hub never sleeps on behalf of an app
@@ -473,6 +481,8 @@ class Scheduler:
                     self._flush_deferred()
                 if self._stopping:
                     return
+                if self._signals or self._interrupt is not None or self._timer_due():
+                    break  # lthreads that never wait (yield_now) must not starve timers and signals
             if self._signals:
                 self._run_signal_handlers()
             if self._interrupt is not None and self.main is not None:

@@ -95,11 +95,16 @@ class ConsoleShield:
         chunk = lines[0] if len(lines) == 1 else b"".join(lines)
         self._queue.append((fd, chunk))
         self._queued += len(chunk)
-        if self._queued < self._slot and time.monotonic() - self._started < _GAP_S:
-            if not self._timer_armed:  # (the common case of a burst: the pump would only wait too)
-                self._arm(scheduler.get())
-            return n
-        self._pump(_BELOW_BACKLOG if self._queued > _BACKLOG else _NO_WAIT)
+        sched = scheduler.get()
+        if self._queued >= self._slot or time.monotonic() - self._started >= _GAP_S:
+            self._pump(_BELOW_BACKLOG if self._queued > _BACKLOG else _NO_WAIT)
+        elif not self._timer_armed:  # (a burst: the pump would only wait too)
+            self._arm(sched)
+        # A host call is a turn for the other lthreads, and a safe point for signals: a
+        # write that does not wait for the host still gives them theirs (a loop that only
+        # prints would otherwise starve them, and ^C).
+        if not self._pumping and sched.current is not None and not sched.sync and sched.others_waiting():
+            sched.yield_now()
         return n
 
     def _pump(self, wait: int = _NO_WAIT) -> None:
@@ -190,9 +195,11 @@ class ConsoleShield:
         """Wait until every record written so far is on the host."""
         sched = scheduler.get()
         while self._queue or self._inflight is not None:
-            if self._pumping:  # another lthread is at it: let it finish
-                sched.sleep(0.0005)
-                continue
+            if self._pumping:
+                if sched.current is not None:  # another lthread is at it: let it finish
+                    sched.sleep(0.0005)
+                    continue
+                self._pumping = False  # the hub at exit: that lthread will never resume
             self._pump(_DRAIN)
             if self._error is not None:
                 error, self._error = self._error, None
