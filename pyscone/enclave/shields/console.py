@@ -92,9 +92,7 @@ class ConsoleShield:
         if not n:
             return 0
         lines = self._enc.write(self._streams[fd], data)
-        chunk = lines[0] if len(lines) == 1 else b"".join(lines)
-        self._queue.append((fd, chunk))
-        self._queued += len(chunk)
+        self._enqueue(fd, lines[0] if len(lines) == 1 else b"".join(lines))
         sched = scheduler.get()
         if self._queued >= self._slot or time.monotonic() - self._started >= _GAP_S:
             self._pump(_BELOW_BACKLOG if self._queued > _BACKLOG else _NO_WAIT)
@@ -107,6 +105,10 @@ class ConsoleShield:
             sched.yield_now()
         return n
 
+    def _enqueue(self, fd: int, chunk: bytes) -> None:
+        self._queue.append((fd, chunk))
+        self._queued += len(chunk)
+
     def _pump(self, wait: int = _NO_WAIT) -> None:
         """Move the queue to the host: one write in flight at a time, the rest coalesced behind it.
 
@@ -114,9 +116,9 @@ class ConsoleShield:
         flush, or the timer: the hub's, when the app next waits for anything);
         :data:`_BELOW_BACKLOG` waits until the queue is under :data:`_BACKLOG`, one write
         still in flight; :data:`_DRAIN` until everything is on the host; :data:`_NOW` (the
-        timer) never waits but starts what is queued.  Otherwise, a
-        new write is started at once only if the last started a while ago (:data:`_GAP_S`)
-        or much is queued, so that a burst of small writes becomes a few large ones.
+        timer) never waits but starts what is queued.  With :data:`_NO_WAIT`, a new host
+        write starts at once only if the last started a while ago (:data:`_GAP_S`) or a
+        slot's worth is queued, so that a burst of small writes becomes a few large ones.
         """
         if self._pumping:
             return  # (re-entered from a signal handler or a finalizer: the outer pump takes it)
@@ -247,8 +249,8 @@ class ConsoleShield:
         if self._enc.ended:
             return
         out, err = self._enc.end(status)  # stdout's, then stderr's
-        self._queue += [(1, out), (2, err)]
-        self._queued += len(out) + len(err)
+        self._enqueue(1, out)
+        self._enqueue(2, err)
         self.flush()
 
 
@@ -272,7 +274,8 @@ def turn_on(key: bytes, run: bytes, slot_data: int) -> ConsoleShield:
     shield = ConsoleShield(key, run, slot_data)
     lines = shield._enc.start()
     _shield = shield
-    shield._queue += [(1, lines[0]), (2, lines[1])]
+    shield._enqueue(1, lines[0])
+    shield._enqueue(2, lines[1])
     shield.flush()
     return shield
 
