@@ -49,6 +49,8 @@ _BACKLOG = 1 << 18
 _TICK_S = 0.0005
 #: A small write within this long of the last host write waits to go with the next ones.
 _GAP_S = 0.001
+#: How often a run of writes that never wait lets others run (python switches threads every 5 ms).
+_TURN_S = 0.001
 _NO_WAIT, _BELOW_BACKLOG, _DRAIN, _NOW = 0, 1, 2, 3
 
 _shield: ConsoleShield | None = None
@@ -73,6 +75,7 @@ class ConsoleShield:
         self._pumping = False
         self._timer_armed = False
         self._started = 0.0  # when the last host write was started (time.monotonic)
+        self._turn = 0.0  # when a write last looked for others waiting to run
         self._error: OSError | None = None
         self._pending = b""
         self.run = run
@@ -94,15 +97,18 @@ class ConsoleShield:
         lines = self._enc.write(self._streams[fd], data)
         self._enqueue(fd, lines[0] if len(lines) == 1 else b"".join(lines))
         sched = scheduler.get()
-        if self._queued >= self._slot or time.monotonic() - self._started >= _GAP_S:
+        now = time.monotonic()
+        if self._queued >= self._slot or now - self._started >= _GAP_S:
             self._pump(_BELOW_BACKLOG if self._queued > _BACKLOG else _NO_WAIT)
         elif not self._timer_armed:  # (a burst: the pump would only wait too)
             self._arm(sched)
         # A host call is a turn for the other lthreads, and a safe point for signals: a
-        # write that does not wait for the host still gives them theirs (a loop that only
-        # prints would otherwise starve them, and ^C).
-        if not self._pumping and sched.current is not None and not sched.sync and sched.others_waiting():
-            sched.yield_now()
+        # write that does not wait for the host still gives them theirs, every _TURN_S
+        # (a loop that only prints would otherwise starve them, and ^C).
+        if now - self._turn >= _TURN_S and not self._pumping and sched.current is not None and not sched.sync:
+            self._turn = now
+            if sched.others_waiting():
+                sched.yield_now()
         return n
 
     def _enqueue(self, fd: int, chunk: bytes) -> None:
