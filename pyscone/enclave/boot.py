@@ -169,6 +169,8 @@ def main() -> None:
     _adopt_finders()
     try:
         shim = clib.prepare()  # the libc layer, if the launcher preloaded it (bound now, armed below)
+        if shim and cfg.get("console"):
+            clib.console_streams()  # dev mode's shield is on already: C stdio's stdout/stderr into it
     except RuntimeError as e:
         _boot_error(str(e))
     if cfg.get("measure"):

@@ -5,7 +5,7 @@ Every path by which bytes reach the host's fds 0-2 comes here while the shield i
 through :class:`~pyscone.enclave.stdlib.console.ConsoleIO`, and ``os.write``/``os.read``
 on a number that names the console (0-2 or a dup of them) through ``stdlib/files.py``.
 C code cannot write around the shield: the libc layer refuses a C library's ``write`` to
-fds 0-2, and glibc's own ``stdout`` (``printf``) meets the barrier (outside debug enclaves).
+fds 0-2, and replaces glibc's ``stdout`` and ``stderr`` (``printf``) by streams into the shield.
 One write is one record (several if larger than a record's bound); the record format is
 :mod:`pyscone.protect.console`.
 
@@ -277,6 +277,9 @@ def turn_on(key: bytes, run: bytes, slot_data: int) -> ConsoleShield:
             stream.flush()
         except Exception:  # noqa: BLE001 - a console the host closed must not stop the boot
             pass
+    from pyscone.enclave.stdlib import clib
+
+    clib.console_streams()  # (if the libc layer is bound already; before _shield: a failure leaves it off)
     shield = ConsoleShield(key, run, slot_data)
     lines = shield._enc.start()
     _shield = shield
