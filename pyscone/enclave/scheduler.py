@@ -270,15 +270,18 @@ class Scheduler:
         call = self._publish(op, flags, args, data, lt)
         return self._await(call, op, args, data, timeout)
 
-    def start(self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b"") -> InFlight | None:
+    def start(
+        self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b"", *, polled: bool = False
+    ) -> InFlight | None:
         """Start a host call and return at once; :meth:`finish` takes its reply later.
 
         For work the caller can overlap with its own (read-ahead, write-behind).  Returns
         ``None`` when the call cannot be started this way now: no slot is free, or the
         caller may not switch (the hub, sync mode).  A started call must be finished or
-        :meth:`dropped <drop>`.
+        :meth:`dropped <drop>`.  With ``polled`` the hub may start one too (its reply is
+        taken by :meth:`poll`, which the hub can call, or by an lthread's :meth:`finish`).
         """
-        if self.sync or not self.client.free or greenlet.getcurrent() is self.hub:
+        if self.sync or not self.client.free or (greenlet.getcurrent() is self.hub and not polled):
             return None
         return InFlight(self._publish(op, 0, args, data, None), op, args, data)
 

@@ -152,8 +152,9 @@ class ConsoleShield:
                     return
                 self._started = now
                 fd, data = self._take()
-                pending = sched.start(Op.WRITE, (fd,), data)
-                if pending is None:  # the hub, sync mode, or no free slot: an ordinary call
+                # (The hub, on the timer, may start one too: the reply is polled for, or finished.)
+                pending = sched.start(Op.WRITE, (fd,), data, polled=True)
+                if pending is None:  # sync mode, or no free slot: an ordinary call
                     r, err, _ = sched.host_call(Op.WRITE, (fd,), data, wait=True)
                     self._done(fd, data, r, err)
                 else:
