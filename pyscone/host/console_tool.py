@@ -17,9 +17,10 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from pyscone.protect import console as fmt
+if TYPE_CHECKING:  # (the format's crypto is imported when a console command runs, not by every pyscone command)
+    from pyscone.protect import console as fmt
 
 EXIT_TAMPERED = 1
 EXIT_NO_END = 3
@@ -51,6 +52,8 @@ def read_key(path: str) -> bytes:
     Raises:
         ToolError: unreadable, or not a key.
     """
+    from pyscone.protect import console as fmt
+
     try:
         with open(path) as f:
             text = f.read()
@@ -66,6 +69,8 @@ def read_key(path: str) -> bytes:
 
 def make_key(path: str) -> None:
     """Write a new random key to ``path`` (mode 0600; an existing file is never replaced)."""
+    from pyscone.protect import console as fmt
+
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
@@ -94,6 +99,8 @@ def run(a: argparse.Namespace) -> int:
 
 def encode_input(key: bytes, src: IO[bytes], dst: IO[bytes]) -> None:
     """Each plain line of ``src`` becomes a record (flushed at once: the app may be waiting)."""
+    from pyscone.protect import console as fmt
+
     enc = fmt.Encoder(key, os.urandom(fmt.RUN_SIZE), (fmt.Stream.STDIN,), fmt.INPUT_LABEL)
     dst.writelines(enc.start())
     dst.flush()
@@ -110,6 +117,8 @@ def _say(message: str) -> None:
 
 
 def _emit(ev: fmt.Output) -> None:
+    from pyscone.protect import console as fmt
+
     out = sys.stdout.buffer if ev.stream == fmt.Stream.STDOUT else sys.stderr.buffer
     out.write(ev.data)
     out.flush()
@@ -121,6 +130,8 @@ def _lines(src: IO[bytes]) -> Iterator[tuple[int, bytes]]:
 
 def decode(key: bytes, logs: list[str]) -> int:
     """Decode stdin (or one log) live, or merge several logs by the app's global order."""
+    from pyscone.protect import console as fmt
+
     if len(logs) <= 1:
         dec = fmt.Decoder(key)
         name = f"{logs[0]}: " if logs else ""
@@ -171,6 +182,8 @@ def _open(path: str) -> IO[bytes]:
 
 
 def _summary(decoders: Iterable[fmt.Decoder], extra: int) -> int:
+    from pyscone.protect import console as fmt
+
     decs = list(decoders)
     problems = [p for d in decs for p in d.problems]
     host = sum(d.host_lines for d in decs)
