@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py            # every part (sqlite about 4 minutes and pg about 2 of them)
     .venv/bin/python bench/run.py --quick    # short runs of every part
-    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite, pg or tls
+    .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite, pg, tls
+                                             # or console
 
 What is measured, native Python against ``pyscone run``:
 
@@ -27,7 +28,9 @@ What is measured, native Python against ``pyscone run``:
   and a point select by primary key), over TCP and a Unix socket, natively and in an enclave;
 * tls: ``bench/tls.py``: the network shield: HTTPS requests/s and TLS handshakes/s of a plain
   asyncio server (and a Redis-protocol server under ``redis-benchmark --tls``) in an enclave behind
-  the shield, natively behind stunnel4, natively with ``ssl``, and plain for reference.
+  the shield, natively behind stunnel4, natively with ``ssl``, and plain for reference;
+* console: ``bench/console.py``: an app printing lines (buffered and flushed) and 64 KiB writes to
+  a pipe, natively and in an enclave without and with the console shield.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -61,6 +64,7 @@ from types import FrameType
 from typing import Any
 
 import attest  # bench/attest.py, next to this script
+import console  # bench/console.py, next to this script
 import fs  # bench/fs.py, next to this script
 import imports  # bench/imports.py, next to this script
 import pg  # bench/pg.py, next to this script
@@ -612,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg", "tls")
+    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg", "tls", "console")
     p.add_argument("--only", choices=parts, default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
@@ -647,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sqlite_results: list[sqlite.SqliteResult] = []
     pg_results: list[pg.PgResult] = []
     tls_report: tls.TlsReport | None = None
+    console_results: list[console.ConsoleResult] = []
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -666,6 +671,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg_results = pg.bench_pg(a.quick, log)
         if a.only in (None, "tls"):
             tls_report = tls.bench_tls(a.quick, log)
+        if a.only in (None, "console"):
+            console_results = console.bench_console(a.quick, log)
     except (
         BenchError,
         fs.FsBenchError,
@@ -674,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sqlite.SqliteBenchError,
         pg.PgBenchError,
         tls.TlsBenchError,
+        console.ConsoleBenchError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -721,6 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += pg.report_lines(pg_results)
     if tls_report is not None:
         out += tls.report_lines(tls_report)
+    if console_results:
+        out += console.report_lines(console_results)
     print("\n".join(out), flush=True)
 
     report = {
@@ -740,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sqlite": [asdict(r) for r in sqlite_results],
         "pg": [asdict(r) for r in pg_results],
         "tls": asdict(tls_report) if tls_report is not None else None,
+        "console": [asdict(r) for r in console_results],
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)

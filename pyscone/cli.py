@@ -239,10 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the enclave keeps the bytecode it compiled, sealed (default ~/.cache/pyscone/bytecode; "
         "'off': compile every import)  [PYSCONE_BYTECODE_CACHE]",
     )
+    run.add_argument(
+        "--console-key-file",
+        metavar="FILE",
+        help="DEV MODE (insecure: the key is on the host): turn the console shield on with this key (hex); "
+        "in production the session policy's service says console: {key: ...}",
+    )
     run.add_argument("--stats", action="store_true", help="print system-call statistics at exit")
     run.add_argument("program", nargs="?", help="the script to run (ends the options)")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program, as python passes them")
 
+    from pyscone.host import console_tool
+
+    console_tool.add_parser(sub)
     fs = sub.add_parser(
         "fspf",
         help="make and inspect file-system protection files (FSPF)",
@@ -521,6 +530,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     enclave.fspf = _fspf_config(a)
     enclave.network = _net_shield_config(a.net_shield)
     enclave.bytecode_cache = _bytecode_cache(a, dev=True)
+    enclave.console = _console_config(a)
     return launch(enclave, host)
 
 
@@ -569,10 +579,31 @@ def _net_shield_config(path: str | None) -> dict[str, Any] | None:
     return spec
 
 
+def _console_config(a: argparse.Namespace) -> dict[str, str] | None:
+    """Dev mode's console shield: the key from a host file, said loudly before the records start."""
+    if not a.console_key_file:
+        return None
+    from pyscone.host import console_tool
+
+    try:
+        key = console_tool.read_key(a.console_key_file)
+    except console_tool.ToolError as e:
+        raise UsageError(str(e)) from None
+    print(
+        "pyscone: WARNING: INSECURE dev mode: the console key comes from a file on the host; "
+        "in production the session policy gives it after attestation.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"key": key.hex()}
+
+
 def _run_attested(a: argparse.Namespace) -> int:
     """``pyscone run --cas URL --session NAME/SERVICE``: nothing secret comes from the host."""
     if a.args or a.module or a.code is not None or a.env or a.fspf:
         raise UsageError("with --cas the CAS supplies the program's arguments, environment and FSPF")
+    if a.console_key_file:
+        raise UsageError("with --cas the console key is the session policy's (console: {key: ...})")
     name, sep, service = (a.session or "").partition("/")
     if not (name and sep and service):
         raise UsageError("--cas needs --session NAME/SERVICE")
@@ -696,6 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_las(a)
         if a.command == "cas":
             return cmd_cas(a)
+        if a.command == "console":
+            from pyscone.host import console_tool
+
+            return console_tool.run(a)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -91,3 +91,12 @@ def test_the_tls_benchmark_runs() -> None:
         assert run["app_cpu_s"] > 0 and (run["stunnel_cpu_s"] > 0) == (run["config"] == "stunnel"), run
         # Every TLS configuration was checked by a client that verified the chain, on TLS 1.3.
         assert run["tls"].startswith("TLSv1.3 ") if run["config"] in configs[:3] else run["tls"] == "plain", run
+
+
+def test_the_console_benchmark_runs() -> None:
+    out = _quick("console.py")
+    for row in ("lines  ", "lines-flush  ", "bytes  ", "what limits each row"):
+        assert row in out, out
+    report = json.loads((BENCH / "results" / "console.json").read_text())
+    assert {r["config"] for r in report} == {"native", "enclave", "shield"}
+    assert all(r["per_s"] > 0 for r in report)

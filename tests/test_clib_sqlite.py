@@ -59,7 +59,7 @@ def fs(tmp_path: Path) -> FS:
 def test_the_install_builds_the_shim_and_it_exports_the_libc_entry_points() -> None:
     assert os.path.isfile(SHIM), "pip install -e . (scripts/setup.sh) builds pyscone/enclave/clib/shim.c"
     lib = ctypes.CDLL(SHIM)
-    assert lib.pyscone_shim_abi() == 1
+    assert lib.pyscone_shim_abi() == 2  # 2: pyscone_shim_console (the console shield)
     nm = subprocess.run(["nm", "-D", "--defined-only", SHIM], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in nm.splitlines()}
     for name in ("open64", "pread64", "pwrite64", "fstat64", "stat64", "lstat64", "fcntl64", "ftruncate64", "unlink"):

@@ -64,7 +64,7 @@ def fs(tmp_path: Path) -> FS:
 def test_the_shim_exports_the_stdio_entry_points() -> None:
     nm = subprocess.run(["nm", "-D", "--defined-only", SHIM], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in nm.splitlines()}
-    assert {"fopen", "fopen64", "fdopen", "fileno"} <= exported, exported
+    assert {"fopen", "fopen64", "fdopen", "fileno", "pyscone_shim_console"} <= exported, exported
 
 
 def _native(tmp_path: Path) -> str:

@@ -23,6 +23,7 @@ it.  Example::
           listen: [{port: 8443, cert: "${secret:api_tls.cert}", key: "${secret:api_tls.key}"}]
           connect: [{to: "db.internal:5432", ca: <PEM>}]
           unlisted: refuse       # or allow (plaintext, logged)
+        console: {key: <hex>}    # the console shield, under the owner's key (pyscone console)
     secrets:
       db_password: {kind: password, length: 24}
       token: {kind: random, bytes: 32}        # hex
@@ -91,6 +92,7 @@ class Service:
     fspf: FspfSpec | None
     cwd: str = "/"  # the enclave's working directory: never the host's
     network: Mapping[str, Any] | None = None  # the network shield's rules (protect/netpolicy.py)
+    console_key: str | None = None  # hex: the console shield's key, the owner's (docs/console-shield.md)
 
 
 @dataclass(frozen=True)
@@ -274,10 +276,8 @@ def _secret(name: str, node: _Node) -> SecretSpec:
 
 
 def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Service:
-    m = node.mapping(
-        {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd", "network"},
-        {"argv"},
-    )
+    keys = {"mrenclaves", "mrsigner", "product_id", "min_svn", "debug", "argv", "env", "files", "fspf", "cwd"}
+    m = node.mapping(keys | {"network", "console"}, {"argv"})
     mrenclaves = frozenset(
         bytes.fromhex(n.string(HEX32, "a 64-hex-digit MRENCLAVE"))
         for n in (m["mrenclaves"].sequence() if "mrenclaves" in m else [])
@@ -318,7 +318,8 @@ def _service(name: str, node: _Node, secrets: Mapping[str, SecretSpec]) -> Servi
             raise m["cwd"].fail("the working directory is an absolute path")
         cwd = posixpath.normpath(cwd)
     network = _network(m["network"], check) if "network" in m else None
-    return Service(name, expected, argv, env, files, fspf, cwd, network)
+    console_key = _console_key(m["console"]) if "console" in m else None
+    return Service(name, expected, argv, env, files, fspf, cwd, network=network, console_key=console_key)
 
 
 def _network(node: _Node, check: Callable[[_Node, str], str]) -> dict[str, Any]:
@@ -368,6 +369,21 @@ def _locate(node: _Node, message: str) -> _Node:
         else:
             break
     return _Node(current, node.path)
+
+
+def _console_key(node: _Node) -> str:
+    """``console: {key: <64 hex>}``: the owner's own key, since only the owner reads the output.
+
+    A secret the CAS makes is never shown to anyone, so no one could decrypt records under it:
+    a reference is refused, not accepted and made useless.
+    """
+    key = node.mapping({"key"}, {"key"})["key"]
+    text = key.string()
+    if SECRET_REF.search(text):
+        raise key.fail("the console key is the owner's (64 hex digits): a secret the CAS makes is never shown")
+    if not HEX32.match(text):
+        raise key.fail("expected the console key: 64 hex digits (pyscone console --make-key --key-file FILE)")
+    return text.lower()
 
 
 def _ref_checker(secrets: Mapping[str, SecretSpec]) -> Callable[[_Node, str], str]:

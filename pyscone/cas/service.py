@@ -213,6 +213,8 @@ class Cas:
             # Seals the enclave's bytecode cache: every attested enclave of this service has it.
             "bytecode_key": self.store.keys.derive("bytecode-cache", session, service).hex(),
         }
+        if svc.console_key is not None:
+            config["console"] = {"key": svc.console_key}
         if svc.fspf is not None:
             config["fspf"] = {"path": svc.fspf.path, "key": render(svc.fspf.key), "tags": tags}
         if svc.network is not None:

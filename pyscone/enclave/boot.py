@@ -85,6 +85,8 @@ def _measure(cfg: dict[str, Any], geometry: Any) -> None:
 
 def _boot_error(message: str) -> NoReturn:
     print(f"pyscone: enclave boot failed: {message}", file=sys.stderr, flush=True)
+    if (shield := sys.modules.get("pyscone.enclave.shields.console")) is not None:
+        shield.finish(70)
     os._exit(70)
 
 
@@ -118,6 +120,10 @@ def main() -> None:
         # The shield's crypto is a C extension: load it while loading is still possible.
         # A measured enclave always has it, so that its MRENCLAVE does not depend on the FSPF.
         import pyscone.enclave.shields.fs
+    if cfg.get("console") or cfg.get("measure"):
+        # The console shield's record format (its crypto), loaded while loading is possible; a
+        # measured enclave always has it (the CAS may turn the shield on after attestation).
+        import pyscone.protect.console
     if cfg.get("measure"):
         # Everything the measurement, the admission and the attestation run is loaded now,
         # by the measuring loader: after the measurement nothing new may load (loader.seal).
@@ -150,6 +156,8 @@ def main() -> None:
     fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
+    if cfg.get("console") and (error := _console_on(cfg["console"], slot_data)):  # dev mode: before the app
+        _boot_error(error)
     # After interposition: a preloaded module binds the enclave's socket, select and file
     # functions, as it would when the app imports it (asyncio imported earlier would not).
     for name in cfg["preload"]:
@@ -161,6 +169,8 @@ def main() -> None:
     _adopt_finders()
     try:
         shim = clib.prepare()  # the libc layer, if the launcher preloaded it (bound now, armed below)
+        if shim and cfg.get("console"):
+            clib.console_streams()  # dev mode's shield is on already: C stdio's stdout/stderr into it
     except RuntimeError as e:
         _boot_error(str(e))
     if cfg.get("measure"):
@@ -200,7 +210,22 @@ def main() -> None:
     sched.run(lambda: _run_app(cfg, status))
     if cfg["stats"]:
         _print_stats(client)
+    from pyscone.enclave.shields import console as console_shield
+
+    console_shield.finish(status[0])  # the end records: a clean exit (nothing is printed after them)
     os._exit(status[0])
+
+
+def _console_on(spec: Any, slot_data: int) -> str | None:
+    """Turn the console shield on with the owner's key (``{"key": hex}``).  Returns an error."""
+    from pyscone.enclave.shields import console as console_shield
+
+    try:
+        key = bytes.fromhex(str(spec["key"]))
+        console_shield.turn_on(key, os.urandom(16), slot_data)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"cannot turn the console shield on: {e}"
+    return None
 
 
 def _enter_venv(path: str) -> list[str]:
@@ -350,6 +375,8 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     cfg["bytecode_key"] = config.get("bytecode_key")  # the CAS's, never the host's
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
+    if config.get("console"):
+        return _console_on(config["console"], cfg["slot_data"])
     return None
 
 

@@ -162,6 +162,14 @@ class Scheduler:
         self.ready.append((lt, None))
         self.park()
 
+    def others_waiting(self) -> bool:
+        """Whether another lthread, a due timer or a signal waits for the CPU.
+
+        An lthread that goes on without waiting for the host (the console shield writes
+        behind the app) checks this to stay a fair turn and a safe point for ^C.
+        """
+        return bool(self.ready or self._signals or self._interrupt is not None or self._timer_due())
+
     def sleep(self, seconds: float) -> None:
         lt = self.current
         if lt is None:  # the hub never sleeps on behalf of an app
@@ -262,15 +270,18 @@ class Scheduler:
         call = self._publish(op, flags, args, data, lt)
         return self._await(call, op, args, data, timeout)
 
-    def start(self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b"") -> InFlight | None:
+    def start(
+        self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b"", *, polled: bool = False
+    ) -> InFlight | None:
         """Start a host call and return at once; :meth:`finish` takes its reply later.
 
         For work the caller can overlap with its own (read-ahead, write-behind).  Returns
         ``None`` when the call cannot be started this way now: no slot is free, or the
         caller may not switch (the hub, sync mode).  A started call must be finished or
-        :meth:`dropped <drop>`.
+        :meth:`dropped <drop>`.  With ``polled`` the hub may start one too (its reply is
+        taken by :meth:`poll`, which the hub can call, or by an lthread's :meth:`finish`).
         """
-        if self.sync or not self.client.free or greenlet.getcurrent() is self.hub:
+        if self.sync or not self.client.free or (greenlet.getcurrent() is self.hub and not polled):
             return None
         return InFlight(self._publish(op, 0, args, data, None), op, args, data)
 
@@ -280,6 +291,23 @@ class Scheduler:
         assert lt is not None, "the hub cannot wait for a started call"
         pending.call.lt = lt
         return self._await(pending.call, pending.op, pending.args, pending.data, None)
+
+    def poll(self, pending: InFlight, *, wait: bool = False) -> tuple[int, int, Any] | None:
+        """The reply of a call made by :meth:`start`, if it has come (``None`` if not yet).
+
+        Never switches lthreads, so the hub (a timer) may ask too, where :meth:`finish`
+        cannot; with ``wait`` it waits in place for the reply.  Once it returns a reply,
+        the call is done (as after :meth:`finish`).
+        """
+        while True:
+            self._drain()
+            reply = self._replies.pop(pending.call.token, None)
+            if reply is not None:
+                result, err, payload = reply
+                return iago.validate(pending.op, pending.args, pending.data, result, err, payload)
+            if not wait:
+                return None
+            self.client.wait(self._next_timeout())
 
     def drop(self, pending: InFlight) -> None:
         """Give up a call made by :meth:`start`: its reply, now or later, is discarded."""
@@ -456,6 +484,8 @@ class Scheduler:
                     self._flush_deferred()
                 if self._stopping:
                     return
+                if self._signals or self._interrupt is not None or self._timer_due():
+                    break  # lthreads that never wait (yield_now) must not starve timers and signals
             if self._signals:
                 self._run_signal_handlers()
             if self._interrupt is not None and self.main is not None:

@@ -58,6 +58,7 @@ class EnclaveConfig:
     bytecode_cache: dict[str, str] | None = None
     venv: str | None = None  # the app's virtualenv, absolute (enclave/venv.py; measured)
     network: dict[str, object] | None = None  # dev mode: the network shield's rules (with a CAS, the CAS's)
+    console: dict[str, str] | None = None  # dev mode's console shield: {"key": hex} (with a CAS: the policy's)
 
 
 @dataclass

@@ -27,7 +27,8 @@
  *  - calls from any OS thread but the enclave's own (a thread a C library started before
  *    lockdown): the rings have a single producer and the scheduler one thread;
  *  - reads and writes of fds 0..2: the console shield owns them, and a C library must not
- *    write around it in plaintext.
+ *    write around it in plaintext.  (With the shield on, glibc's stdout and stderr are
+ *    replaced by streams into it: pyscone_shim_console in shim_stdio.c.)
  *
  * The runtime's own descriptors (the doorbells, the epoll set) are used through
  * eventfd_read/eventfd_write/epoll_wait, which this library does not interpose, so no fd
@@ -50,7 +51,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#define PYSCONE_SHIM_ABI 1
+#define PYSCONE_SHIM_ABI 2
 
 dispatch_fn dispatch;
 __thread int enclave_thread; /* set on the thread that armed the shim, only */

@@ -18,6 +18,7 @@
 
 struct stream {
     int fd;
+    int console; /* glibc's stdout/stderr, replaced while the console shield is on */
     FILE *fp;
     struct stream *next;
 };
@@ -55,10 +56,11 @@ static ssize_t stream_read(void *cookie, char *buf, size_t n)
 static ssize_t stream_write(void *cookie, const char *buf, size_t n)
 {
     int fd = ((struct stream *)cookie)->fd;
+    int console = ((struct stream *)cookie)->console;
     size_t done = 0;
     while (done < n) {
         ssize_t r;
-        if (!stream_ok() || (fd >= 0 && fd <= 2))
+        if (!stream_ok() || (fd >= 0 && fd <= 2 && !console))
             r = refuse();
         else
             r = (ssize_t)call(C_WRITE, fd, (long long)(n - done), 0, buf + done, NULL);
@@ -86,6 +88,8 @@ static int stream_seek(void *cookie, off64_t *pos, int whence)
 static int stream_close(void *cookie)
 {
     struct stream *s = cookie;
+    if (s->console) /* fclose(stdout) by a C library: the console stays the runtime's */
+        return 0;
     pthread_mutex_lock(&streams_lock);
     for (struct stream **p = &streams; *p != NULL; p = &(*p)->next)
         if (*p == s) {
@@ -109,6 +113,7 @@ static FILE *stream_open(int fd, const char *mode)
     if (s == NULL)
         return NULL;
     s->fd = fd;
+    s->console = 0;
     s->fp = fopencookie(s, mode, stream_io);
     if (s->fp == NULL) {
         int e = errno;
@@ -201,4 +206,28 @@ int fileno(FILE *fp)
         pthread_mutex_unlock(&streams_lock);
     }
     return (real.fileno ? real.fileno : (int (*)(FILE *))next("fileno"))(fp);
+}
+
+/* The console shield is on: glibc's own stdout and stderr write past every interposed symbol
+ * (to the barrier, EPERM: a C printf was lost), so they are replaced by streams whose bytes go
+ * to the runtime's fds 1 and 2, that is, into the shield's records.  stdout is line-buffered
+ * and stderr unbuffered: the enclave leaves with _exit, so glibc never flushes at exit.
+ * Whatever glibc's own streams still buffer is dropped, never written.  Idempotent; 0, or -1. */
+int pyscone_shim_console(void)
+{
+    static int done;
+    if (done)
+        return 0;
+    FILE *out = stream_open(1, "w"), *err = stream_open(2, "w");
+    if (out == NULL || err == NULL)
+        return -1;
+    done = 1;
+    for (struct stream *s = streams; s != NULL; s = s->next)
+        if (s->fp == out || s->fp == err)
+            s->console = 1;
+    setvbuf(out, NULL, _IOLBF, BUFSIZ);
+    setvbuf(err, NULL, _IONBF, 0);
+    stdout = out;
+    stderr = err;
+    return 0;
 }

@@ -66,7 +66,7 @@ from collections.abc import Callable
 from pyscone.enclave import iago, loader, scheduler
 from pyscone.enclave.stdlib import clibnet, dups, fdops, files
 
-_SHIM_ABI = 1
+_SHIM_ABI = 2
 _AT_FDCWD = -100
 _O_LARGEFILE = 0o100000  # x86-64: what glibc's open64 adds; the Python layer's files are 64-bit anyway
 # struct flock as fdops reads it (l_type, l_whence, l_start, l_len, l_pid).
@@ -174,6 +174,16 @@ def arm() -> None:
     """After lockdown: route C libraries' file calls to :func:`_dispatch` from now on."""
     if _lib is not None:
         _lib.pyscone_shim_arm(_callback)
+
+
+def console_streams() -> None:
+    """The console shield is on: C stdio's ``stdout``/``stderr`` become streams into it.
+
+    Raises:
+        RuntimeError: the shim could not make them (out of memory).
+    """
+    if _lib is not None and _lib.pyscone_shim_console() != 0:
+        raise RuntimeError("the libc layer could not route C stdio's stdout and stderr to the console shield")
 
 
 def active() -> bool:

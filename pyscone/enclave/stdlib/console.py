@@ -3,8 +3,9 @@
 The console's raw objects write to and read from the host's fds 0-2 through the
 system-call interface, under the stdlib's buffered and text layers, with the
 buffering plain Python uses: stdout line-buffered on a terminal and
-block-buffered otherwise, stderr always line-buffered.  (The console *shield*,
-which encrypts these records, plugs in beneath this layer.)  After the app
+block-buffered otherwise, stderr always line-buffered.  The console *shield*
+(``enclave/shields/console.py``), when on, takes every read and write beneath this
+layer and turns them into records.  After the app
 ``dup2``-s a file, a pipe or a socket onto 0-2, ``print`` and ``input`` follow it,
 as they do in python, until it puts the console back.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from pyscone.abi import Op
 from pyscone.enclave import scheduler
+from pyscone.enclave.shields import console as shield
 from pyscone.enclave.stdlib import dups, files, interpose
 
 
@@ -53,6 +55,10 @@ class ConsoleIO(io.RawIOBase):
             data = files.read(self._fd, len(view))
             view[: len(data)] = data
             return len(data)
+        if (sh := shield.active()) is not None:
+            data = sh.read(len(view))
+            view[: len(data)] = data
+            return len(data)
         r, err, data = scheduler.get().host_call(Op.READ, (0, min(len(view), self._slot_data)), wait=True)
         if r < 0:
             raise OSError(err, "console read failed")
@@ -63,6 +69,8 @@ class ConsoleIO(io.RawIOBase):
         view = memoryview(b).cast("B")[: self._slot_data]
         if self._redirected():
             return files.write(self._fd, view)
+        if (sh := shield.active()) is not None:
+            return sh.write(self._fd, view)
         r, err, _ = scheduler.get().host_call(Op.WRITE, (self._fd,), bytes(view), wait=True)
         if r < 0:
             raise OSError(err, "console write failed")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
+from pyscone.enclave.shields import console as console_shield
 from pyscone.enclave.shields import net
 from pyscone.enclave.stdlib import dups, interpose, pipes
 
@@ -329,6 +330,10 @@ def read(fd: int, n: int) -> bytes:
         return pipes.read(fd, n)
     if sh := _vfd(fd):
         return sh.read(fd, n)
+    if fd <= 2 and (cs := console_shield.active()) is not None:
+        if fd != 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return cs.read(n)
     kind = _fds.kind(fd)
     if kind == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
         return conn.recv(net.HostIO(fd, 0.0 if fd in _fds.nonblocking else None), min(n, _slot_data))
@@ -352,6 +357,8 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
             return sh.write(fd, data)
         finally:
             _changed()
+    if fd <= 2 and (cs := console_shield.active()) is not None:
+        return cs.write(fd, data)
     kind = _fds.kind(fd)
     view = memoryview(data).cast("B")[:_slot_data]
     if kind == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
@@ -366,6 +373,8 @@ def pread(fd: int, n: int, offset: int) -> bytes:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
         raise _espipe(fd)
+    if fd <= 2 and console_shield.active():  # records are a stream
+        raise OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
     if sh := _vfd(fd):
         return sh.pread(fd, n, offset)
     _fds.kind(fd)
@@ -377,6 +386,8 @@ def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     fd = dups.resolve(fd)
     if pipes.is_local(fd):
         raise _espipe(fd)
+    if fd <= 2 and console_shield.active():  # records are a stream
+        raise OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
     if sh := _vfd(fd):
         try:
             return sh.pwrite(fd, data, offset)
