@@ -41,6 +41,7 @@ lock orders FSPF changes.  Order: file lock, then shield lock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -56,7 +57,7 @@ from pyscone.enclave.shields import fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
-from pyscone.enclave.shields.store import HostStore
+from pyscone.enclave.shields.store import DataSync, Durable, HostStore
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect import fspf as fspf_mod
@@ -174,13 +175,27 @@ class FsShield:
 
     # -- the FSPF -----------------------------------------------------------------------------
 
-    def _write_fspf(self) -> None:
+    def _write_fspf(self, data: Durable | None = None) -> None:
         """Seal the FSPF, write it over the unpinned copy, then pin it: the commit point.
+
+        ``data``: the durable step of the file this commit names (its records synced), if
+        one is in flight.  It runs beside the FSPF's write: both must be durable before the
+        pin, and neither is the commit point (until the pin, a kill leaves the old FSPF, whose
+        copy neither touches).  If it fails, the FSPF is not pinned and the error is raised.
+
         Raises ``OSError(EIO)`` if the pin did not take it; the shield then goes on from the new
         FSPF, but the app must not count that commit durable (the next start gets the old one)."""
         self.fspf.generation += 1
         blob, tag = fspf_mod.seal(self.fspf, self.key)
-        copy = self.copies.write(blob)
+        copy, write = self.copies.start(blob)
+        if data is not None:
+            try:
+                data.wait()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    write.wait()  # finish its calls: its copy is not pinned, so it names nothing
+                raise
+        write.wait()
         old, self.tag = self.tag, tag
         self.commits += 1
         if self.pin is not None:
@@ -219,7 +234,11 @@ class FsShield:
             pass
 
     def commit(self, node: Node) -> None:
-        """Make ``node``'s writes durable and part of the FSPF."""
+        """Make ``node``'s writes durable and part of the FSPF.
+
+        The file's sync is started first and, when a pin is the commit point, waited for
+        beside the FSPF's write (:meth:`_write_fspf`).  With no pin the newest copy of the FSPF
+        wins at the next mount, so there the records are durable before the FSPF is written."""
         if node.kind == "memory":
             return
         with node.lock:
@@ -233,17 +252,32 @@ class FsShield:
                 entry = pf.commit()
             except IntegrityError as e:
                 raise self._integrity(node.path or "(unlinked file)", e) from None
-            store.drain()
-            if store.wrote:
-                files.fdatasync(node.host_fd)  # the records and the file's size: not its times
-                store.wrote = False
+            data: Durable | None = DataSync(store) if store.wrote else None  # its records, not its times
+            if data is None:
+                store.drain()
+            elif self.pin is None or node.path is None:
+                data.wait()
+                data = None
             with self.lock:
-                node.created = False
                 if node.path is None:
+                    node.created = False
                     return
                 current = self.fspf.files.get(node.path)
                 self.fspf.files[node.path] = dataclasses.replace(entry, store=current.store if current else "")
-                self._write_fspf()
+                try:
+                    self._write_fspf(data)
+                except BaseException:
+                    if data is not None and not data.done:
+                        # Its records never became durable: the FSPF keeps the entry it had.
+                        self._restore(node.path, current)
+                    raise
+                node.created = False
+
+    def _restore(self, path: str, entry: FileEntry | None) -> None:
+        if entry is None:
+            self.fspf.files.pop(path, None)
+        else:
+            self.fspf.files[path] = entry
 
     def commit_all(self) -> None:
         for node in list(self.nodes.values()):
