@@ -23,12 +23,14 @@ goes to the host as before.
   host symlink cannot move a path out of (or into) a region.
 * **Memory files** live in enclave memory only; the host sees nothing of them.
 * **Commit** (fsync, close of a writer, exit): the file's changed chunks are sealed
-  into free slots, the store is fsynced, and the new sealed FSPF is written over
+  into free slots, the store's sync is started, and the new sealed FSPF is written over
   the FSPF's copy that is not pinned (``fspfcopies.py``: two copies on the host,
-  written in place in turn).  Its tag is ``shield().tag``.
+  written in place in turn), beside that sync when a pin follows.  Its tag is
+  ``shield().tag``.
 * **Pinning** the newest tag where the next start checks it (the CAS in production, a
   tag file in dev mode) is then one report, the commit point: the :class:`TagPin`
-  accepts the new tag alone.  The pinned copy is never written, so a kill anywhere
+  accepts the new tag alone, reported only once the data and the copy are both durable.
+  The pinned copy is never written, so a kill anywhere
   leaves the last pinned FSPF whole (a commit whose pin was not taken never
   returned to the app).
 * **Rename** of a protected file is an FSPF change first (the entry names its old
@@ -57,7 +59,7 @@ from pyscone.enclave.shields import fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
-from pyscone.enclave.shields.store import DataSync, Durable, HostStore
+from pyscone.enclave.shields.store import DataSync, HostStore
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect import fspf as fspf_mod
@@ -175,18 +177,21 @@ class FsShield:
 
     # -- the FSPF -----------------------------------------------------------------------------
 
-    def _write_fspf(self, data: Durable | None = None) -> None:
+    def _write_fspf(self, data: DataSync | None = None) -> None:
         """Seal the FSPF, write it over the unpinned copy, then pin it: the commit point.
 
-        ``data``: the durable step of the file this commit names (its records synced), if
-        one is in flight.  It runs beside the FSPF's write: both must be durable before the
-        pin, and neither is the commit point (until the pin, a kill leaves the old FSPF, whose
-        copy neither touches).  If it fails, the FSPF is not pinned and the error is raised.
+        ``data``: the sync of the file this commit names, if its records changed; started
+        here, once the FSPF is sealed, right before the copy's write, so the two run side by
+        side.  Both must be durable before the pin, and neither is the commit point (until the
+        pin, a kill leaves the old FSPF, whose copy neither touches).  If either fails, nothing
+        is pinned and the error is raised.
 
         Raises ``OSError(EIO)`` if the pin did not take it; the shield then goes on from the new
         FSPF, but the app must not count that commit durable (the next start gets the old one)."""
         self.fspf.generation += 1
         blob, tag = fspf_mod.seal(self.fspf, self.key)
+        if data is not None:
+            data.start()  # both queued back to back, after the sealing: they run side by side
         copy, write = self.copies.start(blob)
         if data is not None:
             try:
@@ -236,9 +241,9 @@ class FsShield:
     def commit(self, node: Node) -> None:
         """Make ``node``'s writes durable and part of the FSPF.
 
-        The file's sync is started first and, when a pin is the commit point, waited for
-        beside the FSPF's write (:meth:`_write_fspf`).  With no pin the newest copy of the FSPF
-        wins at the next mount, so there the records are durable before the FSPF is written."""
+        When a pin is the commit point the file's sync runs beside the FSPF's write
+        (:meth:`_write_fspf`).  With no pin the newest copy of the FSPF wins at the next mount,
+        so there the records are durable before the FSPF is written."""
         if node.kind == "memory":
             return
         with node.lock:
@@ -252,7 +257,7 @@ class FsShield:
                 entry = pf.commit()
             except IntegrityError as e:
                 raise self._integrity(node.path or "(unlinked file)", e) from None
-            data: Durable | None = DataSync(store) if store.wrote else None  # its records, not its times
+            data = DataSync(store) if store.wrote else None  # its records, not its times
             if data is None:
                 store.drain()
             elif self.pin is None or node.path is None:

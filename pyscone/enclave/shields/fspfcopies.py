@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The FSPF's host path ``P`` and ``P.1`` are its two *copies*.  A commit seals the table with
 the next ``generation`` and writes it over the copy that is *not* the pinned one, in place
-(``pwrite``, ``ftruncate`` when its size changed, ``fsync``); then the pin (the CAS, or the
+(its last slot, the cut when its size changed and the ``fdatasync`` in one ``PWRITE_SYNC``
+host call, which the shield runs beside the data's own sync); then the pin (the CAS, or the
 dev-mode tag file) moves to the new tag in one report.  The pinned copy is never written while
 it is pinned, so whatever a kill or a power loss interrupts:
 

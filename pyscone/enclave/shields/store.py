@@ -282,17 +282,25 @@ class DurableWrite(Durable):
 
 
 class DataSync(Durable):
-    """A protected file's records durable: ``fdatasync`` of its host file, started now (it is
-    queued after the store's writes, so it covers them), then the writes' results checked."""
+    """A protected file's records durable: ``fdatasync`` of its host file, started by
+    :meth:`start` (it is queued after the store's writes, so it covers them), then the writes'
+    results checked."""
 
     __slots__ = ("_call", "_store")
 
     def __init__(self, store: HostStore) -> None:
         super().__init__()
         self._store = store
-        self._call = _Started(Op.FSYNC, (store.fd, 1))
+        self._call: _Started | None = None
+
+    def start(self) -> None:
+        """Queue the sync now (the caller has its other step ready to queue right after)."""
+        if self._call is None:
+            self._call = _Started(Op.FSYNC, (self._store.fd, 1))
 
     def wait(self) -> None:
+        self.start()
+        assert self._call is not None
         try:
             self._store.drain()
         finally:
