@@ -192,7 +192,13 @@ class FsShield:
         blob, tag = fspf_mod.seal(self.fspf, self.key)
         if data is not None:
             data.start()  # both queued back to back, after the sealing: they run side by side
-        copy, write = self.copies.start(blob)
+        try:
+            copy, write = self.copies.start(blob)
+        except BaseException:
+            if data is not None:
+                with contextlib.suppress(OSError):
+                    data.wait()  # finish its call; if it is durable, a later commit names it
+            raise
         if data is not None:
             try:
                 data.wait()
