@@ -133,6 +133,27 @@ def test_the_pin_waits_for_every_durable_step_and_the_steps_overlap(region: Regi
     assert "the tag file was written while" not in err, err
 
 
+def test_sqlites_commits_overlap_too_though_its_calls_wait_in_place(region: Region) -> None:
+    """A call from C waits for the host in place (sync mode, docs/runtime.md); a commit that
+    SQLite's fsync makes still runs its data sync beside the FSPF copy's write."""
+    app = write_app(
+        region.root,
+        """
+        import sqlite3, sys
+        con = sqlite3.connect(sys.argv[1] + "/app.db")
+        con.execute("create table t (v)")
+        for i in range(4):
+            with con:
+                con.execute("insert into t values (?)", (i,))
+        print(con.execute("select count(*) from t").fetchone()[0])
+        """,
+    )
+    code, out, err = region.run(app, str(region.enc), lie="slow-syncs")
+    assert (code, out) == (0, "4\n"), err
+    assert "two durable steps of a commit ran at once" in err, err
+    assert "the tag file was written while" not in err, err
+
+
 def _by_kind(stderr: str) -> dict[str, int]:
     line = next(x for x in stderr.splitlines() if "host calls by kind:" in x)
     return {k: int(v) for k, v in re.findall(r"(\w+) (\d+)", line.split("host calls by kind:", 1)[1])}
