@@ -109,16 +109,10 @@ class Copies:
     def names(self) -> set[str]:
         return {copy_path(self.path, c) for c in range(COPIES)}
 
-    def write(self, blob: bytes) -> int:
-        """Write ``blob`` durably over the copy that is not the current one; returns it.
-        The caller makes it current once the pin has taken its tag."""
-        target, pending = self.start(blob)
-        pending.wait()
-        return target
-
     def start(self, blob: bytes) -> tuple[int, Durable]:
         """Start writing ``blob`` over the copy that is not the current one: (that copy, the
-        write, durable once waited for).  The caller may overlap other durable steps with it."""
+        write, durable once waited for).  The caller may overlap other durable steps with it,
+        and makes the copy current once the pin has taken its tag."""
         target = 1 - self.current
         fd = self._fds.get(target)
         if fd is None:
