@@ -327,7 +327,7 @@ SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Ans
     **{op: _none for op in (Op.FTRUNCATE, Op.CHMOD, Op.UTIME, Op.SYMLINK, Op.BIND, Op.LISTEN, Op.CONNECT)},
     **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT, Op.LOCK)},
     **{op: _read for op in (Op.READ, Op.PREAD, Op.RECV)},
-    **{op: _count for op in (Op.WRITE, Op.PWRITE, Op.SEND, Op.SENDTO)},
+    **{op: _count for op in (Op.WRITE, Op.PWRITE, Op.PWRITE_SYNC, Op.SEND, Op.SENDTO)},
     **{op: _new_fd for op in (Op.OPEN, Op.SOCKET, Op.SOCKETPAIR, Op.ACCEPT)},
     Op.LSEEK: _lseek,
     Op.FSTAT: _stat,

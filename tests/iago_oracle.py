@@ -341,6 +341,7 @@ SPECS: dict[int, Spec] = {
     Op.WRITE: _count,
     Op.PREAD: _read,
     Op.PWRITE: _count,
+    Op.PWRITE_SYNC: _count,
     Op.LSEEK: _lseek,
     Op.FSTAT: _fstat,
     Op.STAT: _stat,

@@ -44,6 +44,40 @@ def test_pread_and_pwrite_move_data_straight_through_the_slot_and_refuse_bad_req
         os.close(fd)
 
 
+def test_pwrite_sync_writes_cuts_and_syncs_in_one_call_on_an_s_thread(tmp_path: Path) -> None:
+    """``PWRITE_SYNC`` (the FS shield's write of an FSPF copy or of the tag file): the data at the
+    offset, the file cut to the size asked for (or left, for -1), durable when it answers."""
+    geometry = abi.Geometry(8, 4096)
+    region = rings.SharedRegion.create(geometry)
+    bells = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    executor = Executor(region, *bells, sthreads=3, spin_us=100)
+    client = SyscallClient(rings.SharedRegion.attach(region.fd), *bells, spin_us=100)
+    executor.start()
+    path = tmp_path / "copy"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDWR)
+
+    def call(args: tuple[int, ...], data: bytes) -> tuple[int, int, bytes]:
+        sid = client.submit(Op.PWRITE_SYNC, 0, args, data)
+        while not (done := client.collect()):
+            client.wait(1.0)
+        assert done == [sid]
+        return client.read_reply(sid)
+
+    try:
+        assert call((fd, 0, -1), b"hello") == (5, 0, b"")
+        assert path.read_bytes() == b"hello" + b"x" * 95  # not cut
+        assert call((fd, 2, 7), b"LLO!!") == (5, 0, b"")
+        assert path.read_bytes() == b"heLLO!!"  # cut to 7
+        assert call((fd, 0, 2), b"") == (0, 0, b"")
+        assert path.read_bytes() == b"he"
+        assert call((9999, 0, -1), b"x")[:2] == (-1, errno.EBADF)
+        assert executor.stats.pooled == 4  # a sync may block on the device: never the dispatcher
+    finally:
+        executor.stop()
+        os.close(fd)
+
+
 def test_pages_of_one_listing_come_from_one_scan_while_the_directory_changes(tmp_path: Path) -> None:
     # Paging by index over a fresh scan each time would repeat or skip names when files come
     # and go between pages; the enclave refuses a repeated name, so an honest host must not.

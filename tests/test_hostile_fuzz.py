@@ -312,6 +312,12 @@ def _pwrite(w: World, draw: Draw, op: int) -> Request:
     return Request(op, (_pick(draw, [w.w, w.f]), draw(st.integers(-1, 1000))), draw(st.binary(max_size=24)))
 
 
+@scenario(Op.PWRITE_SYNC)
+def _pwrite_sync(w: World, draw: Draw, op: int) -> Request:
+    cut = _pick(draw, [-1, -1, 0, 30, 2000])
+    return Request(op, (_pick(draw, [w.w, w.f]), draw(st.integers(-1, 1000)), cut), draw(st.binary(max_size=24)))
+
+
 @scenario(Op.LSEEK)
 def _lseek(w: World, draw: Draw, op: int) -> Request:
     # (Not the console: the executor's fds 0-2 are pytest's own.)

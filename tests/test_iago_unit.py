@@ -44,6 +44,8 @@ def test_honest_replies_pass() -> None:
     assert validate(Op.STAT, (1,), b"/x", 0, 0, st_.pack())[2] == st_
     assert validate(Op.OPEN, (0, 0), b"/x", 77, 0, b"")[2] == 77
     assert validate(Op.READ, (5, 10), b"", -1, 11, b"")[:2] == (-1, 11)
+    assert validate(Op.PWRITE_SYNC, (5, 0, 3), b"abc", 3, 0, b"")[2] == 3
+    assert validate(Op.PWRITE_SYNC, (5, 0, -1), b"abc", 2, 0, b"")[2] == 2  # short: the caller's ENOSPC
 
 
 @pytest.mark.parametrize(
@@ -52,6 +54,8 @@ def test_honest_replies_pass() -> None:
         (Op.READ, (5, 3), b"", 4, 0, b"abcd"),  # more than asked
         (Op.READ, (5, 10), b"", 3, 0, b"abcd"),  # result and payload disagree
         (Op.WRITE, (5,), b"abc", 4, 0, b""),  # wrote more than given
+        (Op.PWRITE_SYNC, (5, 0, -1), b"abc", 4, 0, b""),  # wrote (and synced) more than given
+        (Op.PWRITE_SYNC, (5, 0, -1), b"abc", 3, 0, b"x"),  # a write answers no data
         (Op.OPEN, (0, 0), b"/x", 1, 0, b""),  # fd 1 is the console: aliasing
         (Op.OPEN, (0, 0), b"/x", abi.MAX_FD, 0, b""),
         (Op.READ, (5, 10), b"", -1, 0, b""),  # failure without errno

@@ -15,7 +15,6 @@ The order matters and is the security argument:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -498,10 +497,11 @@ class TagFile:
     that lies about writing it; only the CAS gives that.
 
     Each pin is written in place as a record of one fixed size (the tag on two lines, as
-    the launcher reads them with ``split()``: a tag twice is one tag), then fsynced: one small
-    write into the file's first sector, which a kill cannot tear and a disk writes whole, so
-    the file holds the old tag or the new and never needs the temporary file, rename and
-    directory fsync of a whole-file replacement (each SQLite transaction pins four commits).
+    the launcher reads them with ``split()``: a tag twice is one tag), then fsynced, both in
+    one host call (``PWRITE_SYNC``): one small write into the file's first sector, which a kill
+    cannot tear and a disk writes whole, so the file holds the old tag or the new and never
+    needs the temporary file, rename and directory fsync of a whole-file replacement (each
+    SQLite transaction pins four commits).
     The first write of a run (or one of another size) replaces the file whole.
     """
 
@@ -512,15 +512,13 @@ class TagFile:
         self._size = -1
 
     def commit(self, old: str, new: str) -> None:
-        from pyscone.enclave.stdlib import files
+        from pyscone.enclave.shields.store import DurableWrite
 
         record = f"{new}\n{new}\n".encode()
         if self._fd is None or len(record) != self._size:
             self._reopen(record)
             return
-        if files.pwrite(self._fd, record, 0) != len(record):
-            raise OSError(errno.EIO, f"{self.path}: a short write of the FSPF tag")
-        files.fdatasync(self._fd)
+        DurableWrite(self._fd, record, self.max_io, cut=False).wait()  # one host call
 
     def _reopen(self, record: bytes) -> None:
         from pyscone.enclave.shields.store import replace_host_file

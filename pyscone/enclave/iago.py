@@ -602,6 +602,7 @@ VALIDATORS: dict[int, Validator] = {
     Op.LOCK: _none,
     Op.STATVFS: _statvfs,
     Op.READFILE: _readfile,
+    Op.PWRITE_SYNC: _count_upto_request,
     Op.SOCKET: _socket,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _none,

@@ -275,18 +275,23 @@ class Scheduler:
     ) -> InFlight | None:
         """Start a host call and return at once; :meth:`finish` takes its reply later.
 
-        For work the caller can overlap with its own (read-ahead, write-behind).  Returns
-        ``None`` when the call cannot be started this way now: no slot is free, or the
-        caller may not switch (the hub, sync mode).  A started call must be finished or
-        :meth:`dropped <drop>`.  With ``polled`` the hub may start one too (its reply is
-        taken by :meth:`poll`, which the hub can call, or by an lthread's :meth:`finish`).
+        For work the caller can overlap with its own (read-ahead, write-behind, an FS-shield
+        commit's syncs).  Returns ``None`` when the call cannot be started this way now: no
+        slot is free, or the caller is the hub -- unless ``polled``: the hub may start one
+        whose reply :meth:`poll` (which the hub can call) or an lthread's :meth:`finish` takes.
+        In sync mode (a call from C, or ``--syscalls sync``) a call can be started too:
+        :meth:`finish` then waits for it in place, without switching, as :meth:`host_call`
+        does there.  A started call must be finished or :meth:`dropped <drop>`.
         """
-        if self.sync or not self.client.free or (greenlet.getcurrent() is self.hub and not polled):
+        if not self.client.free or (greenlet.getcurrent() is self.hub and not polled):
             return None
         return InFlight(self._publish(op, 0, args, data, None), op, args, data)
 
     def finish(self, pending: InFlight) -> tuple[int, int, Any]:
         """Wait for a call made by :meth:`start`; the same result as :meth:`host_call`."""
+        if self.sync:
+            result, err, payload = self._wait_in_place(pending.call, None)
+            return iago.validate(pending.op, pending.args, pending.data, result, err, payload)
         lt = self.current
         assert lt is not None, "the hub cannot wait for a started call"
         pending.call.lt = lt
@@ -370,9 +375,20 @@ class Scheduler:
         call = _Call(next(self._tokens), None)
         sid = client.prepare(op, flags, args, data)
         self._waiting[sid] = call
-        deadline = None if timeout is None else time.monotonic() + timeout
+        call.sid = sid
         try:
             client.publish(sid)
+        except BaseException:
+            self._abandon(sid, call)
+            raise
+        return self._wait_in_place(call, timeout)
+
+    def _wait_in_place(self, call: _Call, timeout: float | None) -> tuple[int, int, bytes]:
+        """Wait without switching for ``call``'s reply (published already)."""
+        client = self.client
+        sid = call.sid
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
             while True:
                 self._drain()  # delivers every reply of the batch; ours lands in _replies
                 mine = self._replies.pop(call.token, None)

@@ -95,6 +95,23 @@ def _void(fn: Callable[..., object], *args: object) -> Answer:
     return _OK
 
 
+def _pwrite_sync(a: tuple[int, ...], data: bytes) -> Answer:
+    """``Op.PWRITE_SYNC``: write all of ``data``, cut the file if asked, then fdatasync."""
+    fd, offset, size = a[0], a[1], a[2]
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            break
+        done += n
+    if done < len(data):
+        return (done, 0, b"")  # a short write: the disk is full; nothing to make durable
+    if size >= 0:
+        os.ftruncate(fd, size)
+    os.fdatasync(fd)
+    return (done, 0, b"")
+
+
 def _err(e: OSError) -> Answer:
     return (-1, e.errno or errno.EIO, b"")
 
@@ -168,6 +185,7 @@ class Executor:
             Op.LOCK: self._lock,
             Op.STATVFS: self._statvfs,
             Op.READFILE: self._readfile,
+            Op.PWRITE_SYNC: _pwrite_sync,
             Op.SOCKET: self._socket,
             Op.SOCKETPAIR: self._socketpair,
             Op.BIND: lambda a, d: _void(self._sock(a[0]).bind, self._addr(a[0], d)),
@@ -192,7 +210,17 @@ class Executor:
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
         self._pooled = frozenset(
             {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME}
-            | {Op.FTRUNCATE, Op.ACCESS, Op.CHMOD, Op.UTIME, Op.READLINK, Op.SYMLINK, Op.GETADDRINFO, Op.GETNAMEINFO}
+            | {
+                Op.FTRUNCATE,
+                Op.PWRITE_SYNC,
+                Op.ACCESS,
+                Op.CHMOD,
+                Op.UTIME,
+                Op.READLINK,
+                Op.SYMLINK,
+                Op.GETADDRINFO,
+                Op.GETNAMEINFO,
+            }
         )
         if not self._pool:  # one S-thread: the dispatcher does everything
             self._pooled = frozenset()

@@ -23,12 +23,14 @@ goes to the host as before.
   host symlink cannot move a path out of (or into) a region.
 * **Memory files** live in enclave memory only; the host sees nothing of them.
 * **Commit** (fsync, close of a writer, exit): the file's changed chunks are sealed
-  into free slots, the store is fsynced, and the new sealed FSPF is written over
+  into free slots, the store's sync is started, and the new sealed FSPF is written over
   the FSPF's copy that is not pinned (``fspfcopies.py``: two copies on the host,
-  written in place in turn).  Its tag is ``shield().tag``.
+  written in place in turn), beside that sync when a pin follows.  Its tag is
+  ``shield().tag``.
 * **Pinning** the newest tag where the next start checks it (the CAS in production, a
   tag file in dev mode) is then one report, the commit point: the :class:`TagPin`
-  accepts the new tag alone.  The pinned copy is never written, so a kill anywhere
+  accepts the new tag alone, reported only once the data and the copy are both durable.
+  The pinned copy is never written, so a kill anywhere
   leaves the last pinned FSPF whole (a commit whose pin was not taken never
   returned to the app).
 * **Rename** of a protected file is an FSPF change first (the entry names its old
@@ -41,6 +43,7 @@ lock orders FSPF changes.  Order: file lock, then shield lock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -56,7 +59,7 @@ from pyscone.enclave.shields import fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
-from pyscone.enclave.shields.store import HostStore
+from pyscone.enclave.shields.store import DataSync, HostStore
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect import fspf as fspf_mod
@@ -174,13 +177,36 @@ class FsShield:
 
     # -- the FSPF -----------------------------------------------------------------------------
 
-    def _write_fspf(self) -> None:
+    def _write_fspf(self, data: DataSync | None = None) -> None:
         """Seal the FSPF, write it over the unpinned copy, then pin it: the commit point.
+
+        ``data``: the sync of the file this commit names, if its records changed; started
+        here, once the FSPF is sealed, right before the copy's write, so the two run side by
+        side.  Both must be durable before the pin, and neither is the commit point (until the
+        pin, a kill leaves the old FSPF, whose copy neither touches).  If either fails, nothing
+        is pinned and the error is raised.
+
         Raises ``OSError(EIO)`` if the pin did not take it; the shield then goes on from the new
         FSPF, but the app must not count that commit durable (the next start gets the old one)."""
         self.fspf.generation += 1
         blob, tag = fspf_mod.seal(self.fspf, self.key)
-        copy = self.copies.write(blob)
+        if data is not None:
+            data.start()  # both queued back to back, after the sealing: they run side by side
+        try:
+            copy, write = self.copies.start(blob)
+        except BaseException:
+            if data is not None:
+                with contextlib.suppress(OSError):
+                    data.wait()  # finish its call; if it is durable, a later commit names it
+            raise
+        if data is not None:
+            try:
+                data.wait()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    write.wait()  # finish its calls: its copy is not pinned, so it names nothing
+                raise
+        write.wait()
         old, self.tag = self.tag, tag
         self.commits += 1
         if self.pin is not None:
@@ -219,7 +245,11 @@ class FsShield:
             pass
 
     def commit(self, node: Node) -> None:
-        """Make ``node``'s writes durable and part of the FSPF."""
+        """Make ``node``'s writes durable and part of the FSPF.
+
+        When a pin is the commit point the file's sync runs beside the FSPF's write
+        (:meth:`_write_fspf`).  With no pin the newest copy of the FSPF wins at the next mount,
+        so there the records are durable before the FSPF is written."""
         if node.kind == "memory":
             return
         with node.lock:
@@ -233,17 +263,32 @@ class FsShield:
                 entry = pf.commit()
             except IntegrityError as e:
                 raise self._integrity(node.path or "(unlinked file)", e) from None
-            store.drain()
-            if store.wrote:
-                files.fdatasync(node.host_fd)  # the records and the file's size: not its times
-                store.wrote = False
+            data = DataSync(store) if store.wrote else None  # its records, not its times
+            if data is None:
+                store.drain()
+            elif self.pin is None or node.path is None:
+                data.wait()
+                data = None
             with self.lock:
-                node.created = False
                 if node.path is None:
+                    node.created = False
                     return
                 current = self.fspf.files.get(node.path)
                 self.fspf.files[node.path] = dataclasses.replace(entry, store=current.store if current else "")
-                self._write_fspf()
+                try:
+                    self._write_fspf(data)
+                except BaseException:
+                    if data is not None and not data.done:
+                        # Its records never became durable: the FSPF keeps the entry it had.
+                        self._restore(node.path, current)
+                    raise
+                node.created = False
+
+    def _restore(self, path: str, entry: FileEntry | None) -> None:
+        if entry is None:
+            self.fspf.files.pop(path, None)
+        else:
+            self.fspf.files[path] = entry
 
     def commit_all(self) -> None:
         for node in list(self.nodes.values()):

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The FSPF's host path ``P`` and ``P.1`` are its two *copies*.  A commit seals the table with
 the next ``generation`` and writes it over the copy that is *not* the pinned one, in place
-(``pwrite``, ``ftruncate`` when its size changed, ``fsync``); then the pin (the CAS, or the
+(its last slot, the cut when its size changed and the ``fdatasync`` in one ``PWRITE_SYNC``
+host call, which the shield runs beside the data's own sync); then the pin (the CAS, or the
 dev-mode tag file) moves to the new tag in one report.  The pinned copy is never written while
 it is pinned, so whatever a kill or a power loss interrupts:
 
@@ -32,7 +33,7 @@ import os
 import posixpath
 
 from pyscone.enclave.shields.nodes import log
-from pyscone.enclave.shields.store import HostStore
+from pyscone.enclave.shields.store import Durable, DurableWrite, HostStore
 from pyscone.enclave.stdlib import files
 from pyscone.protect import fspf as fspf_mod
 from pyscone.protect.chunks import IntegrityError
@@ -108,19 +109,18 @@ class Copies:
     def names(self) -> set[str]:
         return {copy_path(self.path, c) for c in range(COPIES)}
 
-    def write(self, blob: bytes) -> int:
-        """Write ``blob`` durably over the copy that is not the current one; returns it.
-        The caller makes it current once the pin has taken its tag."""
+    def start(self, blob: bytes) -> tuple[int, Durable]:
+        """Start writing ``blob`` over the copy that is not the current one: (that copy, the
+        write, durable once waited for).  The caller may overlap other durable steps with it,
+        and makes the copy current once the pin has taken its tag."""
         target = 1 - self.current
         fd = self._fds.get(target)
         if fd is None:
             fd = self._open(target)
-        HostStore(fd, self.max_io).write_all(blob)
-        if self._sizes.get(target) != len(blob):
-            files.ftruncate(fd, len(blob))
-            self._sizes[target] = len(blob)
-        files.fdatasync(fd)
-        return target
+        # Cut only when the size changed (the cut is part of the same host call anyway); an
+        # unknown size after a failed write is cut again.
+        cut = self._sizes.pop(target, None) != len(blob)
+        return target, _Sized(DurableWrite(fd, blob, self.max_io, cut), self._sizes, target, len(blob))
 
     def _open(self, copy: int) -> int:
         where = copy_path(self.path, copy)
@@ -134,3 +134,18 @@ class Copies:
             finally:
                 files.close(dfd)
         return fd
+
+
+class _Sized(Durable):
+    """A copy's write that records the copy's size once it is durable."""
+
+    __slots__ = ("_copy", "_size", "_sizes", "_write")
+
+    def __init__(self, write: Durable, sizes: dict[int, int], copy: int, size: int) -> None:
+        super().__init__()
+        self._write, self._sizes, self._copy, self._size = write, sizes, copy, size
+
+    def wait(self) -> None:
+        self._write.wait()
+        self._sizes[self._copy] = self._size
+        self.done = True

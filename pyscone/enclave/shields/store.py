@@ -4,6 +4,11 @@ A store moves records between the enclave and the host file in slot-sized host
 calls, and overlaps those calls with the enclave's own work: read-ahead for a reader
 going forward, write-behind for a writer.  :func:`replace_host_file` is the atomic,
 durable replacement the shield uses for the FSPF and the dev-mode tag file.
+
+A commit's durable steps are started, then waited for (:class:`Durable`), so the ones that
+may overlap do: :class:`DurableWrite` (a whole small file rewritten in place and synced, its
+last piece and the sync in one ``PWRITE_SYNC`` call) and :class:`DataSync` (a store's writes
+and its file's ``fdatasync``).
 """
 
 from __future__ import annotations
@@ -193,6 +198,13 @@ class HostStore:
         finally:
             self.release()
 
+    def release_checked(self) -> None:
+        """Wait for every write in flight and raise the first error (the fd stays open)."""
+        try:
+            self.drain()
+        finally:
+            self.forget()
+
     def release(self) -> None:
         """Before the fd is closed: nothing may stay in flight on it."""
         self.forget()
@@ -200,6 +212,103 @@ class HostStore:
             self.drain()
         except OSError:
             pass  # already raised to the app by the commit that hit it
+
+
+class Durable:
+    """A durable host step in flight: :meth:`wait` returns once it is durable, or raises
+    ``OSError``.  Each is waited for exactly once (its host calls are then finished);
+    ``done`` says it became durable."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def wait(self) -> None:
+        raise NotImplementedError
+
+
+class _Started:
+    """One host call started now and finished later (or made at once when it cannot be
+    started: no slot free, or the hub; it is then done before anything queued after it)."""
+
+    __slots__ = ("_call", "_done")
+
+    def __init__(self, op: int, args: tuple[int, ...], data: bytes | memoryview = b"") -> None:
+        sched = scheduler.get()
+        self._call = sched.start(op, args, data)
+        self._done = None if self._call is not None else sched.host_call(op, args, data)[:2]
+
+    def finish(self) -> tuple[int, int]:
+        """(result, errno) of the call."""
+        call, self._call = self._call, None
+        if call is not None:
+            self._done = scheduler.get().finish(call)[:2]
+        assert self._done is not None
+        return self._done
+
+
+class DurableWrite(Durable):
+    """``data`` written over the start of host file ``fd`` and synced (``fdatasync``), the file
+    cut to ``len(data)`` if ``cut``: the write-behind carries all but the last slot, and the last
+    slot, the cut and the sync are one ``PWRITE_SYNC`` call, queued after them (the host runs a
+    file's calls in order, so the sync covers them)."""
+
+    __slots__ = ("_call", "_n", "_store")
+
+    def __init__(self, fd: int, data: bytes, max_io: int, cut: bool) -> None:
+        last = (len(data) - 1) // max_io * max_io if data else 0  # where the last slot starts
+        self._store = HostStore(fd, max_io)
+        if last:
+            try:
+                self._store.pwrite(0, data[:last])
+            except BaseException:
+                self._store.release()
+                raise
+        self._n = len(data) - last
+        super().__init__()
+        self._call = _Started(Op.PWRITE_SYNC, (fd, last, len(data) if cut else -1), memoryview(data)[last:])
+
+    def wait(self) -> None:
+        try:
+            result, err = self._call.finish()
+        finally:
+            self._store.release_checked()
+        if result < 0:
+            raise _err(err)
+        if result != self._n:
+            raise _err(errno.ENOSPC)  # a short write to a regular file: the disk is full
+        self.done = True
+
+
+class DataSync(Durable):
+    """A protected file's records durable: ``fdatasync`` of its host file, started by
+    :meth:`start` (it is queued after the store's writes, so it covers them), then the writes'
+    results checked."""
+
+    __slots__ = ("_call", "_store")
+
+    def __init__(self, store: HostStore) -> None:
+        super().__init__()
+        self._store = store
+        self._call: _Started | None = None
+
+    def start(self) -> None:
+        """Queue the sync now (the caller has its other step ready to queue right after)."""
+        if self._call is None:
+            self._call = _Started(Op.FSYNC, (self._store.fd, 1))
+
+    def wait(self) -> None:
+        self.start()
+        assert self._call is not None
+        try:
+            self._store.drain()
+        finally:
+            result, err = self._call.finish()
+        if result < 0:
+            raise _err(err)
+        self._store.wrote = False
+        self.done = True
 
 
 def replace_host_file(path: str, data: bytes, max_io: int) -> None:
