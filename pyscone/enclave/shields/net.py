@@ -154,6 +154,8 @@ class Conn:
                 if not chunk:
                     self.eof = True
                 self.plain += chunk
+                if not self.inc.pending and not self.obj.pending():
+                    break  # nothing more to open: spare the read that would raise SSLWantReadError
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:

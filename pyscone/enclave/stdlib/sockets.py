@@ -40,6 +40,8 @@ _fds = iago.fds
 _slot_data = 65536
 _StdSocket = socket.socket
 _SOCK_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+# Plain ints: ``flags & socket.MSG_PEEK`` is an IntFlag operation, a few µs a call.
+_MSG_PEEK, _MSG_DONTWAIT = int(socket.MSG_PEEK), int(getattr(socket, "MSG_DONTWAIT", 0))
 
 
 def _note_timeout(fd: int, timeout: float | None) -> None:
@@ -190,7 +192,7 @@ class EnclaveSocket(_StdSocket):
 
     def _shield_io(self, h: int, flags: int = 0) -> net.HostIO:
         t = self._timeout
-        if (t is None and h in _fds.nonblocking) or flags & getattr(socket, "MSG_DONTWAIT", 0):
+        if (t is None and h in _fds.nonblocking) or flags & _MSG_DONTWAIT:
             t = 0.0
         return net.HostIO(h, t)
 
@@ -288,7 +290,7 @@ class EnclaveSocket(_StdSocket):
         h = self._live()
         conn = net.conn(h)
         if conn is not None:
-            return conn.recv(self._shield_io(h, flags), min(bufsize, _slot_data), bool(flags & socket.MSG_PEEK))
+            return conn.recv(self._shield_io(h, flags), min(bufsize, _slot_data), bool(flags & _MSG_PEEK))
         _, data = self._io(Op.RECV, (h, min(bufsize, _slot_data), flags))
         return bytes(data)
 
