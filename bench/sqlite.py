@@ -166,8 +166,8 @@ LIMITS = {
     "select": "unprotected: 8 host round trips per select (4 locks, 2 stats, a read, an fstat); "
     "encrypted: none (the shim answers them from memory)",
     "commit-1": "encrypted: 4 FS-shield commits per transaction (the journal twice, the database, the "
-    "journal's unlink), each a sealed FSPF written over its unpinned copy and a pinned tag write (2 fdatasyncs), "
-    "about 35 host round trips in all",
+    "journal's unlink), each the data's sync beside the sealed FSPF's write+sync, then the pinned tag's "
+    "write+sync: 8 syncs in sequence and about 22 host calls in all",
     "commit-100": "as commit-1, over 100 rows: the per-transaction cost is shared",
     "attested": "each FS-shield commit is a pin report to the CAS (HTTPS, one kept-alive connection), "
     "which commits it to its database before it answers",
