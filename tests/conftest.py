@@ -10,6 +10,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +121,24 @@ def postgres_url() -> Iterator[str]:
 
     with localpg.cluster(tcp=True) as url:  # (tests/test_clib_sockets.py connects over TCP too)
         yield url
+
+
+# -- the network shield's tests (tests/test_net_shield*.py) -----------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Any:
+    """Two CAs and their certificates (tests/netshield_pki.py)."""
+    from netshield_pki import make_pki
+
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def host() -> Iterator[Any]:
+    """The host side of a network-shield test: relays and native servers (tests/netshield_apps.py)."""
+    from netshield_apps import Host
+
+    h = Host()
+    yield h
+    h.close()

@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,8 @@ from netshield_apps import (
     tls_ctx,
     tls_line,
 )
-from netshield_pki import Pki, make_pki, write_net_shield
+from netshield_pki import Pki, write_net_shield
 from netshield_relay import is_listening
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host()
-    yield h
-    h.close()
 
 
 def _www(tmp_path: Path) -> tuple[bytes, bytes]:

@@ -7,7 +7,6 @@ never bytes the peer did not send -- and the enclave goes on serving the next co
 
 from __future__ import annotations
 
-import datetime
 import socket
 import ssl
 import subprocess
@@ -18,10 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PYSCONE, free_port, wait_port
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from netshield_pki import make_pki
 
 ECHO = """
 import socketserver, sys
@@ -39,26 +35,8 @@ socketserver.ThreadingTCPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_for
 
 
 def _pki(d: Path) -> None:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostile-test-ca")])
-    ca = (
-        x509.CertificateBuilder(ca_name, ca_name, ca_key.public_key(), 1, now, now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    cert = (
-        x509.CertificateBuilder(ca_name, name, key.public_key(), 2, now, now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "server.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    """ca.pem, and server.pem/server.key for localhost, in ``d`` (tests/netshield_pki.py)."""
+    make_pki(d)
 
 
 class Relay:

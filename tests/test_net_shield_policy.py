@@ -7,11 +7,9 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from conftest import free_port, run_enclave, write_app
 from netshield_apps import (
     ECHO_SERVER,
@@ -24,20 +22,7 @@ from netshield_apps import (
     tls_ctx,
     tls_line,
 )
-from netshield_pki import Pki, make_pki, write_net_shield
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host()
-    yield h
-    h.close()
-
+from netshield_pki import Pki, write_net_shield
 
 # -- what the rules do not list ---------------------------------------------------------------------
 
