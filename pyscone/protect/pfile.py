@@ -126,6 +126,8 @@ class ProtectedFile:
         # 16-byte change counter at the start of every transaction, and without this each of
         # those reads is a host round trip and a decryption.  Any change to the file empties it.
         self._clean: dict[int, bytes] = {}
+        # What :meth:`commit` replaced, for :meth:`undo_commit`.
+        self._undo: tuple[FileEntry, dict[int, tuple[int, bytes, int]], int] | None = None
         #: Counts the changes to the contents (writes, truncations, commits): a cache of
         #: anything derived from them is valid while this is unchanged.
         self.mutations = 0
@@ -490,7 +492,19 @@ class ProtectedFile:
         for i, (slot, tag, _) in self._pending.items():
             tags[i * TAG_SIZE : (i + 1) * TAG_SIZE] = tag
             slots[i] = slot
+        self._undo = (entry, dict(self._pending), self._valid_end)
         self._committed = FileEntry(entry.key, self.length, bytes(tags), bytes(slots), entry.store)
         self._pending.clear()
         self._valid_end = self.length
         return self._committed
+
+    def undo_commit(self) -> None:
+        """The entry the last :meth:`commit` returned was not committed (its records' sync or
+        the FSPF's write failed, before any pin named it): go back to the previous entry, with
+        the new records pending again.  So the next commit makes them durable (a retried
+        ``fsync`` is not a no-op), and no later write reuses a slot the FSPF still names."""
+        if self._undo is None:
+            return
+        self._committed, self._pending, self._valid_end = self._undo
+        self._undo = None
+        self._changed()

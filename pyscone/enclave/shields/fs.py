@@ -264,23 +264,33 @@ class FsShield:
             except IntegrityError as e:
                 raise self._integrity(node.path or "(unlinked file)", e) from None
             data = DataSync(store) if store.wrote else None  # its records, not its times
-            if data is None:
-                store.drain()
-            elif self.pin is None or node.path is None:
-                data.wait()
-                data = None
+            try:
+                if data is None:
+                    store.drain()
+                elif self.pin is None or node.path is None:
+                    data.wait()
+                    data = None
+            except BaseException:
+                pf.undo_commit()  # not durable: a retried fsync commits again
+                raise
             with self.lock:
                 if node.path is None:
                     node.created = False
                     return
                 current = self.fspf.files.get(node.path)
                 self.fspf.files[node.path] = dataclasses.replace(entry, store=current.store if current else "")
+                tag = self.tag
                 try:
                     self._write_fspf(data)
                 except BaseException:
-                    if data is not None and not data.done:
-                        # Its records never became durable: the FSPF keeps the entry it had.
+                    if self.tag == tag:
+                        # Failed before the pin (the records' sync, or the FSPF copy's write):
+                        # nothing names this entry, so the FSPF and the file go back to the one
+                        # they had -- a retried fsync commits again, and no later write reuses
+                        # a slot the pinned FSPF names.  (A pin that failed may have been taken:
+                        # then the shield goes on from the new FSPF, see _write_fspf.)
                         self._restore(node.path, current)
+                        pf.undo_commit()
                     raise
                 node.created = False
 
