@@ -13,6 +13,7 @@ and its file's ``fdatasync``).
 
 from __future__ import annotations
 
+import abc
 import errno
 import os
 import posixpath
@@ -214,18 +215,18 @@ class HostStore:
             pass  # already raised to the app by the commit that hit it
 
 
-class Durable:
-    """A durable host step in flight: :meth:`wait` returns once it is durable, or raises
-    ``OSError``.  Each is waited for exactly once (its host calls are then finished);
-    ``done`` says it became durable."""
+class Durable(abc.ABC):
+    """A durable host step in flight (an abstract base: :class:`DataSync`, :class:`DurableWrite`):
+    :meth:`wait` returns once it is durable, or raises ``OSError``.  Each is waited for exactly
+    once (its host calls are then finished); ``done`` says it became durable."""
 
     __slots__ = ("done",)
 
     def __init__(self) -> None:
         self.done = False
 
-    def wait(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def wait(self) -> None: ...
 
 
 class _Started:
