@@ -137,6 +137,7 @@ class Op(enum.IntEnum):
     GETHOSTNAME = 56  # -> name
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
+    # -- processes (60-69: fork, wait, kill), semaphores (70-79), spawn (80-89), family pipes (90-99) --
 
 
 #: ``Op.LOCK`` a1: which lock family.
