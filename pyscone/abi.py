@@ -138,7 +138,21 @@ class Op(enum.IntEnum):
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
     # -- processes (60-69: fork, wait, kill), semaphores (70-79), spawn (80-89), family pipes (90-99) --
+    # -- semaphores (multiprocessing's SemLock), arbitrated by the host: a real POSIX semaphore there.
+    # A handle is the host's number for one open semaphore (valid in a forked child's host too).
+    SEM_NEW = 70  # data=name a0=value a1=maxvalue a2=unlink now -> handle
+    SEM_OPEN = 71  # data=name a0=maxvalue -> handle (sem_open of an existing name)
+    # a0=handle a1=blocking -> 1 acquired, 0 not (non-blocking only).  A blocking one waits on a
+    # host thread of its own (never an S-thread) until acquired or CANCELed (the enclave's timeout).
+    SEM_ACQUIRE = 72
+    SEM_RELEASE = 73  # a0=handle; EOVERFLOW: the value is at its maximum already
+    SEM_VALUE = 74  # a0=handle -> the value
+    SEM_CLOSE = 75  # a0=handle
+    SEM_UNLINK = 76  # data=name
 
+
+#: The largest value of a semaphore (Linux's SEM_VALUE_MAX, INT_MAX).
+SEM_VALUE_MAX = 2**31 - 1
 
 #: ``Op.LOCK`` a1: which lock family.
 LOCK_FLOCK, LOCK_POSIX = 0, 1

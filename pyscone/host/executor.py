@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pyscone import abi, rings
 from pyscone.abi import Op
 from pyscone.host import hostile as hostile_mod
+from pyscone.host import semaphores
 from pyscone.host.hostile import Hostile, Liar
 
 Answer = tuple[int, int, bytes]
@@ -149,6 +150,7 @@ class Executor:
         self._fdwait: dict[int, list[_Waiter]] = {}
         self._fdmask: dict[int, int] = {}
         self._parked: dict[int, _Waiter] = {}
+        self._elsewhere: dict[int, semaphores.Wait] = {}  # slot -> a call another thread answers
         self._socks: dict[int, socket.socket] = {}
         self._files: set[int] = set()
         self._pool_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -205,6 +207,7 @@ class Executor:
             Op.GETHOSTNAME: lambda a, d: (0, 0, socket.gethostname().encode()),
             Op.GETNAMEINFO: self._getnameinfo,
             Op.POLL: self._poll,
+            **semaphores.HANDLERS,
         }
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
@@ -396,12 +399,28 @@ class Executor:
                 self._park(_Waiter(sid, fds, retry, op, args))
                 return
             ans = wb.nowait or (-1, errno.EAGAIN, b"")
+        except semaphores.Wait as w:
+            self._hand_over(sid, w, op, args)
+            return
         except OSError as e:
             ans = _err(e)
         except (ValueError, TypeError, OverflowError, UnicodeError, struct.error):
             ans = (-1, errno.EINVAL, b"")
         self._answer(sid, ans, op, args)
         done.append(sid)
+
+    def _hand_over(self, sid: int, w: semaphores.Wait, op: int, args: tuple[int, ...]) -> None:
+        """Let another thread answer ``sid`` (a semaphore's wait); ``CANCEL`` still reaches it."""
+
+        def answer(ans: Answer) -> None:
+            # (Forgotten before the answer is out: only then may the enclave reuse the slot.)
+            if self._elsewhere.get(sid) is w:
+                self._elsewhere.pop(sid, None)
+            self._answer(sid, ans, op, args)
+            self._publish([sid])
+
+        self._elsewhere[sid] = w
+        w.start(answer, lambda: self._stop)
 
     def _retry(self, op: int, args: tuple[int, ...], data: bytes) -> Answer:
         return self._handlers[op](args, data)
@@ -502,6 +521,10 @@ class Executor:
     def _cancel(self, target: int, done: list[int]) -> None:
         w = self._parked.get(target)
         if w is None:
+            other = self._elsewhere.pop(target, None)
+            if other is not None and other.cancel():
+                self._answer(target, (-1, errno.ECANCELED, b""))
+                done.append(target)
             return  # already answered (or running on the pool): the enclave uses that answer
         self._unpark(w)
         self._answer(target, (-1, errno.ECANCELED, b""), w.op, w.args)

@@ -21,6 +21,7 @@ import errno
 import importlib
 import os
 import signal
+import sys
 import time
 from typing import Any, NoReturn
 
@@ -164,19 +165,13 @@ def install(cpu_count: int) -> None:
         _multiprocessing: Any = importlib.import_module("_multiprocessing")
     except ImportError:
         pass
-    else:  # its semaphores are POSIX named semaphores (shm_open): processes are not here yet
-        real = _multiprocessing.SemLock
+    else:  # its semaphores are POSIX named semaphores (shm_open): here the host holds them
+        from pyscone.enclave.stdlib import semlock
 
-        class SemLock:
-            SEM_VALUE_MAX = real.SEM_VALUE_MAX  # read by multiprocessing.synchronize at import
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                raise OSError(
-                    errno.ENOSYS,
-                    "multiprocessing's SemLock (a process-shared semaphore) is not supported inside a pyscone enclave",
-                )
-
-        interpose(_multiprocessing, SemLock=SemLock)
+        interpose(_multiprocessing, SemLock=semlock.SemLock, sem_unlink=semlock.sem_unlink)
+        synchronize = sys.modules.get("multiprocessing.synchronize")
+        if synchronize is not None:  # imported before us (its own SemLock wraps ours by attribute)
+            interpose(synchronize, sem_unlink=semlock.sem_unlink)
     for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
         interpose(subprocess, **{name: _refuser(f"subprocess.{name}")})
     interpose(time, sleep=sleep)
