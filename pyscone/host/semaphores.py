@@ -25,13 +25,12 @@ later is given back at once -- so a timed-out acquire never keeps a unit.
 
 from __future__ import annotations
 
+import _multiprocessing  # type: ignore[import-not-found]  # (no stubs: CPython-internal)
 import errno
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
-
-import _multiprocessing
 
 from pyscone.abi import Op
 

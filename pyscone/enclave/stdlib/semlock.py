@@ -215,7 +215,7 @@ class SemLock:
         if handle:
             try:  # (a finalizer must not switch lthreads: the close goes out with the next call)
                 scheduler.get().defer(Op.SEM_CLOSE, (handle,))
-            except Exception:  # noqa: BLE001, S110 - at shutdown there may be no scheduler left
+            except Exception:  # noqa: BLE001 - at shutdown there may be no scheduler left
                 pass
 
 
