@@ -1,0 +1,53 @@
+"""One process workload, timed inside the process (bench/procs.py runs it natively and in an enclave).
+
+    python procs_work.py CASE COUNT
+
+Prints one JSON line: ``{"case": ..., "count": ..., "seconds": ...}``, the time of the
+measured part alone (a pool's start-up is excluded: its workers are forked and warm first).
+Add a case by adding a function to ``CASES``; ``bench/procs.py`` names its unit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+
+
+def _task(i: int) -> int:
+    """A small CPU task: about 50 us of Python."""
+    return sum(j * j for j in range(i % 7, 600))
+
+
+def _pool_map(count: int, chunksize: int | None) -> float:
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_task, range(64))  # both workers forked and serving
+        start = time.perf_counter()
+        results = pool.map(_task, range(count), chunksize)
+        seconds = time.perf_counter() - start
+    if len(results) != count:
+        raise SystemExit(f"error: {len(results)} results for {count} tasks")
+    return seconds
+
+
+CASES: dict[str, Callable[[int], float]] = {
+    # multiprocessing.Pool(2).map of small CPU tasks, multiprocessing's own chunking (a few chunks)
+    "pool-map": lambda n: _pool_map(n, None),
+    # the same, one task per message: every task is a pickle through the pipes and two lock turns
+    "pool-map-chunk1": lambda n: _pool_map(n, 1),
+}
+
+
+def main() -> None:
+    case, count = sys.argv[1], int(sys.argv[2])
+    if case not in CASES:
+        raise SystemExit(f"error: no case {case!r} (one of {', '.join(CASES)})")
+    seconds = CASES[case](count)
+    print(json.dumps({"case": case, "count": count, "seconds": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
