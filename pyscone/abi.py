@@ -143,6 +143,7 @@ class Op(enum.IntEnum):
     FORK = 60
     FORK_DONE = 61  # a0=lane a1=the child's pid, or -1: the fork failed (the host frees the lane)
     KILL = 62  # a0=pid (as kill(2): <= 0 names a process group) a1=signal
+    FUTIME = 63  # a0=fd a1=have_times a2=atime_ns a3=mtime_ns (os.utime of an open file)
 
 
 #: ``Op.LOCK`` a1: which lock family.

@@ -65,6 +65,7 @@ def test_fds_are_shared_across_the_fork_as_natively(tmp_path: Path) -> None:
     )
     assert _lines(run_enclave(app, cwd=tmp_path)) == [
         "HELLO FROM THE PARENT",
+        "True",
         "['parent-before', 'child', 'parent-after']",
     ]
 

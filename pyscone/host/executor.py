@@ -216,6 +216,7 @@ class Executor:
             Op.FORK: self._fork,
             Op.FORK_DONE: self._fork_done,
             Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
+            Op.FUTIME: self._futime,
         }
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
@@ -678,6 +679,13 @@ class Executor:
     def _symlink(self, a: tuple[int, ...], d: bytes) -> Answer:
         target, link = d.split(b"\0", 1)
         os.symlink(_path(target), _path(link))
+        return _OK
+
+    def _futime(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if a[1]:
+            os.utime(a[0], ns=(a[2], a[3]))
+        else:
+            os.utime(a[0])
         return _OK
 
     def _utime(self, a: tuple[int, ...], d: bytes) -> Answer:
