@@ -181,7 +181,9 @@ def test_too_many_children_is_one_clear_error(tmp_path: Path) -> None:
         """,
     )
     out = _lines(run_enclave("--processes", "2", app, cwd=tmp_path))
-    assert out == ["2 [Errno 11] no free lane for another enclave: at most 2 forked enclaves run at once (pyscone run --processes)"]
+    assert out == [
+        "2 [Errno 11] no free lane for another enclave: at most 2 forked enclaves run at once (pyscone run --processes)"
+    ]
 
 
 def test_the_barrier_allows_fork_and_nothing_else_of_clone(tmp_path: Path) -> None:
@@ -280,4 +282,3 @@ def test_no_enclave_outlives_a_killed_launcher_or_parent(tmp_path: Path, victim:
     finally:
         proc.kill()
         proc.wait()
-
