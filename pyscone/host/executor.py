@@ -362,6 +362,7 @@ class Executor:
         """Spin (both sides) only while the family leaves cores to spin on."""
         if self.family is None:
             return
+        self.family.reap()
         spin = 0.0 if self.family.crowded() else self.spin_max
         self.spin = spin
         self.region.set_flag(abi.OFF_SPIN_HINT, int(spin * 1e6) + 1)
