@@ -46,6 +46,10 @@ OFF_RESP_TAIL = 192  # written by the host (producer)
 OFF_RESP_HEAD = 256  # written by the enclave (consumer)
 OFF_HOST_SLEEPING = 320  # set by the host before it sleeps on its doorbell
 OFF_ENCLAVE_SLEEPING = 384  # set by the enclave before it sleeps on its doorbell
+#: Set by the host: 0 = no advice, else spin at most (value - 1) microseconds.  A family of
+#: more enclaves than cores loses more to spinning than it gains (each side spins for the
+#: other while the one it waits for needs the core); only speed depends on it.
+OFF_SPIN_HINT = 448
 OFF_FATAL = 1024  # u64 length + message: why the enclave stopped
 FATAL_MAX = 2048
 
@@ -138,6 +142,12 @@ class Op(enum.IntEnum):
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
     # -- processes (60-69: fork, wait, kill), semaphores (70-79), spawn (80-89), family pipes (90-99) --
+    # A fork: the host forks itself (its copy serves the child's lane, holding the same host fds)
+    # and answers the lane the child will use, 1..lanes.  The enclave forks right after.
+    FORK = 60
+    FORK_DONE = 61  # a0=lane a1=the child's pid, or -1: the fork failed (the host frees the lane)
+    KILL = 62  # a0=pid (as kill(2): <= 0 names a process group) a1=signal
+    FUTIME = 63  # a0=fd a1=have_times a2=atime_ns a3=mtime_ns (os.utime of an open file)
     # -- semaphores (multiprocessing's SemLock), arbitrated by the host: a real POSIX semaphore there.
     # A handle is the host's number for one open semaphore (valid in a forked child's host too).
     SEM_NEW = 70  # data=name a0=value a1=maxvalue a2=unlink now -> handle
