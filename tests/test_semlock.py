@@ -410,3 +410,21 @@ def test_a_malformed_semaphore_answer_stops_the_enclave(tmp_path: Path, case: st
     assert "APP-SAW second" not in r.stdout
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("pyscone: enclave stopped: host violation: ") and reason in last, last
+
+
+def test_shared_memory_is_refused_with_enosys_not_the_barriers_eperm(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import multiprocessing as mp
+        from multiprocessing import shared_memory
+        for make in (lambda: mp.Value("i", 0), lambda: mp.Barrier(2), lambda: shared_memory.SharedMemory(create=True, size=64)):
+            try:
+                make()
+            except OSError as e:
+                print(e.errno)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["38", "38", "38"]

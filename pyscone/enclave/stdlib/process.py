@@ -196,6 +196,12 @@ def install(cpu_count: int) -> None:
         synchronize = sys.modules.get("multiprocessing.synchronize")
         if synchronize is not None:  # imported before us (its own SemLock wraps ours by attribute)
             interpose(synchronize, sem_unlink=semlock.sem_unlink)
+    try:  # multiprocessing.shared_memory: a file mapped in, which the barrier refuses (say so, not EPERM)
+        _posixshmem: Any = importlib.import_module("_posixshmem")
+    except ImportError:
+        pass
+    else:
+        interpose(_posixshmem, shm_open=_refuser("shared memory (shm_open)"), shm_unlink=_refuser("shm_unlink"))
     for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
         interpose(subprocess, **{name: _refuser(f"subprocess.{name}")})
     interpose(time, sleep=sleep)
