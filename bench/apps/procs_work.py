@@ -33,11 +33,39 @@ def _pool_map(count: int, chunksize: int | None) -> float:
     return seconds
 
 
+def _sem_pingpong(count: int) -> float:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ping, pong = ctx.Semaphore(0), ctx.Semaphore(0)
+    warm = 20
+
+    def child() -> None:
+        for _ in range(warm + count):
+            ping.acquire()
+            pong.release()
+
+    p = ctx.Process(target=child)
+    p.start()
+    for _ in range(warm):  # the child is running and waiting
+        ping.release()
+        pong.acquire()
+    start = time.perf_counter()
+    for _ in range(count):
+        ping.release()
+        pong.acquire()
+    seconds = time.perf_counter() - start
+    p.join()
+    return seconds
+
+
 CASES: dict[str, Callable[[int], float]] = {
     # multiprocessing.Pool(2).map of small CPU tasks, multiprocessing's own chunking (a few chunks)
     "pool-map": lambda n: _pool_map(n, None),
     # the same, one task per message: every task is a pickle through the pipes and two lock turns
     "pool-map-chunk1": lambda n: _pool_map(n, 1),
+    # two processes hand a turn to each other over two semaphores: one round = 2 releases, 2 waits
+    "sem-pingpong": _sem_pingpong,
 }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import _multiprocessing  # type: ignore[import-not-found]  # (no stubs: CPython-internal)
 import errno
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -128,7 +129,7 @@ class Wait(Exception):
         self._lock = threading.Lock()
 
     def start(self, answer: Callable[[Answer], None], stopping: Callable[[], bool]) -> None:
-        threading.Thread(target=self._wait, args=(answer, stopping), name="pyscone-semwait", daemon=True).start()
+        _waiters.run(lambda: self._wait(answer, stopping))
 
     def cancel(self) -> bool:
         """Give the call up; true if that happened before it was answered (then the caller answers it)."""
@@ -163,11 +164,50 @@ class Wait(Exception):
         answer((1, 0, b""))
 
 
+class _Waiters:
+    """The threads that wait for semaphores, kept a while when idle: a contended lock is waited
+    for again and again (a pool's workers take turns at its queue), and a thread start each
+    time would be most of the cost of a turn."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(job)  # (under the lock: an idle thread that times out sees it)
+                return
+        threading.Thread(target=self._serve, args=(job,), name="pyscone-semwait", daemon=True).start()
+
+    def _serve(self, job: Callable[[], None]) -> None:
+        while True:
+            job()
+            with self._lock:
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=_IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._idle -= 1
+                        return
+                job = self._jobs.get()  # given to us as we timed out
+
+
+#: How long an idle waiting thread is kept.
+_IDLE_S = 5.0
+_waiters = _Waiters()
+
+
 def _after_fork_in_child() -> None:
     # Only the forking thread goes on in a forked host: every wait belongs to the parent's lane,
-    # and _lock may have been held by one of its threads.
-    global _lock
+    # and the locks may have been held by one of its threads.
+    global _lock, _waiters
     _lock = threading.Lock()
+    _waiters = _Waiters()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
