@@ -16,7 +16,8 @@ its parent held at the fork, and ``_after_fork`` zeroes the count as CPython's d
 
 A waiting acquire parks only its lthread: the host waits on a thread of its own,
 and a timeout is the scheduler's (``CANCEL``); an acquire the host grants just as
-the timeout fires counts as acquired, so no unit is lost either way.
+the timeout fires counts as acquired, so no unit is lost either way.  (In sync mode,
+where a host call holds up every lthread, a waiting acquire tries and sleeps instead.)
 
 The host arbitrates: a lying host can grant a lock twice or never (mutual
 exclusion and liveness are its to break, as with ``flock``), but it learns nothing
@@ -29,6 +30,7 @@ import errno
 import math
 import operator
 import os
+import time
 from typing import Any
 
 from pyscone import abi
@@ -38,6 +40,8 @@ from pyscone.enclave import family, scheduler
 RECURSIVE_MUTEX, SEMAPHORE = 0, 1
 SEM_VALUE_MAX = abi.SEM_VALUE_MAX
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+#: Sync mode's waiting acquire: the first and the longest sleep between two tries.
+_POLL_FIRST, _POLL_MAX = 0.0005, 0.02
 
 
 def _c_int(value: object) -> int:
@@ -137,10 +141,13 @@ class SemLock:
             self._count_ += 1
             return True
         t = _timeout(timeout)
+        sched = scheduler.get()
         if not blocking or t == 0:
             got = _call(Op.SEM_ACQUIRE, (self._handle, 0))
+        elif sched.sync and sched.current is not None:
+            got = self._poll(sched, t)
         else:
-            result, err, _ = scheduler.get().host_call(Op.SEM_ACQUIRE, (self._handle, 1), wait=True, timeout=t)
+            result, err, _ = sched.host_call(Op.SEM_ACQUIRE, (self._handle, 1), wait=True, timeout=t)
             if result < 0 and err != errno.ETIMEDOUT:
                 raise OSError(err, os.strerror(err))
             got = result > 0
@@ -148,6 +155,19 @@ class SemLock:
             return False
         self._count_ += 1
         self._owner = _me()
+        return True
+
+    def _poll(self, sched: scheduler.Scheduler, timeout: float | None) -> bool:
+        # Sync mode: a host call waits in place, holding up every lthread, and the holder may be
+        # one of them.  So try, and sleep in between (this lthread only), as flock does there.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_FIRST
+        while not _call(Op.SEM_ACQUIRE, (self._handle, 0)):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            sched.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, _POLL_MAX)
         return True
 
     def release(self) -> None:
