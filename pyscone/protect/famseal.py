@@ -160,7 +160,7 @@ class Reader:
         """How many more bytes complete the record at the front (the header's 16 if unknown)."""
         if len(self._buf) < HEADER.size:
             return HEADER.size - len(self._buf)
-        _, _, n = HEADER.unpack_from(self._buf, 0)
+        n: int = HEADER.unpack_from(self._buf, 0)[2]
         return max(0, HEADER.size + min(n, MAX_PLAIN + 1) + TAG_SIZE - len(self._buf))
 
     def pending(self) -> bool:
