@@ -163,6 +163,14 @@ class Reader:
         n: int = HEADER.unpack_from(self._buf, 0)[2]
         return max(0, HEADER.size + min(n, MAX_PLAIN + 1) + TAG_SIZE - len(self._buf))
 
+    def completes(self, more: bytes | bytearray | memoryview) -> bool:
+        """Whether ``more`` bytes (peeked, not fed) would complete the record at the front."""
+        if len(self._buf) + len(more) < HEADER.size:
+            return False
+        head = (bytes(self._buf) + bytes(more[: HEADER.size]))[: HEADER.size]
+        n: int = HEADER.unpack(head)[2]
+        return len(self._buf) + len(more) >= HEADER.size + min(n, MAX_PLAIN + 1) + TAG_SIZE
+
     def pending(self) -> bool:
         """Whether part of a record is buffered (an end of file now would be a truncation)."""
         return bool(self._buf)

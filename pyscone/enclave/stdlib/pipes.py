@@ -457,6 +457,7 @@ def _wait(
             from pyscone.enclave.stdlib import sockets
 
             a, b = sockets.socketpair()
+            famchan.unnote_pair(a.fileno(), b.fileno())  # the runtime's own: never sealed
             a.setblocking(False)
             b.setblocking(False)
             _bell = (a, b)
@@ -534,3 +535,4 @@ def install() -> None:
 
     interpose(os, pipe=pipe, pipe2=pipe2)
     family.register(prepare=_prepare_fork, child=_in_child)
+    famchan.install()  # (socketpairs: after the pipes, whose bell is one)
