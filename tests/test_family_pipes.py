@@ -406,3 +406,78 @@ def test_a_host_that_changes_or_replays_a_record_stops_the_reader(
     assert r.stdout.count("APP-SAW") == shown, r.stdout  # nothing the host changed reached the app
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("pyscone: enclave stopped: host violation: ") and reason in last, last
+
+
+PROCS_APP = """
+    import os, select, socket, sys, threading, time
+    # Three writers, one pipe: each write of PIPE_BUF bytes arrives whole.
+    r, w = os.pipe()
+    kids = []
+    for letter in b"abc":
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            for _ in range(100):
+                os.write(w, bytes([letter]) * 4096)
+            os._exit(0)
+        kids.append(pid)
+    os.close(w)
+    data = b""
+    while d := os.read(r, 50000):
+        data += d
+    blocks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    print("writers", len(data), all(len(set(b)) == 1 for b in blocks), sorted({b[0] for b in blocks}))
+    for pid in kids:
+        os.waitpid(pid, 0)
+    # Two readers, one pipe: each takes whole messages, together all of them.
+    r, w = os.pipe()
+    kids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            n = 0
+            while (m := os.read(r, 4096)):
+                assert len(m) == 4096 and len(set(m)) == 1, m[:20]
+                n += 1
+            os._exit(n)
+        kids.append(pid)
+    os.close(r)
+    for i in range(200):
+        os.write(w, bytes([i]) * 4096)
+    os.close(w)
+    counts = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+    print("readers", sum(counts))
+    # After a fork, a new pipe lives in enclave memory; a select on a pipe and a socket
+    # wakes in the parent and in the child at once (each has a bell of its own).
+    def select_wakes():
+        r, w = os.pipe()
+        srv = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=lambda: (time.sleep(0.3), os.write(w, b"!"))).start()
+        t0 = time.monotonic()
+        ready = select.select([srv, r], [], [], 5)[0]
+        return ready == [r] and time.monotonic() - t0 < 2, in_memory(r)
+    def in_memory(fd):
+        if "pyscone" not in sys.modules:
+            return True
+        from pyscone.enclave.stdlib import pipes
+        return pipes._ends[fd].pipe.host is None
+    select_wakes()  # (the bell exists before the fork)
+    pid = os.fork()
+    if pid == 0:
+        ok, mem = select_wakes()
+        os._exit(0 if ok and mem else 1)
+    print("parent select", select_wakes())
+    print("child select", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_many_writers_many_readers_and_pipes_after_the_fork(tmp_path: Path) -> None:
+    app = write_app(tmp_path, PROCS_APP)
+    native = run_native(app, cwd=tmp_path)
+    assert native.returncode == 0, native.stderr
+    r = run_enclave(app, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == native.stdout
+    assert "writers 1228800 True [97, 98, 99]" in r.stdout and "readers 200" in r.stdout
+    assert "parent select (True, True)" in r.stdout and "child select 0" in r.stdout
