@@ -71,3 +71,28 @@ class Tamper(Liar):
         self.fired = True
         print(f"pyscone-test: lied about RECV: {self.arg}", file=sys.stderr, flush=True)
         return (len(forged), 0, forged)
+
+
+class PartialSends(Liar):
+    """An honest host whose stream sockets take big sends in small parts (as a full socket buffer
+    does): every SEND of more than 64 bytes on an AF_UNIX stream socketpair takes only 7 bytes."""
+
+    def __init__(self, arg: str = "") -> None:
+        super().__init__(arg)
+        self.stream: set[int] = set()
+        self.told = False
+
+    def handle(self, op: int, args: tuple[int, ...], data: bytes, ex: Any) -> Answer | None:
+        if op == Op.SEND and args[0] in self.stream and len(data) > 64:
+            if not self.told:
+                self.told = True
+                print("pyscone-test: lied about SEND: partial", file=sys.stderr, flush=True)
+            return (ex._sock(args[0]).send(data[:7]), 0, b"")
+        return None
+
+    def lie(
+        self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes
+    ) -> Answer:
+        if op == Op.SOCKETPAIR and result >= 0 and args[0] == socket.AF_UNIX and args[1] == socket.SOCK_STREAM:
+            self.stream.update({result, int.from_bytes(payload, "little", signed=True)})
+        return (result, err, payload)

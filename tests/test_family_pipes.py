@@ -148,6 +148,15 @@ def test_truncated_and_oversized_records_are_refused() -> None:
         _writer(b"T" * 8).seal(b"x" * (famseal.MAX_PLAIN + 1))
 
 
+def test_an_abandoned_partial_record_is_never_delivered() -> None:
+    w = _writer(b"P" * 8)
+    one, two = w.seal(b"whole"), w.seal(b"cut short")
+    _, reader = _pair()
+    assert reader.feed(one + two[:-3]) == [b"whole"]
+    assert reader.abandon() == len(two) - 3
+    reader.eof()  # nothing buffered any more: a clean end
+
+
 def test_a_broken_reader_stays_broken() -> None:
     w = _writer(b"B" * 8)
     good = w.seal(b"fine")
@@ -481,3 +490,26 @@ def test_many_writers_many_readers_and_pipes_after_the_fork(tmp_path: Path) -> N
     assert r.stdout == native.stdout
     assert "writers 1228800 True [97, 98, 99]" in r.stdout and "readers 200" in r.stdout
     assert "parent select (True, True)" in r.stdout and "child select 0" in r.stdout
+
+
+PARTIAL_APP = """
+    import os, socket
+    s1, s2 = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        s2.sendall(b"".join(b"%06d" % i for i in range(20000)))
+        os._exit(0)
+    s2.close()
+    got = b""
+    while d := s1.recv(100000):
+        got += d
+    print("whole", got == b"".join(b"%06d" % i for i in range(20000)))
+"""
+
+
+def test_a_record_the_host_takes_in_parts_is_finished_before_the_next(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(TESTS_DIR), "PYSCONE_TEST_HOSTILE": "py:famchan_liars:PartialSends"}
+    r = run_enclave(write_app(tmp_path, PARTIAL_APP), cwd=tmp_path, env=env, timeout=120)
+    assert "pyscone-test: lied about SEND: partial" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "whole True\n"

@@ -207,6 +207,13 @@ class Reader:
             out.append(plain)
         return out
 
+    def abandon(self) -> int:
+        """Forget the part of a record buffered (its writer died in the middle of sending it, on a
+        stream that ended there); how many bytes were dropped.  None of them was ever delivered."""
+        n = len(self._buf)
+        self._buf.clear()
+        return n
+
     def eof(self) -> None:
         """The stream ended.
 

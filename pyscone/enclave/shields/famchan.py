@@ -325,7 +325,10 @@ def _recv_record(h: int, reader: famseal.Reader, timeout: float | None) -> bytes
         _, data = _call(Op.RECV, (h, need, 0), timeout=timeout)
         try:
             if not data:
-                reader.eof()
+                # A stream that ends inside a record: its writer died while sending it (a host that
+                # cuts the stream could cut it at a record's end as well).  As natively, the reader
+                # sees the end of the stream after the last whole record; the part is never delivered.
+                reader.abandon()
                 return None
             plains = reader.feed(data)
         except famseal.SealError as err:
