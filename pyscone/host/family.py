@@ -50,7 +50,7 @@ _OWNER = struct.Struct("<q")
 #: The header words a lane's next user must find at zero: counters, sleep flags, fatal length.
 _RESET_WORDS = (
     abi.OFF_REQ_TAIL, abi.OFF_REQ_HEAD, abi.OFF_RESP_TAIL, abi.OFF_RESP_HEAD,
-    abi.OFF_HOST_SLEEPING, abi.OFF_ENCLAVE_SLEEPING, abi.OFF_FATAL,
+    abi.OFF_HOST_SLEEPING, abi.OFF_ENCLAVE_SLEEPING, abi.OFF_FATAL, abi.OFF_SPIN_HINT,
 )  # fmt: skip
 
 
@@ -124,8 +124,8 @@ class LanePool:
             self._set_owner(lane.index, 0)
 
     def in_use(self) -> int:
-        with self._locked():
-            return sum(1 for index in self.lanes if (o := self._owner(index)) and _alive(o))
+        """How many lanes a live process holds (read without the lock: for advice only)."""
+        return sum(1 for index in self.lanes if (o := self._owner(index)) and _alive(o))
 
     def close(self) -> None:
         for lane in self.lanes.values():
@@ -172,7 +172,12 @@ class HostFamily:
 
     def __init__(self, pool: LanePool) -> None:
         self.pool = pool
+        self.cpus = os.cpu_count() or 1
         self._pending: dict[int, int] = {}  # lane -> write end of the pipe that carries the child's pid
+
+    def crowded(self) -> bool:
+        """Whether the family's enclaves and their hosts outnumber the cores (then nobody should spin)."""
+        return 2 * (1 + self.pool.in_use()) > self.cpus
 
     def fork(self, ex: Executor) -> Answer:
         lane = self.pool.take()
