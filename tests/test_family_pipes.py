@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -513,3 +514,34 @@ def test_a_record_the_host_takes_in_parts_is_finished_before_the_next(tmp_path: 
     assert "pyscone-test: lied about SEND: partial" in r.stderr, r.stderr
     assert r.returncode == 0, r.stderr
     assert r.stdout == "whole True\n"
+
+
+def test_the_pipe_suite_behaves_natively_with_every_pipe_moved(tmp_path: Path) -> None:
+    """tests/test_posix_pipes.py's app (select with sockets, asyncio, dups, multiprocessing's
+    Connection), every pipe moved to the host as soon as it is made, as a fork would."""
+    from test_posix_pipes import PIPES_APP
+
+    prelude = """
+        import os, sys
+        if "pyscone" in sys.modules:
+            from pyscone.enclave import family
+            _pipe2 = os.pipe2
+            def pipe2(flags=0):
+                fds = _pipe2(flags)
+                family.run_prepare()
+                return fds
+            os.pipe2 = pipe2
+            os.pipe = lambda: pipe2(0)
+    """
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent(prelude) + textwrap.dedent(PIPES_APP))
+    native = run_native(app, cwd=tmp_path)
+    assert native.returncode == 0, native.stderr
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+    def same(out: str) -> list[str]:  # a seqpacket channel holds another amount than a pipe
+        return [line for line in out.splitlines() if not line.startswith("a full pipe holds")]
+
+    assert same(r.stdout) == same(native.stdout)
+    assert "a full pipe holds 65536" not in r.stdout  # (the pipes did move)
