@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 from pyscone.abi import Op
@@ -75,7 +76,8 @@ class Tamper(Liar):
 
 class PartialSends(Liar):
     """An honest host whose stream sockets take big sends in small parts (as a full socket buffer
-    does): every SEND of more than 64 bytes on an AF_UNIX stream socketpair takes only 7 bytes."""
+    does): every SEND of more than 64 bytes on an AF_UNIX stream socketpair takes half of them,
+    20 ms after it came."""
 
     def __init__(self, arg: str = "") -> None:
         super().__init__(arg)
@@ -84,10 +86,15 @@ class PartialSends(Liar):
 
     def handle(self, op: int, args: tuple[int, ...], data: bytes, ex: Any) -> Answer | None:
         if op == Op.SEND and args[0] in self.stream and len(data) > 64:
+            # The rest comes a little later, so a reader can see a record's first part alone.
+            time.sleep(0.02)
             if not self.told:
                 self.told = True
                 print("pyscone-test: lied about SEND: partial", file=sys.stderr, flush=True)
-            return (ex._sock(args[0]).send(data[:7]), 0, b"")
+            try:
+                return (ex._sock(args[0]).send(data[: len(data) // 2]), 0, b"")
+            except BlockingIOError:
+                return None  # full: the honest handler parks the call until there is room
         return None
 
     def lie(
