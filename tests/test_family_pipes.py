@@ -621,3 +621,39 @@ def test_a_sealed_socketpair_behaves_as_a_plain_one(tmp_path: Path) -> None:
     r = run_enclave(app, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout == native.stdout
+
+
+THREADS_APP = """
+    import os, sys, threading
+    r, w = os.pipe()
+    if "pyscone" in sys.modules:
+        from pyscone.enclave import family
+        family.run_prepare()  # the pipe moves to the host, as in a fork
+    got = [[], [], []]
+    def reader(i):
+        while m := os.read(r, 4096):
+            got[i].append(m)
+    def writer(k):
+        for _ in range(300):
+            os.write(w, bytes([k]) * 4096)
+    readers = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+    writers = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    os.close(w)
+    for t in readers:
+        t.join()
+    every = [m for g in got for m in g]
+    print("three readers, three writers", len(every), all(len(m) == 4096 and len(set(m)) == 1 for m in every))
+"""
+
+
+def test_lthreads_take_turns_on_a_moved_pipe(tmp_path: Path) -> None:
+    """Records are opened in the host's order and sent in the order they were sealed (without
+    the turns, a reader sees a writer's records out of order and stops the enclave)."""
+    app = write_app(tmp_path, THREADS_APP)
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == run_native(app, cwd=tmp_path).stdout == "three readers, three writers 900 True\n"
