@@ -221,7 +221,7 @@ class Executor:
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
         self._pooled = frozenset(
-            {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME}
+            {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FORK}
             | {
                 Op.FTRUNCATE,
                 Op.PWRITE_SYNC,
@@ -362,6 +362,7 @@ class Executor:
         """Spin (both sides) only while the family leaves cores to spin on."""
         if self.family is None:
             return
+        self.family.reap()
         spin = 0.0 if self.family.crowded() else self.spin_max
         self.spin = spin
         self.region.set_flag(abi.OFF_SPIN_HINT, int(spin * 1e6) + 1)
