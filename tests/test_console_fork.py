@@ -113,7 +113,7 @@ def test_a_familys_interleaved_log_decodes_exactly_run_by_run(root: Proc, rnd: r
         got = [(int(ev.stream), ev.data) for ev in outputs if ev.run == p.run]
         assert b"".join(d for _, d in got) == b"".join(d for _, d in p.writes)  # (max_payload splits writes)
         run = dec.runs[p.run]
-        assert run.status == p.status and run.forks == len(p.children)
+        assert run.status == p.status and run.started == len(p.children)
         assert sorted(run.children) == sorted(c.run for _, c in p.children)
     # Split as docker logs does (stdout, stderr), decode each, merge: each run's order is its own.
     logs = [[line for line in log if fmt.open_line(fmt._Keys(KEY, fmt.OUTPUT_LABEL), line).stream == s] for s in (1, 2)]
@@ -184,7 +184,7 @@ def test_a_child_of_no_run_in_the_log_is_reported_and_not_shown() -> None:
 
 def test_a_childs_run_missing_altogether_is_unclean_not_tampering() -> None:
     parent = fmt.Encoder(KEY, b"P" * 16)
-    log = parent.start() + parent.write(fmt.Stream.STDOUT, b"x\n") + parent.end(0, forks=1)
+    log = parent.start() + parent.write(fmt.Stream.STDOUT, b"x\n") + parent.end(0, children=1)
     dec, _ = _decode(log)
     assert {p.kind for p in dec.problems} == {"unstarted"} and not dec.tampered
     # A record of a child whose START the host dropped: waits for it, then is another run's.

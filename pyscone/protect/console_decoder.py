@@ -89,7 +89,7 @@ class Run:
     status: int | None = None  # the exit status, from its END records
     total: int | None = None  # its record count, from its END records
     counts: dict[Stream, int] = field(default_factory=dict)  # each stream's, from its END records
-    forks: int | None = None  # the children it forked, from its END records
+    started: int | None = None  # the children it started (forked or spawned), from its END records
     records: int = 0  # authentic records of this run, each once
     children: list[bytes] = field(default_factory=list)
 
@@ -353,7 +353,7 @@ class Decoder:
         elif rec.kind == Kind.END:
             st.ended = True
             if (end := end_of(rec.payload)) is not None:
-                run.status, run.total, run.counts, run.forks = end.status, end.total, end.counts, end.forks
+                run.status, run.total, run.counts, run.started = end.status, end.total, end.counts, end.children
 
     def _drop_gap(self, out: list[Event], run: Run, stream: Stream, st: _StreamState) -> None:
         """Give up on the first gap of a stream: report it, and go on after it."""
@@ -395,13 +395,13 @@ class Decoder:
                     f"{run.name}no end record ({names}) after line {last}: {who} did not exit cleanly "
                     "(killed or crashed?), or the log was cut short",
                 )
-            if run.forks is not None and len(run.children) < run.forks:
-                missing = run.forks - len(run.children)
+            if run.started is not None and len(run.children) < run.started:
+                missing = run.started - len(run.children)
                 self._problem(
                     out,
                     "unstarted",
                     0,
-                    f"{run.name or 'the app: '}forked {run.forks} child process{'es' if run.forks != 1 else ''}, "
+                    f"{run.name or 'the app: '}started {run.started} child process{'es' if run.started != 1 else ''}, "
                     f"{missing} of whose runs {'are' if missing != 1 else 'is'} not in this log: killed before "
                     "their first record, or dropped by the host",
                 )

@@ -29,9 +29,9 @@ OUTPUT_LABEL = b"pyscone console output v1"
 INPUT_LABEL = b"pyscone console input v1"
 
 _HEADER = struct.Struct(">BB16sQQ")
-#: An END record's payload: exit status, records in the run, in stdin, stdout, stderr, and forks.
+#: An END record's payload: exit status, records in the run, in stdin, stdout, stderr, and children started.
 _END = struct.Struct(">iQQQQQ")
-_END_V1 = struct.Struct(">iQQQQ")  # (before forks were counted: still read)
+_END_V1 = struct.Struct(">iQQQQ")  # (before children were counted: still read)
 #: A forked child's START payload: its parent's run, the parent's gseq at the fork, its pid.
 _FORKED = struct.Struct(">16sQI")
 
@@ -110,7 +110,7 @@ class End:
     status: int
     total: int  # records in the run, its END records included
     counts: dict[Stream, int]  # records of each of its streams
-    forks: int | None  # children it forked (None: a record of a pyscone that did not count them)
+    children: int | None  # children it started, forked or spawned (None: a pyscone that did not count them)
 
 
 def lineage_of(start_payload: bytes) -> Lineage | None:
@@ -124,13 +124,13 @@ def lineage_of(start_payload: bytes) -> Lineage | None:
 def end_of(end_payload: bytes) -> End | None:
     """What an END record's payload says (``None``: a payload of another version)."""
     if len(end_payload) == _END.size:
-        status, total, *counts, forks = _END.unpack(end_payload)
+        status, total, *counts, children = _END.unpack(end_payload)
     elif len(end_payload) == _END_V1.size:
         status, total, *counts = _END_V1.unpack(end_payload)
-        forks = None
+        children = None
     else:
         return None
-    return End(status, total, {s: n for s, n in zip(Stream, counts, strict=True) if n}, forks)
+    return End(status, total, {s: n for s, n in zip(Stream, counts, strict=True) if n}, children)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,16 +199,16 @@ class Encoder:
             return [self._line(Kind.DATA, stream, bytes(view))]
         return [self._line(Kind.DATA, stream, bytes(view[i : i + self._max])) for i in range(0, len(view), self._max)]
 
-    def end(self, status: int, forks: int = 0) -> list[bytes]:
+    def end(self, status: int, children: int = 0) -> list[bytes]:
         """The END record of each stream, with the exit status; nothing may follow them.
 
         Args:
             status: the exit status.
-            forks: how many children the process forked (each a run of its own).
+            children: how many children the process started, forked or spawned (each a run of its own).
         """
         total = self._gseq + len(self.streams)
         counts = [self._sseq.get(s, -1) + 1 for s in Stream]  # with its END (0: not a stream of the run)
-        lines = [self._line(Kind.END, s, _END.pack(status, total, *counts, forks)) for s in self.streams]
+        lines = [self._line(Kind.END, s, _END.pack(status, total, *counts, children)) for s in self.streams]
         self.ended = True
         return lines
 

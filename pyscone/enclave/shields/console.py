@@ -30,7 +30,11 @@ send everything queued (so what the parent wrote before the fork is on the host 
 anything of the child's); in the child, start a run of its own (a new random run id: its
 own key, its counters from 0) whose START records name the parent's run and ``gseq`` at
 the fork, and drop the parent's queue, write in flight and timer flag (the parent sends
-its own); in the parent, after it, count the child (its END records say how many).
+its own); in the parent, after it, count the child (its END records say how many).  The
+shield also checks its pid whenever it is used (:func:`active`), so a child never writes
+with its parent's encoder even if another module's fork hook prints before ours runs.  A
+*spawned* child gets its parent's run and ``gseq`` with the console key
+(:func:`spawn_spec`), and names them in its START records as a forked child does.
 ``os._exit`` with the shield on sends what is queued and the end records, with its status,
 without letting another lthread run: what the app wrote is the console itself, so it is
 not lost as a native process's unflushed *buffers* are (those of ``sys.stdout`` are lost
@@ -49,7 +53,7 @@ import os
 import sys
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyscone.abi import Op
 from pyscone.enclave import family, scheduler
@@ -80,7 +84,8 @@ class ConsoleShield:
 
         self._key = key
         self._enc: Encoder = fmt.Encoder(key, run, max_payload=fmt.payload_for_line(slot_data))
-        self._forks = 0  # children forked (each a run of its own): the END records say how many
+        self._children = 0  # children started (each a run of its own): the END records say how many
+        self._pid = os.getpid()  # (a forked child has another: it must not write with this encoder)
         self._input: InputReader = fmt.InputReader(key, slot_data * 2)
         self._streams: dict[int, Stream] = {1: fmt.Stream.STDOUT, 2: fmt.Stream.STDERR}
         self._bad_input = fmt.ConsoleError
@@ -276,7 +281,7 @@ class ConsoleShield:
         """Write the end records (a clean exit, with its status); nothing is written after them."""
         if self._enc.ended:
             return
-        out, err = self._enc.end(status, self._forks)  # stdout's, then stderr's
+        out, err = self._enc.end(status, self._children)  # stdout's, then stderr's
         self._enqueue(1, out)
         self._enqueue(2, err)
         self.flush()
@@ -295,7 +300,7 @@ class ConsoleShield:
         """
         self._pumping = False  # (an lthread parked in a pump, or we in a signal handler: it never resumes)
         if not self._enc.ended:
-            out, err = self._enc.end(status, self._forks)
+            out, err = self._enc.end(status, self._children)
             self._enqueue(1, out)
             self._enqueue(2, err)
         while (self._queue or self._inflight is not None) and self._error is None:
@@ -322,15 +327,25 @@ class ConsoleShield:
 
 
 def active() -> ConsoleShield | None:
-    """The shield, if on."""
-    return _shield
+    """The shield of this process, if on (in a forked child, the child's own run from its first use)."""
+    shield = _shield
+    if shield is not None and shield._pid != os.getpid():
+        _after_fork_child()
+        shield = _shield
+    return shield
 
 
-def turn_on(key: bytes, run: bytes, slot_data: int) -> ConsoleShield:
+def turn_on(key: bytes, run: bytes, slot_data: int, lineage: Lineage | None = None) -> ConsoleShield:
     """Start the shield: its START records go out now, before any byte of the app.
 
     Whatever the console layers buffered until now is flushed in the clear first (only
     the runtime's own start-up lines can be there).
+
+    Args:
+        key: the owner's console key.
+        run: 16 random bytes.
+        slot_data: a slot's data size (a host write's bound).
+        lineage: for a spawned child, its parent's run and ``gseq`` (:func:`lineage_in`).
     """
     global _shield, _hooked
     for stream in (sys.stdout, sys.stderr):
@@ -343,7 +358,7 @@ def turn_on(key: bytes, run: bytes, slot_data: int) -> ConsoleShield:
     clib.console_streams()  # (if the libc layer is bound already; before _shield: a failure leaves it off)
     shield = ConsoleShield(key, run, slot_data)
     _shield = shield
-    shield.begin()
+    shield.begin(lineage)
     if not _hooked:
         _hooked = True
         family.register(prepare=_before_fork, parent=_after_fork_parent, child=_after_fork_child)
@@ -355,7 +370,7 @@ _hooked = False
 
 def _before_fork() -> None:
     """In the parent: everything queued goes to the host before the child can write."""
-    shield = _shield
+    shield = active()
     if shield is None:
         return
     try:
@@ -365,25 +380,56 @@ def _before_fork() -> None:
 
 
 def _after_fork_parent(pid: int) -> None:
-    if _shield is not None and pid > 0:
-        _shield._forks += 1
+    if (shield := active()) is not None and pid > 0:
+        shield._children += 1
 
 
 def _after_fork_child() -> None:
     global _shield
-    if _shield is not None:
+    if _shield is not None and _shield._pid != os.getpid():
         _shield = _shield.forked()
+
+
+def spawn_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The console settings for a child this enclave spawns: the key, and this run's lineage.
+
+    What is queued goes to the host first (the child's records follow it, as a forked
+    child's do).  Call :func:`child_started` once the child runs: the end records count it.
+    """
+    shield = active()
+    if shield is None:
+        return spec
+    _before_fork()
+    return {**spec, "parent": shield.run.hex(), "gseq": shield._enc.gseq}
+
+
+def child_started() -> None:
+    """A spawned child runs (its run is one of the family's: the end records count it)."""
+    if (shield := active()) is not None:
+        shield._children += 1
+
+
+def lineage_in(spec: dict[str, Any]) -> Lineage | None:
+    """The lineage in a spawned child's console settings (``None``: the family's first enclave)."""
+    if "parent" not in spec:
+        return None
+    from pyscone.protect import console as fmt
+
+    parent = bytes.fromhex(str(spec["parent"]))
+    if len(parent) != fmt.RUN_SIZE:
+        raise ValueError("the parent's run is 16 bytes")
+    return fmt.Lineage(parent, int(spec["gseq"]), os.getpid())
 
 
 def exit_now(status: int) -> None:
     """``os._exit`` of the app: the queue and the end records go out first (if the shield is on)."""
-    if _shield is not None:
-        _shield.exit_now(status)
+    if (shield := active()) is not None:
+        shield.exit_now(status)
 
 
 def finish(status: int) -> None:
     """At a clean exit (also ``sys.exit`` and an uncaught exception's): the end records."""
-    shield = _shield
+    shield = active()
     if shield is None:
         return
     for stream in (sys.stdout, sys.stderr):
