@@ -66,6 +66,8 @@ _real_waitpid = os.waitpid
 _real_wait3 = os.wait3
 _real_wait4 = os.wait4
 _real_waitid = os.waitid
+#: lane -> the pid of the child of ours that was last forked onto it.
+_children: dict[int, int] = {}
 #: The lthreads a forked child left behind, kept so that they are never collected (unwound).
 _left_behind: list[object] = []
 _child_waiters: list[Callable[[], None]] = []
@@ -116,6 +118,10 @@ def fork() -> int:
         raise OSError(err, os.strerror(err))
     if lane not in _lanes or lane == _own:
         iago.fail_stop(f"FORK: the host named lane {lane}, which is not a spare lane of this enclave")
+    if _running(_children.get(lane, 0)):
+        # (A grandchild's lane we cannot know: two enclaves on one lane garble each other's
+        # calls, which the host can do anyway by lying in its answers; never a secret.)
+        iago.fail_stop(f"FORK: the host named lane {lane}, on which a child of this enclave still runs")
     parent = os.getpid()
     try:
         pid = _real_fork()
@@ -126,6 +132,7 @@ def fork() -> int:
     if pid == 0:
         _become_child(lane, parent)
         return 0
+    _children[lane] = pid
     sched.post(Op.FORK_DONE, (lane, pid))
     family.run_parent(pid)
     return pid
@@ -143,7 +150,18 @@ def _become_child(lane: int, parent: int) -> None:
     _left_behind.extend(sched.after_fork_child(client))
     _own = lane
     _child_waiters.clear()
+    _children.clear()  # the parent's children are not ours
     family.run_child()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid``, a child of ours, has not exited yet (without reaping it)."""
+    if pid <= 0:
+        return False
+    try:
+        return _real_waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False  # reaped already
 
 
 # -- wait -----------------------------------------------------------------------------------
