@@ -10,13 +10,16 @@ host's edits of a child's lines reported against that child.
 from __future__ import annotations
 
 import random
-import re
+import shutil
+import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import PYSCONE, write_app
+import pytest
+from conftest import PYSCONE, free_port, wait_port, write_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -240,8 +243,6 @@ if __name__ == "__main__":
     say("P", f"M={m.exitcode}")
 """
 
-WHO = re.compile(rb"^([A-Z]) ", re.M)
-
 
 def _pyscone(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*PYSCONE, *map(str, args)], cwd=cwd, capture_output=True, timeout=120)
@@ -402,3 +403,29 @@ def test_os_exit_sends_what_was_written_and_the_end_records(tmp_path: Path) -> N
     status, plain, plain_err, own = _console(tmp_path, key, out, err)
     assert status == 0 and "the app exited with status 9" in own, own
     assert plain == b"".join(b"line %d\n" % i for i in range(200)) and plain_err == b"to stderr\n"
+
+
+def test_gunicorn_workers_are_runs_of_the_family(tmp_path: Path) -> None:
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("flask")
+    key = _key(tmp_path)
+    shutil.copy(Path(__file__).parent / "compat" / "apps" / "flask_gunicorn.py", tmp_path)
+    port = free_port()
+    out, err = tmp_path / "g.out", tmp_path / "g.err"
+    cmd = [*PYSCONE, "run", "--console-key-file", str(key), "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([*cmd, "flask_gunicorn:app"], cwd=tmp_path, stdout=o, stderr=e)
+        try:
+            wait_port(port)
+            for _ in range(10):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+                    assert r.read().startswith(b"hello from flask on gunicorn worker")
+        finally:
+            proc.send_signal(signal.SIGTERM)  # gunicorn's graceful stop: its workers exit, then the master
+            assert proc.wait(timeout=30) == 0
+    status, _, plain_err, own = _console(tmp_path, key, out, err)
+    assert status == 0, own
+    assert own.count("): exited with status 0") == 2 and "and its 2 child runs, the app exited with status 0" in own, (
+        own
+    )
+    assert plain_err.count(b"Worker exiting") == 2 and b"Shutting down: Master" in plain_err
