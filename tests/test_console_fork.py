@@ -10,6 +10,7 @@ host's edits of a child's lines reported against that child.
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -185,6 +186,20 @@ def test_a_child_of_no_run_in_the_log_is_reported_and_not_shown() -> None:
     assert dec.status == 0  # the parent is not blamed: its run is clean
 
 
+def test_a_childs_start_moved_behind_its_records_is_a_reordering_of_that_child() -> None:
+    parent = fmt.Encoder(KEY, b"P" * 16)
+    child = fmt.Encoder(KEY, b"C" * 16)
+    log = parent.start()
+    start = child.start(fmt.Lineage(parent.run, parent.gseq, 9))
+    log += [child.write(fmt.Stream.STDOUT, b"c\n")[0], *start, *child.end(0), *parent.end(0, children=1)]
+    keys = fmt._Keys(KEY, fmt.OUTPUT_LABEL)
+    log = [line for line in log if fmt.open_line(keys, line).stream == fmt.Stream.STDOUT]  # (stdout's log alone)
+    dec, outputs = _decode(log)
+    assert [ev.data for ev in outputs] == [b"c\n"]
+    assert {p.kind for p in dec.problems} == {"reordered"}, [p.message for p in dec.problems]
+    assert all(child.run.hex()[:12] in p.message for p in dec.problems)
+
+
 def test_a_childs_run_missing_altogether_is_unclean_not_tampering() -> None:
     parent = fmt.Encoder(KEY, b"P" * 16)
     log = parent.start() + parent.write(fmt.Stream.STDOUT, b"x\n") + parent.end(0, children=1)
@@ -302,9 +317,12 @@ def test_a_forking_app_decodes_clean_each_process_in_order_with_its_status(tmp_p
         status, plain, plain_err, own = _console(tmp_path, key, *logs)
         assert status == 0, own
         assert _by_process(plain) == expected, own  # every line, each process's in its order
-        for child_status in (3, 5, 7, 0):
-            assert f"exited with status {child_status}" in own
+        # Each child's status, from its END records: A sys.exit(3), G os._exit(5), B os._exit(7)
+        # with its burst still queued, multiprocessing's child os._exit(0).
+        assert sorted(int(n) for n in re.findall(r"\): exited with status (\d+)", own)) == [0, 3, 5, 7], own
         assert "ok:" in own and "and its 4 child runs, the app exited with status 0" in own
+        order = plain.splitlines()
+        assert order.index(b"P 1.7") < order.index(b"B 0"), order  # (two logs merged: the fork orders them)
         if len(logs) == 2:
             assert sorted(plain_err.splitlines()) == [b"A err", b"P err"]
     merged, _ = _run(tmp_path, key, app, "merged", merged=True)  # 2>&1: one live stream

@@ -243,7 +243,13 @@ class Decoder:
             self.root = run
         else:
             self.runs[lineage.parent].children.append(rec.run)
-        self._check(out, run, rec, lineno)
+        # Its records that came before this START are checked with it in the order they came
+        # (a START the host moved behind them is the reordering it is).
+        early = [(r, n) for r, n, _ in self._held if r.run == rec.run]
+        if early:
+            self._held = [h for h in self._held if h[0].run != rec.run]
+        for r, n in sorted([*early, (rec, lineno)], key=lambda t: t[1]):
+            self._check(out, run, r, n)
 
     def _another_run(self, out: list[Event], rec: Record, lineno: int) -> None:
         self._problem(
