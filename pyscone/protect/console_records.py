@@ -222,7 +222,10 @@ def is_record(line: bytes) -> bool:
 
 
 class _Keys:
-    """The AEADs of the runs a decoder met (a few: a foreign run is only ever reported)."""
+    """The AEADs of the runs a decoder met, the most recently used kept (a family has a run per
+    process: gunicorn's workers, restarted, are many, and write at once)."""
+
+    _KEEP = 1024
 
     def __init__(self, key: bytes, label: bytes) -> None:
         self.key = key
@@ -230,11 +233,12 @@ class _Keys:
         self._cache: dict[bytes, AESGCM] = {}
 
     def get(self, run: bytes) -> AESGCM:
-        aead = self._cache.get(run)
+        aead = self._cache.pop(run, None)
         if aead is None:
-            if len(self._cache) >= 16:
-                self._cache.clear()
-            aead = self._cache[run] = run_cipher(self.key, run, self.label)
+            if len(self._cache) >= self._KEEP:
+                del self._cache[next(iter(self._cache))]  # (the least recently used)
+            aead = run_cipher(self.key, run, self.label)
+        self._cache[run] = aead
         return aead
 
 
