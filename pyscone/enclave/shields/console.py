@@ -144,10 +144,11 @@ class ConsoleShield:
         flush, or the timer: the hub's, when the app next waits for anything);
         :data:`_BELOW_BACKLOG` waits until the queue is under :data:`_BACKLOG`, one write
         still in flight; :data:`_DRAIN` until everything is on the host; :data:`_NOW` (the
-        timer) never waits but starts what is queued; :data:`_IN_PLACE` drains as :data:`_DRAIN`,
-        but waiting in place (no other lthread runs meanwhile: ``os._exit``).  With :data:`_NO_WAIT`, a new host
-        write starts at once only if the last started a while ago (:data:`_GAP_S`) or a
-        slot's worth is queued, so that a burst of small writes becomes a few large ones.
+        timer) never waits but starts what is queued; :data:`_IN_PLACE` drains as
+        :data:`_DRAIN` does, but waits in place (no other lthread runs meanwhile: ``os._exit``).
+        With :data:`_NO_WAIT`, a new host write starts at once only if the last started a
+        while ago (:data:`_GAP_S`) or a slot's worth is queued, so that a burst of small
+        writes becomes a few large ones.
         """
         if self._pumping:
             return  # (re-entered from a signal handler or a finalizer: the outer pump takes it)
