@@ -161,6 +161,15 @@ if __name__ == "__main__":
             print("starmap", pool.starmap(pow, [(2, 3), (3, 2)]))
             pids = set(pool.map(worker_pid, range(40), chunksize=1))
             print("workers", 1 <= len(pids) <= 2, os.getpid() not in pids)  # (natively one may serve all)
+        with ctx.Pool(2, maxtasksperchild=2) as pool:  # workers replaced as they go (forked by a thread)
+            print("maxtasksperchild", pool.map(square, range(12), chunksize=1))
+    elif what == "manager":
+        with ctx.Manager() as manager:  # a server process, proxies over a Unix socket
+            d, items = manager.dict(), manager.list()
+            p = ctx.Process(target=lambda: (d.update(a=1), items.append(2)))
+            p.start()
+            p.join(10)
+            print("manager", dict(d), list(items), p.exitcode)
     else:
         with cf.ProcessPoolExecutor(2, mp_context=ctx) as ex:
             print("executor", list(ex.map(square, range(10))), ex.submit(square, 9).result(10))
@@ -169,8 +178,8 @@ if __name__ == "__main__":
 )
 
 
-@pytest.mark.parametrize("what", ["queue", "pool", "executor"])
-def test_queue_pool_and_executor_as_natively(tmp_path: Path, what: str) -> None:
+@pytest.mark.parametrize("what", ["queue", "pool", "executor", "manager"])
+def test_queues_pools_executor_and_manager_as_natively(tmp_path: Path, what: str) -> None:
     app = write_app(tmp_path, PROCESSES_APP)
     native = run_native(app, what, cwd=tmp_path)
     assert native.returncode == 0, native.stderr
