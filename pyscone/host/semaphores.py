@@ -157,7 +157,10 @@ class Wait(Exception):
                 if self._state == _WAITING:
                     self._state = _DONE
                     break
-            sem.release()  # cancelled while we took it: give it back
+            try:
+                sem.release()  # cancelled while we took it: give it back
+            except ValueError:  # (at its maximum already: someone released one too many meanwhile)
+                pass
             return
         else:
             return
