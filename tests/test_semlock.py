@@ -119,7 +119,7 @@ ERRORS = """
     p = print
     p("max", SL.SEM_VALUE_MAX, SL.__module__, SL.__name__)
     for args in [(5, 1, 1, "/x", True), (1, -1, 1, "/x", True), (1, 2**31, 1, "/x", True), (1, 1, 1, 5, True),
-                 (1, 1, 1, "/a\\0b", True), ("a", 1, 1, "/x", True), (1, 1, 1, "/a/b", True)]:
+                 (1, 1, 1, "/a\\0b", True), ("a", 1, 1, "/x", True), (1, 1, 1, "/a/b", True), (7, 1, 1, 5, True)]:
         try:
             SL(*args)
         except Exception as e:

@@ -99,10 +99,10 @@ class SemLock:
     _owner: tuple[bytes, int] | None
 
     def __init__(self, kind: int, value: int, maxvalue: int, name: str, unlink: int) -> None:
-        kind, value, maxvalue, unlink = _c_int(kind), _c_int(value), _c_int(maxvalue), _c_int(unlink)
+        kind, value, maxvalue = _c_int(kind), _c_int(value), _c_int(maxvalue)
+        raw, unlink = _c_str(name, "SemLock() argument 'name'"), _c_int(unlink)  # (all parsed first, as CPython)
         if kind not in (RECURSIVE_MUTEX, SEMAPHORE):
             raise ValueError("unrecognized kind")
-        raw = _c_str(name, "SemLock() argument 'name'")
         if value < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # as sem_open(3), which takes it unsigned
         handle = _call(Op.SEM_NEW, (value, maxvalue, int(bool(unlink))), raw)
