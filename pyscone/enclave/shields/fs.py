@@ -38,7 +38,9 @@ goes to the host as before.
   between them is finished at the next mount (:meth:`FsShield.recover`).
 
 Locking: each open file has its own lthread lock for data operations; one shield
-lock orders FSPF changes.  Order: file lock, then shield lock.
+lock orders FSPF changes.  Order: file lock, then shield lock.  Across the processes of a
+family (after a fork) FSPF changes and each file's writer are ordered by host locks as well
+(``fsfamily.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import os
 import posixpath
 import stat as stat_mod
@@ -55,7 +58,7 @@ from typing import Any, Protocol
 
 from pyscone import abi
 from pyscone.abi import DT_DIR, DT_REG, StatResult
-from pyscone.enclave.shields import fspfcopies
+from pyscone.enclave.shields import fsfamily, fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
@@ -109,7 +112,8 @@ class FsShield:
         self._ignored: set[str] = set()
         # Only protected regions' metadata decides; skip the FSPF's own files when listing.
         self.copies = fspfcopies.Copies(fspf_path, max_io, copy)
-        self._own = {fspf_path + ".tmp", *self.copies.names()}
+        self._own = {fspf_path + ".tmp", *self.copies.names(), fsfamily.lock_path(fspf_path)}
+        self.family = fsfamily.Family(self)
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -188,12 +192,20 @@ class FsShield:
 
         Raises ``OSError(EIO)`` if the pin did not take it; the shield then goes on from the new
         FSPF, but the app must not count that commit durable (the next start gets the old one)."""
+        try:
+            self._seal_write_pin(data)
+        except BaseException:
+            self.family.stale = True  # the pin may or may not have the new tag: ask it next time
+            raise
+        self.family.committed(self.fspf.generation)
+
+    def _seal_write_pin(self, data: DataSync | None) -> None:
         self.fspf.generation += 1
         blob, tag = fspf_mod.seal(self.fspf, self.key)
         if data is not None:
             data.start()  # both queued back to back, after the sealing: they run side by side
         try:
-            copy, write = self.copies.start(blob)
+            copy, write = self.copies.start(blob, shared=self.family.active)
         except BaseException:
             if data is not None:
                 with contextlib.suppress(OSError):
@@ -219,6 +231,41 @@ class FsShield:
                     f"{os.strerror(errno.EIO)}: commit not durable: the pin did not acknowledge: {e.strerror or e}",
                 ) from None
         self.copies.current = copy
+
+    def adopt(self, table: FSPF, tag: str, copy: int) -> None:
+        """Go on from ``table``, which another process of the family committed (``fsfamily``):
+        open files follow their file ids (to a new path, or to none: unlinked), and those this
+        process has not changed move to their newest committed version."""
+        self.fspf, self.tag, self.copies.current = table, tag, copy
+        self._tree = None
+        where = {e.key.file_id: (p, e) for p, e in table.files.items()}
+        for fid, node in self.nodes.items():
+            found = where.get(fid)
+            if found is None:
+                node.path, node.created = None, False
+                continue
+            node.path, entry = found
+            pf = node.file
+            assert isinstance(pf, ProtectedFile)
+            old = pf.entry
+            if (old.length, old.tags, old.slots) != (entry.length, entry.tags, entry.slots) and not pf.dirty:
+                # (Not under the file's lock, which comes before the shield's: a read in flight
+                # finishes on the version it began with.)
+                store = pf.store
+                assert isinstance(store, HostStore)
+                store.forget()
+                node.file = ProtectedFile(entry, store, io_bytes=self.max_io)
+                node.host_st = None
+
+    def before_fork(self) -> None:
+        """(Every file committed, the shield lock held.)  What the child must share with us."""
+        for o in self.opens.values():
+            if o.lock_fd < 0 and o.node.kind != "memory" and o.node.path is not None:
+                self._open_lock_fd(o)  # an open's flock is shared across a fork, as natively
+        for node in self.nodes.values():
+            store = node.file.store if isinstance(node.file, ProtectedFile) else None
+            if isinstance(store, HostStore):
+                store.forget()  # no read of ours in flight across the fork
 
     def recover(self) -> None:
         """Finish renames a crash interrupted (entries whose records are still at ``store``)."""
@@ -256,6 +303,7 @@ class FsShield:
             pf = node.file
             assert isinstance(pf, ProtectedFile)
             if not (pf.dirty or node.created):
+                self.family.done_writing(node)
                 return
             store = pf.store
             assert isinstance(store, HostStore)
@@ -273,9 +321,10 @@ class FsShield:
             except BaseException:
                 pf.undo_commit()  # not durable: a retried fsync commits again
                 raise
-            with self.lock:
+            with self.lock, self.family.changing():  # (in a family: on its newest FSPF)
                 if node.path is None:
                     node.created = False
+                    self.family.done_writing(node)
                     return
                 current = self.fspf.files.get(node.path)
                 self.fspf.files[node.path] = dataclasses.replace(entry, store=current.store if current else "")
@@ -293,6 +342,7 @@ class FsShield:
                         pf.undo_commit()
                     raise
                 node.created = False
+                self.family.done_writing(node)
 
     def _restore(self, path: str, entry: FileEntry | None) -> None:
         if entry is None:
@@ -316,6 +366,8 @@ class FsShield:
         readable, writable = acc in (os.O_RDONLY, os.O_RDWR), acc in (os.O_WRONLY, os.O_RDWR)
         with self.lock:
             memory = kind == "memory"
+            if not memory:
+                self.family.fresh()  # (in a family: what another process committed is seen at open)
             if self.mem.is_dir(path) if memory else self._names().is_dir(path):
                 return self._open_dir(path, kind, flags, writable)
             if flags & os.O_DIRECTORY:
@@ -327,8 +379,14 @@ class FsShield:
             self.opens[vfd] = OpenFile(node, readable, writable, bool(flags & os.O_APPEND))
             node.refs += 1
         if flags & os.O_TRUNC and writable:
-            with node.lock:  # outside the shield lock: the lock order is file, then shield
-                node.file.truncate(0)
+            try:
+                with node.lock:  # outside the shield lock: the lock order is file, then shield
+                    self.family.will_write(node)
+                    node.file.truncate(0)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.close(vfd)
+                raise
         return vfd
 
     def _new_vfd(self) -> int:
@@ -346,6 +404,28 @@ class FsShield:
         return vfd
 
     def _open_protected(self, path: str, flags: int, mode: int, kind: str) -> Node:
+        if flags & os.O_CREAT and path not in self.fspf.files and self.family.active:
+            with self.family.changing():  # a new file is an FSPF change the family sees at once
+                node = self._find_or_create(path, flags, mode, kind)
+                if node.created:
+                    try:
+                        self._write_fspf()
+                    except BaseException:
+                        self._forget_new(node)
+                        raise
+                    node.created = False
+                return node
+        return self._find_or_create(path, flags, mode, kind)
+
+    def _forget_new(self, node: Node) -> None:
+        """A new file whose creation did not commit: as if it had not been made."""
+        assert isinstance(node.file, ProtectedFile) and node.path is not None
+        self.fspf.files.pop(node.path, None)
+        self.nodes.pop(node.file.key.file_id, None)
+        self._tree = None
+        files.close(node.host_fd)
+
+    def _find_or_create(self, path: str, flags: int, mode: int, kind: str) -> Node:
         entry = self.fspf.files.get(path)
         if entry is not None:
             if flags & os.O_CREAT and flags & os.O_EXCL:
@@ -423,8 +503,12 @@ class FsShield:
             if o.writable:
                 self.commit(node)
         finally:
+            if o.lock_fd >= 0:
+                files.close(o.lock_fd)  # (after the commit) drops its flock
             if node.refs == 0 and node.kind != "memory":
                 assert isinstance(node.file, ProtectedFile)
+                if self.family.active:
+                    self.family.locks.release(node.file.key.file_id)
                 self.nodes.pop(node.file.key.file_id, None)
                 assert isinstance(node.file.store, HostStore)
                 node.file.store.release()
@@ -487,6 +571,7 @@ class FsShield:
         if not o.writable:
             raise _err(errno.EBADF)
         with o.node.lock:
+            self.family.will_write(o.node)
             if o.append:
                 o.pos = o.node.file.length
             n = self._write(o.node, o.pos, data)
@@ -510,6 +595,7 @@ class FsShield:
     def pwrite(self, vfd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         o = self._positioned(vfd, offset, writing=True)
         with o.node.lock:
+            self.family.will_write(o.node)
             o.node.mtime_ns = time.time_ns()
             return self._write(o.node, offset, data)
 
@@ -543,6 +629,7 @@ class FsShield:
         if length < 0:
             raise _err(errno.EINVAL)
         with o.node.lock:
+            self.family.will_write(o.node)
             try:
                 o.node.file.truncate(length)
             except IntegrityError as e:
@@ -561,6 +648,44 @@ class FsShield:
         if node.kind == "memory":
             return self.mem.node_stat(node)
         return self._node_stat(node)
+
+    # -- locks --------------------------------------------------------------------------------
+
+    def lock_target(self, vfd: int, family: int, kind: int) -> int | None:
+        """The host fd on which a lock of ``vfd`` is taken, or ``None`` (the enclave decides:
+        a memory file's, a directory's, and before any fork a POSIX lock, which no other
+        process can contend).  A protected file's ``flock`` is the host's, on an fd of the
+        open's own (as natively, one per open file description, shared by dups and across a
+        fork), so that the processes of a family exclude each other.  In a family an unlock
+        commits the file first: the next holder sees what was written under the lock."""
+        o = self.opens.get(vfd)
+        if o is None or o.node.kind == "memory" or o.node.path is None:
+            return None
+        if family == abi.LOCK_POSIX:
+            if not self.family.active:
+                return None
+            target = o.node.host_fd
+            unlock = kind == fcntl.F_UNLCK
+        else:
+            if o.lock_fd < 0:
+                with self.lock:
+                    self._open_lock_fd(o)
+            target = o.lock_fd
+            unlock = kind == fcntl.LOCK_UN
+        if unlock and self.family.active:
+            self.commit(o.node)
+        return target
+
+    def _open_lock_fd(self, o: OpenFile) -> None:
+        assert o.node.path is not None
+        entry = self.fspf.files.get(o.node.path)
+        o.lock_fd = files.host_open((entry.store if entry else "") or o.node.path, os.O_RDONLY, 0)
+
+    def locked(self, vfd: int) -> None:
+        """A lock of ``vfd`` was granted: what another process committed before is seen now."""
+        if self.family.active:
+            with self.lock:
+                self.family.fresh()
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -592,6 +717,7 @@ class FsShield:
         with self.lock:
             if self.kind(path) == "memory":
                 return self.mem.stat(path)
+            self.family.fresh()
             entry = self.fspf.files.get(path)
             if entry is None:
                 if self._names().is_dir(path):
@@ -616,6 +742,7 @@ class FsShield:
             if self.kind(path) == "memory":
                 names = self.mem.listdir(path)
             else:
+                self.family.fresh()
                 if path in self.fspf.files:
                     raise _err(errno.ENOTDIR, path)
                 listing = self._names().listing(path)
@@ -639,6 +766,12 @@ class FsShield:
     # Directory changes in a protected region are FSPF changes, each committed at once: so a
     # directory the app made exists at the next start whatever the host removed or added.
 
+    def _changing(self, path: str) -> contextlib.AbstractContextManager[None]:
+        """Around a directory change: in a family, under its commit lock, on its newest FSPF."""
+        if self.family.active and self.kind(path) != "memory":
+            return self.family.changing()
+        return contextlib.nullcontext()
+
     def _keep_parent(self, path: str) -> None:
         """``path`` is leaving its directory: if that was all the directory held, record the
         directory in the FSPF (it existed only by implication, and must stay)."""
@@ -650,7 +783,7 @@ class FsShield:
             self.fspf.dirs.add(parent)
 
     def mkdir(self, path: str, mode: int) -> None:
-        with self.lock:
+        with self.lock, self._changing(path):
             if self.kind(path) == "memory":
                 self.mem.mkdir(path)
                 return
@@ -672,7 +805,7 @@ class FsShield:
             self._write_fspf()
 
     def rmdir(self, path: str) -> None:
-        with self.lock:
+        with self.lock, self._changing(path):
             if self.kind(path) == "memory":
                 self.mem.rmdir(path)
                 return
@@ -712,7 +845,7 @@ class FsShield:
             log(f"{path}: left on the host (not in the FSPF): {e.strerror}")
 
     def unlink(self, path: str) -> None:
-        with self.lock:
+        with self.lock, self._changing(path):
             if self.kind(path) == "memory":
                 self.mem.unlink(path)
                 return
@@ -742,7 +875,7 @@ class FsShield:
             return
         if dst.startswith(src + "/"):
             raise _err(errno.EINVAL, src)
-        with self.lock:
+        with self.lock, self._changing(src):
             if kind == "memory":
                 self.mem.rename(src, dst)
             elif src in self.fspf.files:
@@ -894,6 +1027,7 @@ def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int, copy: 
     files.set_shield(shield)
     _shield = shield
     shield.recover()
+    shield.family.register()
     return shield
 
 

@@ -18,7 +18,9 @@ deadlock detection for ``F_SETLKW`` is lost; a lying host can only refuse a lock
 or grant one it does not hold, which is the unprotected-I/O trust "outcome".)
 
 Locks on the FS shield's files (virtual fds, protected or memory regions) stay in
-the enclave.  Their host files are sealed, so no other process can use them, and
+the enclave, but for a protected file's ``flock`` (the host's, on an fd of the open's own,
+so that the processes of a family exclude each other: ``FsShield.lock_target``), and, once
+the enclave has forked, its POSIX locks.  Their host files are sealed, so no other process can use them, and
 only one enclave process exists: POSIX record locks (``lockf``, ``F_SETLK``)
 never conflict within one process, so they are granted at once, exactly as Linux
 would; ``flock`` locks belong to an open file, so two opens of the same file in
@@ -183,19 +185,25 @@ def posix_locks_local(fd: int) -> bool:
 def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int, wait: bool) -> None:
     """One lock request; ``wait``: until it is granted (retried here, never on the host)."""
     where = _kind(fd)
-    local = where != iago.FdTable.FILE  # posix_locks_local(fd)
+    fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
+    # A protected file's flock (and in a process family its POSIX locks) is the host's.
+    sh = files._vfd(fd) if where == "vfd" else None
+    target = sh.lock_target(fd, family, kind) if sh is not None else None
+    local = where != iago.FdTable.FILE and target is None  # posix_locks_local(fd)
     if local and (family == abi.LOCK_POSIX or where != "vfd"):
         return  # no other process can hold a lock here; only a vfd's flocks are kept (_flocks)
-    fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
     delay = _RETRY_FIRST
     while True:
-        if where == "vfd":
+        if local:
             if _flocks.try_lock(_identity(fd), fd, kind):
                 return
             err = errno.EWOULDBLOCK
         else:
-            result, err, _ = scheduler.get().host_call(Op.LOCK, (fd, family, kind, start, length, whence))
+            lock_fd = fd if target is None else target
+            result, err, _ = scheduler.get().host_call(Op.LOCK, (lock_fd, family, kind, start, length, whence))
             if result >= 0:
+                if sh is not None:
+                    sh.locked(fd)
                 return
             if err not in (errno.EAGAIN, errno.EACCES) or not wait:
                 raise OSError(err, os.strerror(err))
