@@ -247,7 +247,7 @@ SAVE = """
         os._exit(0)
     os.waitpid(pid, 0)
     write("parent", "parent v2")
-    print("written")
+    print("written", flush=True)
     # The host restores what it saved (the FSPF's copies and the tag file): this process still
     # knows the newest generation, and so does a child forked before the restore.
     pid = os.fork()
