@@ -333,3 +333,29 @@ def _restore(region: Region, saved: Path, tag_file: bool) -> None:
     for p in saved.iterdir():
         if tag_file or not p.name.endswith(".tag"):
             shutil.copy2(p, region.root / p.name)
+
+
+STALE_READER = """
+    import os, sys
+    d = sys.argv[1]
+    path = os.path.join(d, "f")
+    with open(path, "w") as f:
+        f.write("v0 " * 5000)
+    reader = open(path)
+    print("before", reader.read(6))
+    pid = os.fork()
+    if pid == 0:
+        for v in ("v1 ", "v2 "):  # the second commit writes the slots the reader's version names
+            with open(path, "w") as f:
+                f.write(v * 5000)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    reader.seek(0)
+    print("after", reader.read(6), len(reader.read()))
+"""
+
+
+def test_an_open_reader_moves_on_to_what_another_member_committed(region: Region) -> None:
+    code, out, err = region.run(STALE_READER)
+    assert (code, out) == (0, "before v0 v0 \nafter v2 v2  14994\n"), err
+    assert "refused" not in err, err

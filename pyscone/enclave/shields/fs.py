@@ -525,7 +525,23 @@ class FsShield:
         try:
             return node.file.readinto(offset, out)
         except IntegrityError as e:
+            if not self._moved_on(node):
+                raise self._integrity(node.path or "(unlinked file)", e) from None
+        try:  # the file's newest version, which another process of the family committed
+            return node.file.readinto(offset, out)
+        except IntegrityError as e:
             raise self._integrity(node.path or "(unlinked file)", e) from None
+
+    def _moved_on(self, node: Node) -> bool:
+        """In a family, a file open here may have been committed twice by another process since
+        (its second commit reuses the slots this version names): whether ``node`` now reads
+        the newest committed version instead."""
+        if not self.family.active or node.file.dirty:
+            return False
+        old = node.file
+        with self.lock:
+            self.family.fresh()
+        return node.file is not old
 
     def _write(self, node: Node, offset: int, data: bytes | bytearray | memoryview) -> int:
         try:
