@@ -148,7 +148,9 @@ def test_a_shared_file_appended_under_flock_loses_no_record(region: Region) -> N
     assert code == 0, err
     assert out.splitlines() == ["statuses [0, 0]", "records seen by the parent 90"], err
     records = region.read_all()["shared.log"].splitlines()
-    expected = {f"{who} {how} {k}" for who in ("parent", "child0", "child1") for how in ("open", "kept") for k in range(15)}
+    expected = {
+        f"{who} {how} {k}" for who in ("parent", "child0", "child1") for how in ("open", "kept") for k in range(15)
+    }
     assert len(records) == len(expected) and set(records) == expected, records
     for who in ("parent", "child0", "child1"):  # each writer's records in its own order
         mine = [r for r in records if r.startswith(who + " ")]

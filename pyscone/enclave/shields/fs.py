@@ -232,41 +232,6 @@ class FsShield:
                 ) from None
         self.copies.current = copy
 
-    def adopt(self, table: FSPF, tag: str, copy: int) -> None:
-        """Go on from ``table``, which another process of the family committed (``fsfamily``):
-        open files follow their file ids (to a new path, or to none: unlinked), and those this
-        process has not changed move to their newest committed version."""
-        self.fspf, self.tag, self.copies.current = table, tag, copy
-        self._tree = None
-        where = {e.key.file_id: (p, e) for p, e in table.files.items()}
-        for fid, node in self.nodes.items():
-            found = where.get(fid)
-            if found is None:
-                node.path, node.created = None, False
-                continue
-            node.path, entry = found
-            pf = node.file
-            assert isinstance(pf, ProtectedFile)
-            old = pf.entry
-            if (old.length, old.tags, old.slots) != (entry.length, entry.tags, entry.slots) and not pf.dirty:
-                # (Not under the file's lock, which comes before the shield's: a read in flight
-                # finishes on the version it began with.)
-                store = pf.store
-                assert isinstance(store, HostStore)
-                store.forget()
-                node.file = ProtectedFile(entry, store, io_bytes=self.max_io)
-                node.host_st = None
-
-    def before_fork(self) -> None:
-        """(Every file committed, the shield lock held.)  What the child must share with us."""
-        for o in self.opens.values():
-            if o.lock_fd < 0 and o.node.kind != "memory" and o.node.path is not None:
-                self._open_lock_fd(o)  # an open's flock is shared across a fork, as natively
-        for node in self.nodes.values():
-            store = node.file.store if isinstance(node.file, ProtectedFile) else None
-            if isinstance(store, HostStore):
-                store.forget()  # no read of ours in flight across the fork
-
     def recover(self) -> None:
         """Finish renames a crash interrupted (entries whose records are still at ``store``)."""
         moved = False

@@ -55,9 +55,11 @@ from pyscone.abi import Op
 from pyscone.enclave import family, scheduler
 from pyscone.enclave.shields import fspfcopies
 from pyscone.enclave.shields.nodes import Node, log
+from pyscone.enclave.shields.store import HostStore
 from pyscone.enclave.stdlib import files
 from pyscone.enclave.stdlib.threads import RLock
 from pyscone.protect.chunks import IntegrityError
+from pyscone.protect.fspf import FSPF
 from pyscone.protect.pfile import ProtectedFile
 
 if TYPE_CHECKING:
@@ -170,7 +172,33 @@ class Family:
             raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: the committed FSPF has other regions")
         self.floor = table.generation
         self.stale = False
-        sh.adopt(table, tag, copy)
+        self._adopt(table, tag, copy)
+
+    def _adopt(self, table: FSPF, tag: str, copy: int) -> None:
+        """Go on from ``table``, which another process of the family committed: open files
+        follow their file ids (to a new path, or to none: unlinked), and those this process
+        has not changed move to their newest committed version."""
+        sh = self.sh
+        sh.fspf, sh.tag, sh.copies.current = table, tag, copy
+        sh._tree = None
+        where = {e.key.file_id: (p, e) for p, e in table.files.items()}
+        for fid, node in sh.nodes.items():
+            found = where.get(fid)
+            if found is None:
+                node.path, node.created = None, False
+                continue
+            node.path, entry = found
+            pf = node.file
+            assert isinstance(pf, ProtectedFile)
+            old = pf.entry
+            if (old.length, old.tags, old.slots) != (entry.length, entry.tags, entry.slots) and not pf.dirty:
+                # (Not under the file's lock, which comes before the shield's: a read in flight
+                # finishes on the version it began with.)
+                store = pf.store
+                assert isinstance(store, HostStore)
+                store.forget()
+                node.file = ProtectedFile(entry, store, io_bytes=sh.max_io)
+                node.host_st = None
 
     def fresh(self) -> None:
         """Before an open, a stat, a listing or after a lock (shield lock held): if another
@@ -259,7 +287,12 @@ class Family:
         try:
             sh.commit_all()
             self.locks.open()
-            sh.before_fork()
+            for o in sh.opens.values():  # an open's flock is shared across a fork, as natively
+                if o.lock_fd < 0 and o.node.kind != "memory" and o.node.path is not None:
+                    sh._open_lock_fd(o)
+            for node in sh.nodes.values():
+                if isinstance(node.file, ProtectedFile) and isinstance(node.file.store, HostStore):
+                    node.file.store.forget()  # no read of ours in flight across the fork
         except BaseException:
             sh.lock.release()
             raise
@@ -276,8 +309,5 @@ class Family:
         sh.lock = RLock()  # its holder and waiters were lthreads of the parent's
         for node in sh.nodes.values():
             node.lock = RLock()
-            if isinstance(node.file, ProtectedFile):
-                store = node.file.store
-                after_fork = getattr(store, "after_fork", None)
-                if after_fork is not None:
-                    after_fork()
+            if isinstance(node.file, ProtectedFile) and isinstance(node.file.store, HostStore):
+                node.file.store.after_fork()
