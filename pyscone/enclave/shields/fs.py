@@ -286,7 +286,9 @@ class FsShield:
             except BaseException:
                 pf.undo_commit()  # not durable: a retried fsync commits again
                 raise
-            with self.lock, self.family.changing():  # (in a family: on its newest FSPF)
+            # (In a family: under its commit lock, on its newest FSPF; if that cannot be had,
+            # the new entry was never committed.)
+            with self.lock, self.family.changing(refused=pf.undo_commit):
                 if node.path is None:
                     node.created = False
                     self.family.done_writing(node)

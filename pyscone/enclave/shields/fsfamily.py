@@ -47,7 +47,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pyscone import abi
@@ -214,19 +214,25 @@ class Family:
                 self._reload(tags)
 
     @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
-        """Around one FSPF change (shield lock held): the commit lock, on the newest FSPF."""
+    def changing(self, refused: Callable[[], object] | None = None) -> Iterator[None]:
+        """Around one FSPF change (shield lock held): the commit lock, on the newest FSPF.
+        ``refused``: called if the change may not go ahead (it raises)."""
         if not self.active or self._depth:
             yield
             return
-        if not self.coordinated:
-            self._solo()
-            yield
-            return
-        with self.locks.commit_lock(exclusive=True):
-            tags = self._pinned()
-            if not self._current(tags):
-                self._reload(tags)
+        with contextlib.ExitStack() as stack:
+            try:
+                if not self.coordinated:
+                    self._solo()
+                else:
+                    stack.enter_context(self.locks.commit_lock(exclusive=True))
+                    tags = self._pinned()
+                    if not self._current(tags):
+                        self._reload(tags)
+            except BaseException:
+                if refused is not None:
+                    refused()
+                raise
             self._depth += 1
             try:
                 yield
