@@ -88,7 +88,10 @@ DISTINCT = """
 """
 
 
-def test_parent_and_two_children_write_distinct_files_and_every_commit_survives(region: Region) -> None:
+@pytest.mark.parametrize("pin", ["tag file", "none"])
+def test_parent_and_two_children_write_distinct_files_and_every_commit_survives(region: Region, pin: str) -> None:
+    if pin == "none":  # nothing pins the FSPF (dev mode warns): the newest copy that opens wins
+        (region.root / "fs.fspf.tag").unlink()
     code, out, err = region.run(DISTINCT)
     assert code == 0, err
     names = ["child0", "child1", "dir-child0", "dir-child1", "dir-parent", "parent"]
@@ -98,6 +101,7 @@ def test_parent_and_two_children_write_distinct_files_and_every_commit_survives(
         "child1 in the parent child1 version 11",
     ], err
     assert "refused" not in err and "ignored" not in err, err
+    assert ("rollback protection is OFF" in err) == (pin == "none"), err
     files = region.read_all()
     for name in ("child0", "child1", "parent"):
         assert files[name] == f"{name} version 11\n" * 12, files
