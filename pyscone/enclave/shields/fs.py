@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 from pyscone import abi
 from pyscone.abi import DT_DIR, DT_REG, StatResult
-from pyscone.enclave.shields import fsfamily, fspfcopies
+from pyscone.enclave.shields import fsdirs, fsfamily, fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
@@ -746,258 +746,34 @@ class FsShield:
         for name in host:
             self._ignore(posixpath.join(path, name))
 
-    # Directory changes in a protected region are FSPF changes, each committed at once: so a
-    # directory the app made exists at the next start whatever the host removed or added.
-
-    def _changing(self, path: str) -> contextlib.AbstractContextManager[None]:
-        """Around a directory change: in a family, under its commit lock, on its newest FSPF."""
-        if self.family.active and self.kind(path) != "memory":
-            return self.family.changing()
-        return contextlib.nullcontext()
-
-    def _keep_parent(self, path: str) -> None:
-        """``path`` is leaving its directory: if that was all the directory held, record the
-        directory in the FSPF (it existed only by implication, and must stay)."""
-        parent = posixpath.dirname(path)
-        tree = self._names()
-        listing = tree.listing(parent) or {}
-        region = self.fspf.region_for(parent)
-        if set(listing) <= {posixpath.basename(path)} and region.kind in PROTECTED and region.prefix != parent:
-            self.fspf.dirs.add(parent)
+    # Directory changes, and metadata of protected paths: ``fsdirs.py``.
 
     def mkdir(self, path: str, mode: int) -> None:
-        with self.lock, self._changing(path):
-            if self.kind(path) == "memory":
-                self.mem.mkdir(path)
-                return
-            tree = self._names()
-            if tree.exists(path):
-                raise _err(errno.EEXIST, path)
-            if not tree.is_dir(posixpath.dirname(path)):
-                raise self._missing(path)
-            self._host_makedirs(posixpath.dirname(path))
-            try:
-                files.host_mkdir(path, mode)
-            except FileExistsError:
-                st = files.host_stat(path, False)
-                if st is None or not stat_mod.S_ISDIR(st.mode):  # something of the host's: not ours
-                    files.host_unlink(path)
-                    files.host_mkdir(path, mode)
-            self.fspf.dirs.add(path)
-            tree.add(path, DT_DIR)
-            self._write_fspf()
+        fsdirs.mkdir(self, path, mode)
 
     def rmdir(self, path: str) -> None:
-        with self.lock, self._changing(path):
-            if self.kind(path) == "memory":
-                self.mem.rmdir(path)
-                return
-            tree = self._names()
-            if path in self.fspf.files:
-                raise _err(errno.ENOTDIR, path)
-            if not tree.is_dir(path):
-                raise self._missing(path)
-            if self.fspf.region_for(path).prefix == path:
-                raise _err(errno.EBUSY, path)
-            if not tree.empty(path):
-                raise _err(errno.ENOTEMPTY, path)
-            self._keep_parent(path)
-            self.fspf.dirs.discard(path)
-            tree.remove(path)
-            self._write_fspf()
-            self._clear_host_dir(path)
-
-    def _clear_host_dir(self, path: str) -> None:
-        """Remove the host's directory at ``path``, which the FSPF says is gone or empty: what
-        is left in it (orphans of a crash, the host's own files) is not ours."""
-        try:
-            files.host_rmdir(path)
-            return
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        except OSError as e:
-            if e.errno != errno.ENOTEMPTY:
-                log(f"{path}: the host did not remove the directory: {e.strerror}")
-                return
-        try:
-            for name, dtype in list(files.host_listdir(path)):
-                where = posixpath.join(path, name)
-                files.host_rmdir(where) if dtype == DT_DIR else files.host_unlink(where)
-            files.host_rmdir(path)
-        except OSError as e:
-            log(f"{path}: left on the host (not in the FSPF): {e.strerror}")
+        fsdirs.rmdir(self, path)
 
     def unlink(self, path: str) -> None:
-        with self.lock, self._changing(path):
-            if self.kind(path) == "memory":
-                self.mem.unlink(path)
-                return
-            tree = self._names()
-            entry = self.fspf.files.get(path)
-            if entry is None:
-                raise _err(errno.EISDIR, path) if tree.is_dir(path) else self._missing(path)
-            self._keep_parent(path)
-            del self.fspf.files[path]
-            tree.remove(path)
-            node = self.nodes.get(entry.key.file_id)
-            if node is not None:
-                node.path = None
-                node.created = False
-            self._write_fspf()
-            try:
-                files.host_unlink(entry.store or path)
-            except FileNotFoundError:
-                pass
+        fsdirs.unlink(self, path)
 
     def rename(self, src: str, dst: str) -> None:
-        kind = self.kind(src)
-        if self.kind(dst) != kind:
-            raise _err(errno.EXDEV, src)
-        if dst == src:
-            self.stat(src, False)  # renaming a file onto itself: nothing to do, if it exists
-            return
-        if dst.startswith(src + "/"):
-            raise _err(errno.EINVAL, src)
-        with self.lock, self._changing(src):
-            if kind == "memory":
-                self.mem.rename(src, dst)
-            elif src in self.fspf.files:
-                self._rename_file(src, dst)
-            else:
-                self._rename_dir(src, dst)
-
-    def _move_entries(self, pairs: list[tuple[str, str]]) -> None:
-        """FSPF first (records still at their old host paths), host rename, FSPF again."""
-        for old, new in pairs:
-            entry = self.fspf.files.pop(old)
-            self.fspf.files[new] = dataclasses.replace(entry, store=entry.store or old)
-            node = self.nodes.get(entry.key.file_id)
-            if node is not None:
-                node.path = new
-
-    def _rename_file(self, src: str, dst: str) -> None:
-        tree = self._names()
-        if tree.is_dir(dst):
-            raise _err(errno.EISDIR, dst)
-        if not tree.is_dir(posixpath.dirname(dst)):
-            raise self._missing(dst)
-        self._host_makedirs(posixpath.dirname(dst))
-        old = self.fspf.files.pop(dst, None)
-        if old is not None:
-            node = self.nodes.get(old.key.file_id)
-            if node is not None:
-                node.path = None
-                node.created = False
-        store = self.fspf.files[src].store or src
-        if posixpath.dirname(src) != posixpath.dirname(dst):
-            self._keep_parent(src)
-        self._move_entries([(src, dst)])
-        tree.remove(src)
-        tree.add(dst, DT_REG)
-        self._write_fspf()  # commit point: dst names the file, its records still at src
-        files.host_rename(store, dst, True)
-        self.fspf.files[dst] = dataclasses.replace(self.fspf.files[dst], store="")
-        self._write_fspf()
-        if old is not None and old.store and old.store != dst:
-            try:
-                files.host_unlink(old.store)
-            except FileNotFoundError:
-                pass
-
-    def _rename_dir(self, src: str, dst: str) -> None:
-        tree = self._names()
-        if not tree.is_dir(src):
-            raise self._missing(src)
-        if any(r.prefix in (src, dst) or r.prefix.startswith(src + "/") for r in self.fspf.regions):
-            raise _err(errno.EBUSY, src)  # a region (or the way to one) does not move
-        if dst in self.fspf.files:
-            raise _err(errno.ENOTDIR, dst)
-        if not tree.empty(dst):
-            raise _err(errno.ENOTEMPTY, dst)
-        if not tree.is_dir(posixpath.dirname(dst)):
-            raise self._missing(dst)
-        self._host_makedirs(posixpath.dirname(dst))
-        self._clear_host_dir(dst)  # empty for the FSPF: what the host has there must not stop the rename
-        pairs = [(p, dst + p[len(src) :]) for p in self.fspf.files if p.startswith(src + "/")]
-        moved = {d for d in self.fspf.dirs if d == src or d.startswith(src + "/")}
-        if posixpath.dirname(src) != posixpath.dirname(dst):
-            self._keep_parent(src)
-        self.fspf.dirs -= moved
-        self.fspf.dirs |= {dst + d[len(src) :] for d in moved}
-        self._move_entries(pairs)
-        self._tree = None
-        self._write_fspf()  # commit point: the files' records are still at their old paths
-        if files.host_stat(src, True) is not None:
-            files.host_rename(src, dst, True)
-        if pairs:
-            for _, new in pairs:
-                self.fspf.files[new] = dataclasses.replace(self.fspf.files[new], store="")
-            self._write_fspf()
-
-    def _metadata(self, path: str) -> tuple[Node | None, str]:
-        """Where ``path``'s permissions and times live: its memory node (``None`` for a memory
-        directory), or the host path that holds it.  Raises if ``path`` does not exist."""
-        if self.kind(path) == "memory":
-            return self.mem.node(path), ""
-        entry = self.fspf.files.get(path)
-        if entry is not None:
-            return None, entry.store or path
-        if not self._names().is_dir(path):
-            raise self._missing(path)
-        return None, path
+        fsdirs.rename(self, src, dst)
 
     def access(self, path: str, mode: int) -> bool:
-        with self.lock:
-            try:
-                _, host = self._metadata(path)
-            except OSError:
-                return False
-            if mode == os.F_OK or not host:
-                return True
-            if host == path and self._names().is_dir(path) and files.host_stat(path, True) is None:
-                return True  # a directory the host lacks: it is made when it is needed
-            return files.host_access(host, mode)
-
-    def _forget_host_stat(self, path: str) -> None:
-        """A chmod or utime of an open protected file: its next stat asks the host again."""
-        entry = self.fspf.files.get(path)
-        open_node = self.nodes.get(entry.key.file_id) if entry is not None else None
-        if open_node is not None:
-            open_node.host_st = None
+        return fsdirs.access(self, path, mode)
 
     def chmod(self, path: str, mode: int) -> None:
-        with self.lock:
-            node, host = self._metadata(path)
-            self._forget_host_stat(path)
-            if host:
-                if self._names().is_dir(host):
-                    self._host_makedirs(host)
-                files.host_chmod(host, mode)
-            elif node is not None:
-                node.mode = stat_mod.S_IMODE(mode)
+        fsdirs.chmod(self, path, mode)
 
     def utime(self, path: str, args: tuple[int, int, int]) -> None:
-        with self.lock:
-            node, host = self._metadata(path)
-            self._forget_host_stat(path)
-            if host:
-                if self._names().is_dir(host):
-                    self._host_makedirs(host)
-                files.host_utime(host, args)
-            elif node is not None:
-                node.mtime_ns = args[2] if args[0] else time.time_ns()
+        fsdirs.utime(self, path, args)
 
     def symlink(self, path: str) -> None:
-        raise OSError(errno.EPERM, "symbolic links cannot be created in a protected region", path)
+        fsdirs.symlink(self, path)
 
     def readlink(self, path: str) -> Any:
-        """No symlink exists in a shielded region: EINVAL for what exists, else ENOENT."""
-        with self.lock:
-            if self.kind(path) == "memory":
-                self.mem.stat(path)
-            elif not self._names().exists(path):
-                raise self._missing(path)
-        raise _err(errno.EINVAL, path)
+        return fsdirs.readlink(self, path)
 
 
 _shield: FsShield | None = None
