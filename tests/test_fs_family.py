@@ -365,3 +365,73 @@ def test_an_open_reader_moves_on_to_what_another_member_committed(region: Region
     code, out, err = region.run(STALE_READER)
     assert (code, out) == (0, "before v0 v0 \nafter v2 v2  14994\n"), err
     assert "refused" not in err, err
+
+
+RACES = """
+    import errno, os, sys, time
+    d = sys.argv[1]
+    with open(os.path.join(d, "moved"), "w") as f:
+        f.write("first\\n")
+    follower = open(os.path.join(d, "moved"), "a")  # an open file follows its file, as natively
+    start = time.time() + 1.0
+    pids = []
+    for i in range(3):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(max(0.0, start - time.time()))
+            try:
+                with open(os.path.join(d, "new"), "x") as f:
+                    f.write(f"made by {i}")
+                print("made", i, flush=True)
+            except FileExistsError:
+                print("exists", i, flush=True)
+            if i == 0:
+                os.rename(os.path.join(d, "moved"), os.path.join(d, "renamed"))
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    follower.write("written through the open file\\n")
+    follower.close()
+    print(sorted(os.listdir(d)))
+"""
+
+
+def test_creates_race_once_and_an_open_file_follows_another_members_rename(region: Region) -> None:
+    code, out, err = region.run(RACES)
+    assert code == 0, err
+    lines = out.splitlines()
+    made = [line for line in lines if line.startswith("made")]
+    assert len(made) == 1 and len([line for line in lines if line.startswith("exists")]) == 2, out
+    assert lines[-1] == "['new', 'renamed']", out
+    files = region.read_all()
+    assert files == {"new": f"made by {made[0].split()[1]}", "renamed": "first\nwritten through the open file\n"}
+
+
+KILL_ALL = """
+    import os, signal, sys, time
+    d = sys.argv[1]
+    def rewrite(name, k):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(f"{name} {k}\\n" * 2000)
+    for i in range(2):
+        if os.fork() == 0:
+            k = 0
+            while True:
+                rewrite(f"child{i}", k)
+                k += 1
+    for k in range(int(float(sys.argv[2]) * 40)):
+        rewrite("parent", k)
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGKILL)  # the children die with it (as on Linux with PDEATHSIG)
+"""
+
+
+def test_sigkill_of_the_parent_leaves_every_members_files_committed(region: Region) -> None:
+    code, _, err = region.run(KILL_ALL, "1.0")
+    assert code != 0, err
+    files = region.read_all()
+    assert sorted(files) == ["child0", "child1", "parent"], files
+    for name, content in files.items():
+        first = content.splitlines()[0]
+        assert first.startswith(f"{name} ") and content == f"{first}\n" * 2000, (name, content[:80])
