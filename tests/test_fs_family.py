@@ -435,3 +435,60 @@ def test_sigkill_of_the_parent_leaves_every_members_files_committed(region: Regi
     for name, content in files.items():
         first = content.splitlines()[0]
         assert first.startswith(f"{name} ") and content == f"{first}\n" * 2000, (name, content[:80])
+
+
+CAS_APP = """
+    import errno, os, sys
+    d = DATA
+    if os.path.exists(os.path.join(d, "parent")):  # the next run of the session
+        print(sorted(os.listdir(d)), open(os.path.join(d, "parent")).read())
+        sys.exit(0)
+    with open(os.path.join(d, "parent"), "w") as f:
+        f.write("before the fork")
+    pid = os.fork()
+    if pid == 0:
+        for what in ("write", "create"):
+            try:
+                with open(os.path.join(d, "parent" if what == "write" else "child"), "w") as f:
+                    f.write("child")
+                print("child", what, "went through", flush=True)
+            except OSError as e:
+                print("child", what, errno.errorcode[e.errno], flush=True)
+        with open(os.path.join(d, "parent")) as f:
+            print("child reads", f.read(), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with open(os.path.join(d, "parent"), "a") as f:
+        f.write(", after it")
+    print("parent committed", flush=True)
+"""
+
+
+def test_with_the_cas_pinning_only_the_first_process_writes(tmp_path: Path) -> None:
+    from test_cas import World, _service, cli
+
+    world = World(tmp_path)
+    try:
+        data = world.root / "data"
+        data.mkdir()
+        fspf = world.root / "app.fspf"
+        assert cli("fspf", "create", fspf, cwd=world.root).returncode == 0
+        assert cli("fspf", "addr", fspf, str(data), "--kind", "encrypted", cwd=world.root).returncode == 0
+        tag = cli("fspf", "tag", fspf, cwd=world.root).stdout.strip()
+        key = (world.root / "app.fspf.key").read_text().strip()
+        write_app(world.root, CAS_APP.replace("DATA", repr(str(data))), "app.py")
+        fs = f"    fspf: {{path: {fspf}, key: {key}, tag: {tag}}}\n"
+        policy = world.policy("fam", _service(world.measure(), "[app.py]", fs))
+        assert world.owner("session", "create", str(policy)).returncode == 0
+        r = world.run("fam/app")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == [
+            "child write EROFS",
+            "child create EROFS",
+            "child reads before the fork",
+            "parent committed",
+        ], r.stderr
+        r = world.run("fam/app")  # the CAS gives it the FSPF that the parent's last commit pinned
+        assert (r.returncode, r.stdout) == (0, "['parent'] before the fork, after it\n"), r.stderr
+    finally:
+        world.stop()
