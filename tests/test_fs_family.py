@@ -492,3 +492,51 @@ def test_with_the_cas_pinning_only_the_first_process_writes(tmp_path: Path) -> N
         assert (r.returncode, r.stdout) == (0, "['parent'] before the fork, after it\n"), r.stderr
     finally:
         world.stop()
+
+
+SQLITE = """
+    import os, sqlite3, sys
+    db = os.path.join(sys.argv[1], "family.db")
+    with sqlite3.connect(db) as con:
+        con.execute("create table t (who text, k integer)")
+    con.close()  # (SQLite: never carry a connection across a fork)
+
+    def insert(who):
+        con = sqlite3.connect(db, timeout=60, isolation_level=None)
+        for k in range(20):  # one transaction a row: the members' transactions interleave
+            con.execute("begin immediate")
+            n = con.execute("select count(*) from t").fetchone()[0]
+            con.execute("insert into t values (?, ?)", (who, n))
+            con.execute("commit")
+        con.close()
+
+    pids = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:
+            insert(f"child{i}")
+            os._exit(0)
+        pids.append(pid)
+    insert("parent")
+    print("statuses", [os.waitpid(pid, 0)[1] for pid in pids])
+"""
+
+SQLITE_READ = """
+    import os, sqlite3, sys
+    con = sqlite3.connect(os.path.join(sys.argv[1], "family.db"))
+    print(con.execute("select count(*), count(distinct k), min(k), max(k) from t").fetchall())
+    print(con.execute("select who, count(*) from t group by who order by who").fetchall())
+"""
+
+
+def test_sqlite_connections_of_three_members_serialize_their_transactions(region: Region) -> None:
+    # SQLite's POSIX locks (from C, through the libc layer) on a database opened after the fork
+    # are the host's: each transaction sees the rows the others committed.
+    code, out, err = region.run(SQLITE)
+    assert (code, out) == (0, "statuses [0, 0]\n"), err
+    code, out, err = region.run(SQLITE_READ, name="read.py")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "[(60, 60, 0, 59)]",
+        "[('child0', 20), ('child1', 20), ('parent', 20)]",
+    ], err

@@ -178,8 +178,14 @@ def posix_locks_local(fd: int) -> bool:
     """Whether a POSIX record lock on ``fd`` is granted at once, with no one to ask: on
     everything but a host file (an FS-shield file, whose host file only this enclave opens; a
     socket; the console), no other process can hold one, and within one process POSIX locks
-    never conflict.  (The libc layer's shim grants them itself on the fds clib marks so.)"""
-    return _kind(fd) != iago.FdTable.FILE
+    never conflict.  (The libc layer's shim grants them itself on the fds clib marks so.)
+    A protected file opened once the enclave has forked is shared with the family's other
+    processes: its POSIX locks are the host's (``FsShield.lock_target``)."""
+    kind = _kind(fd)
+    if kind == "vfd":
+        sh = files._vfd(dups.resolve(fd))
+        return sh is None or sh.lock_target(dups.resolve(fd), abi.LOCK_POSIX, fcntl.F_RDLCK) is None
+    return kind != iago.FdTable.FILE
 
 
 def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int, wait: bool) -> None:
