@@ -34,11 +34,13 @@ they exclude each other, and the locks of a member that dies go with its host pr
   member has not changed moves to the newest committed version.
 * **At a fork** every file is committed first (the family starts from one committed state:
   written data is then shared as a kernel's page cache is, never duplicated in two members'
-  memory), and no FSPF change is in flight (the fork holds the shield lock).
+  memory).  The child then starts from what is committed: a change or a write that another
+  lthread had in flight at the fork is the parent's (that lthread does not exist in the child).
 
-A pin that cannot tell the committed tag (the CAS, whose pin has no ``current``) does not
-coordinate: there the family's first process stays the only writer, and a forked child's
-change to a protected file is ``EROFS`` (no commit is ever lost or forked).
+A pin that cannot tell the committed tag (the CAS, whose pin has no ``current``), or a lock
+file that cannot be made, leaves the members uncoordinated: there the family's first process
+stays the only writer, and a forked child's change to a protected file is ``EROFS`` (no
+commit is ever lost or forked).
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ class Family:
         self.floor = shield.fspf.generation
         #: The table may not be the committed one (a change failed around its pin): reload.
         self.stale = False
+        #: The family's lock file could be made: members coordinate (else children do not write).
+        self.lockable = True
         self._depth = 0
 
     # -- what is committed now ------------------------------------------------------------
@@ -144,7 +148,7 @@ class Family:
     @property
     def coordinated(self) -> bool:
         pin = self.sh.pin
-        return self.active and (pin is None or callable(getattr(pin, "current", None)))
+        return self.active and self.lockable and (pin is None or callable(getattr(pin, "current", None)))
 
     def _pinned(self) -> list[str] | None:
         """The tags the pin accepts now (``None``: no pin, the newest copy that opens wins)."""
@@ -243,8 +247,9 @@ class Family:
         if self.child:
             raise OSError(
                 errno.EROFS,
-                "protected files are read-only in a forked child when a CAS pins the FSPF"
-                " (only the family's first process writes them)",
+                "protected files are read-only in a forked child here: the family cannot order its"
+                " commits (a CAS pins the FSPF, or its lock file cannot be made), so only the"
+                " first process writes them",
             )
 
     def committed(self, generation: int) -> None:
@@ -289,31 +294,36 @@ class Family:
 
     def _prepare(self) -> None:
         sh = self.sh
-        sh.lock.acquire()  # no FSPF change across the fork; released on both sides
-        try:
-            sh.commit_all()
-            self.locks.open()
-            for o in sh.opens.values():  # an open's flock is shared across a fork, as natively
-                if o.lock_fd < 0 and o.node.kind != "memory" and o.node.path is not None:
-                    sh._open_lock_fd(o)
-            for node in sh.nodes.values():
-                if isinstance(node.file, ProtectedFile) and isinstance(node.file.store, HostStore):
-                    node.file.store.forget()  # no read of ours in flight across the fork
-        except BaseException:
-            sh.lock.release()
-            raise
+        sh.commit_all()  # (a commit that fails fails the fork)
+        if self.locks.fd < 0 and self.lockable:
+            try:
+                self.locks.open()
+            except OSError as e:
+                self.lockable = False
+                log(f"{self.locks.path}: cannot be made ({e.strerror}): forked children will not write protected files")
+        for o in list(sh.opens.values()):  # an open's flock is shared across a fork, as natively
+            if o.lock_fd < 0 and o.node.kind != "memory" and o.node.path is not None:
+                sh._open_lock_fd(o)
+        for node in sh.nodes.values():
+            if isinstance(node.file, ProtectedFile) and isinstance(node.file.store, HostStore):
+                node.file.store.forget()  # no read of ours in flight across the fork
 
     def _parent(self, pid: int) -> None:
         if pid > 0:
             self.active = True
-        self.sh.lock.release()
 
     def _child(self) -> None:
+        """The fork may have come while another lthread was in an FSPF change or a write (those
+        lthreads are gone here): this process starts from the committed FSPF and files."""
         self.active = self.child = True
-        self.locks.leases.clear()  # (POSIX locks are not inherited; none is held at a fork)
+        self.stale = True  # reload at the first look
+        self.locks.leases.clear()  # (POSIX locks are not inherited)
         sh = self.sh
         sh.lock = RLock()  # its holder and waiters were lthreads of the parent's
         for node in sh.nodes.values():
             node.lock = RLock()
-            if isinstance(node.file, ProtectedFile) and isinstance(node.file.store, HostStore):
-                node.file.store.after_fork()
+            pf = node.file
+            if isinstance(pf, ProtectedFile) and isinstance(pf.store, HostStore):
+                pf.store.after_fork()
+                if pf.dirty:  # written after the fork's commits: the parent's to commit, not ours
+                    node.file = ProtectedFile(pf.entry, pf.store, io_bytes=sh.max_io)
