@@ -168,9 +168,11 @@ UNCOORDINATED = """
     with open(path, "w") as f:
         f.write("committed\\n")
     fd = os.open(path, os.O_RDWR)
+    marker = os.path.join(os.path.dirname(d), "parent-wrote")  # (an unprotected path)
     pid = os.fork()
     if pid == 0:
-        time.sleep(1.0)  # the parent has written (not committed) by now
+        while not os.path.exists(marker):  # until the parent has written (not committed)
+            time.sleep(0.01)
         try:
             os.pwrite(fd, b"child\\n", 0)
             print("child wrote", flush=True)
@@ -178,6 +180,7 @@ UNCOORDINATED = """
             print("child", errno.errorcode[e.errno], e.strerror, flush=True)
         os._exit(0)
     os.pwrite(fd, b"parent\\n", 0)
+    open(marker, "w").close()
     os.waitpid(pid, 0)
     os.close(fd)  # the parent's commit
     print(open(path).read().splitlines())
