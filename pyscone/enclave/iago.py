@@ -637,6 +637,7 @@ VALIDATORS: dict[int, Validator] = {
     Op.FORK: _lane,
     Op.FORK_DONE: _none,
     Op.KILL: _none,
+    Op.FUTIME: _none,
 }
 
 #: Opcodes whose failure carries a resolver (gai) error code as text instead of errno.

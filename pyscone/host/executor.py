@@ -216,11 +216,12 @@ class Executor:
             Op.FORK: self._fork,
             Op.FORK_DONE: self._fork_done,
             Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
+            Op.FUTIME: self._futime,
         }
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
         self._pooled = frozenset(
-            {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME}
+            {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FORK}
             | {
                 Op.FTRUNCATE,
                 Op.PWRITE_SYNC,
@@ -310,6 +311,7 @@ class Executor:
         reqs, region, ep = self.requests, self.region, self._ep
         done: list[int] = []
         spin_until = 0.0
+        next_advice = 0.0
         while not self._stop:
             tail = reqs.peek_tail()
             busy = False
@@ -327,6 +329,9 @@ class Executor:
                 self._publish(done)
                 done = []
             now = time.perf_counter()
+            if now >= next_advice:
+                next_advice = now + 0.05
+                self._advise()
             if busy:
                 spin_until = now + self.spin
                 continue
@@ -352,6 +357,15 @@ class Executor:
                 else:
                     self._on_ready(fd, ev, done)
             spin_until = time.perf_counter() + self.spin
+
+    def _advise(self) -> None:
+        """Spin (both sides) only while the family leaves cores to spin on."""
+        if self.family is None:
+            return
+        self.family.reap()
+        spin = 0.0 if self.family.crowded() else self.spin_max
+        self.spin = spin
+        self.region.set_flag(abi.OFF_SPIN_HINT, int(spin * 1e6) + 1)
 
     def _dispatch(self, sid: int, done: list[int]) -> None:
         if sid >= self.geometry.nslots:
@@ -678,6 +692,13 @@ class Executor:
     def _symlink(self, a: tuple[int, ...], d: bytes) -> Answer:
         target, link = d.split(b"\0", 1)
         os.symlink(_path(target), _path(link))
+        return _OK
+
+    def _futime(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if a[1]:
+            os.utime(a[0], ns=(a[2], a[3]))
+        else:
+            os.utime(a[0])
         return _OK
 
     def _utime(self, a: tuple[int, ...], d: bytes) -> Answer:

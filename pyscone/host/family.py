@@ -36,7 +36,6 @@ import select
 import signal
 import struct
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -46,11 +45,13 @@ if TYPE_CHECKING:
     from pyscone.host.executor import Answer, Executor
 
 _PR_SET_PDEATHSIG = 1
+#: How long a fork waits for a lane that a child which just exited is about to give back.
+_LANE_WAIT_S = 2.0
 _OWNER = struct.Struct("<q")
 #: The header words a lane's next user must find at zero: counters, sleep flags, fatal length.
 _RESET_WORDS = (
     abi.OFF_REQ_TAIL, abi.OFF_REQ_HEAD, abi.OFF_RESP_TAIL, abi.OFF_RESP_HEAD,
-    abi.OFF_HOST_SLEEPING, abi.OFF_ENCLAVE_SLEEPING, abi.OFF_FATAL,
+    abi.OFF_HOST_SLEEPING, abi.OFF_ENCLAVE_SLEEPING, abi.OFF_FATAL, abi.OFF_SPIN_HINT,
 )  # fmt: skip
 
 
@@ -100,18 +101,26 @@ class LanePool:
     def fds(self) -> list[int]:
         return [fd for lane in self.lanes.values() for fd in (lane.region.fd, lane.bell_host, lane.bell_enclave)]
 
-    def take(self) -> Lane | None:
-        """A free lane, now held by this process; ``None`` if every lane is in use."""
-        with self._locked():
-            for index, lane in self.lanes.items():
-                owner = self._owner(index)
-                if owner and _alive(owner):
-                    continue
-                if owner:  # its holder died without freeing it
-                    lane.reset()
-                self._set_owner(index, os.getpid())
-                return lane
-        return None
+    def take(self, wait: float = 0.0) -> Lane | None:
+        """A free lane, now held by this process; ``None`` if every lane stays in use for ``wait`` s.
+
+        (A lane comes back a moment after its child exits, when its server has seen the exit:
+        a parent that forks and reaps in a loop may be that moment ahead of it.)
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            with self._locked():
+                for index, lane in self.lanes.items():
+                    owner = self._owner(index)
+                    if owner and _alive(owner):
+                        continue
+                    if owner:  # its holder died without freeing it
+                        lane.reset()
+                    self._set_owner(index, os.getpid())
+                    return lane
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.001)
 
     def hold(self, lane: Lane) -> None:
         """This process (the lane's server, just forked) holds ``lane`` from now on."""
@@ -124,8 +133,8 @@ class LanePool:
             self._set_owner(lane.index, 0)
 
     def in_use(self) -> int:
-        with self._locked():
-            return sum(1 for index in self.lanes if (o := self._owner(index)) and _alive(o))
+        """How many lanes a live process holds (read without the lock: for advice only)."""
+        return sum(1 for index in self.lanes if (o := self._owner(index)) and _alive(o))
 
     def close(self) -> None:
         for lane in self.lanes.values():
@@ -172,10 +181,16 @@ class HostFamily:
 
     def __init__(self, pool: LanePool) -> None:
         self.pool = pool
+        self.cpus = os.cpu_count() or 1
         self._pending: dict[int, int] = {}  # lane -> write end of the pipe that carries the child's pid
+        self._copies: set[int] = set()  # forked copies of this host process, not yet reaped
+
+    def crowded(self) -> bool:
+        """Whether the family's enclaves and their hosts outnumber the cores (then nobody should spin)."""
+        return 2 * (1 + self.pool.in_use()) > self.cpus
 
     def fork(self, ex: Executor) -> Answer:
-        lane = self.pool.take()
+        lane = self.pool.take(wait=_LANE_WAIT_S)
         if lane is None:
             return (-1, errno.EAGAIN, b"")
         r, w = os.pipe()
@@ -200,9 +215,19 @@ class HostFamily:
                 os._exit(code)
         os.close(r)
         self._pending[lane.index] = w
-        # Reap the copy when it is done (it exits when the child enclave has).
-        threading.Thread(target=_reap, args=(pid,), name=f"pyscone-reap-{pid}", daemon=True).start()
+        self._copies.add(pid)  # reaped by reap() when done (it exits when the child enclave has)
         return (lane.index, 0, b"")
+
+    def reap(self) -> None:
+        """Reap the copies of this host process that are done (the dispatcher calls it now and then;
+        a thread per fork would cost the fork itself a thread start)."""
+        for pid in list(self._copies):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._copies.discard(pid)
 
     def fork_done(self, lane: int, pid: int) -> Answer:
         w = self._pending.pop(lane, None)
@@ -226,16 +251,21 @@ class HostFamily:
         for w in self._pending.values():  # the parent's other forks in progress are its own
             os.close(w)
         self._pending = {}
+        self._copies = set()
         from pyscone.host.executor import Executor
 
-        ex = Executor.forked_from(parent, lane.region, lane.bell_host, lane.bell_enclave)
-        ex.family = self
-        ex.start()
+        # The parent's answer and the enclave's own fork come first; the child's calls wait in
+        # its ring for the moment this copy takes to start serving them.
         raw = os.read(pid_pipe, _OWNER.size)
         os.close(pid_pipe)
         pid = _OWNER.unpack(raw)[0] if len(raw) == _OWNER.size else -1
-        if pid > 0:
-            _wait_exit(pid)
+        if pid <= 0:  # the enclave's fork failed
+            self.pool.free(lane)
+            return
+        ex = Executor.forked_from(parent, lane.region, lane.bell_host, lane.bell_enclave)
+        ex.family = self
+        ex.start()
+        _wait_exit(pid)
         ex.stop()
         reason = lane.region.read_fatal()
         if reason:
@@ -253,13 +283,6 @@ def _wait_exit(pid: int) -> None:
         select.select([fd], [], [])
     finally:
         os.close(fd)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 def _reap_children(*, deadline: float) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.shields import net
+from pyscone.enclave.shields import famchan, net
 from pyscone.enclave.stdlib import dups, interpose, pipes
 
 LISTEN_BACKLOG_FLOOR = 128
@@ -99,6 +99,7 @@ class EnclaveSocket(_StdSocket):
         self._proto = proto
         self._timeout: float | None = timeout
         self._sockname: Any = None
+        self._listening = False
         if fileno is None or timeout is not None:
             # As CPython: a socket made on an existing fd leaves its O_NONBLOCK alone unless
             # a default timeout is set (the fd may be a dup whose flag another socket relies on).
@@ -212,6 +213,7 @@ class EnclaveSocket(_StdSocket):
         # a burst (the kernel drops handshakes and clients retry for seconds).  The backlog is
         # a hint the kernel caps anyway; a larger one changes no behaviour an app relies on.
         _call(Op.LISTEN, (self._live(), max(backlog, LISTEN_BACKLOG_FLOOR)))
+        self._listening = True
 
     def _accept(self) -> tuple[int, Any]:
         _fd, (newfd, addr, _local) = self._io(Op.ACCEPT, (self._live(),))
@@ -262,6 +264,8 @@ class EnclaveSocket(_StdSocket):
         conn = net.conn(h)
         if conn is not None:
             return conn.send(self._shield_io(h, flags), bytes(view))
+        if h in famchan.sealed:
+            return famchan.sock_send(h, view, self._shield_io(h, flags).timeout)
         n, _ = self._io(Op.SEND, (h, flags), bytes(view))
         return n
 
@@ -291,6 +295,9 @@ class EnclaveSocket(_StdSocket):
         conn = net.conn(h)
         if conn is not None:
             return conn.recv(self._shield_io(h, flags), min(bufsize, _slot_data), bool(flags & _MSG_PEEK))
+        if h in famchan.sealed:
+            t = self._shield_io(h, flags).timeout
+            return famchan.sock_recv(h, min(bufsize, _slot_data), t, bool(flags & _MSG_PEEK))
         _, data = self._io(Op.RECV, (h, min(bufsize, _slot_data), flags))
         return bytes(data)
 
@@ -342,7 +349,10 @@ class EnclaveSocket(_StdSocket):
     def getsockname(self) -> Any:
         if self._sockname is not None and self._fd >= 0:
             return self._sockname
-        return _call(Op.GETSOCKNAME, (self._live(),))[1]
+        name = _call(Op.GETSOCKNAME, (self._live(),))[1]
+        if self._listening:  # nor does a listening one's (gunicorn asks it once per request)
+            self._sockname = name
+        return name
 
     def getpeername(self) -> Any:
         return _call(Op.GETPEERNAME, (self._live(),))[1]
@@ -455,6 +465,8 @@ def socketpair(
     proto: int = 0,
 ) -> tuple[EnclaveSocket, EnclaveSocket]:
     _, (fd1, fd2) = _call(Op.SOCKETPAIR, (family, type & ~_SOCK_FLAGS, proto))
+    if family == socket.AF_UNIX and type & ~_SOCK_FLAGS == socket.SOCK_STREAM:
+        famchan.note_pair(fd1, fd2)  # sealed if it is still open when the enclave forks
     return (EnclaveSocket(family, type, proto, fileno=fd1), EnclaveSocket(family, type, proto, fileno=fd2))
 
 
@@ -561,6 +573,12 @@ def _poll_handles(fds: list[tuple[int, int]], timeout: float | None) -> list[tup
 
 
 def _host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
+    if famchan.sealed and any(h in famchan.sealed for h, _ in fds):
+        return famchan.poll(fds, timeout, _net_poll)
+    return _net_poll(fds, timeout)
+
+
+def _net_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     shield = net.shield()
     if shield is not None and shield.conns and any(h in shield.conns for h, _ in fds):
         return net.poll(shield, fds, timeout, _raw_host_poll, lambda h: net.HostIO(h, 0.0), time.monotonic)
