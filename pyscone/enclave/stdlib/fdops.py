@@ -17,15 +17,16 @@ calling lthread, so an app waiting on a lock never holds an S-thread.  (Linux's
 deadlock detection for ``F_SETLKW`` is lost; a lying host can only refuse a lock
 or grant one it does not hold, which is the unprotected-I/O trust "outcome".)
 
-Locks on the FS shield's files (virtual fds, protected or memory regions) stay in
-the enclave, but for a protected file's ``flock`` (the host's, on an fd of the open's own,
-so that the processes of a family exclude each other: ``FsShield.lock_target``), and, once
-the enclave has forked, its POSIX locks.  Their host files are sealed, so no other process can use them, and
-only one enclave process exists: POSIX record locks (``lockf``, ``F_SETLK``)
-never conflict within one process, so they are granted at once, exactly as Linux
-would; ``flock`` locks belong to an open file, so two opens of the same file in
-the enclave do conflict, and a table here (:class:`_FlockTable`) decides.  A
-socket or the console has no one to conflict with: locks on them are granted.
+Locks on the FS shield's files (virtual fds, protected or memory regions) are the
+enclave's while it is one process: their host files are sealed, so no other process can
+use them.  POSIX record locks (``lockf``, ``F_SETLK``) never conflict within one process,
+so they are granted at once, exactly as Linux would.  A protected file's ``flock`` is the
+host's, on a host fd of the open's own (``FsShield.lock_target``): one open file
+description per open, as in Linux, so two opens conflict, and so do the processes of a
+family; a memory file's (or directory's) flocks are kept in a table here
+(:class:`_FlockTable`).  Once the enclave has forked, a protected file's POSIX locks are
+the host's too (its host file is then shared by the family).  A socket or the console has
+no one to conflict with: locks on them are granted.
 
 A dup (``dups``) shares what Linux's open file description holds: ``O_NONBLOCK``
 and the status flags, and locks, are the handle's; ``FD_CLOEXEC`` is the number's.
