@@ -24,7 +24,8 @@ they exclude each other, and the locks of a member that dies go with its host pr
   safe for one writer; two members writing one file at once would fill the same free slots.
   So a member's first change to a file after its last commit takes the file's *lease* (a
   write lock on one byte at an offset drawn from its file id), held until the file is
-  committed; a write by another member meanwhile is ``EBUSY``.  Having the lease, the
+  committed; a write by another member meanwhile waits for it a second at most, then is
+  ``EBUSY``.  Having the lease, the
   member reloads the FSPF if it moved, so it writes on the newest committed version.
   Writers that take turns with ``flock``/``fcntl`` locks, as a shared file is written
   natively, never meet ``EBUSY``: in a family, unlocking a protected file commits it first.
@@ -71,6 +72,8 @@ LOCK_SUFFIX = ".lock"
 _COMMIT = 0  # the commit lock's byte
 _LEASES = 1 << 16  # a file's lease byte is this plus 48 bits of its file id
 _RETRY_FIRST, _RETRY_MAX = 0.0002, 0.02
+#: How long a write waits for another member's lease on its file before it is EBUSY.
+LEASE_PATIENCE = 1.0
 
 
 def lock_path(fspf_path: str) -> str:
@@ -113,11 +116,18 @@ class Locks:
         finally:
             self._try(fcntl.F_UNLCK, _COMMIT)
 
-    def lease(self, file_id: bytes) -> bool:
+    def lease(self, file_id: bytes, patience: float) -> bool:
+        """Take the file's lease, waiting up to ``patience`` seconds for its holder to commit
+        (or for a dead holder's host process to be gone)."""
         if file_id in self.leases:
             return True
-        if not self._try(fcntl.F_WRLCK, _lease_byte(file_id)):
-            return False
+        delay, waited = _RETRY_FIRST, 0.0
+        while not self._try(fcntl.F_WRLCK, _lease_byte(file_id)):
+            if waited >= patience:
+                return False
+            scheduler.get().sleep(delay)
+            waited += delay
+            delay = min(2 * delay, _RETRY_MAX)
         self.leases.add(file_id)
         return True
 
@@ -270,7 +280,7 @@ class Family:
         fid = pf.key.file_id
         if fid in self.locks.leases:
             return
-        if not self.locks.lease(fid):
+        if not self.locks.lease(fid, LEASE_PATIENCE):
             raise OSError(
                 errno.EBUSY,
                 "another process of this family has uncommitted writes to this protected file"
