@@ -25,8 +25,8 @@ they exclude each other, and the locks of a member that dies go with its host pr
   So a member's first change to a file after its last commit takes the file's *lease* (a
   write lock on one byte at an offset drawn from its file id), held until the file is
   committed; a write by another member meanwhile waits for it a second at most, then is
-  ``EBUSY``.  Having the lease, the
-  member reloads the FSPF if it moved, so it writes on the newest committed version.
+  ``EBUSY``.  Having the lease, the member reloads the FSPF if it moved, so it writes on
+  the newest committed version.
   Writers that take turns with ``flock``/``fcntl`` locks, as a shared file is written
   natively, never meet ``EBUSY``: in a family, unlocking a protected file commits it first.
 * **Readers see commits at open** (close-to-open consistency, as NFS): an open, a stat, a
