@@ -186,3 +186,41 @@ def test_queues_pools_executor_and_manager_as_natively(tmp_path: Path, what: str
     r = run_enclave(app, what, cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout == native.stdout
+
+
+def test_a_fork_while_an_lthread_waits_for_a_lock_leaves_the_wait_to_the_parent(tmp_path: Path) -> None:
+    # The waiting acquire is the parent's (its host thread is not in the child's host); the child,
+    # forked meanwhile, uses the same lock's semaphore and another, and the wait ends on release.
+    out = _lines(
+        tmp_path,
+        WATCHDOG
+        + """
+import multiprocessing as mp, threading, time
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    lock, sem = ctx.Lock(), ctx.Semaphore(0)
+    lock.acquire()
+    got = []
+    t = threading.Thread(target=lambda: got.append(lock.acquire(timeout=20)))
+    t.start()
+    time.sleep(0.2)  # it waits on the host now
+    def child():
+        print("child sees the lock taken", not lock.acquire(timeout=0.1), flush=True)
+        sem.release()
+    p = ctx.Process(target=child)
+    p.start()
+    print("parent got the child's release", sem.acquire(timeout=10), flush=True)
+    p.join(10)
+    print("waiting still", got, p.exitcode, flush=True)
+    lock.release()
+    t.join(10)
+    print("then", got)
+""",
+    )
+    assert out == [
+        "child sees the lock taken True",
+        "parent got the child's release True",
+        "waiting still [] 0",
+        "then [True]",
+    ]
