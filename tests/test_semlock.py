@@ -136,7 +136,8 @@ ERRORS = """
     p("rebuilt", a._get_value(), a.acquire(False), other._get_value())
     same = SL._rebuild(a.handle, 1, 1, None)  # the handle as it is (this process, or a forked child)
     same.release()
-    p("by handle", a._get_value())
+    del same  # (the handle stays its maker's)
+    p("by handle", a._get_value(), a.acquire(False), a._get_value())
     _mp.sem_unlink(name)
     for bad in [name, 5]:
         try:

@@ -90,13 +90,14 @@ class SemLock:
 
     SEM_VALUE_MAX = SEM_VALUE_MAX
 
-    __slots__ = ("__weakref__", "_count_", "_handle", "_kind", "_maxvalue", "_name", "_owner")
+    __slots__ = ("__weakref__", "_closes", "_count_", "_handle", "_kind", "_maxvalue", "_name", "_owner")
     _handle: int
     _kind: int
     _maxvalue: int
     _name: str | None
     _count_: int
     _owner: tuple[bytes, int] | None
+    _closes: bool
 
     def __init__(self, kind: int, value: int, maxvalue: int, name: str, unlink: int) -> None:
         kind, value, maxvalue = _c_int(kind), _c_int(value), _c_int(maxvalue)
@@ -108,7 +109,8 @@ class SemLock:
         handle = _call(Op.SEM_NEW, (value, maxvalue, int(bool(unlink))), raw)
         self._setup(handle, kind, maxvalue, None if unlink else name)
 
-    def _setup(self, handle: int, kind: int, maxvalue: int, name: str | None) -> None:
+    def _setup(self, handle: int, kind: int, maxvalue: int, name: str | None, *, closes: bool = True) -> None:
+        self._closes = closes  # (a SemLock rebuilt from a handle shares it: closing is its maker's)
         self._handle = handle
         self._kind = kind
         self._maxvalue = maxvalue
@@ -129,7 +131,7 @@ class SemLock:
         elif handle < 1:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         self = cls.__new__(cls)
-        self._setup(handle, kind, maxvalue, name)
+        self._setup(handle, kind, maxvalue, name, closes=name is not None)
         return self
 
     # -- the lock ------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class SemLock:
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", 0)
-        if handle:
+        if handle and self._closes:
             try:  # (a finalizer must not switch lthreads: the close goes out with the next call)
                 scheduler.get().defer(Op.SEM_CLOSE, (handle,))
             except Exception:  # noqa: BLE001 - at shutdown there may be no scheduler left
