@@ -413,6 +413,18 @@ def _lock(w: World, draw: Draw, op: int) -> Request:
     return Request(op, (fd, family, kind, _pick(draw, [0, 10]), _pick(draw, [0, 5]), os.SEEK_SET))
 
 
+@scenario(Op.FORK, Op.FORK_DONE, Op.KILL, Op.FUTIME)
+def _process(w: World, draw: Draw, op: int) -> Request:
+    # (The fuzz's host has no family: FORK and FORK_DONE are refused honestly; lies are still drawn.)
+    if op == Op.FORK:
+        return Request(op, ())
+    if op == Op.FORK_DONE:
+        return Request(op, (_pick(draw, [1, 3]), _pick(draw, [-1, 12345])))
+    if op == Op.KILL:  # signal 0: is it there (this process, or one that is not)
+        return Request(op, (_pick(draw, [os.getpid(), 2**22 + 17]), 0))
+    return Request(op, (_file_fd(w, draw), *_pick(draw, [(0, 0, 0), (1, 10**18, 2 * 10**18)])))
+
+
 @scenario(Op.SEM_NEW, Op.SEM_OPEN, Op.SEM_ACQUIRE, Op.SEM_RELEASE, Op.SEM_VALUE, Op.SEM_CLOSE, Op.SEM_UNLINK)
 def _semaphore(w: World, draw: Draw, op: int) -> Request:
     if op == Op.SEM_NEW:  # (unlinked at once, or a name in use: EEXIST)
