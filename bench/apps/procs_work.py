@@ -59,7 +59,28 @@ def _sem_pingpong(count: int) -> float:
     return seconds
 
 
+def _fork_wait(count: int, heap_mb: int) -> float:
+    """fork + exit + wait, with a heap whose every page is written first (a loaded app's worker)."""
+    import os
+
+    heap = bytearray(heap_mb << 20)
+    for i in range(0, len(heap), 4096):
+        heap[i] = 1
+    for _ in range(3 + count):
+        if _ == 3:
+            start = time.perf_counter()  # (after a warm-up: the first forks touch what the runtime had not)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            raise SystemExit(f"error: a child exited with status {status}")
+    return time.perf_counter() - start
+
+
 CASES: dict[str, Callable[[int], float]] = {
+    # os.fork() + os._exit(0) in the child + os.waitpid in the parent, with a 100 MB heap
+    "fork-100mb": lambda n: _fork_wait(n, 100),
     # multiprocessing.Pool(2).map of small CPU tasks, multiprocessing's own chunking (a few chunks)
     "pool-map": lambda n: _pool_map(n, None),
     # the same, one task per message: every task is a pickle through the pipes and two lock turns
