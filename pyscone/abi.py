@@ -138,7 +138,18 @@ class Op(enum.IntEnum):
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
     # -- processes (60-69: fork, wait, kill), semaphores (70-79), spawn (80-89), family pipes (90-99) --
+    # spawn (80-89): a fresh child enclave of the same runtime (host/spawn.py, enclave/stdlib/spawn.py).
+    # data = SPAWN_FD pairs (child fd, host fd; host fd -1: the host's own) -> pid, data=i32 channel fd
+    # (a new AF_UNIX stream socket to the child, for the attested channel: enclave/spawnchan.py).
+    SPAWN = 80
+    # a0=pid a1=options (os.WNOHANG) -> pid (0: still running, with WNOHANG), data=i32 wait status.
+    # Only for a pid SPAWN answered; FLAG_WAIT parks it on the host's reactor until the child exits.
+    SPAWN_WAIT = 81
+    SPAWN_KILL = 82  # a0=pid a1=signal (only for a pid SPAWN answered and not yet reaped)
 
+
+#: ``Op.SPAWN``'s request: (child fd, host fd) pairs.
+SPAWN_FD = struct.Struct("<ii")
 
 #: ``Op.LOCK`` a1: which lock family.
 LOCK_FLOCK, LOCK_POSIX = 0, 1

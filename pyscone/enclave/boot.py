@@ -139,9 +139,10 @@ def main() -> None:
     if app_path is not None:  # the runtime's imports are done: from here on sys.path is the app's
         sys.path[:] = app_path
     threads.install()
-    if cfg.get("cas"):
+    if cfg.get("cas") or cfg.get("spawn_channel") is not None:
         # Nothing path-like comes from the host in CAS mode: the working directory, the
-        # program and sys.path[0] are the policy's, set once the enclave has attested.
+        # program and sys.path[0] are the policy's, set once the enclave has attested
+        # (a spawned child's: its parent's, over the attested channel).
         cfg["host_cwd"] = cfg["cwd"]
         cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
     else:
@@ -374,6 +375,7 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     cfg["bytecode_key"] = config.get("bytecode_key")  # the CAS's, never the host's
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
+    cfg["console"] = config.get("console")  # (a spawned child gets it from this enclave)
     if config.get("console"):
         return _console_on(config["console"], cfg["slot_data"])
     return None
@@ -535,9 +537,15 @@ class TagFile:
 def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
     import types
 
+    from pyscone.enclave import spawnchan
     from pyscone.enclave.stdlib import files
 
-    error = _attest(cfg) if cfg.get("cas") else None
+    if cfg.get("spawn_channel") is not None:  # a spawned child: from its parent, never the host or the CAS
+        error = spawnchan.from_parent(cfg)
+        if error is None and cfg.get("console"):
+            error = _console_on(cfg["console"], cfg["slot_data"])
+    else:
+        error = _attest(cfg) if cfg.get("cas") else None
     argv: list[str] = cfg["argv"]
     sys.argv = list(argv)
     if error is None:
@@ -549,10 +557,11 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
         error = _inject(cfg["files"])
     if error is None and cfg.get("network"):
         error = _shield_network(cfg["network"])
-    if error is None and cfg.get("cas"):
+    if error is None and (cfg.get("cas") or cfg.get("spawn_channel") is not None):
         error = _enter(cfg)
     if error is None:
         _use_bytecode_cache(cfg)
+        spawnchan.remember(cfg)  # what this enclave gives the children it spawns
     if error is not None:
         print(f"pyscone: {error}", file=sys.stderr, flush=True)
         status[0] = 70

@@ -48,6 +48,7 @@ from pyscone import abi, rings
 from pyscone.abi import Op
 from pyscone.host import hostile as hostile_mod
 from pyscone.host.hostile import Hostile, Liar
+from pyscone.host.spawn import SpawnHost
 
 Answer = tuple[int, int, bytes]
 _OK: Answer = (0, 0, b"")
@@ -158,6 +159,7 @@ class Executor:
         ]
         self._thread = threading.Thread(target=self._dispatch_main, name="pyscone-dispatcher", daemon=True)
         self.hostile: Liar | None = hostile_mod.load(hostile) if isinstance(hostile, str) else hostile
+        self.spawner = SpawnHost(self)  # fresh child enclaves (host/spawn.py): off until configured
         self._handlers: dict[int, Callable[[tuple[int, ...], bytes], Answer]] = {
             Op.NOP: lambda a, d: _OK,
             Op.OPEN: self._open,
@@ -205,6 +207,9 @@ class Executor:
             Op.GETHOSTNAME: lambda a, d: (0, 0, socket.gethostname().encode()),
             Op.GETNAMEINFO: self._getnameinfo,
             Op.POLL: self._poll,
+            Op.SPAWN: self.spawner.spawn,
+            Op.SPAWN_WAIT: self.spawner.wait,
+            Op.SPAWN_KILL: self.spawner.kill,
         }
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
@@ -220,6 +225,7 @@ class Executor:
                 Op.SYMLINK,
                 Op.GETADDRINFO,
                 Op.GETNAMEINFO,
+                Op.SPAWN,
             }
         )
         if not self._pool:  # one S-thread: the dispatcher does everything
@@ -655,6 +661,13 @@ class Executor:
         return _OK
 
     # -- sockets ---------------------------------------------------------------------------
+
+    def adopt_inherited(self, fd: int) -> None:
+        """Serve a host fd this process inherited (a spawned enclave's channel and passed fds)."""
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            self._adopt(socket.socket(fileno=fd))
+        else:
+            self._files.add(fd)
 
     def _sock(self, fd: int) -> socket.socket:
         s = self._socks.get(fd)

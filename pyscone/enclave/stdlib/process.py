@@ -25,7 +25,7 @@ import time
 from typing import Any, NoReturn
 
 from pyscone.enclave import scheduler
-from pyscone.enclave.stdlib import interpose
+from pyscone.enclave.stdlib import interpose, spawn
 
 _REFUSED_OS = (
     "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
@@ -41,11 +41,6 @@ def _refuser(what: str) -> Any:
 
     refused.__name__ = what.rpartition(".")[2]
     return refused
-
-
-class _RefusedPopen:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSYS, "subprocess is not supported inside a pyscone enclave")
 
 
 def sleep(seconds: float) -> None:
@@ -153,13 +148,10 @@ _real_getsignal = signal.getsignal
 
 
 def install(cpu_count: int) -> None:
-    import subprocess
-
     for name in _REFUSED_OS:
         if hasattr(os, name):
             interpose(os, **{name: _refuser(f"os.{name}")})
     interpose(os, cpu_count=lambda: cpu_count)
-    interpose(subprocess, Popen=_RefusedPopen)
     try:
         _multiprocessing: Any = importlib.import_module("_multiprocessing")
     except ImportError:
@@ -177,8 +169,9 @@ def install(cpu_count: int) -> None:
                 )
 
         interpose(_multiprocessing, SemLock=SemLock)
-    for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        interpose(subprocess, **{name: _refuser(f"subprocess.{name}")})
+    # subprocess and multiprocessing's spawn start a fresh enclave for Python, refuse anything else
+    # (stdlib/spawn.py: under fork_exec, and os.waitpid/wait/kill of the children it started).
+    spawn.install()
     interpose(time, sleep=sleep)
     _app_handlers[signal.SIGINT] = signal.default_int_handler
     _real_signal(signal.SIGINT, _dispatch)

@@ -37,10 +37,10 @@ def _names(text: str) -> frozenset[str]:
 INTERPOSED: dict[str, frozenset[str]] = {
     "os": _names("""
         DirEntry access chdir chmod close cpu_count dup dup2 eventfd_read eventfd_write fdatasync fstat fstatvfs
-        fsync ftruncate get_blocking get_inheritable getcwd getcwdb getxattr isatty listdir listxattr lockf lseek
+        fsync ftruncate get_blocking get_inheritable getcwd getcwdb getxattr isatty kill listdir listxattr lockf lseek
         lstat mkdir open pipe pipe2 pread pwrite read readlink remove removexattr rename replace rmdir scandir
         sched_getaffinity set_blocking set_inheritable setxattr stat statvfs symlink sysconf times truncate umask
-        unlink utime write
+        unlink utime wait waitpid write
     """),
     "fcntl": _names("fcntl flock ioctl lockf"),
     "select": _names("epoll poll select"),
@@ -55,14 +55,14 @@ REFUSED: dict[str, frozenset[str]] = {
     "os": _names("""
         chown chroot closerange copy_file_range eventfd execl execle execlp execlpe
         execv execve execvp execvpe fchdir fchmod fchown fork forkpty fwalk get_terminal_size getgrouplist
-        getgroups getloadavg getlogin getpgid getpgrp getpriority getresgid getresuid getsid initgroups kill
+        getgroups getloadavg getlogin getpgid getpgrp getpriority getresgid getresuid getsid initgroups
         killpg lchown link login_tty pathconf fpathconf memfd_create mkfifo mknod nice openpty pidfd_open popen
         posix_fallocate
         posix_fadvise posix_spawn posix_spawnp preadv pwritev readv sched_get_priority_max sched_get_priority_min
         sched_getparam sched_getscheduler sched_rr_get_interval sched_setaffinity sched_setparam
         sched_setscheduler sendfile setegid seteuid setgid setgroups setpgid setpgrp setpriority setregid
         setresgid setresuid setreuid setsid setuid spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp
-        spawnvpe splice sync system tcgetpgrp tcsetpgrp ttyname wait wait3 wait4 waitid waitpid writev
+        spawnvpe splice sync system tcgetpgrp tcsetpgrp ttyname wait3 wait4 waitid writev
     """),
     "fcntl": frozenset(),
     "select": frozenset(),

@@ -1,0 +1,209 @@
+"""The attested channel between a parent enclave and the fresh child it spawned (TRUSTED).
+
+The messages and the checks are ``protect/spawnproto.py`` (sans-IO); this module
+runs them over the channel socket the host made (``Op.SPAWN``), on both sides:
+
+* the parent (:func:`give`, called by ``enclave/stdlib/spawn.py`` before its
+  ``Popen`` returns): hello, check the child's evidence, send the sealed
+  configuration, wait for the sealed acknowledgement;
+* the child (:func:`from_parent`, called by boot where a CAS-mode enclave attests):
+  answer the hello with its evidence, open the configuration, acknowledge, and
+  apply it exactly where boot applies the CAS's.
+
+What the parent gives (:func:`child_config`) is the child's argv, env and cwd (from
+the app's ``Popen`` call) and the parent's own secrets and shields: the FSPF (path,
+key, the parent's current tag as the only one accepted, its tag file), the network
+shield's rules, the console key, the bytecode cache, the family key; and which of its
+host fds the child holds at which number, with what the parent knows about each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from pyscone.enclave import attest, family, iago
+from pyscone.platform import quote
+from pyscone.protect import spawnproto
+from pyscone.protect.spawnproto import ChannelError
+
+#: How long either side waits for the other's next message (a child boots in about a second).
+TIMEOUT = 120.0
+#: Platform keys whose quotes a child must bring (``None``: a bare report will do; dev mode).
+trusted_platforms: dict[bytes, Any] | None = None
+
+_own: dict[str, Any] = {}
+
+
+def remember(cfg: dict[str, Any]) -> None:
+    """At boot, once the app's configuration is final: what this enclave gives its children."""
+    _own.clear()
+    _own.update(cfg)
+
+
+def _sock(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)  # the enclave's socket (interposed): host calls on fd
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def _recv(sock: socket.socket, deframer: spawnproto.Deframer, what: str) -> bytes:
+    while (msg := deframer.next()) is None:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            raise ChannelError(f"no {what} within {TIMEOUT:.0f} s") from None
+        except OSError as e:
+            raise ChannelError(f"the channel failed before the {what}: {e.strerror or e}") from None
+        if not data:
+            raise ChannelError(f"the channel closed before the {what}")
+        deframer.feed(data)
+    return msg
+
+
+def _send(sock: socket.socket, msg: bytes) -> None:
+    try:
+        sock.sendall(spawnproto.frame(msg))
+    except OSError as e:
+        raise ChannelError(f"the channel failed: {e.strerror or e}") from None
+
+
+def _my_report(data: bytes) -> quote.Report | None:
+    return attest.my_report(data) if attest.identity is not None else None
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+
+def child_config(argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[list[int | str]]) -> bytes:
+    """The child's whole configuration, as the parent gives it (JSON)."""
+    if not family.key:
+        family.start()
+    fspf = _own.get("fspf")
+    given_fspf = None
+    if fspf:
+        from pyscone.enclave.shields import fs
+
+        shield = fs.shield()
+        tags = [shield.tag] if shield is not None else fspf.get("tags")
+        given_fspf = {"path": fspf["path"], "key": fspf["key"], "tags": tags, "tag_file": fspf.get("tag_file")}
+    cache = _own.get("bytecode_cache") or {}
+    key = _own.get("bytecode_key") if _own.get("cas") else cache.get("key")
+    doc = {
+        **argv,
+        "env": env,
+        "cwd": cwd,
+        "family_key": family.key.hex(),
+        "fspf": given_fspf,
+        "network": _own.get("network"),
+        "console": _own.get("console"),
+        "bytecode_cache": {"dir": cache["dir"], "key": key} if cache.get("dir") and key else None,
+        "fds": fds,
+    }
+    return json.dumps(doc).encode()
+
+
+def give(fd: int, config: bytes) -> None:
+    """Run the parent's side on the channel ``fd``: the child gets ``config`` only if it proves it is us.
+
+    Raises:
+        ChannelError: the child is not this enclave's runtime, or the channel was tampered
+            with; the child got nothing.
+    """
+    sock = _sock(fd)
+    try:
+        private, hello = spawnproto.hello(quote_required=trusted_platforms is not None)
+        hello_msg = hello.pack()
+        _send(sock, hello_msg)
+        deframer = spawnproto.Deframer()
+        evidence_msg = _recv(sock, deframer, "evidence from the child")
+        evidence = spawnproto.Evidence.unpack(evidence_msg)
+        spawnproto.check_evidence(hello_msg, evidence, _my_report(bytes(64)), trusted_platforms)
+        key = spawnproto.derive(private, evidence.child_key, hello_msg, evidence_msg)
+        _send(sock, spawnproto.seal_config(key, config))
+        spawnproto.check_ready(key, _recv(sock, deframer, "acknowledgement from the child"))
+    finally:
+        sock.close()
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+def receive(fd: int, las: str | None) -> dict[str, Any]:
+    """Run the child's side on the channel ``fd``; return the parent's configuration.
+
+    Raises:
+        ChannelError: the hello or the configuration is not from our parent's channel.
+    """
+    iago.fds.adopt(fd, iago.FdTable.SOCKET, socket.AF_UNIX, type=socket.SOCK_STREAM)
+    sock = _sock(fd)
+    try:
+        deframer = spawnproto.Deframer()
+        hello_msg = _recv(sock, deframer, "hello from the parent")
+        hello = spawnproto.Hello.unpack(hello_msg)
+        private, public = spawnproto.new_key()
+        report = _my_report(spawnproto.report_data(public, hello_msg))
+        if report is None:
+            evidence = spawnproto.Evidence(public, spawnproto.UNMEASURED, b"")
+        elif hello.quote_required:
+            host, _, port = (las or "").rpartition(":")
+            if not port.isdigit():
+                raise ChannelError("the parent wants a platform quote and this enclave knows no LAS")
+            try:
+                blob = attest.request_quote((host, int(port)), report)
+            except attest.AttestationError as e:
+                raise ChannelError(str(e)) from None
+            evidence = spawnproto.Evidence(public, spawnproto.QUOTE, blob)
+        else:
+            evidence = spawnproto.Evidence(public, spawnproto.REPORT, report.pack())
+        evidence_msg = evidence.pack()
+        _send(sock, evidence_msg)
+        key = spawnproto.derive(private, hello.parent_key, hello_msg, evidence_msg)
+        config = spawnproto.open_config(key, _recv(sock, deframer, "configuration from the parent"))
+        _send(sock, spawnproto.seal_ready(key))
+    finally:
+        sock.close()
+    try:
+        doc = json.loads(config)
+    except ValueError:
+        raise ChannelError("the parent's configuration is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ChannelError("the parent's configuration is not an object")
+    return doc
+
+
+def from_parent(cfg: dict[str, Any]) -> str | None:
+    """Boot of a spawned child: take the configuration from the parent.  Returns an error."""
+    try:
+        doc = receive(int(cfg["spawn_channel"]), cfg.get("las"))
+        _apply(cfg, doc)
+    except ChannelError as e:
+        return f"spawned child: {e}; it gets nothing from its parent and does not run"
+    except (KeyError, TypeError, ValueError) as e:
+        return f"spawned child: the parent's configuration is malformed ({type(e).__name__}: {e})"
+    return None
+
+
+def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
+    cfg["command"] = doc.get("command")
+    cfg["module"] = bool(doc.get("module"))
+    cfg["argv"] = [str(a) for a in doc["argv"]]
+    cwd = doc["cwd"]
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise ValueError("no absolute working directory")
+    cfg["cwd"] = os.path.normpath(cwd)
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in doc["env"].items()})
+    family.start(bytes.fromhex(doc["family_key"]))
+    cfg["fspf"] = doc.get("fspf")
+    cfg["network"] = doc.get("network")
+    cfg["console"] = doc.get("console")
+    cfg["bytecode_cache"] = doc.get("bytecode_cache")
+    if cfg["bytecode_cache"] and cfg.get("cas"):
+        cfg["bytecode_key"] = cfg["bytecode_cache"]["key"]
+    for n, kind, fam, typ, proto, flags in doc["fds"]:
+        if kind not in (iago.FdTable.FILE, iago.FdTable.SOCKET):
+            raise ValueError(f"fd {n} of kind {kind}")
+        iago.fds.adopt(int(n), str(kind), int(fam), type=int(typ), proto=int(proto), flags=int(flags))
