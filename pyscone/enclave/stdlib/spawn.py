@@ -48,6 +48,7 @@ _IGNORED_FLAGS = frozenset("IEsSBuqbdvR")
 _WITH_ARGUMENT = frozenset("WX")
 
 _spawned: set[int] = set()
+_reaped: set[int] = set()  # spawned and waited for: no child of ours any more (ECHILD)
 _real_waitpid: Any = None
 _real_kill: Any = None
 _self_real = ""
@@ -157,6 +158,7 @@ def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cw
         raise OSError(err, f"the host cannot start a child enclave: {os.strerror(err)}")
     pid, channel = value
     _spawned.add(pid)
+    _reaped.discard(pid)
     try:
         spawnchan.give(channel, config)
     except ChannelError as e:
@@ -180,6 +182,7 @@ def _wait(pid: int, options: int) -> tuple[int, int]:
         raise OSError(err, os.strerror(err))
     if result:
         _spawned.discard(pid)
+        _reaped.add(pid)
     return int(result), int(status)
 
 
@@ -193,6 +196,8 @@ def waitpid(pid: int, options: int) -> tuple[int, int]:
     """``os.waitpid``: a spawned child's through the host; any other pid as before."""
     if pid in _spawned:
         return _wait(pid, options)
+    if pid in _reaped:
+        raise ChildProcessError(errno.ECHILD, os.strerror(errno.ECHILD))
     if pid == -1 and _spawned:
         while True:  # any spawned child: poll each (forked children are the fork code's)
             for child in sorted(_spawned):
