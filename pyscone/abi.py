@@ -138,6 +138,11 @@ class Op(enum.IntEnum):
     GETNAMEINFO = 57  # data=sockaddr a0=family a1=flags -> host NUL port
     POLL = 58  # data=pollfds a0=count -> pollfds with revents, result=ready count
     # -- processes (60-69: fork, wait, kill), semaphores (70-79), spawn (80-89), family pipes (90-99) --
+    # A fork: the host forks itself (its copy serves the child's lane, holding the same host fds)
+    # and answers the lane the child will use, 1..lanes.  The enclave forks right after.
+    FORK = 60
+    FORK_DONE = 61  # a0=lane a1=the child's pid, or -1: the fork failed (the host frees the lane)
+    KILL = 62  # a0=pid (as kill(2): <= 0 names a process group) a1=signal
     # spawn (80-89): a fresh child enclave of the same runtime (host/spawn.py, enclave/stdlib/spawn.py).
     # data = SPAWN_FD pairs (child fd, host fd; host fd -1: the host's own) -> pid, data=i32 channel fd
     # (a new AF_UNIX stream socket to the child, for the attested channel: enclave/spawnchan.py).

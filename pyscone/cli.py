@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="host S-threads: 1 dispatcher/reactor + N-1 pool threads (default 3)  [PYSCONE_STHREADS]",
     )
     run.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="how many forked enclaves of the family may run at once besides the first (default 8)"
+        "  [PYSCONE_PROCESSES]",
+    )
+    run.add_argument(
         "--spin-us",
         type=int,
         default=None,
@@ -458,6 +465,10 @@ def launch_configs(a: argparse.Namespace, argv: list[str], module: bool = False)
         raise UsageError(str(e)) from None
     if sthreads < 1:
         raise UsageError("--sthreads must be at least 1")
+    processes = getattr(a, "processes", None)
+    processes = processes if processes is not None else _env_int("PYSCONE_PROCESSES", 8)
+    if not 0 <= processes <= 256:
+        raise UsageError("--processes must be between 0 and 256")
     if spin < 0:
         raise UsageError("--spin-us must not be negative")
     enclave = launcher.EnclaveConfig(
@@ -478,6 +489,7 @@ def launch_configs(a: argparse.Namespace, argv: list[str], module: bool = False)
         sthreads=sthreads,
         spin_us=spin,
         hostile=os.environ.get("PYSCONE_TEST_HOSTILE") or None,
+        processes=processes,
     )
     return enclave, host
 

@@ -22,6 +22,8 @@ import ctypes.util
 import errno
 import functools
 import resource
+import signal
+from collections.abc import Sequence
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ = 4
@@ -29,6 +31,8 @@ SCMP_CMP_MASKED_EQ = 7
 SCMP_FLTATR_CTL_TSYNC = 4
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+#: glibc's fork(): CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD.
+FORK_FLAGS = 0x01000000 | 0x00200000 | signal.SIGCHLD
 
 
 def SCMP_ACT_ERRNO(err: int) -> int:  # noqa: N802 - libseccomp's name
@@ -89,13 +93,19 @@ def _fd_is(arg: int, fd: int) -> _ArgCmp:
     return _ArgCmp(arg, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, fd & 0xFFFFFFFF)
 
 
-def lockdown(*, read_fd: int, write_fd: int, epoll_fd: int) -> None:
-    """Install the filter for the rest of this process's life.  Irreversible.
+def lockdown(*, read_fds: Sequence[int], write_fds: Sequence[int], epoll_fds: Sequence[int]) -> None:
+    """Install the filter for the rest of this process's life (and its forked children's).  Irreversible.
 
     Args:
-        read_fd: the only descriptor ``read(2)`` may use (the enclave's doorbell).
-        write_fd: the only descriptor ``write(2)`` may use (the host's doorbell).
-        epoll_fd: the only epoll set ``epoll_wait(2)`` may wait on.
+        read_fds: the only descriptors ``read(2)`` may use (the enclave's doorbells: its own lane's
+            and the spare lanes' its forked children will use).
+        write_fds: the only descriptors ``write(2)`` may use (the host's doorbells, likewise).
+        epoll_fds: the only epoll sets ``epoll_wait(2)`` may wait on (one per lane).
+
+    Besides those, a process may fork (``clone`` with exactly glibc's fork flags: no thread, no
+    shared memory, no new namespace), wait for its own children (``wait4``, ``waitid``) and ask
+    to die with its parent (``prctl(PR_SET_PDEATHSIG, SIGKILL)``): a forked child is an enclave
+    of the family under this same filter (seccomp filters are inherited and cannot be lifted).
 
     Raises:
         BarrierError: libseccomp is missing or refused the filter.
@@ -123,10 +133,18 @@ def lockdown(*, read_fd: int, write_fd: int, epoll_fd: int) -> None:
             rule(name)
         # mmap only anonymous memory (fd == -1): no file can be mapped in.
         rule("mmap", _fd_is(4, -1))
-        rule("read", _fd_is(0, read_fd))
-        rule("write", _fd_is(0, write_fd))
-        for name in ("epoll_wait", "epoll_pwait", "epoll_pwait2"):
-            rule(name, _fd_is(0, epoll_fd))
+        for fd in read_fds:
+            rule("read", _fd_is(0, fd))
+        for fd in write_fds:
+            rule("write", _fd_is(0, fd))
+        for fd in epoll_fds:
+            for name in ("epoll_wait", "epoll_pwait", "epoll_pwait2"):
+                rule(name, _fd_is(0, fd))
+        # fork(2) as glibc makes it, and nothing else clone can do (threads use clone3: refused).
+        rule("clone", _ArgCmp(0, SCMP_CMP_EQ, FORK_FLAGS, 0))
+        rule("wait4")
+        rule("waitid")
+        rule("prctl", _ArgCmp(0, SCMP_CMP_EQ, PR_SET_PDEATHSIG, 0), _ArgCmp(1, SCMP_CMP_EQ, signal.SIGKILL, 0))
         rc = lib.seccomp_load(ctx)
         if rc < 0:
             raise BarrierError(f"seccomp_load failed: {-rc}")

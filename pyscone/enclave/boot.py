@@ -23,7 +23,7 @@ import sys
 from typing import Any, NoReturn
 
 from pyscone import rings
-from pyscone.enclave import barrier, iago, importer, redact, scheduler
+from pyscone.enclave import barrier, family, iago, importer, redact, scheduler
 from pyscone.enclave.syscalls import SyscallClient
 
 #: What a measured enclave imports in step 2 besides the modules it imports at their top:
@@ -101,6 +101,7 @@ def main() -> None:
     client = SyscallClient(region, cfg["bell_host"], cfg["bell_enclave"], cfg["spin_us"])
     sched = scheduler.Scheduler(client, sync=cfg["syscalls"] == "sync")
     scheduler.install(sched)
+    family.start()
 
     # 2. Load from files while we still can.
     # Every C extension is mapped now (dlopen, no initialization): after lockdown no file can
@@ -113,7 +114,9 @@ def main() -> None:
     for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
         print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
     sys.path[:] = boot_path
-    from pyscone.enclave.stdlib import clib, console, fdops, files, process, sockets, surface, threads
+    from pyscone.enclave.stdlib import clib, console, fdops, files, forks, process, sockets, spawn, surface, threads
+
+    forks.attach(cfg)  # the spare lanes of forked children: mapped while mapping is possible
 
     if cfg.get("fspf") or cfg.get("measure"):
         # The shield's crypto is a C extension: load it while loading is still possible.
@@ -153,6 +156,8 @@ def main() -> None:
     sockets.install(slot_data)
     __import__("pyscone.enclave.stdlib.tls", fromlist=["install"]).install()  # ssl, over those sockets
     process.install(cfg["cpu_count"])
+    forks.install()
+    spawn.install()  # after forks: a spawned child's pid is waited for and signalled through the host
     fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
@@ -186,7 +191,7 @@ def main() -> None:
         surface.snapshot_limits()  # after the heap limit: what resource.getrlimit answers from now on
         barrier.die_with_host(cfg["host_pid"])
         if cfg["barrier"]:
-            barrier.lockdown(read_fd=cfg["bell_enclave"], write_fd=cfg["bell_host"], epoll_fd=client.ep.fileno())
+            barrier.lockdown(**forks.barrier_fds(client))
     except (barrier.BarrierError, MemoryError) as e:
         _boot_error(str(e) or type(e).__name__)
     if shim:

@@ -65,6 +65,11 @@ def on_fatal(sink: Callable[[str], None]) -> None:
     _fatal_sinks.append(sink)
 
 
+def move_fatal(old: Callable[[str], None], new: Callable[[str], None]) -> None:
+    """A forked child: its reason for a fail-stop goes to its own lane, not its parent's."""
+    _fatal_sinks[:] = [new if sink == old else sink for sink in _fatal_sinks]
+
+
 def fail_stop(reason: str) -> NoReturn:
     """Stop the enclave now.  Nothing after this runs: no app code, no atexit, no flush."""
     message = f"host violation: {reason}"
@@ -231,6 +236,13 @@ def _none(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0 or data:
         raise HostViolation(f"expected an empty success, got result {result} with {len(data)} bytes")
     return None
+
+
+def _lane(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    # (Whether the lane is one of this enclave's, and not its own, the fork code checks: it knows them.)
+    if result < 1 or data:
+        raise HostViolation(f"a fork's lane must be a positive number, got {result} with {len(data)} bytes")
+    return result
 
 
 def _readfile(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
@@ -643,6 +655,9 @@ VALIDATORS: dict[int, Validator] = {
     Op.GETHOSTNAME: _hostname,
     Op.GETNAMEINFO: _nameinfo,
     Op.POLL: _poll,
+    Op.FORK: _lane,
+    Op.FORK_DONE: _none,
+    Op.KILL: _none,
     Op.SPAWN: _spawn,
     Op.SPAWN_WAIT: _spawn_wait,
     Op.SPAWN_KILL: _none,

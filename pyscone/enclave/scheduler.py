@@ -270,6 +270,13 @@ class Scheduler:
         call = self._publish(op, flags, args, data, lt)
         return self._await(call, op, args, data, timeout)
 
+    def host_call_in_place(
+        self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b""
+    ) -> tuple[int, int, Any]:
+        """:meth:`host_call` without letting any other lthread run until the reply is in."""
+        result, err, payload = self._call_in_place(op, 0, args, data, None)
+        return iago.validate(op, args, data, result, err, payload)
+
     def start(
         self, op: int, args: tuple[int, ...] = (), data: bytes | memoryview = b"", *, polled: bool = False
     ) -> InFlight | None:
@@ -484,7 +491,6 @@ class Scheduler:
                 self._stopping = True
 
         self.main = self.spawn(main_body, name="MainThread")
-        client = self.client
         ready = self.ready
         while True:
             while ready:
@@ -508,13 +514,50 @@ class Scheduler:
                 exc, self._interrupt = self._interrupt, None
                 self._deliver(self.main, exc)
                 continue
-            if client.outstanding:
+            if self.client.outstanding:  # (self.client: a forked child changes it under this loop)
                 self._drain()
             if self._timers:
                 self._fire_timers()
             if ready:
                 continue
-            client.wait(self._next_timeout())
+            self.client.wait(self._next_timeout())
+
+    def settle(self) -> None:
+        """Wait in place until no fire-and-forget call is queued or in flight (before a fork:
+        a close the host has not done yet would leave the child's host a descriptor too many)."""
+        while self._deferred or any(call is None for call in self._waiting.values()):
+            self._drain()
+            if self._deferred or any(call is None for call in self._waiting.values()):
+                self.client.wait(None)
+
+    def after_fork_child(self, client: SyscallClient) -> list[LThread]:
+        """In a forked child: run on ``client`` (the child's lane) with only the forking lthread.
+
+        The other lthreads do not exist in the child, as other threads do not after fork(2);
+        what they waited for belongs to the parent.  They are returned, to be kept referenced:
+        a collected greenlet would be unwound (GreenletExit), running its ``finally`` blocks.
+        """
+        me = self.current
+        gone = [lt for lt in self.lthreads.values() if lt is not me]
+        self.client = client
+        self.ready.clear()
+        self._timers.clear()
+        self._waiting.clear()
+        self._slot_waiters.clear()
+        self._pending_cancels.clear()
+        self._deferred.clear()
+        self._replies.clear()
+        self._signals.clear()
+        self._interrupt = None
+        self.lthreads = {} if me is None else {me.ident: me}
+        if me is not None and me is not self.main:
+            # The forking thread is the child's main thread (as after fork(2)): when it ends, so does the child.
+            self.main = me
+            me.on_exit.append(self._stop_after_fork)
+        return gone
+
+    def _stop_after_fork(self) -> None:
+        self._stopping = True
 
     def _deliver(self, lt: LThread, exc: BaseException) -> None:
         """Interrupt ``lt`` wherever it is parked (host call, sleep) with ``exc``."""

@@ -32,7 +32,16 @@ class Wakeup(Exception):
 
 
 class SyscallClient:
-    def __init__(self, region: rings.SharedRegion, doorbell_host: int, doorbell_enclave: int, spin_us: int) -> None:
+    def __init__(
+        self,
+        region: rings.SharedRegion,
+        doorbell_host: int,
+        doorbell_enclave: int,
+        spin_us: int,
+        ep: select.epoll | None = None,
+    ) -> None:
+        """Start at the rings' current counters.  ``ep``: an epoll set made earlier that holds
+        the enclave's doorbell (a forked child's lane: after lockdown none can be made)."""
         self.region = region
         self.mm = region.mm
         self.geometry = g = region.geometry
@@ -46,8 +55,10 @@ class SyscallClient:
         self.outstanding: set[int] = set()
         self.slot_data = g.slot_data
         self._slot_off = [g.slot_off(i) for i in range(g.nslots)]
-        self.ep = select.epoll()
-        self.ep.register(doorbell_enclave, select.EPOLLIN)
+        if ep is None:
+            ep = select.epoll()
+            ep.register(doorbell_enclave, select.EPOLLIN)
+        self.ep = ep
         self.spin_max = spin_us / 1e6
         self.spin = self.spin_max
         self.calls = 0

@@ -43,12 +43,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyscone import abi, rings
 from pyscone.abi import Op
 from pyscone.host import hostile as hostile_mod
 from pyscone.host.hostile import Hostile, Liar
 from pyscone.host.spawn import SpawnHost
+
+if TYPE_CHECKING:
+    from pyscone.host.family import HostFamily
 
 Answer = tuple[int, int, bytes]
 _OK: Answer = (0, 0, b"")
@@ -134,6 +138,10 @@ class Executor:
             raise ValueError("at least one S-thread (the dispatcher) is needed")
         self.region = region
         self.geometry = region.geometry
+        self.sthreads = sthreads
+        self.spin_us = spin_us
+        #: Forks of the enclave (set by the launcher; ``None``: this enclave cannot fork).
+        self.family: HostFamily | None = None
         self.mm = region.mm
         self._slot_off = [region.geometry.slot_off(i) for i in range(region.geometry.nslots)]
         self.doorbell_in = doorbell_in
@@ -207,6 +215,9 @@ class Executor:
             Op.GETHOSTNAME: lambda a, d: (0, 0, socket.gethostname().encode()),
             Op.GETNAMEINFO: self._getnameinfo,
             Op.POLL: self._poll,
+            Op.FORK: self._fork,
+            Op.FORK_DONE: self._fork_done,
+            Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
             Op.SPAWN: self.spawner.spawn,
             Op.SPAWN_WAIT: self.spawner.wait,
             Op.SPAWN_KILL: self.spawner.kill,
@@ -238,6 +249,18 @@ class Executor:
             liar = self.hostile
             for op, handler in list(self._handlers.items()):
                 self._handlers[op] = _consult(liar, self, op, handler)
+
+    @classmethod
+    def forked_from(cls, parent: Executor, region: rings.SharedRegion, doorbell_in: int, doorbell_out: int) -> Executor:
+        """In a forked copy of this host process: serve a child enclave's lane with the
+        parent's host descriptors (the copy holds them under the same numbers)."""
+        parent._ep.close()  # one epoll instance with the parent's: this copy needs its own
+        ex = cls(
+            region, doorbell_in, doorbell_out, sthreads=parent.sthreads, spin_us=parent.spin_us, hostile=parent.hostile
+        )
+        ex._socks = dict(parent._socks)
+        ex._files = set(parent._files)
+        return ex
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -523,6 +546,16 @@ class Executor:
                 self._publish([w.sid])
 
     # -- files ------------------------------------------------------------------------------
+
+    def _fork(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if self.family is None:
+            return (-1, errno.ENOSYS, b"")
+        return self.family.fork(self)
+
+    def _fork_done(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if self.family is None:
+            return (-1, errno.EINVAL, b"")
+        return self.family.fork_done(a[0], a[1])
 
     def _open(self, a: tuple[int, ...], d: bytes) -> Answer:
         fd = os.open(_path(d), a[0] | os.O_CLOEXEC, a[1])

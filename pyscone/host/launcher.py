@@ -28,6 +28,7 @@ from pyscone import abi, rings
 from pyscone.enclave import loader
 from pyscone.enclave.iago import EXIT_HOST_VIOLATION
 from pyscone.host.executor import Executor
+from pyscone.host.family import HostFamily, LanePool
 
 
 @dataclass
@@ -71,6 +72,8 @@ class HostConfig:
     sthreads: int = 3
     spin_us: int = 400
     hostile: str | None = None
+    #: Spare lanes: how many forked enclaves of the family may run at once besides the first.
+    processes: int = 8
 
 
 #: The pyscone package the enclave runs (the measuring loader loads it from here, measured).
@@ -115,11 +118,17 @@ def run(
         raise LaunchError(
             f"cannot create the {size} MiB shared-memory region for the system calls: {e.strerror}"
         ) from None
+    try:
+        pool = LanePool(host.processes, geometry)
+    except OSError as e:
+        region.close()
+        raise LaunchError(f"cannot create the {host.processes} spare lanes for forked enclaves: {e.strerror}") from None
     bell_host = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     bell_enclave = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     executor = Executor(
         region, bell_host, bell_enclave, sthreads=host.sthreads, spin_us=host.spin_us, hostile=host.hostile
     )
+    executor.family = HostFamily(pool)
     executor.spawner.configure(enclave, host)
     for fd in inherit:
         executor.adopt_inherited(fd)
@@ -131,6 +140,7 @@ def run(
         **asdict(enclave),
         "cwd": enclave.cwd or os.getcwd(),
         "cpu_count": os.cpu_count() or 1,
+        "lanes": pool.boot_entries(),
         **(boot_extra or {}),
     }
     executor.start()
@@ -141,7 +151,7 @@ def run(
         # only, which forwards it once.  It dies with the launcher (PR_SET_PDEATHSIG).
         proc = subprocess.Popen(
             [sys.executable, *loader.INTERPRETER_FLAGS, "-c", loader.BOOTSTRAP, str(cfg_r), _PYSCONE_DIR],
-            pass_fds=(region.fd, bell_host, bell_enclave, cfg_r),
+            pass_fds=(region.fd, bell_host, bell_enclave, cfg_r, *pool.fds()),
             env=_enclave_env(),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -170,6 +180,7 @@ def run(
         top = ", ".join(f"{abi.Op(op).name.lower()} {n}" for op, n in s.by_op.most_common(10))
         print(f"pyscone: host calls by kind: {top}", file=sys.stderr)
     region.close()
+    pool.close()
     os.close(bell_host)
     os.close(bell_enclave)
     return 128 - code if code < 0 else code

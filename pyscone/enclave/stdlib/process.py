@@ -22,16 +22,16 @@ import importlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from pyscone.enclave import scheduler
-from pyscone.enclave.stdlib import interpose, spawn
+from pyscone.enclave.stdlib import interpose
 
 _REFUSED_OS = (
-    "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
+    "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
     "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn",
-    "posix_spawnp", "system", "popen", "kill", "killpg", "wait", "waitpid", "wait3", "wait4", "waitid",
-    "sendfile", "setsid", "setpgid", "ptrace", "chroot", "mkfifo", "mknod",
+    "posix_spawnp", "system", "popen", "sendfile", "setsid", "setpgid", "ptrace", "chroot", "mkfifo", "mknod",
 )  # fmt: skip
 
 
@@ -53,15 +53,33 @@ _app_handlers: dict[int, Any] = {}
 _wakeup_fd = -1
 
 
+#: The runtime's own interest in a signal (SIGCHLD wakes the lthreads waiting for a child),
+#: served beside the app's handler, whatever that is.
+_watchers: dict[int, list[Callable[[], None]]] = {}
+
+
+def watch_signal(signum: int, callback: Callable[[], None]) -> None:
+    """Run ``callback`` in the hub whenever ``signum`` arrives (for a signal whose default
+    action is to do nothing: the app still sees SIG_DFL)."""
+    _watchers.setdefault(signum, []).append(callback)
+    if _real_getsignal(signum) == signal.SIG_DFL:
+        _real_signal(signum, _dispatch)
+
+
 def _dispatch(signum: int, frame: Any) -> None:
     """The OS-level handler for every caught signal.  It only queues work for the hub:
     running the app's handler here, in the middle of whatever lthread was interrupted,
     could re-enter a host call half-way through."""
     sched = scheduler.get()
-    handler = _app_handlers.get(signum, signal.default_int_handler)
+    watchers = _watchers.get(signum, ())
+    handler = _app_handlers.get(signum, None if watchers else signal.default_int_handler)
     wakeup = _wakeup_fd
 
     def deliver() -> None:
+        for watcher in watchers:
+            watcher()
+        if handler is None:
+            return
         if wakeup >= 0:
             try:
                 os.write(wakeup, bytes([signum]))
@@ -78,7 +96,11 @@ def _dispatch(signum: int, frame: Any) -> None:
 def _signal(signum: int, handler: Any) -> Any:
     if handler in (signal.SIG_DFL, signal.SIG_IGN):
         old = _app_handlers.pop(signum, None)
-        prev = _real_signal(signum, handler)
+        # (SIG_IGN is the kernel's: for SIGCHLD it means children are reaped unasked)
+        keep = handler == signal.SIG_DFL and signum in _watchers
+        prev = _real_signal(signum, _dispatch if keep else handler)
+        if prev is _dispatch:
+            prev = signal.SIG_DFL if signum in _watchers else signal.default_int_handler
         return old if old is not None else prev
     if not callable(handler):
         raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
@@ -92,7 +114,9 @@ def getsignal(signum: int) -> Any:
     if signum in _app_handlers:
         return _app_handlers[signum]
     current = _real_getsignal(signum)
-    return signal.default_int_handler if current is _dispatch else current
+    if current is _dispatch:
+        return signal.SIG_DFL if signum in _watchers else signal.default_int_handler
+    return current
 
 
 def set_wakeup_fd(fd: int, *, warn_on_full_buffer: bool = True) -> int:
@@ -169,9 +193,6 @@ def install(cpu_count: int) -> None:
                 )
 
         interpose(_multiprocessing, SemLock=SemLock)
-    # subprocess and multiprocessing's spawn start a fresh enclave for Python, refuse anything else
-    # (stdlib/spawn.py: under fork_exec, and os.waitpid/wait/kill of the children it started).
-    spawn.install()
     interpose(time, sleep=sleep)
     _app_handlers[signal.SIGINT] = signal.default_int_handler
     _real_signal(signal.SIGINT, _dispatch)

@@ -39,7 +39,7 @@ from typing import Any
 
 from pyscone import abi
 from pyscone.abi import Op
-from pyscone.enclave import iago, scheduler, spawnchan
+from pyscone.enclave import family, iago, scheduler, spawnchan
 from pyscone.enclave.stdlib import dups, interpose, pipes
 from pyscone.protect.spawnproto import ChannelError
 
@@ -199,11 +199,17 @@ def waitpid(pid: int, options: int) -> tuple[int, int]:
     if pid in _reaped:
         raise ChildProcessError(errno.ECHILD, os.strerror(errno.ECHILD))
     if pid == -1 and _spawned:
-        while True:  # any spawned child: poll each (forked children are the fork code's)
+        while True:  # any child: poll each spawned one, and the forked ones (the kernel's children)
             for child in sorted(_spawned):
                 done = _wait(child, os.WNOHANG)
                 if done[0]:
                     return done
+            try:
+                done = _real_waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                done = (0, 0)
+            if done[0]:
+                return done
             if options & os.WNOHANG:
                 return (0, 0)
             scheduler.get().sleep(0.005)
@@ -222,8 +228,13 @@ def kill(pid: int, sig: int) -> None:
     _real_kill(pid, sig)
 
 
+def _forget_children() -> None:
+    _spawned.clear()
+    _reaped.clear()
+
+
 def install() -> None:
-    """Replace ``fork_exec`` and the wait/kill functions (after process.py's refusers)."""
+    """Replace ``fork_exec``, and ``os.waitpid``/``wait``/``kill`` (over the fork code's: boot runs this after it)."""
     global _real_waitpid, _real_kill, _self_real
     import _posixsubprocess
     import subprocess
@@ -235,6 +246,7 @@ def install() -> None:
         interpose(subprocess, _fork_exec=fork_exec)
     interpose(subprocess, _USE_POSIX_SPAWN=False)
     interpose(os, waitpid=waitpid, wait=wait, kill=kill)
+    family.register(child=_forget_children)  # a forked child's spawned children are its parent's
     # Popen.poll binds os.waitpid as a default argument when subprocess is imported.
     poll = subprocess.Popen._internal_poll  # type: ignore[attr-defined]
     poll.__defaults__ = (None, waitpid, os.WNOHANG, errno.ECHILD)

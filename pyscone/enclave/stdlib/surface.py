@@ -36,11 +36,12 @@ def _names(text: str) -> frozenset[str]:
 
 INTERPOSED: dict[str, frozenset[str]] = {
     "os": _names("""
-        DirEntry access chdir chmod close cpu_count dup dup2 eventfd_read eventfd_write fdatasync fstat fstatvfs
-        fsync ftruncate get_blocking get_inheritable getcwd getcwdb getxattr isatty kill listdir listxattr lockf lseek
+        DirEntry access chdir chmod close cpu_count dup dup2 eventfd_read eventfd_write fdatasync fork fstat fstatvfs
+        fsync ftruncate get_blocking get_inheritable getcwd getcwdb getpgid getpgrp getxattr isatty kill killpg
+        listdir listxattr lockf lseek
         lstat mkdir open pipe pipe2 pread pwrite read readlink remove removexattr rename replace rmdir scandir
         sched_getaffinity set_blocking set_inheritable setxattr stat statvfs symlink sysconf times truncate umask
-        unlink utime wait waitpid write
+        unlink utime wait wait3 wait4 waitid waitpid write
     """),
     "fcntl": _names("fcntl flock ioctl lockf"),
     "select": _names("epoll poll select"),
@@ -54,15 +55,14 @@ INTERPOSED: dict[str, frozenset[str]] = {
 REFUSED: dict[str, frozenset[str]] = {
     "os": _names("""
         chown chroot closerange copy_file_range eventfd execl execle execlp execlpe
-        execv execve execvp execvpe fchdir fchmod fchown fork forkpty fwalk get_terminal_size getgrouplist
-        getgroups getloadavg getlogin getpgid getpgrp getpriority getresgid getresuid getsid initgroups
-        killpg lchown link login_tty pathconf fpathconf memfd_create mkfifo mknod nice openpty pidfd_open popen
-        posix_fallocate
+        execv execve execvp execvpe fchdir fchmod fchown forkpty fwalk get_terminal_size getgrouplist
+        getgroups getloadavg getlogin getpriority getresgid getresuid getsid initgroups lchown link login_tty
+        pathconf fpathconf memfd_create mkfifo mknod nice openpty pidfd_open popen posix_fallocate
         posix_fadvise posix_spawn posix_spawnp preadv pwritev readv sched_get_priority_max sched_get_priority_min
         sched_getparam sched_getscheduler sched_rr_get_interval sched_setaffinity sched_setparam
         sched_setscheduler sendfile setegid seteuid setgid setgroups setpgid setpgrp setpriority setregid
         setresgid setresuid setreuid setsid setuid spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp
-        spawnvpe splice sync system tcgetpgrp tcsetpgrp ttyname wait3 wait4 waitid writev
+        spawnvpe splice sync system tcgetpgrp tcsetpgrp ttyname writev
     """),
     "fcntl": frozenset(),
     "select": frozenset(),
@@ -192,9 +192,10 @@ def install(cpu_count: int) -> None:
         return os.times_result((time.process_time(), 0.0, 0.0, 0.0, time.monotonic()))
 
     from pyscone.enclave import scheduler
+    from pyscone.enclave.stdlib import forks
 
     client = scheduler.get().client
-    doorbells = {client.doorbell_host, client.doorbell_enclave}
+    doorbells = {client.doorbell_host, client.doorbell_enclave, *forks.doorbells()}
     real_read, real_write = os.eventfd_read, os.eventfd_write
 
     # The syscall client rings its doorbells with these (the barrier allows exactly that); the
