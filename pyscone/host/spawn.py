@@ -24,7 +24,8 @@ launcher.  ``Op.SPAWN_WAIT`` parks on the reactor on a pidfd (no S-thread waits)
 ``PYSCONE_TEST_HOSTILE_SPAWN`` (tests only) makes this host lie about spawning:
 ``heap`` starts the child with another heap limit and no signature (another
 MRENCLAVE); ``tamper`` flips a byte of the parent's sealed configuration on its way;
-``replay`` gives the second child the first child's sealed configuration.
+``replay`` gives the second child the first child's sealed configuration;
+``record:PATH`` relays honestly and appends every frame it relays to PATH.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class SpawnHost:
             child_enclave = dataclasses.replace(child_enclave, heap=enclave.heap // 2, signature=None)
         child_host = dataclasses.replace(host, hostile=None)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self._hostile in ("tamper", "replay"):  # the enclave talks to a relay that lies
+        if self._hostile in ("tamper", "replay") or self._recording():  # the enclave talks to a relay
             to_enclave, to_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             threading.Thread(target=self._lie, args=(to_relay, parent_end), daemon=True).start()
             parent_end = to_enclave
@@ -160,7 +161,7 @@ class SpawnHost:
     # -- tests only: a host that lies about the channel --------------------------------------
 
     def _lie(self, parent_side: socket.socket, child_side: socket.socket) -> None:
-        """Relay the channel, changing the parent's second message (its sealed configuration)."""
+        """Relay the channel: record it, or change the parent's second message (the sealed configuration)."""
         frames_from_parent = 0
 
         def pump(src: socket.socket, dst: socket.socket, from_parent: bool) -> None:
@@ -168,7 +169,10 @@ class SpawnHost:
             try:
                 while head := _recv_exact(src, 4):
                     body = _recv_exact(src, struct.unpack(">I", head)[0])
-                    if from_parent:
+                    if self._recording():
+                        with open(str(self._hostile)[len("record:") :], "ab") as f:
+                            f.write(head + body)
+                    elif from_parent:
                         frames_from_parent += 1
                         if frames_from_parent == 2:
                             body = self._forge(body)
@@ -183,6 +187,9 @@ class SpawnHost:
 
         threading.Thread(target=pump, args=(child_side, parent_side, False), daemon=True).start()
         pump(parent_side, child_side, True)
+
+    def _recording(self) -> bool:
+        return (self._hostile or "").startswith("record:")
 
     def _forge(self, sealed: bytes) -> bytes:
         if self._hostile == "tamper":

@@ -128,7 +128,8 @@ def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cw
         raise _refuse("preexec_fn for a spawned child")
     argv = [os.fsdecode(a) for a in args]
     if not _is_own_python(list(executable_list)):
-        name = os.fsdecode(executable_list[0]) if executable_list else "?"
+        found = [os.fsdecode(c) for c in executable_list if os.path.isfile(os.fsdecode(c))]
+        name = found[0] if found else (argv[0] if argv else "?")
         raise OSError(
             errno.ENOSYS,
             f"running {name} is not supported inside a pyscone enclave (only the enclave's own Python can be spawned)",
@@ -162,10 +163,20 @@ def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cw
     try:
         spawnchan.give(channel, config)
     except ChannelError as e:
-        _kill(pid, 9)
-        _wait(pid, 0)
+        _end(pid)
         raise OSError(errno.EACCES, f"the spawned child was refused its configuration: {e}") from None
     return int(pid)
+
+
+def _end(pid: int) -> None:
+    """Reap a child that got nothing: it sees the closed channel and exits saying why; else SIGKILL."""
+    sched = scheduler.get()
+    for _ in range(100):
+        if _wait(pid, os.WNOHANG)[0]:
+            return
+        sched.sleep(0.05)
+    _kill(pid, 9)
+    _wait(pid, 0)
 
 
 def _env_pair(entry: bytes) -> tuple[str, str]:

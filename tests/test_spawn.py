@@ -1,0 +1,374 @@
+"""Spawning Python from an enclave: a fresh child enclave, configured by its parent over an attested channel.
+
+Real enclaves (``pyscone run``) spawning real child enclaves; a lying host is
+``PYSCONE_TEST_HOSTILE_SPAWN`` (host/spawn.py).  The channel's sans-IO core
+(protect/spawnproto.py) is tested on its own below, with a real platform key.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PYSCONE, run_enclave, write_app
+
+from pyscone.host import fspf_tool as tool
+from pyscone.platform import keys, quote
+from pyscone.protect import spawnproto
+from pyscone.protect.spawnproto import ChannelError
+
+SECRET = "s3cret-the-host-must-never-see"
+
+
+def test_run_with_exit_codes_env_cwd_and_a_script(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    write_app(
+        tmp_path / "sub",
+        """
+        import os, sys
+        print("child", os.getcwd(), os.environ.get("FOO"), sorted(os.environ), sys.argv, flush=True)
+        sys.exit(int(sys.argv[1]))
+        """,
+        "child.py",
+    )
+    app = write_app(
+        tmp_path,
+        """
+        import functools, os, subprocess, sys
+        print = functools.partial(print, flush=True)
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out.txt")
+        with open(out, "wb") as f:
+            r = subprocess.run([sys.executable, "child.py", "3"], cwd="sub", env={"FOO": "bar"}, stdout=f)
+        print("rc", r.returncode)
+        print("file", open(out).read().strip())
+        r = subprocess.run([sys.executable, "-c", "import sys; print('c', sys.argv); sys.exit(5)", "x"])
+        print("rc", r.returncode)
+        print("call", subprocess.call([sys.executable, "-I", "-B", "-W", "ignore", "-m", "json.tool", "--help"],
+                                      stdout=subprocess.DEVNULL))
+        os.environ["FROM_PARENT"] = "inherited"
+        print("inherit", subprocess.run([sys.executable, "-c",
+              "import os, sys; sys.exit(0 if os.environ.get('FROM_PARENT') == 'inherited' else 9)"]).returncode)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "rc 3"
+    assert lines[1] == f"file child {tmp_path / 'sub'} bar ['FOO'] ['child.py', '3']"
+    assert lines[2:] == ["c ['-c', 'x']", "rc 5", "call 0", "inherit 0"]
+
+
+def test_popen_wait_poll_kill_terminate_and_os_waitpid(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import functools, os, signal, socket, subprocess, sys, time
+        print = functools.partial(print, flush=True)
+        a, b = socket.socketpair()
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3); print('over a socket')"],
+                             stdout=b.fileno())
+        b.close()
+        print("poll", p.poll())
+        print("wait", p.wait(), a.recv(100))
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        p = subprocess.Popen(sleeper)
+        try:
+            p.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            print("timeout")
+        p.terminate()
+        print("terminate", p.wait())
+        p = subprocess.Popen(sleeper)
+        p.kill()
+        print("kill", p.wait(), p.poll())
+        p = subprocess.Popen(sleeper)
+        os.kill(p.pid, signal.SIGTERM)
+        pid, status = os.waitpid(p.pid, 0)
+        print("waitpid", pid == p.pid, os.WIFSIGNALED(status), os.WTERMSIG(status))
+        try:
+            os.waitpid(p.pid, 0)
+        except ChildProcessError:
+            print("reaped")
+        p = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(4)"])
+        print("wait any", os.wait() == (p.pid, 4 << 8))
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "poll None",
+        "wait 0 b'over a socket\\n'",
+        "timeout",
+        "terminate -15",
+        "kill -9 -9",
+        "waitpid True True 15",
+        "reaped",
+        "wait any True",
+    ]
+
+
+def test_what_is_not_the_enclaves_python_is_refused_with_one_enosys(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import errno, functools, os, subprocess, sys
+        print = functools.partial(print, flush=True)
+        def attempt(what, **kw):
+            try:
+                subprocess.run(what, **kw)
+            except OSError as e:
+                print(e.errno == errno.ENOSYS, e)
+            else:
+                print("ran", what)
+        attempt(["ls"])
+        attempt(["/bin/sh", "-c", "true"])
+        attempt("true", shell=True)
+        attempt([sys.executable, "-i"])  # an option a spawned enclave does not take
+        attempt([sys.executable, "-c", "print(1)"], stdout=subprocess.PIPE)  # in-enclave pipes: not yet
+        attempt([sys.executable, "-c", "pass"], preexec_fn=lambda: None)
+        for refused in (os.posix_spawn, os.execv):
+            try:
+                refused(sys.executable, [sys.executable], {})
+            except OSError as e:
+                print(e.errno == errno.ENOSYS, e)
+        # python3 on the app's PATH is the enclave's Python when it resolves to it
+        print("path", subprocess.run(["python3", "-c", "pass"]).returncode)
+        """,
+    )
+    bindir = os.path.dirname(sys.executable)
+    r = run_enclave("--env", f"PATH={bindir}", app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 9 and "Traceback" not in r.stderr
+    assert all(line.startswith("True [Errno 38] ") for line in lines[:8]), lines
+    assert "running ls is not supported inside a pyscone enclave" in lines[0]  # (not on the PATH given)
+    assert "python option -i" in lines[3] and "in-enclave pipe" in lines[4] and "preexec_fn" in lines[5]
+    assert lines[8] == "path 0"
+
+
+def test_multiprocessing_spawn_needs_pipes_between_enclaves(tmp_path: Path) -> None:
+    """Blocked: multiprocessing's spawn hands the child in-enclave pipes (until the pipes work lands)."""
+    app = write_app(
+        tmp_path,
+        """
+        import errno, multiprocessing
+        def f():
+            pass
+        if __name__ == "__main__":
+            p = multiprocessing.get_context("spawn").Process(target=f)
+            try:
+                p.start()
+            except OSError as e:
+                print(e.errno == errno.ENOSYS, e)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("True [Errno 38] giving an in-enclave pipe to a spawned child"), r.stdout
+
+
+def test_the_child_gets_the_family_key_and_env_from_the_parent_never_in_the_hosts_sight(tmp_path: Path) -> None:
+    record = tmp_path / "relayed.bin"
+    app = write_app(
+        tmp_path,
+        f"""
+        import os, subprocess, sys
+        from pyscone.enclave import family
+        print("parent", family.key.hex(), flush=True)
+        env = {{"SECRET": "{SECRET}"}}
+        code = "import os; from pyscone.enclave import family; print('child', family.key.hex(), os.environ['SECRET'])"
+        subprocess.run([sys.executable, "-c", code], env=env)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path, env={"PYSCONE_TEST_HOSTILE_SPAWN": f"record:{record}"})
+    assert r.returncode == 0, r.stderr
+    parent, child = r.stdout.splitlines()
+    key = parent.split()[1]
+    assert child == f"child {key} {SECRET}" and len(key) == 64
+    relayed = record.read_bytes()
+    assert len(relayed) > 200  # hello, evidence, configuration, acknowledgement
+    assert SECRET.encode() not in relayed and bytes.fromhex(key) not in relayed and key.encode() not in relayed
+    assert b"SECRET" not in relayed and b"print" not in relayed  # env names and argv too
+
+
+def test_the_child_reads_the_parents_protected_files_with_the_parents_fspf(tmp_path: Path) -> None:
+    fspf = tmp_path / "fs.fspf"
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    paths = tool.Paths.of(str(fspf))
+    tool.create(paths)
+    tool.add_region(paths, str(enc), "encrypted", 4096)
+    app = write_app(
+        tmp_path,
+        f"""
+        import functools, subprocess, sys
+        print = functools.partial(print, flush=True)
+        with open("{enc}/secret.txt", "w") as f:
+            f.write("{SECRET}")
+        r = subprocess.run([sys.executable, "-c", "print(open('{enc}/secret.txt').read())"])
+        print("rc", r.returncode)
+        """,
+    )
+    r = run_enclave("--fspf", fspf, app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [SECRET, "rc 0"]
+    assert SECRET.encode() not in (enc / "secret.txt").read_bytes()
+
+
+# -- a host that lies --------------------------------------------------------------------------
+
+
+_TWO_CHILDREN = """
+    import functools, subprocess, sys
+    print = functools.partial(print, flush=True)
+    for i in range(2):
+        try:
+            r = subprocess.run([sys.executable, "-c", f"print('child {i} configured')"])
+            print("exit", r.returncode)
+        except OSError as e:
+            print("refused", e.errno, e)
+    """
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("signed")
+    for args in (("keygen", "signer.pem"), ("sign", "--key", "signer.pem", "-o", "app.sig")):
+        r = subprocess.run([*PYSCONE, *args], cwd=d, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    write_app(d, _TWO_CHILDREN)
+    return d
+
+
+def test_a_measured_parent_configures_its_own_runtime(signed: Path) -> None:
+    r = run_enclave("--signature", "app.sig", "app.py", cwd=signed)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["child 0 configured", "exit 0", "child 1 configured", "exit 0"]
+
+
+def test_a_substituted_child_gets_nothing(signed: Path) -> None:
+    """The host starts another runtime (another heap limit: another MRENCLAVE, signature dropped)."""
+    r = run_enclave("--signature", "app.sig", "app.py", cwd=signed, env={"PYSCONE_TEST_HOSTILE_SPAWN": "heap"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused 13 ") for line in lines), lines
+    assert "the child is enclave" in lines[0] and "not the parent's" in lines[0]
+    assert "configured" not in r.stdout
+
+
+@pytest.mark.parametrize("lie", ["tamper", "replay"])
+def test_a_tampered_or_replayed_configuration_opens_nowhere(tmp_path: Path, lie: str) -> None:
+    app = write_app(tmp_path, _TWO_CHILDREN)
+    r = run_enclave(app, cwd=tmp_path, env={"PYSCONE_TEST_HOSTILE_SPAWN": lie})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    refused = "refused 13 [Errno 13] the spawned child was refused its configuration: the channel closed"
+    if lie == "tamper":
+        assert len(lines) == 2 and all(line.startswith(refused) for line in lines), lines
+    else:  # the first child gets the honest message; the second the first one's, which does not open
+        assert lines[:2] == ["child 0 configured", "exit 0"] and lines[2].startswith(refused), lines
+    assert "spawned child: the configuration does not open (not sealed for this channel)" in r.stderr
+    assert "child 1 configured" not in r.stdout
+
+
+# -- the channel's sans-IO core ------------------------------------------------------------------
+
+
+def _identity(mrenclave: bytes = b"\x11" * 32, debug: bool = False) -> quote.Report:
+    return quote.Report(mrenclave, b"\x22" * 32, 7, 2, debug, bytes(64))
+
+
+def _handshake(
+    parent: quote.Report | None,
+    child: quote.Report | None,
+    *,
+    trusted: dict[bytes, object] | None = None,
+    sign: object = None,
+) -> tuple[bytes, bytes, bytes]:
+    """Run both sides in memory; returns (the child's key, the parent's key, the sealed config)."""
+    private, hello = spawnproto.hello(quote_required=trusted is not None)
+    hello_msg = hello.pack()
+    child_private, child_public = spawnproto.new_key()
+    if child is None:
+        evidence = spawnproto.Evidence(child_public, spawnproto.UNMEASURED, b"")
+    else:
+        report = quote.Report(*[getattr(child, f) for f in ("mrenclave", "mrsigner", "product_id", "svn", "debug")],
+                              spawnproto.report_data(child_public, hello_msg))  # fmt: skip
+        if sign is not None:
+            evidence = spawnproto.Evidence(child_public, spawnproto.QUOTE, quote.sign_quote(report, sign))  # type: ignore[arg-type]
+        else:
+            evidence = spawnproto.Evidence(child_public, spawnproto.REPORT, report.pack())
+    evidence_msg = spawnproto.Evidence.unpack(evidence.pack()).pack()
+    spawnproto.check_evidence(hello_msg, spawnproto.Evidence.unpack(evidence_msg), parent, trusted)  # type: ignore[arg-type]
+    parent_key = spawnproto.derive(private, child_public, hello_msg, evidence_msg)
+    child_key = spawnproto.derive(child_private, hello.parent_key, hello_msg, evidence_msg)
+    return child_key, parent_key, spawnproto.seal_config(parent_key, b'{"argv": []}')
+
+
+def test_both_sides_derive_one_key_and_every_tampered_byte_is_caught() -> None:
+    child_key, parent_key, sealed = _handshake(_identity(), _identity())
+    assert child_key == parent_key
+    assert spawnproto.open_config(child_key, sealed) == b'{"argv": []}'
+    for i in range(len(sealed)):
+        forged = sealed[:i] + bytes([sealed[i] ^ 0x80]) + sealed[i + 1 :]
+        with pytest.raises(ChannelError, match="does not open"):
+            spawnproto.open_config(child_key, forged)
+    other_key, _, other_sealed = _handshake(_identity(), _identity())
+    with pytest.raises(ChannelError):  # another channel's configuration (a replay) does not open
+        spawnproto.open_config(child_key, other_sealed)
+    spawnproto.check_ready(parent_key, spawnproto.seal_ready(child_key))
+    with pytest.raises(ChannelError):
+        spawnproto.check_ready(parent_key, spawnproto.seal_ready(other_key))
+
+
+def test_the_parent_refuses_a_child_that_is_not_itself() -> None:
+    with pytest.raises(ChannelError, match="not the parent's"):
+        _handshake(_identity(), _identity(b"\x33" * 32))
+    with pytest.raises(ChannelError, match="debug flag"):
+        _handshake(_identity(), _identity(debug=True))
+    with pytest.raises(ChannelError, match="not measured"):
+        _handshake(_identity(), None)
+    _handshake(None, None)  # dev mode without a measurement: the host chooses the code anyway
+
+
+def test_evidence_made_for_another_hello_is_refused() -> None:
+    _, hello = spawnproto.hello(False)
+    _, child_public = spawnproto.new_key()
+    _, old_hello = spawnproto.hello(False)
+    me = _identity()
+    stale = quote.Report(me.mrenclave, me.mrsigner, 7, 2, False, spawnproto.report_data(child_public, old_hello.pack()))
+    evidence = spawnproto.Evidence(child_public, spawnproto.REPORT, stale.pack())
+    with pytest.raises(ChannelError, match="not bound to this channel"):
+        spawnproto.check_evidence(hello.pack(), evidence, me, None)
+
+
+def test_a_parent_that_trusts_a_platform_needs_the_childs_quote_from_it() -> None:
+    platform = keys.generate()
+    trusted = {quote.platform_id(platform.public_key()): platform.public_key()}
+    child_key, parent_key, _ = _handshake(_identity(), _identity(), trusted=trusted, sign=platform)  # type: ignore[arg-type]
+    assert child_key == parent_key
+    with pytest.raises(ChannelError, match="no platform quote"):
+        _handshake(_identity(), _identity(), trusted=trusted)  # type: ignore[arg-type]
+    with pytest.raises(ChannelError, match="untrusted platform"):
+        _handshake(_identity(), _identity(), trusted=trusted, sign=keys.generate())  # type: ignore[arg-type]
+
+
+def test_malformed_messages_are_channel_errors() -> None:
+    _, hello = spawnproto.hello(False)
+    good = hello.pack()
+    for bad in (b"", good[:-1], b"XXXX" + good[4:], good[:4] + b"\x09" + good[5:]):
+        with pytest.raises(ChannelError):
+            spawnproto.Hello.unpack(bad)
+    for bad in (b"", bytes(32) + b"\x07\x00\x00", bytes(32) + b"\x00\x00\x01x", bytes(32) + b"\x01\x00\x05abc"):
+        with pytest.raises(ChannelError):
+            spawnproto.Evidence.unpack(bad)
+    d = spawnproto.Deframer()
+    d.feed(b"\xff\xff\xff\xff")
+    with pytest.raises(ChannelError, match="oversized"):
+        d.next()
+    d = spawnproto.Deframer()
+    d.feed(spawnproto.frame(b"one") + spawnproto.frame(b"two")[:3])
+    assert d.next() == b"one" and d.next() is None
