@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import PYSCONE, run_enclave, write_app
+from test_cas import Service, World
 
 from pyscone.host import fspf_tool as tool
 from pyscone.platform import keys, quote
@@ -372,3 +374,68 @@ def test_malformed_messages_are_channel_errors() -> None:
     d = spawnproto.Deframer()
     d.feed(spawnproto.frame(b"one") + spawnproto.frame(b"two")[:3])
     assert d.next() == b"one" and d.next() is None
+
+
+def test_asyncio_subprocesses_of_python(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import asyncio, sys
+        async def main():
+            code = "import sys; print('from asyncio', flush=True); sys.exit(6)"
+            p = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+            print("rc", await p.wait(), flush=True)
+        asyncio.run(main())
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["from asyncio", "rc 6"]
+
+
+# -- with a CAS: the child must quote on the platform the CAS trusted -------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp("cas"))
+    write_app(w.root, _TWO_CHILDREN)
+    policy = w.policy("spawner", f"    mrenclaves: [{w.measure()}]\n    argv: [app.py]\n    env: {{MODE: prod}}\n")
+    created = w.owner("session", "create", str(policy))
+    assert created.returncode == 0, created.stderr
+    yield w
+    w.stop()
+
+
+def test_an_attested_parent_configures_a_child_that_quotes_on_its_platform(world: World) -> None:
+    r = world.run("spawner/app")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["child 0 configured", "exit 0", "child 1 configured", "exit 0"]
+    audit = world.owner("audit", "spawner")
+    assert audit.stdout.count(" attest  ok") == 1  # the CAS saw the parent only: its children are its family's
+
+
+def test_a_child_quoting_on_another_platform_gets_nothing(world: World, tmp_path: Path) -> None:
+    """The host runs a LAS of its own, which signs any report (as any simulated LAS does)."""
+    rogue = Service(["las", "--dir", str(tmp_path / "rogue"), "--listen", "127.0.0.1:0"], r":(\d+)$")
+    try:
+        env = {"PYSCONE_TEST_HOSTILE_SPAWN": f"las:127.0.0.1:{rogue.port}"}
+        r = subprocess.run(
+            [*PYSCONE, "run", *world.pin, "--session", "spawner/app", "--las", f"127.0.0.1:{world.las.port}"],
+            cwd=world.root, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        rogue.stop()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all("quote from an untrusted platform" in line for line in lines), lines
+
+
+def test_the_platform_key_from_the_las_must_be_the_one_that_signed_the_accepted_quote() -> None:
+    platform = keys.generate()
+    accepted = quote.sign_quote(_identity(), platform)
+    assert spawnproto.trusted_platform(accepted, platform.public_key()) == {
+        quote.platform_id(platform.public_key()): platform.public_key()
+    }
+    with pytest.raises(ChannelError, match="not the one the CAS trusted"):
+        spawnproto.trusted_platform(accepted, keys.generate().public_key())

@@ -193,9 +193,11 @@ def _attest(conn: CasConnection, session: str, service: str, las: tuple[str, int
     if status != 200 or not isinstance(sealed, str):
         raise AttestationError(f"the CAS refused this enclave ({reply.get('error', status)})")
     try:
-        return protocol.open_config(key, nonce, bytes.fromhex(sealed))
+        config = protocol.open_config(key, nonce, bytes.fromhex(sealed))
     except (ValueError, protocol.SealError) as e:
         raise AttestationError(f"the CAS's configuration does not open: {e}") from None
+    attest.accepted_quote = blob  # its platform is one the CAS trusts (spawned children must quote there)
+    return config
 
 
 class CasPin:

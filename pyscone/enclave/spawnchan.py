@@ -25,7 +25,7 @@ import socket
 from typing import Any
 
 from pyscone.enclave import attest, family, iago
-from pyscone.platform import quote
+from pyscone.platform import keys, quote
 from pyscone.protect import spawnproto
 from pyscone.protect.spawnproto import ChannelError
 
@@ -105,6 +105,29 @@ def child_config(argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[
     return json.dumps(doc).encode()
 
 
+def _trusted() -> dict[bytes, Any] | None:
+    """The platform keys a child's quote must come from: with a CAS, the platform of this
+    enclave's own accepted quote, its key fetched once from the LAS and checked against it."""
+    global trusted_platforms
+    if trusted_platforms is not None or attest.accepted_quote is None:
+        return trusted_platforms
+    host, _, port = str(_own.get("las") or "").rpartition(":")
+    if not port.isdigit():
+        raise ChannelError("this enclave attested to a CAS but knows no LAS")
+    try:
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
+            s.sendall(b'{"op": "platform"}\n')
+            with s.makefile("rb") as f:
+                line = f.readline(attest.MAX_REPLY)
+        public = keys.load_public(str(json.loads(line)["public_key"]).encode())
+    except OSError as e:
+        raise ChannelError(f"the LAS cannot be reached: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChannelError(f"the LAS's platform answer is malformed: {e}") from None
+    trusted_platforms = spawnproto.trusted_platform(attest.accepted_quote, public)
+    return trusted_platforms
+
+
 def give(fd: int, config: bytes) -> None:
     """Run the parent's side on the channel ``fd``: the child gets ``config`` only if it proves it is us.
 
@@ -112,15 +135,16 @@ def give(fd: int, config: bytes) -> None:
         ChannelError: the child is not this enclave's runtime, or the channel was tampered
             with; the child got nothing.
     """
+    trusted = _trusted()
     sock = _sock(fd)
     try:
-        private, hello = spawnproto.hello(quote_required=trusted_platforms is not None)
+        private, hello = spawnproto.hello(quote_required=trusted is not None)
         hello_msg = hello.pack()
         _send(sock, hello_msg)
         deframer = spawnproto.Deframer()
         evidence_msg = _recv(sock, deframer, "evidence from the child")
         evidence = spawnproto.Evidence.unpack(evidence_msg)
-        spawnproto.check_evidence(hello_msg, evidence, _my_report(bytes(64)), trusted_platforms)
+        spawnproto.check_evidence(hello_msg, evidence, _my_report(bytes(64)), trusted)
         key = spawnproto.derive(private, evidence.child_key, hello_msg, evidence_msg)
         _send(sock, spawnproto.seal_config(key, config))
         spawnproto.check_ready(key, _recv(sock, deframer, "acknowledgement from the child"))

@@ -25,7 +25,8 @@ launcher.  ``Op.SPAWN_WAIT`` parks on the reactor on a pidfd (no S-thread waits)
 ``heap`` starts the child with another heap limit and no signature (another
 MRENCLAVE); ``tamper`` flips a byte of the parent's sealed configuration on its way;
 ``replay`` gives the second child the first child's sealed configuration;
-``record:PATH`` relays honestly and appends every frame it relays to PATH.
+``record:PATH`` relays honestly and appends every frame it relays to PATH;
+``las:HOST:PORT`` points the child at another LAS (one the parent's CAS does not trust).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class SpawnHost:
         )  # fmt: skip
         if self._hostile == "heap":  # another runtime: another MRENCLAVE, no signature to refuse it
             child_enclave = dataclasses.replace(child_enclave, heap=enclave.heap // 2, signature=None)
+        if (self._hostile or "").startswith("las:"):  # the child quotes at a LAS of the host's choosing
+            child_enclave = dataclasses.replace(child_enclave, las=str(self._hostile)[len("las:") :])
         child_host = dataclasses.replace(host, hostile=None)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if self._hostile in ("tamper", "replay") or self._recording():  # the enclave talks to a relay

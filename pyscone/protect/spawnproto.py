@@ -207,6 +207,25 @@ def check_evidence(
         raise ChannelError("the child's evidence is not bound to this channel (replayed or relayed)")
 
 
+def trusted_platform(
+    accepted_quote: bytes, public_key: ec.EllipticCurvePublicKey
+) -> dict[bytes, ec.EllipticCurvePublicKey]:
+    """The platform a CAS-attested parent trusts: the one that signed the quote the CAS accepted.
+
+    ``public_key`` comes from the LAS through the host; it is trusted only if it is the key whose
+    id the accepted quote names (SHA-256 of its DER) and that quote's signature verifies under it.
+
+    Raises:
+        ChannelError: the key is not that platform's.
+    """
+    pid = quote.platform_id(public_key)
+    try:
+        quote.verify_quote(accepted_quote, {pid: public_key})
+    except quote.QuoteError as e:
+        raise ChannelError(f"the LAS's platform key is not the one the CAS trusted: {e}") from None
+    return {pid: public_key}
+
+
 def seal_config(key: bytes, config: bytes) -> bytes:
     return AESGCM(key).encrypt(_CONFIG_IV, config, _CONFIG_AAD)
 
