@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYSCONE, run_enclave, write_app
+from conftest import PYSCONE, Server, free_port, run_enclave, wait_port, write_app
 from test_cas import Service, World
 
 from pyscone.host import fspf_tool as tool
@@ -439,3 +441,29 @@ def test_the_platform_key_from_the_las_must_be_the_one_that_signed_the_accepted_
     }
     with pytest.raises(ChannelError, match="not the one the CAS trusted"):
         spawnproto.trusted_platform(accepted, keys.generate().public_key())
+
+
+def test_djangos_auto_reloader_restarts_its_child_enclave(tmp_path: Path) -> None:
+    """``manage.py runserver``: the parent spawns the server child, which exits 3 on a change; again."""
+    pytest.importorskip("django")
+    made = subprocess.run([sys.executable, "-m", "django", "startproject", "proj", str(tmp_path)], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    server = Server(["manage.py", "runserver", f"127.0.0.1:{port}"], tmp_path, port)
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).status == 200
+        # The request imported proj.urls: let the reloader's scan (a stat of every module file, each a host
+        # call) see it once before it changes.
+        time.sleep(6)
+        with open(tmp_path / "proj" / "urls.py", "a") as f:
+            f.write("\n# changed\n")
+        time.sleep(5)  # the reloader looks once a second: the old child exits 3, the parent starts another
+        wait_port(port, timeout=30)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).status == 200
+    finally:
+        _, out, err = server.stop()
+    assert "proj/urls.py changed, reloading." in err, err
+    assert err.count("Watching for file changes with StatReloader") == 2, err
+    # (the second child's stdout is block-buffered and lost when SIGINT stops the parent, which kills
+    # it: natively the same; its stderr is the logging module's, flushed)
+    assert "Starting development server at" in out
