@@ -467,3 +467,28 @@ def test_djangos_auto_reloader_restarts_its_child_enclave(tmp_path: Path) -> Non
     # (the second child's stdout is block-buffered and lost when SIGINT stops the parent, which kills
     # it: natively the same; its stderr is the logging module's, flushed)
     assert "Starting development server at" in out
+
+
+@pytest.mark.parametrize("case", ["console", "pid", "status", "running"])
+def test_a_host_that_lies_about_a_spawned_child_stops_the_enclave(tmp_path: Path, case: str) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import subprocess, sys
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        p.poll()
+        p.wait()
+        print("not stopped")
+        """,
+    )
+    env = {"PYSCONE_TEST_HOSTILE": f"py:spawn_liars:SpawnLie:{case}", "PYTHONPATH": str(Path(__file__).parent)}
+    r = run_enclave(app, cwd=tmp_path, env=env)
+    assert f"pyscone-test: lied about a spawn ({case})" in r.stderr
+    assert "not stopped" not in r.stdout and r.returncode == 86, (r.returncode, r.stderr)
+    reason = {
+        "console": "SPAWN: host returned fd 1, which is already open in the enclave",
+        "pid": "SPAWN_WAIT: wait for pid",
+        "status": "which is no exit",
+        "running": "a child that still runs has no status",
+    }[case]
+    assert "host violation: " in r.stderr and reason in r.stderr, r.stderr
