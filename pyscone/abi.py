@@ -46,6 +46,10 @@ OFF_RESP_TAIL = 192  # written by the host (producer)
 OFF_RESP_HEAD = 256  # written by the enclave (consumer)
 OFF_HOST_SLEEPING = 320  # set by the host before it sleeps on its doorbell
 OFF_ENCLAVE_SLEEPING = 384  # set by the enclave before it sleeps on its doorbell
+#: Set by the host: 0 = no advice, else spin at most (value - 1) microseconds.  A family of
+#: more enclaves than cores loses more to spinning than it gains (each side spins for the
+#: other while the one it waits for needs the core); only speed depends on it.
+OFF_SPIN_HINT = 448
 OFF_FATAL = 1024  # u64 length + message: why the enclave stopped
 FATAL_MAX = 2048
 
@@ -143,6 +147,7 @@ class Op(enum.IntEnum):
     FORK = 60
     FORK_DONE = 61  # a0=lane a1=the child's pid, or -1: the fork failed (the host frees the lane)
     KILL = 62  # a0=pid (as kill(2): <= 0 names a process group) a1=signal
+    FUTIME = 63  # a0=fd a1=have_times a2=atime_ns a3=mtime_ns (os.utime of an open file)
     # spawn (80-89): a fresh child enclave of the same runtime (host/spawn.py, enclave/stdlib/spawn.py).
     # data = SPAWN_FD pairs (child fd, host fd; host fd -1: the host's own) -> pid, data=i32 channel fd
     # (a new AF_UNIX stream socket to the child, for the attested channel: enclave/spawnchan.py).

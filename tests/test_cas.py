@@ -575,3 +575,31 @@ def test_the_cas_admin_trusts_platforms_remotely_and_nobody_else_can(world: Worl
         assert run.returncode == 0, run.stderr  # trusted again, directly in the database
     finally:
         cas.stop()
+
+
+def test_a_forked_child_of_an_attested_enclave_has_its_secrets_and_does_not_attest_again(world: World) -> None:
+    write_app(
+        world.root,
+        """
+        import os, sys
+        pid = os.fork()
+        if pid == 0:
+            print("child", os.environ["TOKEN"] == sys.argv[1], len(sys.argv[1]), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent", os.environ["TOKEN"] == sys.argv[1])
+        """,
+        "forker.py",
+    )
+    mre = world.measure()
+    policy = world.policy(
+        "forking",
+        _service(mre, '[forker.py, "${secret:tok}"]', "    env: {TOKEN: '${secret:tok}'}\n"),
+        "secrets:\n  tok: {kind: password, length: 20}\n",
+    )
+    assert world.owner("session", "create", str(policy)).returncode == 0
+    r = world.run("forking/app")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["child True 20", "parent True"]
+    audit = world.owner("audit", "forking")
+    assert audit.stdout.count(" attest  ok") == 1  # the family attested once: the child is no stranger

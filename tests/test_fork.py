@@ -59,12 +59,16 @@ def test_fds_are_shared_across_the_fork_as_natively(tmp_path: Path) -> None:
         c.sendall(b"hello from the parent")
         print(c.recv(100).decode())
         os.waitpid(pid, 0)
-        f.write("parent-after\\n"); f.close()
+        f.write("parent-after\\n"); f.flush()
+        os.utime(f.fileno(), ns=(10**18, 2 * 10**18))  # futimens, as gunicorn's worker heartbeat does
+        print(os.fstat(f.fileno()).st_mtime_ns == 2 * 10**18)
+        f.close()
         print(open("log.txt").read().split())
         """,
     )
     assert _lines(run_enclave(app, cwd=tmp_path)) == [
         "HELLO FROM THE PARENT",
+        "True",
         "['parent-before', 'child', 'parent-after']",
     ]
 

@@ -658,6 +658,7 @@ VALIDATORS: dict[int, Validator] = {
     Op.FORK: _lane,
     Op.FORK_DONE: _none,
     Op.KILL: _none,
+    Op.FUTIME: _none,
     Op.SPAWN: _spawn,
     Op.SPAWN_WAIT: _spawn_wait,
     Op.SPAWN_KILL: _none,

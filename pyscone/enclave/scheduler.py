@@ -523,12 +523,18 @@ class Scheduler:
             self.client.wait(self._next_timeout())
 
     def settle(self) -> None:
-        """Wait in place until no fire-and-forget call is queued or in flight (before a fork:
-        a close the host has not done yet would leave the child's host a descriptor too many)."""
-        while self._deferred or any(call is None for call in self._waiting.values()):
+        """Wait in place until no fire-and-forget or :meth:`started <start>` call is queued or in
+        flight (before a fork).  A close the host has not done yet would leave the child's host
+        a descriptor too many; a started call (a read-ahead, a write-behind) is then answered in
+        the memory the child inherits, so that either process can :meth:`finish` it.  (Calls that
+        lthreads wait for may wait forever, an ``accept``: they stay the parent's.)"""
+        while self._unsettled():
             self._drain()
-            if self._deferred or any(call is None for call in self._waiting.values()):
+            if self._unsettled():
                 self.client.wait(None)
+
+    def _unsettled(self) -> bool:
+        return bool(self._deferred) or any(call is None or call.lt is None for call in self._waiting.values())
 
     def after_fork_child(self, client: SyscallClient) -> list[LThread]:
         """In a forked child: run on ``client`` (the child's lane) with only the forking lthread.
@@ -546,8 +552,7 @@ class Scheduler:
         self._slot_waiters.clear()
         self._pending_cancels.clear()
         self._deferred.clear()
-        self._replies.clear()
-        self._signals.clear()
+        self._signals.clear()  # (the replies stay: those of started calls are the child's to finish too)
         self._interrupt = None
         self.lthreads = {} if me is None else {me.ident: me}
         if me is not None and me is not self.main:

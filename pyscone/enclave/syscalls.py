@@ -130,7 +130,8 @@ class SyscallClient:
         """
         resp = self.responses
         start = time.perf_counter()
-        spin_until = start + self.spin
+        hint = self.region.flag(abi.OFF_SPIN_HINT)  # the host's advice (only speed depends on it)
+        spin_until = start + (self.spin if not hint else min(self.spin, (hint - 1) / 1e6))
         while time.perf_counter() < spin_until:
             if resp.pending():
                 return

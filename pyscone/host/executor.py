@@ -218,6 +218,7 @@ class Executor:
             Op.FORK: self._fork,
             Op.FORK_DONE: self._fork_done,
             Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
+            Op.FUTIME: self._futime,
             Op.SPAWN: self.spawner.spawn,
             Op.SPAWN_WAIT: self.spawner.wait,
             Op.SPAWN_KILL: self.spawner.kill,
@@ -316,6 +317,7 @@ class Executor:
         reqs, region, ep = self.requests, self.region, self._ep
         done: list[int] = []
         spin_until = 0.0
+        next_advice = 0.0
         while not self._stop:
             tail = reqs.peek_tail()
             busy = False
@@ -333,6 +335,9 @@ class Executor:
                 self._publish(done)
                 done = []
             now = time.perf_counter()
+            if now >= next_advice:
+                next_advice = now + 0.05
+                self._advise()
             if busy:
                 spin_until = now + self.spin
                 continue
@@ -358,6 +363,15 @@ class Executor:
                 else:
                     self._on_ready(fd, ev, done)
             spin_until = time.perf_counter() + self.spin
+
+    def _advise(self) -> None:
+        """Spin (both sides) only while the family leaves cores to spin on."""
+        if self.family is None:
+            return
+        self.family.reap()
+        spin = 0.0 if self.family.crowded() else self.spin_max
+        self.spin = spin
+        self.region.set_flag(abi.OFF_SPIN_HINT, int(spin * 1e6) + 1)
 
     def _dispatch(self, sid: int, done: list[int]) -> None:
         if sid >= self.geometry.nslots:
@@ -684,6 +698,13 @@ class Executor:
     def _symlink(self, a: tuple[int, ...], d: bytes) -> Answer:
         target, link = d.split(b"\0", 1)
         os.symlink(_path(target), _path(link))
+        return _OK
+
+    def _futime(self, a: tuple[int, ...], d: bytes) -> Answer:
+        if a[1]:
+            os.utime(a[0], ns=(a[2], a[3]))
+        else:
+            os.utime(a[0])
         return _OK
 
     def _utime(self, a: tuple[int, ...], d: bytes) -> Answer:

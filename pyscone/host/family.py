@@ -36,7 +36,6 @@ import select
 import signal
 import struct
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -50,7 +49,7 @@ _OWNER = struct.Struct("<q")
 #: The header words a lane's next user must find at zero: counters, sleep flags, fatal length.
 _RESET_WORDS = (
     abi.OFF_REQ_TAIL, abi.OFF_REQ_HEAD, abi.OFF_RESP_TAIL, abi.OFF_RESP_HEAD,
-    abi.OFF_HOST_SLEEPING, abi.OFF_ENCLAVE_SLEEPING, abi.OFF_FATAL,
+    abi.OFF_HOST_SLEEPING, abi.OFF_ENCLAVE_SLEEPING, abi.OFF_FATAL, abi.OFF_SPIN_HINT,
 )  # fmt: skip
 
 
@@ -124,8 +123,8 @@ class LanePool:
             self._set_owner(lane.index, 0)
 
     def in_use(self) -> int:
-        with self._locked():
-            return sum(1 for index in self.lanes if (o := self._owner(index)) and _alive(o))
+        """How many lanes a live process holds (read without the lock: for advice only)."""
+        return sum(1 for index in self.lanes if (o := self._owner(index)) and _alive(o))
 
     def close(self) -> None:
         for lane in self.lanes.values():
@@ -172,7 +171,13 @@ class HostFamily:
 
     def __init__(self, pool: LanePool) -> None:
         self.pool = pool
+        self.cpus = os.cpu_count() or 1
         self._pending: dict[int, int] = {}  # lane -> write end of the pipe that carries the child's pid
+        self._copies: set[int] = set()  # forked copies of this host process, not yet reaped
+
+    def crowded(self) -> bool:
+        """Whether the family's enclaves and their hosts outnumber the cores (then nobody should spin)."""
+        return 2 * (1 + self.pool.in_use()) > self.cpus
 
     def fork(self, ex: Executor) -> Answer:
         lane = self.pool.take()
@@ -200,9 +205,19 @@ class HostFamily:
                 os._exit(code)
         os.close(r)
         self._pending[lane.index] = w
-        # Reap the copy when it is done (it exits when the child enclave has).
-        threading.Thread(target=_reap, args=(pid,), name=f"pyscone-reap-{pid}", daemon=True).start()
+        self._copies.add(pid)  # reaped by reap() when done (it exits when the child enclave has)
         return (lane.index, 0, b"")
+
+    def reap(self) -> None:
+        """Reap the copies of this host process that are done (the dispatcher calls it now and then;
+        a thread per fork would cost the fork itself a thread start)."""
+        for pid in list(self._copies):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._copies.discard(pid)
 
     def fork_done(self, lane: int, pid: int) -> Answer:
         w = self._pending.pop(lane, None)
@@ -226,6 +241,7 @@ class HostFamily:
         for w in self._pending.values():  # the parent's other forks in progress are its own
             os.close(w)
         self._pending = {}
+        self._copies = set()
         from pyscone.host.executor import Executor
 
         ex = Executor.forked_from(parent, lane.region, lane.bell_host, lane.bell_enclave)
@@ -253,13 +269,6 @@ def _wait_exit(pid: int) -> None:
         select.select([fd], [], [])
     finally:
         os.close(fd)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 def _reap_children(*, deadline: float) -> None:

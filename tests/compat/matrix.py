@@ -78,6 +78,8 @@ CASES: tuple[Case, ...] = (
         ("flask_waitress.py", "{port}"), '"items":[0,1,2]', path="/api/items/3"),
     _server("flask-devserver", "Flask dev server (app.run, werkzeug)", ("flask_devserver.py",),
         ("flask_devserver.py", "{port}"), "hello from the flask dev server"),
+    _server("flask-gunicorn", "Flask on gunicorn, 2 pre-fork sync workers (os.fork)", ("flask_gunicorn.py",),
+        ("-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}", "flask_gunicorn:app"), "hello from flask on gunicorn"),
     _server("flask-cli-run", "flask run (python -m flask, entry points)", ("flask_cli_app.py",),
         ("-m", "flask", "--app", "flask_cli_app", "run", "--port", "{port}", "--no-reload"), "hello from flask run"),
     _server("django-runserver", "Django manage.py runserver --noreload", DJANGO,

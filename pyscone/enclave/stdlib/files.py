@@ -574,6 +574,15 @@ def utime(
     if times is not None:
         ns = (int(times[0] * 1e9), int(times[1] * 1e9))
     args = (1, ns[0], ns[1]) if ns is not None else (0, 0, 0)
+    if isinstance(path, int):  # futimens (gunicorn's worker heartbeat is one)
+        fd = dups.resolve(path)
+        if pipes.is_local(fd) or _vfd(fd):
+            raise OSError(
+                errno.ENOSYS, "os.utime of an open protected file or pipe is not supported inside a pyscone enclave"
+            )
+        _fds.kind(fd)
+        _call(Op.FUTIME, (fd, *args))
+        return None
     p = abspath(path)
     if sh := _shielded(p):
         return sh.utime(p, args)

@@ -99,6 +99,7 @@ class EnclaveSocket(_StdSocket):
         self._proto = proto
         self._timeout: float | None = timeout
         self._sockname: Any = None
+        self._listening = False
         if fileno is None or timeout is not None:
             # As CPython: a socket made on an existing fd leaves its O_NONBLOCK alone unless
             # a default timeout is set (the fd may be a dup whose flag another socket relies on).
@@ -212,6 +213,7 @@ class EnclaveSocket(_StdSocket):
         # a burst (the kernel drops handshakes and clients retry for seconds).  The backlog is
         # a hint the kernel caps anyway; a larger one changes no behaviour an app relies on.
         _call(Op.LISTEN, (self._live(), max(backlog, LISTEN_BACKLOG_FLOOR)))
+        self._listening = True
 
     def _accept(self) -> tuple[int, Any]:
         _fd, (newfd, addr, _local) = self._io(Op.ACCEPT, (self._live(),))
@@ -342,7 +344,10 @@ class EnclaveSocket(_StdSocket):
     def getsockname(self) -> Any:
         if self._sockname is not None and self._fd >= 0:
             return self._sockname
-        return _call(Op.GETSOCKNAME, (self._live(),))[1]
+        name = _call(Op.GETSOCKNAME, (self._live(),))[1]
+        if self._listening:  # nor does a listening one's (gunicorn asks it once per request)
+            self._sockname = name
+        return name
 
     def getpeername(self) -> Any:
         return _call(Op.GETPEERNAME, (self._live(),))[1]
