@@ -492,3 +492,25 @@ def test_a_host_that_lies_about_a_spawned_child_stops_the_enclave(tmp_path: Path
         "running": "a child that still runs has no status",
     }[case]
     assert "host violation: " in r.stderr and reason in r.stderr, r.stderr
+
+
+def test_a_spawned_child_does_not_outlive_its_parents_launcher(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import os, subprocess, sys, time
+        code = "import os, time; print('child', os.getpid(), flush=True); time.sleep(60)"
+        p = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(1.5)
+        print("helper", p.pid, flush=True)
+        """,  # the parent exits without waiting
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pids = {line.split()[0]: int(line.split()[1]) for line in r.stdout.splitlines()}
+    assert set(pids) == {"child", "helper"}, r.stdout
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids.values()):
+        time.sleep(0.1)
+    alive = [name for name, pid in pids.items() if Path(f"/proc/{pid}").exists()]
+    assert not alive, alive
