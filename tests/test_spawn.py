@@ -514,3 +514,37 @@ def test_a_spawned_child_does_not_outlive_its_parents_launcher(tmp_path: Path) -
         time.sleep(0.1)
     alive = [name for name, pid in pids.items() if Path(f"/proc/{pid}").exists()]
     assert not alive, alive
+
+
+def test_pass_fds_gives_the_child_host_sockets_and_files_at_their_numbers(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import os, socket, subprocess, sys
+        a, b = socket.socketpair()
+        f = open("passed.txt", "wb")
+        os.set_inheritable(b.fileno(), True)
+        code = (
+            "import os, socket, sys\\n"
+            "s = socket.socket(fileno=int(sys.argv[1]))\\n"
+            "s.sendall(b'hello over ' + s.family.name.encode())\\n"
+            "print('from the child', s.recv(100).decode(), flush=True)\\n"
+            "os.write(int(sys.argv[2]), b'written by the child')\\n"
+        )
+        p = subprocess.Popen([sys.executable, "-c", code, str(b.fileno()), str(f.fileno())],
+                             pass_fds=(b.fileno(), f.fileno()))
+        print(a.recv(100).decode(), flush=True)
+        a.sendall(b"and back")
+        print("rc", p.wait(), flush=True)
+        f.close()
+        print(open("passed.txt").read())
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "hello over AF_UNIX",
+        "from the child and back",
+        "rc 0",
+        "written by the child",
+    ]

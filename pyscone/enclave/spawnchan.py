@@ -227,7 +227,8 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
     cfg["bytecode_cache"] = doc.get("bytecode_cache")
     if cfg["bytecode_cache"] and cfg.get("cas"):
         cfg["bytecode_key"] = cfg["bytecode_cache"]["key"]
+    kinds = {v for k, v in vars(iago.FdTable).items() if k.isupper() and isinstance(v, str)}
     for n, kind, fam, typ, proto, flags in doc["fds"]:
-        if kind not in (iago.FdTable.FILE, iago.FdTable.SOCKET):
+        if kind not in kinds - {iago.FdTable.CONSOLE}:
             raise ValueError(f"fd {n} of kind {kind}")
         iago.fds.adopt(int(n), str(kind), int(fam), type=int(typ), proto=int(proto), flags=int(flags))

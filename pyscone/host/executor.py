@@ -718,10 +718,11 @@ class Executor:
 
     def adopt_inherited(self, fd: int) -> None:
         """Serve a host fd this process inherited (a spawned enclave's channel and passed fds)."""
-        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
             self._adopt(socket.socket(fileno=fd))
-        else:
-            self._files.add(fd)
+        elif stat.S_ISREG(mode):
+            self._files.add(fd)  # (anything else, a FIFO or a device, is read and written on S-threads)
 
     def _sock(self, fd: int) -> socket.socket:
         s = self._socks.get(fd)
