@@ -226,7 +226,7 @@ class Executor:
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
         self._pooled = frozenset(
-            {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME}
+            {Op.OPEN, Op.FSYNC, Op.STATVFS, Op.STAT, Op.LISTDIR, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FORK}
             | {
                 Op.FTRUNCATE,
                 Op.PWRITE_SYNC,

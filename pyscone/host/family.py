@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from pyscone.host.executor import Answer, Executor
 
 _PR_SET_PDEATHSIG = 1
+#: How long a fork waits for a lane that a child which just exited is about to give back.
+_LANE_WAIT_S = 2.0
 _OWNER = struct.Struct("<q")
 #: The header words a lane's next user must find at zero: counters, sleep flags, fatal length.
 _RESET_WORDS = (
@@ -99,18 +101,26 @@ class LanePool:
     def fds(self) -> list[int]:
         return [fd for lane in self.lanes.values() for fd in (lane.region.fd, lane.bell_host, lane.bell_enclave)]
 
-    def take(self) -> Lane | None:
-        """A free lane, now held by this process; ``None`` if every lane is in use."""
-        with self._locked():
-            for index, lane in self.lanes.items():
-                owner = self._owner(index)
-                if owner and _alive(owner):
-                    continue
-                if owner:  # its holder died without freeing it
-                    lane.reset()
-                self._set_owner(index, os.getpid())
-                return lane
-        return None
+    def take(self, wait: float = 0.0) -> Lane | None:
+        """A free lane, now held by this process; ``None`` if every lane stays in use for ``wait`` s.
+
+        (A lane comes back a moment after its child exits, when its server has seen the exit:
+        a parent that forks and reaps in a loop may be that moment ahead of it.)
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            with self._locked():
+                for index, lane in self.lanes.items():
+                    owner = self._owner(index)
+                    if owner and _alive(owner):
+                        continue
+                    if owner:  # its holder died without freeing it
+                        lane.reset()
+                    self._set_owner(index, os.getpid())
+                    return lane
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.001)
 
     def hold(self, lane: Lane) -> None:
         """This process (the lane's server, just forked) holds ``lane`` from now on."""
@@ -180,7 +190,7 @@ class HostFamily:
         return 2 * (1 + self.pool.in_use()) > self.cpus
 
     def fork(self, ex: Executor) -> Answer:
-        lane = self.pool.take()
+        lane = self.pool.take(wait=_LANE_WAIT_S)
         if lane is None:
             return (-1, errno.EAGAIN, b"")
         r, w = os.pipe()
@@ -244,14 +254,18 @@ class HostFamily:
         self._copies = set()
         from pyscone.host.executor import Executor
 
-        ex = Executor.forked_from(parent, lane.region, lane.bell_host, lane.bell_enclave)
-        ex.family = self
-        ex.start()
+        # The parent's answer and the enclave's own fork come first; the child's calls wait in
+        # its ring for the moment this copy takes to start serving them.
         raw = os.read(pid_pipe, _OWNER.size)
         os.close(pid_pipe)
         pid = _OWNER.unpack(raw)[0] if len(raw) == _OWNER.size else -1
-        if pid > 0:
-            _wait_exit(pid)
+        if pid <= 0:  # the enclave's fork failed
+            self.pool.free(lane)
+            return
+        ex = Executor.forked_from(parent, lane.region, lane.bell_host, lane.bell_enclave)
+        ex.family = self
+        ex.start()
+        _wait_exit(pid)
         ex.stop()
         reason = lane.region.read_fatal()
         if reason:
