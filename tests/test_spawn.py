@@ -548,3 +548,31 @@ def test_pass_fds_gives_the_child_host_sockets_and_files_at_their_numbers(tmp_pa
         "rc 0",
         "written by the child",
     ]
+
+
+def test_a_forked_child_spawns_and_waits_for_its_own_children(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import os, subprocess, sys
+        mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.waitpid(mine.pid, os.WNOHANG)  # the parent's spawned child is not ours
+            except ChildProcessError:
+                print("not mine", flush=True)
+            r = subprocess.run([sys.executable, "-c", "print('spawned by a forked child', flush=True); exit(2)"])
+            print("forked child: spawned rc", r.returncode, flush=True)
+            os._exit(0)
+        print("parent: forked rc", os.waitpid(pid, 0)[1] >> 8, "spawned rc", mine.wait(), flush=True)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "not mine",
+        "spawned by a forked child",
+        "forked child: spawned rc 2",
+        "parent: forked rc 0 spawned rc 0",
+    ]

@@ -261,6 +261,7 @@ class Executor:
         )
         ex._socks = dict(parent._socks)
         ex._files = set(parent._files)
+        ex.spawner.template = parent.spawner.template  # a forked enclave spawns as its parent does
         return ex
 
     # -- life cycle ---------------------------------------------------------------------
