@@ -413,24 +413,43 @@ def test_an_attested_parent_configures_a_child_that_quotes_on_its_platform(world
     r = world.run("spawner/app")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["child 0 configured", "exit 0", "child 1 configured", "exit 0"]
-    audit = world.owner("audit", "spawner")
-    assert audit.stdout.count(" attest  ok") == 1  # the CAS saw the parent only: its children are its family's
+    audit = world.owner("audit", "spawner").stdout
+    # The parent attested once (one run); each child joined as a spawned child of the service.
+    assert audit.count(" attest  ok") == 1 and audit.count(" join    ok") == 2, audit
+
+
+def _run_hostile(world: World, lie: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PYSCONE, "run", *world.pin, "--session", "spawner/app", "--las", f"127.0.0.1:{world.las.port}"],
+        cwd=world.root, env={**os.environ, "PYSCONE_TEST_HOSTILE_SPAWN": lie}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
 
 
 def test_a_child_quoting_on_another_platform_gets_nothing(world: World, tmp_path: Path) -> None:
     """The host runs a LAS of its own, which signs any report (as any simulated LAS does)."""
     rogue = Service(["las", "--dir", str(tmp_path / "rogue"), "--listen", "127.0.0.1:0"], r":(\d+)$")
     try:
-        env = {"PYSCONE_TEST_HOSTILE_SPAWN": f"las:127.0.0.1:{rogue.port}"}
-        r = subprocess.run(
-            [*PYSCONE, "run", *world.pin, "--session", "spawner/app", "--las", f"127.0.0.1:{world.las.port}"],
-            cwd=world.root, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        r = _run_hostile(world, f"las:127.0.0.1:{rogue.port}")
     finally:
         rogue.stop()
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and all("quote from an untrusted platform" in line for line in lines), lines
+
+
+def test_a_host_cannot_play_the_parent_of_an_attested_child(world: World) -> None:
+    """The host answers the child itself, with its own program: the child asks the CAS for the
+    service's spawn key (as a spawned child: no run starts), and the host has no proof of it."""
+    joins = world.owner("audit", "spawner").stdout.count(" join    ok")
+    r = _run_hostile(world, "impostor")
+    assert r.returncode == 0, r.stderr
+    assert "HOST CODE RAN" not in r.stdout and "configured" not in r.stdout
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused 13 ") for line in lines), lines
+    assert r.stderr.count("the parent is not an attested enclave of this service") == 2, r.stderr
+    # The CAS vouched for each child (they joined), and each then refused the host's configuration.
+    assert world.owner("audit", "spawner").stdout.count(" join    ok") == joins + 2
 
 
 def test_the_platform_key_from_the_las_must_be_the_one_that_signed_the_accepted_quote() -> None:
@@ -576,3 +595,16 @@ def test_a_forked_child_spawns_and_waits_for_its_own_children(tmp_path: Path) ->
         "forked child: spawned rc 2",
         "parent: forked rc 0 spawned rc 0",
     ]
+
+
+def test_the_parents_proof_is_the_transcripts_hmac_under_the_spawn_key() -> None:
+    key, other = os.urandom(32), os.urandom(32)
+    proof = spawnproto.parent_proof(key, b"hello", b"evidence")
+    spawnproto.check_parent_proof(key, proof, b"hello", b"evidence")
+    for bad in (
+        (other, proof, b"hello", b"evidence"),  # another service's key
+        (key, proof, b"hello", b"other evidence"),  # another channel's transcript
+        (key, spawnproto.parent_proof(None, b"hello", b"evidence"), b"hello", b"evidence"),  # no CAS
+    ):
+        with pytest.raises(ChannelError, match="not an attested enclave"):
+            spawnproto.check_parent_proof(*bad)

@@ -378,6 +378,7 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     cfg["files"] = config["files"]
     cfg["network"] = config.get("network")  # the CAS's rules, never the host's
     cfg["bytecode_key"] = config.get("bytecode_key")  # the CAS's, never the host's
+    cfg["spawn_key"] = config.get("spawn_key")  # the CAS's: proves to a spawned child that we are its parent
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
     cfg["console"] = config.get("console")  # (a spawned child gets it from this enclave)

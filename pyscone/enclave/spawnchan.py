@@ -100,6 +100,7 @@ def child_config(argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[
         "network": _own.get("network"),
         "console": _own.get("console"),
         "bytecode_cache": {"dir": cache["dir"], "key": key} if cache.get("dir") and key else None,
+        "spawn_key": _own.get("spawn_key"),
         "fds": fds,
     }
     return json.dumps(doc).encode()
@@ -146,7 +147,9 @@ def give(fd: int, config: bytes) -> None:
         evidence = spawnproto.Evidence.unpack(evidence_msg)
         spawnproto.check_evidence(hello_msg, evidence, _my_report(bytes(64)), trusted)
         key = spawnproto.derive(private, evidence.child_key, hello_msg, evidence_msg)
-        _send(sock, spawnproto.seal_config(key, config))
+        spawn_key = bytes.fromhex(_own["spawn_key"]) if _own.get("spawn_key") else None
+        proof = spawnproto.parent_proof(spawn_key, hello_msg, evidence_msg)
+        _send(sock, spawnproto.seal_config(key, proof + config))
         spawnproto.check_ready(key, _recv(sock, deframer, "acknowledgement from the child"))
     finally:
         sock.close()
@@ -155,8 +158,11 @@ def give(fd: int, config: bytes) -> None:
 # -- the child ------------------------------------------------------------------------------
 
 
-def receive(fd: int, las: str | None) -> dict[str, Any]:
+def receive(fd: int, las: str | None, cas: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the child's side on the channel ``fd``; return the parent's configuration.
+
+    ``cas``: this enclave's CAS pin and session (``{"cas": ..., "session": "NAME/SERVICE"}``):
+    the parent must prove it holds the service's spawn key, which the CAS gives us here.
 
     Raises:
         ChannelError: the hello or the configuration is not from our parent's channel.
@@ -185,7 +191,10 @@ def receive(fd: int, las: str | None) -> dict[str, Any]:
         evidence_msg = evidence.pack()
         _send(sock, evidence_msg)
         key = spawnproto.derive(private, hello.parent_key, hello_msg, evidence_msg)
-        config = spawnproto.open_config(key, _recv(sock, deframer, "configuration from the parent"))
+        opened = spawnproto.open_config(key, _recv(sock, deframer, "configuration from the parent"))
+        proof, config = opened[:32], opened[32:]
+        if cas is not None:
+            spawnproto.check_parent_proof(_join(cas, las), proof, hello_msg, evidence_msg)
         _send(sock, spawnproto.seal_ready(key))
     finally:
         sock.close()
@@ -198,10 +207,29 @@ def receive(fd: int, las: str | None) -> dict[str, Any]:
     return doc
 
 
+def _join(cas: dict[str, Any], las: str | None) -> bytes:
+    """With a CAS: attest to it as a spawned child of the session's service; its spawn key."""
+    from pyscone.enclave import cas_client
+
+    session, _, service = str(cas.get("session") or "").partition("/")
+    host, _, port = (las or "").rpartition(":")
+    if not (session and service and port.isdigit()):
+        raise ChannelError("this enclave names no session/service or LAS to check its parent with")
+    try:
+        answer = cas_client.attest_to(cas["cas"], session, service, (host, int(port)), join=True)
+        key = bytes.fromhex(str(answer["spawn_key"]))
+    except attest.AttestationError as e:
+        raise ChannelError(f"the CAS does not vouch for this child: {e}") from None
+    except (KeyError, ValueError):
+        raise ChannelError("the CAS gave no spawn key") from None
+    return key
+
+
 def from_parent(cfg: dict[str, Any]) -> str | None:
     """Boot of a spawned child: take the configuration from the parent.  Returns an error."""
     try:
-        doc = receive(int(cfg["spawn_channel"]), cfg.get("las"))
+        cas = {"cas": cfg["cas"], "session": cfg.get("session")} if cfg.get("cas") else None
+        doc = receive(int(cfg["spawn_channel"]), cfg.get("las"), cas)
         _apply(cfg, doc)
     except ChannelError as e:
         return f"spawned child: {e}; it gets nothing from its parent and does not run"
@@ -227,6 +255,7 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
     cfg["bytecode_cache"] = doc.get("bytecode_cache")
     if cfg["bytecode_cache"] and cfg.get("cas"):
         cfg["bytecode_key"] = cfg["bytecode_cache"]["key"]
+    cfg["spawn_key"] = doc.get("spawn_key")  # (for the children it spawns)
     kinds = {v for k, v in vars(iago.FdTable).items() if k.isupper() and isinstance(v, str)}
     for n, kind, fam, typ, proto, flags in doc["fds"]:
         if kind not in kinds - {iago.FdTable.CONSOLE}:

@@ -26,7 +26,8 @@ launcher.  ``Op.SPAWN_WAIT`` parks on the reactor on a pidfd (no S-thread waits)
 MRENCLAVE); ``tamper`` flips a byte of the parent's sealed configuration on its way;
 ``replay`` gives the second child the first child's sealed configuration;
 ``record:PATH`` relays honestly and appends every frame it relays to PATH;
-``las:HOST:PORT`` points the child at another LAS (one the parent's CAS does not trust).
+``las:HOST:PORT`` points the child at another LAS (one the parent's CAS does not trust);
+``impostor`` plays the child's parent itself, with a program of its own.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ class SpawnHost:
             child_enclave = dataclasses.replace(child_enclave, las=str(self._hostile)[len("las:") :])
         child_host = dataclasses.replace(host, hostile=None)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self._hostile in ("tamper", "replay") or self._recording():  # the enclave talks to a relay
+        if self._hostile == "impostor":  # the host plays the parent; the enclave's end leads nowhere
+            threading.Thread(target=_impostor, args=(parent_end,), daemon=True).start()
+            parent_end, nowhere = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            nowhere.close()
+        elif self._hostile in ("tamper", "replay") or self._recording():  # the enclave talks to a relay
             to_enclave, to_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             threading.Thread(target=self._lie, args=(to_relay, parent_end), daemon=True).start()
             parent_end = to_enclave
@@ -201,6 +206,32 @@ class SpawnHost:
             self._replayed = sealed  # the first child gets the honest message
             return sealed
         return self._replayed
+
+
+def _impostor(child: socket.socket) -> None:
+    """Play the parent: answer the child's evidence with a configuration of the host's own."""
+    import json as json_mod
+
+    from pyscone.protect import spawnproto
+
+    try:
+        private, hello = spawnproto.hello(quote_required=False)
+        hello_msg = hello.pack()
+        child.sendall(spawnproto.frame(hello_msg))
+        evidence_msg = _recv_exact(child, struct.unpack(">I", _recv_exact(child, 4))[0])
+        evidence = spawnproto.Evidence.unpack(evidence_msg)
+        key = spawnproto.derive(private, evidence.child_key, hello_msg, evidence_msg)
+        config = {
+            "command": "print('HOST CODE RAN', flush=True)", "module": False, "argv": ["-c"], "env": {}, "cwd": "/",
+            "family_key": "00" * 32, "fspf": None, "network": None, "console": None, "bytecode_cache": None, "fds": [],
+        }  # fmt: skip
+        proof = spawnproto.parent_proof(None, hello_msg, evidence_msg)
+        child.sendall(spawnproto.frame(spawnproto.seal_config(key, proof + json_mod.dumps(config).encode())))
+        child.recv(4096)
+    except (OSError, ValueError, spawnproto.ChannelError, struct.error):
+        pass
+    finally:
+        child.close()
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:

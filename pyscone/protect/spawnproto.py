@@ -15,7 +15,10 @@ it over this channel, which the host relays and can neither read nor change:
 3. The parent checks it (:func:`check_evidence`): the child's identity must be
    the parent's own, bound to this hello.  Both derive one key:
    ``HKDF-SHA256(X25519, salt=nonce, info=domain || H(HELLO || EVIDENCE))``.
-4. ``CONFIG`` parent -> child: the configuration, AES-GCM sealed under that key.
+4. ``CONFIG`` parent -> child: the configuration, AES-GCM sealed under that key, after the
+   parent's proof (:func:`parent_proof`): with a CAS, an HMAC of the transcript under the
+   service's spawn key, which a child started with a CAS gets from the CAS (``/v1/join``)
+   and checks, so that a host cannot play the parent of a CAS-mode enclave.
 5. ``READY`` child -> parent: a sealed acknowledgement; only then does the
    parent's ``Popen`` return (a child that got nothing is reported to the parent).
 
@@ -33,6 +36,7 @@ Frames on the stream are a u32 big-endian length and the message.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Mapping
@@ -59,6 +63,7 @@ _FLAG_QUOTE = 1
 _KDF_INFO = b"pyscone-spawn-channel-v1\0"
 _CONFIG_AAD = b"pyscone-spawn-config-v1\0"
 _READY_AAD = b"pyscone-spawn-ready-v1\0"
+_PARENT_DOMAIN = b"pyscone-spawn-parent-v1\0"
 _CONFIG_IV = bytes(11) + b"\x01"
 _READY_IV = bytes(11) + b"\x02"
 
@@ -224,6 +229,23 @@ def trusted_platform(
     except quote.QuoteError as e:
         raise ChannelError(f"the LAS's platform key is not the one the CAS trusted: {e}") from None
     return {pid: public_key}
+
+
+def parent_proof(spawn_key: bytes | None, hello_msg: bytes, evidence_msg: bytes) -> bytes:
+    """What a CAS-attested parent puts before the configuration: an HMAC of the transcript under the
+    service's spawn key (which the CAS gives only to the service's attested enclaves), or 32 zero
+    bytes without a CAS.  A child started with a CAS checks it, so a host cannot play its parent."""
+    if spawn_key is None:
+        return bytes(32)
+    h = hmac.new(spawn_key, _PARENT_DOMAIN, hashlib.sha256)
+    h.update(hashlib.sha256(hello_msg + evidence_msg).digest())
+    return h.digest()
+
+
+def check_parent_proof(spawn_key: bytes, proof: bytes, hello_msg: bytes, evidence_msg: bytes) -> None:
+    """Raises ChannelError unless ``proof`` is the transcript's HMAC under ``spawn_key``."""
+    if not hmac.compare_digest(proof, parent_proof(spawn_key, hello_msg, evidence_msg)):
+        raise ChannelError("the parent is not an attested enclave of this service (no proof of its spawn key)")
 
 
 def seal_config(key: bytes, config: bytes) -> bytes:
