@@ -608,3 +608,12 @@ def test_the_parents_proof_is_the_transcripts_hmac_under_the_spawn_key() -> None
     ):
         with pytest.raises(ChannelError, match="not an attested enclave"):
             spawnproto.check_parent_proof(*bad)
+
+
+def test_in_dev_mode_a_host_may_play_the_parent(tmp_path: Path) -> None:
+    """Dev mode's limit, kept visible: no CAS vouches for the parent, so the host can configure the child
+    (as it configures every dev-mode enclave); the app's Popen still fails, as the host is no child."""
+    app = write_app(tmp_path, _TWO_CHILDREN)
+    r = run_enclave(app, cwd=tmp_path, env={"PYSCONE_TEST_HOSTILE_SPAWN": "impostor"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("HOST CODE RAN") == 2 and r.stdout.count("refused 13 ") == 2, r.stdout
