@@ -282,3 +282,22 @@ def test_no_enclave_outlives_a_killed_launcher_or_parent(tmp_path: Path, victim:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_apps_fork_hooks_run_in_the_child_on_its_own_lane(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import os
+        os.register_at_fork(before=lambda: print("before", flush=True),
+                            after_in_child=lambda: print("in child", flush=True),
+                            after_in_parent=lambda: print("in parent", flush=True))
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("done")
+        """,
+    )
+    out = _lines(run_enclave(app, cwd=tmp_path))
+    assert out[0] == "before" and out[-1] == "done" and sorted(out[1:3]) == ["in child", "in parent"]

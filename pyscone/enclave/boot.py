@@ -227,7 +227,7 @@ def _console_on(spec: Any, slot_data: int) -> str | None:
 
     try:
         key = bytes.fromhex(str(spec["key"]))
-        console_shield.turn_on(key, os.urandom(16), slot_data)
+        console_shield.turn_on(key, os.urandom(16), slot_data, console_shield.lineage_in(spec))  # (spawned: a parent)
     except (KeyError, TypeError, ValueError) as e:
         return f"cannot turn the console shield on: {e}"
     return None

@@ -2,13 +2,17 @@
 
 Turns record lines (a live stream on stdin, or log files) back into the app's stdout and
 stderr, in the app's order, and says on stderr, one line each, what the host did to
-them; or makes stdin records for the app from plain lines (``--encode-input``).  It runs
+them.  A log of an app that forks holds a family of runs (the app's and each child's,
+interleaved): each run is checked on its own, each child's exit status is reported, and
+each run's output comes out in its order (across processes, as the host received it).
+Or it makes stdin records for the app from plain lines (``--encode-input``).  It runs
 where the owner's key is, never on the untrusted host.  The checks are those of
 :class:`pyscone.protect.console.Decoder`.
 
 Exit status: 0 for a clean stream, 1 if the host forged, reordered, dropped or replayed
-records, 3 if the only problem is a missing end record (the app did not exit cleanly, or
-the log was cut short: the two look the same), 2 for a usage error.
+records (or pasted in a run of another log), 3 if the only problems are missing end
+records or missing child runs (a process did not exit cleanly, or the log was cut short:
+the two look the same), 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -149,27 +153,28 @@ def decode(key: bytes, logs: list[str]) -> int:
     decoders, outputs = [], []
     for path in logs:
         dec = fmt.Decoder(key)
+        mine = []
         with _open(path) as src:
             events = [ev for n, line in _lines(src) for ev in dec.feed(line, n)]
         events += dec.finish()
         for ev in events:
             if isinstance(ev, fmt.Output):
-                outputs.append(ev)
+                mine.append(ev)
             else:
                 _say(f"{path}: {ev.message}")
         decoders.append(dec)
+        outputs.append(mine)
     extra = 0
     runs = {d.run for d in decoders if d.run is not None}
     if len(runs) > 1:
         _say("the logs are of different runs: " + ", ".join(r.hex()[:12] for r in sorted(runs)))
         extra += 1
-    seen: set[int] = set()
-    for ev in sorted(outputs, key=lambda ev: ev.gseq):
-        if ev.gseq in seen:
-            _say(f"record {ev.gseq} is in two logs: replayed")
-            extra += 1
-            continue
-        seen.add(ev.gseq)
+    lineage = {r.run: r.lineage for d in decoders for r in d.runs.values()}
+    merged, twice = fmt.merge(outputs, lineage)
+    if twice:
+        _say(f"{twice} record{'s are' if twice != 1 else ' is'} in two logs: replayed")
+        extra += twice
+    for ev in merged:
         _emit(ev)
     return _summary(decoders, extra)
 
@@ -185,6 +190,7 @@ def _summary(decoders: Iterable[fmt.Decoder], extra: int) -> int:
     from pyscone.protect import console as fmt
 
     decs = list(decoders)
+    children = _report_children(decs)
     problems = [p for d in decs for p in d.problems]
     host = sum(d.host_lines for d in decs)
     note = f"; {host} line{'s' if host != 1 else ''} of host text (not records) ignored" if host else ""
@@ -197,18 +203,36 @@ def _summary(decoders: Iterable[fmt.Decoder], extra: int) -> int:
         )
     tampered = extra or any(d.tampered for d in decs)
     if tampered:
-        kinds = sorted({p.kind for p in problems if p.kind != "truncated"})
+        kinds = sorted({p.kind for p in problems if p.kind not in fmt.UNCLEAN})
         _say(
             f"TAMPERED: the host changed the output ({', '.join(kinds) or 'mixed runs'}; "
             f"{len(problems) + extra} problem{'s' if len(problems) + extra != 1 else ''}){note}"
         )
         return EXIT_TAMPERED
-    if problems:  # only the missing end record, already said
+    if problems:  # only missing end records (or child runs), already said
         if note:
             _say(note[2:])
         return EXIT_NO_END
     dec = decs[0]
     run = dec.run.hex()[:12] if dec.run else "?"
     records = sum(d.records for d in decs)
-    _say(f"ok: {records} records of run {run}, the app exited with status {dec.status}{note}")
+    kids = len(children)
+    family = f" and its {kids} child run{'s' if kids != 1 else ''}" if kids else ""
+    _say(f"ok: {records} records of run {run}{family}, the app exited with status {dec.status}{note}")
     return 0
+
+
+def _report_children(decs: list[fmt.Decoder]) -> dict[bytes, fmt.Run]:
+    """One line for each child run that ended: its exit status (a run without one is a problem already)."""
+    children: dict[bytes, fmt.Run] = {}
+    for d in decs:
+        for r in d.children:
+            if r.run not in children or children[r.run].status is None:
+                children[r.run] = r
+    for r in children.values():
+        if r.status is not None and r.lineage is not None:
+            _say(
+                f"run {r.run.hex()[:12]} (pid {r.lineage.pid}, forked by run {r.lineage.parent.hex()[:12]} "
+                f"after its record {r.lineage.gseq - 1}): exited with status {r.status}"
+            )
+    return children

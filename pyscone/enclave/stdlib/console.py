@@ -7,14 +7,18 @@ block-buffered otherwise, stderr always line-buffered.  The console *shield*
 (``enclave/shields/console.py``), when on, takes every read and write beneath this
 layer and turns them into records.  After the app
 ``dup2``-s a file, a pipe or a socket onto 0-2, ``print`` and ``input`` follow it,
-as they do in python, until it puts the console back.
+as they do in python, until it puts the console back.  ``os._exit`` sends what the
+shield has queued, and its end records, before the process ends.
 """
 
 from __future__ import annotations
 
 import io
+import operator
+import os
+import posix
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from pyscone.abi import Op
 from pyscone.enclave import scheduler
@@ -85,3 +89,25 @@ def install(slot_data: int, stdout_tty: bool) -> None:
 
     stdin, stdout, stderr = text(0, False, "strict"), text(1, stdout_tty, "strict"), text(2, True, "backslashreplace")
     interpose(sys, stdin=stdin, stdout=stdout, stderr=stderr, __stdin__=stdin, __stdout__=stdout, __stderr__=stderr)
+    interpose(os, _exit=_exit)
+    interpose(posix, _exit=_exit)
+
+
+_real_exit = os._exit
+
+
+def _exit(status: int, /) -> NoReturn:
+    """``os._exit`` of the app: with the console shield on, what it wrote reaches the host first.
+
+    Natively ``os._exit`` drops what python buffers (``sys.stdout``'s buffer: so do we),
+    but what the app *wrote* is in the kernel's hands and survives it.  Here the console
+    shield's queue is that: it goes to the host, then the end records with the status
+    (multiprocessing's and gunicorn's children end this way).  The runtime's own calls
+    (a fail-stop, a death by signal, a forked child whose parent is gone) exit at once, as
+    before: after a host violation nothing may talk to the host, and a death is no clean exit.
+    """
+    code = operator.index(status)
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    if not (isinstance(caller, str) and caller.startswith("pyscone.")):
+        shield.exit_now(code & 0xFF)
+    _real_exit(code)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from pyscone.abi import MAX_FD, Op, StatResult
 from pyscone.enclave import iago, scheduler
 from pyscone.enclave.shields import console as console_shield
-from pyscone.enclave.shields import net
+from pyscone.enclave.shields import famchan, net
 from pyscone.enclave.stdlib import dups, interpose, pipes
 
 if TYPE_CHECKING:
@@ -337,6 +337,8 @@ def read(fd: int, n: int) -> bytes:
     kind = _fds.kind(fd)
     if kind == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
         return conn.recv(net.HostIO(fd, 0.0 if fd in _fds.nonblocking else None), min(n, _slot_data))
+    if fd in famchan.sealed:  # a socketpair that crossed a fork
+        return famchan.sock_recv(fd, min(n, _slot_data), 0.0 if fd in _fds.nonblocking else None)
     # A socket with O_NONBLOCK (a C library's, set with fcntl) answers EAGAIN, as in Linux.
     wait = kind != iago.FdTable.FILE and fd not in _fds.nonblocking
     _, data = _call(Op.READ, (fd, min(n, _slot_data)), wait=wait)
@@ -363,6 +365,8 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     view = memoryview(data).cast("B")[:_slot_data]
     if kind == iago.FdTable.SOCKET and (conn := net.conn(fd)) is not None:
         return conn.send(net.HostIO(fd, 0.0 if fd in _fds.nonblocking else None), bytes(view))
+    if fd in famchan.sealed:
+        return famchan.sock_send(fd, view, 0.0 if fd in _fds.nonblocking else None)
     n, _ = _call(Op.WRITE, (fd,), bytes(view), wait=kind != iago.FdTable.FILE and fd not in _fds.nonblocking)
     return int(n)
 

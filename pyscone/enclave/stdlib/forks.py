@@ -66,6 +66,8 @@ _real_waitpid = os.waitpid
 _real_wait3 = os.wait3
 _real_wait4 = os.wait4
 _real_waitid = os.waitid
+#: (lane, parent pid) while a fork is under way.
+_forking: tuple[int, int] | None = None
 #: lane -> the pid of the child of ours that was last forked onto it.
 _children: dict[int, int] = {}
 #: The lthreads a forked child left behind, kept so that they are never collected (unwound).
@@ -122,20 +124,29 @@ def fork() -> int:
         # (A grandchild's lane we cannot know: two enclaves on one lane garble each other's
         # calls, which the host can do anyway by lying in its answers; never a secret.)
         iago.fail_stop(f"FORK: the host named lane {lane}, on which a child of this enclave still runs")
-    parent = os.getpid()
+    global _forking
+    _forking = (lane, os.getpid())
     try:
-        pid = _real_fork()
+        pid = _real_fork()  # in the child, _after_fork_in_child runs inside this call
     except OSError:
         sched.host_call_in_place(Op.FORK_DONE, (lane, -1))
         family.run_parent(-1)
         raise
+    finally:
+        _forking = None
     if pid == 0:
-        _become_child(lane, parent)
         return 0
     _children[lane] = pid
     sched.post(Op.FORK_DONE, (lane, pid))
     family.run_parent(pid)
     return pid
+
+
+def _after_fork_in_child() -> None:
+    """The first of the child's ``os.register_at_fork`` hooks: the app's (and the stdlib's
+    later ones, which may print) run on the child's own lane, never on its parent's."""
+    if _forking is not None:
+        _become_child(*_forking)
 
 
 def _become_child(lane: int, parent: int) -> None:
@@ -274,6 +285,8 @@ def getpgid(pid: int, /) -> int:
 
 
 def install() -> None:
+    """Before the app runs (its fork hooks must come after ours)."""
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     process.watch_signal(signal.SIGCHLD, _on_sigchld)
     interpose(
         os,

@@ -20,6 +20,20 @@ host call.  A wait over local and host fds together is one host ``POLL`` that
 also watches a *bell*, a host socket pair the enclave opens on first need: a pipe
 that changes while such a wait is parked rings it (one host call, only then),
 so waitress's trigger pipe and the self-pipe trick wake a select on sockets.
+
+Across a fork.  A pipe in enclave memory would be copied by a fork, and nothing
+would cross.  So before a fork (the ``family`` prepare hook) every pipe still open
+*moves to the host*: it gets a host channel (``shields/famchan.py``: a seqpacket
+socket pair), what its buffer holds goes there sealed, and from then on its fds
+(the same local numbers, the same ``O_NONBLOCK``) read and write sealed records
+through the host, in the parent and the child alike.  While a pipe moves, its
+readers and writers wait (``moving``), so nothing overtakes the bytes being moved.
+A pipe made after the fork lives in enclave memory again, until the next fork.
+
+After a move, what a record held beyond what a ``read`` asked for waits in ``buf``
+for the next read in this process.  A child forked while such a rest waits does not
+get it (the parent, whose read took the record, keeps it): the only place where a
+moved pipe differs from a kernel one.
 """
 
 from __future__ import annotations
@@ -33,7 +47,8 @@ from typing import Any
 
 from pyscone import abi
 from pyscone.abi import Op, StatResult
-from pyscone.enclave import iago, scheduler
+from pyscone.enclave import family, iago, scheduler
+from pyscone.enclave.shields import famchan
 
 LOCAL_BASE = 1 << 30  # fds the enclave alone gives out (still a C int)
 ALIAS_BASE = 3 << 29  # from here up: the numbers ``dups`` gives out, above every pipe
@@ -43,15 +58,30 @@ PIPE_BUF = 4096  # writes up to this size are atomic, and POLLOUT means this muc
 _fds = iago.fds
 
 
+class _Host:
+    """A moved pipe's host side in this process: its channel, and its host fds (-1: closed here)."""
+
+    __slots__ = ("chan", "reading", "rfd", "wfd", "writing")
+
+    def __init__(self, chan: famchan.Channel, rfd: int, wfd: int) -> None:
+        self.chan = chan
+        self.rfd = rfd
+        self.wfd = wfd
+        self.reading = False  # an lthread has a host read in flight: the others wait their turn
+        self.writing = False
+
+
 class _Pipe:
-    __slots__ = ("buf", "ino", "readers", "watchers", "writers")
+    __slots__ = ("buf", "host", "ino", "moving", "readers", "watchers", "writers")
 
     def __init__(self, ino: int) -> None:
-        self.buf = bytearray()
+        self.buf = bytearray()  # the pipe's bytes; once moved, the rest of a record a read took
         self.readers = 0
         self.writers = 0
         self.ino = ino
         self.watchers: list[Callable[[], None]] = []
+        self.host: _Host | None = None
+        self.moving = False
 
     def changed(self) -> None:
         """Wake whoever waits on this pipe (each watcher is called once, then forgotten)."""
@@ -144,7 +174,21 @@ def close(fd: int) -> None:
                 end.pipe.buf.clear()  # nobody can read it any more
         else:
             end.pipe.writers -= 1
+        _close_host_side(end.pipe, end.reading)
         end.pipe.changed()
+
+
+def _close_host_side(p: _Pipe, reading: bool) -> None:
+    """A moved pipe's host fd for one side, once this process holds that side no more."""
+    h = p.host
+    if h is None or (p.readers if reading else p.writers):
+        return
+    if reading and h.rfd >= 0:
+        famchan.close(h.rfd)
+        h.rfd = -1
+    elif not reading and h.wfd >= 0:
+        famchan.close(h.wfd)
+        h.wfd = -1
 
 
 def _park_on(p: _Pipe) -> None:
@@ -170,15 +214,48 @@ def read(fd: int, n: int) -> bytes:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     p = end.pipe
     while not p.buf:
-        if not p.writers or n == 0:
+        if n == 0:
+            return b""
+        if p.moving or (p.host is not None and p.host.reading):
+            if fd in _fds.nonblocking:
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            _park_on(p)
+            continue
+        if p.host is not None:
+            got = _host_read(p, p.host, fd in _fds.nonblocking)
+            if got is None:
+                return b""
+            p.buf += got
+            continue
+        if not p.writers:
             return b""
         if fd in _fds.nonblocking:
             raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
         _park_on(p)
     data = bytes(p.buf[:n])
     del p.buf[:n]
-    p.changed()
+    if p.host is None:
+        p.changed()
     return data
+
+
+def _host_read(p: _Pipe, h: _Host, nonblocking: bool) -> bytes | None:
+    """The next record of a moved pipe (``None``: the end of the stream), this lthread's turn."""
+    h.reading = True
+    try:
+        return famchan.recv(h.rfd, h.chan.reader(0), nonblocking)
+    finally:
+        h.reading = False
+        p.changed()
+
+
+def _host_write(p: _Pipe, h: _Host, data: memoryview, nonblocking: bool) -> int:
+    h.writing = True
+    try:
+        return famchan.send(h.wfd, h.chan.writer(0), data, nonblocking)
+    finally:
+        h.writing = False
+        p.changed()
 
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
@@ -189,6 +266,22 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     view = memoryview(data).cast("B")
     done = 0
     while True:
+        if p.moving or (p.host is not None and p.host.writing):
+            if fd in _fds.nonblocking:
+                if done:
+                    return done
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            _park_on(p)
+            continue
+        if p.host is not None:
+            if done == len(view):
+                return done
+            try:
+                return done + _host_write(p, p.host, view[done:], fd in _fds.nonblocking)
+            except (BlockingIOError, BrokenPipeError):
+                if done:
+                    return done
+                raise
         if not p.readers:
             if done:
                 return done
@@ -267,6 +360,69 @@ def wait(
     host_poll: Callable[[list[tuple[int, int]], float | None], list[tuple[int, int]]],
 ) -> list[tuple[int, int]]:
     """``poll`` over local fds (answered here) and host fds (one host ``POLL``)."""
+    if any((e := _ends.get(fd)) is not None and e.pipe.host is not None for fd, _ in local):
+        return _wait_moved(local, host, timeout, host_poll)
+    return _wait(local, host, timeout, host_poll)
+
+
+def _wait_moved(
+    local: list[tuple[int, int]],
+    host: list[tuple[int, int]],
+    timeout: float | None,
+    host_poll: Callable[[list[tuple[int, int]], float | None], list[tuple[int, int]]],
+) -> list[tuple[int, int]]:
+    """A wait with moved pipes among ``local``: their host fds are waited on with the others'.
+
+    A seqpacket socket is readable only with a whole record (or at the end), so the host's
+    readiness is the pipe's; a record's rest left in ``buf`` is ready now."""
+    in_memory: list[tuple[int, int]] = []
+    now: list[tuple[int, int]] = []
+    names: dict[int, list[tuple[int, int]]] = {}  # host fd -> the local fds (and events) it stands for
+    extra: list[tuple[int, int]] = []
+    for fd, ev in local:
+        end = _ends[fd]
+        h = end.pipe.host
+        if h is None:
+            in_memory.append((fd, ev))
+            continue
+        if end.reading and end.pipe.buf:
+            now.append((fd, abi.POLLIN & ev))
+            continue
+        hfd = h.rfd if end.reading else h.wfd
+        want = ev & (abi.POLLIN if end.reading else abi.POLLOUT)
+        if hfd not in names:
+            extra.append((hfd, want))
+        names.setdefault(hfd, []).append((fd, ev))
+    now = [(fd, r) for fd, r in now if r]
+
+    def poll_all(fds: list[tuple[int, int]], t: float | None) -> list[tuple[int, int]]:
+        out = []
+        for hfd, r in host_poll(fds, t):
+            if hfd not in names:
+                out.append((hfd, r))
+                continue
+            for fd, ev in names[hfd]:
+                said = r
+                if (e := _ends.get(fd)) is None:
+                    continue  # closed meanwhile by another lthread
+                if not e.reading and r & (abi.POLLHUP | abi.POLLERR):
+                    said = abi.POLLERR  # a pipe's write end with no reader left, as Linux says it
+                if said := said & (ev | abi.POLLHUP | abi.POLLERR):
+                    out.append((fd, said))
+        return out
+
+    t = 0.0 if now else timeout
+    if not in_memory:
+        return now + poll_all(host + extra, t)
+    return now + _wait(in_memory, host + extra, t, poll_all)
+
+
+def _wait(
+    local: list[tuple[int, int]],
+    host: list[tuple[int, int]],
+    timeout: float | None,
+    host_poll: Callable[[list[tuple[int, int]], float | None], list[tuple[int, int]]],
+) -> list[tuple[int, int]]:
     global _bell, _bell_rung
     sched = scheduler.get()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -301,6 +457,7 @@ def wait(
             from pyscone.enclave.stdlib import sockets
 
             a, b = sockets.socketpair()
+            famchan.unnote_pair(a.fileno(), b.fileno())  # the runtime's own: never sealed
             a.setblocking(False)
             b.setblocking(False)
             _bell = (a, b)
@@ -325,7 +482,57 @@ def wait(
             return ready + got
 
 
+# -- across a fork -----------------------------------------------------------------------------
+
+
+def _move(p: _Pipe) -> None:
+    """Give pipe ``p`` a host channel and move its bytes there (see the module doc)."""
+    p.moving = True
+    try:
+        rfd, wfd = famchan.host_pair()  # (other lthreads run meanwhile: they wait, p.moving)
+        h = _Host(famchan.Channel(), rfd, wfd)
+        data, p.host = bytes(p.buf), h
+        p.buf.clear()
+        if data and p.readers:
+            try:
+                famchan.send(wfd, h.chan.writer(0), data, nonblocking=True)
+            except OSError as e:  # not all of it fits in the host's buffer
+                raise OSError(e.errno, f"a pipe's {len(data)} unread bytes cannot move to the host: {e}") from None
+    finally:
+        p.moving = False
+        for reading in (True, False):
+            _close_host_side(p, reading)  # a side this process holds no more
+        p.changed()
+
+
+def _prepare_fork() -> None:
+    """Before a fork: every pipe still in enclave memory moves to the host."""
+    moved: set[int] = set()
+    for end in list(_ends.values()):
+        p = end.pipe
+        if p.host is None and not p.moving and id(p) not in moved:
+            moved.add(id(p))
+            _move(p)
+
+
+def _in_child() -> None:
+    """In a forked child: what the parent's lthreads were doing is not the child's."""
+    global _bell, _bell_rung
+    for end in _ends.values():
+        p = end.pipe
+        p.watchers.clear()
+        if p.host is not None:
+            p.buf.clear()  # the rest of a record the parent took stays with the parent
+            p.host.reading = p.host.writing = False
+    if _bell is not None:  # the parent's bell: ringing it would wake the parent's waits
+        for sock in _bell:
+            famchan.close(sock.detach())  # (closes the child's copy of the host fd only)
+    _bell, _bell_rung = None, False
+
+
 def install() -> None:
     from pyscone.enclave.stdlib import interpose
 
     interpose(os, pipe=pipe, pipe2=pipe2)
+    family.register(prepare=_prepare_fork, child=_in_child)
+    famchan.install()  # (socketpairs: after the pipes, whose bell is one)

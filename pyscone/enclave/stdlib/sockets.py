@@ -31,7 +31,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
-from pyscone.enclave.shields import net
+from pyscone.enclave.shields import famchan, net
 from pyscone.enclave.stdlib import dups, interpose, pipes
 
 LISTEN_BACKLOG_FLOOR = 128
@@ -264,6 +264,8 @@ class EnclaveSocket(_StdSocket):
         conn = net.conn(h)
         if conn is not None:
             return conn.send(self._shield_io(h, flags), bytes(view))
+        if h in famchan.sealed:
+            return famchan.sock_send(h, view, self._shield_io(h, flags).timeout)
         n, _ = self._io(Op.SEND, (h, flags), bytes(view))
         return n
 
@@ -293,6 +295,9 @@ class EnclaveSocket(_StdSocket):
         conn = net.conn(h)
         if conn is not None:
             return conn.recv(self._shield_io(h, flags), min(bufsize, _slot_data), bool(flags & _MSG_PEEK))
+        if h in famchan.sealed:
+            t = self._shield_io(h, flags).timeout
+            return famchan.sock_recv(h, min(bufsize, _slot_data), t, bool(flags & _MSG_PEEK))
         _, data = self._io(Op.RECV, (h, min(bufsize, _slot_data), flags))
         return bytes(data)
 
@@ -460,6 +465,8 @@ def socketpair(
     proto: int = 0,
 ) -> tuple[EnclaveSocket, EnclaveSocket]:
     _, (fd1, fd2) = _call(Op.SOCKETPAIR, (family, type & ~_SOCK_FLAGS, proto))
+    if family == socket.AF_UNIX and type & ~_SOCK_FLAGS == socket.SOCK_STREAM:
+        famchan.note_pair(fd1, fd2)  # sealed if it is still open when the enclave forks
     return (EnclaveSocket(family, type, proto, fileno=fd1), EnclaveSocket(family, type, proto, fileno=fd2))
 
 
@@ -566,6 +573,12 @@ def _poll_handles(fds: list[tuple[int, int]], timeout: float | None) -> list[tup
 
 
 def _host_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
+    if famchan.sealed and any(h in famchan.sealed for h, _ in fds):
+        return famchan.poll(fds, timeout, _net_poll)
+    return _net_poll(fds, timeout)
+
+
+def _net_poll(fds: list[tuple[int, int]], timeout: float | None) -> list[tuple[int, int]]:
     shield = net.shield()
     if shield is not None and shield.conns and any(h in shield.conns for h, _ in fds):
         return net.poll(shield, fds, timeout, _raw_host_poll, lambda h: net.HostIO(h, 0.0), time.monotonic)
