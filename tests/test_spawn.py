@@ -617,3 +617,27 @@ def test_in_dev_mode_a_host_may_play_the_parent(tmp_path: Path) -> None:
     r = run_enclave(app, cwd=tmp_path, env={"PYSCONE_TEST_HOSTILE_SPAWN": "impostor"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("HOST CODE RAN") == 2 and r.stdout.count("refused 13 ") == 2, r.stdout
+
+
+def test_a_spawned_child_writes_its_consoles_records_as_a_run_of_the_family(tmp_path: Path) -> None:
+    key = tmp_path / "console.key"
+    made = subprocess.run([*PYSCONE, "console", "--make-key", "--key-file", str(key)], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    app = write_app(
+        tmp_path,
+        f"""
+        import subprocess, sys
+        print("parent {SECRET}", flush=True)
+        r = subprocess.run([sys.executable, "-c", "print('child {SECRET}')"])
+        print("after", r.returncode, flush=True)
+        """,
+    )
+    r = run_enclave("--console-key-file", key, app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert SECRET not in r.stdout
+    log = tmp_path / "out.log"
+    log.write_text(r.stdout)
+    shown = subprocess.run([*PYSCONE, "console", "--key-file", str(key), str(log)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [f"parent {SECRET}", f"child {SECRET}", "after 0"]
+    assert "and its 1 child run" in shown.stderr

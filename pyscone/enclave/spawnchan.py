@@ -98,7 +98,7 @@ def child_config(argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[
         "family_key": family.key.hex(),
         "fspf": given_fspf,
         "network": _own.get("network"),
-        "console": _own.get("console"),
+        "console": _console_spec(),
         "bytecode_cache": {"dir": cache["dir"], "key": key} if cache.get("dir") and key else None,
         "spawn_key": _own.get("spawn_key"),
         "fds": fds,
@@ -127,6 +127,24 @@ def _trusted() -> dict[bytes, Any] | None:
         raise ChannelError(f"the LAS's platform answer is malformed: {e}") from None
     trusted_platforms = spawnproto.trusted_platform(attest.accepted_quote, public)
     return trusted_platforms
+
+
+def _console_spec() -> dict[str, Any] | None:
+    """The console shield's settings for a child: the key and this run's lineage (its records follow ours)."""
+    spec = _own.get("console")
+    if not spec:
+        return None
+    from pyscone.enclave.shields import console as console_shield
+
+    return console_shield.spawn_spec(dict(spec))
+
+
+def started() -> None:
+    """A spawned child acknowledged its configuration: it is one of the family's runs."""
+    if _own.get("console"):
+        from pyscone.enclave.shields import console as console_shield
+
+        console_shield.child_started()
 
 
 def give(fd: int, config: bytes) -> None:

@@ -165,6 +165,7 @@ def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cw
     except ChannelError as e:
         _end(pid)
         raise OSError(errno.EACCES, f"the spawned child was refused its configuration: {e}") from None
+    spawnchan.started()
     return int(pid)
 
 
