@@ -131,7 +131,7 @@ def test_what_is_not_the_enclaves_python_is_refused_with_one_enosys(tmp_path: Pa
         attempt(["/bin/sh", "-c", "true"])
         attempt("true", shell=True)
         attempt([sys.executable, "-i"])  # an option a spawned enclave does not take
-        attempt([sys.executable, "-c", "print(1)"], stdout=subprocess.PIPE)  # in-enclave pipes: not yet
+        attempt([sys.executable, "-c", "pass"], executable="/bin/true")  # executable= is what would run
         attempt([sys.executable, "-c", "pass"], preexec_fn=lambda: None)
         for refused in (os.posix_spawn, os.execv):
             try:
@@ -149,29 +149,64 @@ def test_what_is_not_the_enclaves_python_is_refused_with_one_enosys(tmp_path: Pa
     assert len(lines) == 9 and "Traceback" not in r.stderr
     assert all(line.startswith("True [Errno 38] ") for line in lines[:8]), lines
     assert "running ls is not supported inside a pyscone enclave" in lines[0]  # (not on the PATH given)
-    assert "python option -i" in lines[3] and "in-enclave pipe" in lines[4] and "preexec_fn" in lines[5]
+    assert "python option -i" in lines[3] and "running /bin/true" in lines[4] and "preexec_fn" in lines[5]
     assert lines[8] == "path 0"
 
 
-def test_multiprocessing_spawn_needs_pipes_between_enclaves(tmp_path: Path) -> None:
-    """Blocked: multiprocessing's spawn hands the child in-enclave pipes (until the pipes work lands)."""
+def test_pipes_to_a_spawned_child(tmp_path: Path) -> None:
     app = write_app(
         tmp_path,
         """
-        import errno, multiprocessing
-        def f():
-            pass
-        if __name__ == "__main__":
-            p = multiprocessing.get_context("spawn").Process(target=f)
-            try:
-                p.start()
-            except OSError as e:
-                print(e.errno == errno.ENOSYS, e)
+        import os, subprocess, sys
+        print(subprocess.check_output([sys.executable, "-c", "print('over a pipe')"]), flush=True)
+        code = "import sys; data = sys.stdin.read(); print(data.upper()); print('to stderr', file=sys.stderr)"
+        r = subprocess.run([sys.executable, "-c", code], input=b"hello " * 20000, capture_output=True)
+        print(r.returncode, len(r.stdout), r.stdout[:12], r.stderr, flush=True)
+        r = subprocess.run([sys.executable, "-c", "import sys; print('both'); print('streams', file=sys.stderr)"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(sorted(r.stdout.split()), flush=True)
+        rd, wr = os.pipe()  # a pipe of the app's own, by its number
+        p = subprocess.Popen([sys.executable, "-c", f"import os; os.write({wr}, b'by number'); os.close({wr})"],
+                             pass_fds=(wr,))
+        os.close(wr)
+        print(os.read(rd, 100), os.read(rd, 100), p.wait(), flush=True)
         """,
     )
     r = run_enclave(app, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("True [Errno 38] giving an in-enclave pipe to a spawned child"), r.stdout
+    assert r.stdout.splitlines() == [
+        "b'over a pipe\\n'",
+        "0 120001 b'HELLO HELLO ' b'to stderr\\n'",
+        "['both', 'streams']",
+        "b'by number' b'' 0",
+    ]
+
+
+def test_multiprocessing_spawn_runs_a_target_over_its_pipes(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import multiprocessing, os
+        def f(conn, x):
+            conn.send(("child", x * 2, os.getpid() != os.getppid()))
+            conn.close()
+        if __name__ == "__main__":
+            ctx = multiprocessing.get_context("spawn")
+            r, w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=f, args=(w, 21))
+            p.start()
+            print(r.recv(), flush=True)
+            p.join()
+            print("exitcode", p.exitcode, flush=True)
+            p = ctx.Process(target=os._exit, args=(3,))
+            p.start()
+            p.join()
+            print("exitcode", p.exitcode, flush=True)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["('child', 42, True)", "exitcode 0", "exitcode 3"]
 
 
 def test_the_child_gets_the_family_key_and_env_from_the_parent_never_in_the_hosts_sight(tmp_path: Path) -> None:

@@ -77,7 +77,9 @@ def _my_report(data: bytes) -> quote.Report | None:
 # -- the parent -----------------------------------------------------------------------------
 
 
-def child_config(argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[list[int | str]]) -> bytes:
+def child_config(
+    argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[list[int | str]], given_pipes: list[Any]
+) -> bytes:
     """The child's whole configuration, as the parent gives it (JSON)."""
     if not family.key:
         family.start()
@@ -102,6 +104,7 @@ def child_config(argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[
         "bytecode_cache": {"dir": cache["dir"], "key": key} if cache.get("dir") and key else None,
         "spawn_key": _own.get("spawn_key"),
         "fds": fds,
+        "pipes": given_pipes,
     }
     return json.dumps(doc).encode()
 
@@ -279,3 +282,27 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
         if kind not in kinds - {iago.FdTable.CONSOLE}:
             raise ValueError(f"fd {n} of kind {kind}")
         iago.fds.adopt(int(n), str(kind), int(fam), type=int(typ), proto=int(proto), flags=int(flags))
+    _adopt_pipes(doc.get("pipes") or [])
+
+
+def _adopt_pipes(given: list[Any]) -> None:
+    """The parent's pipe ends, each at its number (0-2: a pipe end dup'ed there), sealed as at a fork."""
+    from pyscone.enclave.stdlib import pipes
+
+    ends: dict[tuple[int, bool], int] = {}  # (host fd, reading) -> the pipe number it is adopted at
+    for n, host, chan, reading, nonblocking in given:
+        n, host, reading = int(n), int(host), bool(reading)
+        local = ends.get((host, reading))
+        if local is None:
+            if host not in iago.fds.kinds:
+                iago.fds.adopt(host, iago.FdTable.SOCKET, socket.AF_UNIX, type=socket.SOCK_SEQPACKET)
+            local = n if n > 2 else pipes.next_fd()
+            pipes.adopt_from_parent(local, host, bytes.fromhex(str(chan)), reading)
+            if nonblocking:
+                iago.fds.nonblocking.add(local)
+            ends[(host, reading)] = local
+        if n <= 2:
+            os.dup2(local, n)
+    for (_, _), local in ends.items():
+        if all(int(n) != local for n, *_ in given):
+            os.close(local)  # (only the numbers 0-2 name it)

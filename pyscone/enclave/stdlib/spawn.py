@@ -24,10 +24,11 @@ and ``os.kill`` of a spawned pid go to the host (``Op.SPAWN_WAIT``, parked on th
 host's reactor until the child exits; ``Op.SPAWN_KILL``).  Other pids go to the
 functions these replace (the forked children's, once ``fork`` lands).
 
-What a child may hold: 0-2 and ``pass_fds`` that are host fds (files the host
-opens, sockets).  In-enclave pipes (``os.pipe``, so ``stdout=PIPE`` and
-``multiprocessing``'s connections) and FS-shield files are refused with
-``ENOSYS`` until pipes between enclaves exist.
+What a child may hold at 0-2 and ``pass_fds``: host fds (files the host opens,
+sockets), and pipe ends (``os.pipe``, so ``stdout=PIPE`` and ``multiprocessing``'s
+connections): a pipe moves to the host as at a fork (``stdlib/pipes.py``: its bytes
+then go sealed with the family key, which the child gets from its parent), and the
+child gets its channel's host fd.  FS-shield files are refused with ``ENOSYS``.
 """
 
 from __future__ import annotations
@@ -103,22 +104,33 @@ def _is_own_python(candidates: list[bytes]) -> bool:
     return False
 
 
-def _host_fd(fd: int) -> int:
-    """The host fd the app's ``fd`` names, for a child; ENOSYS for what the host does not hold."""
-    h = dups.resolve(fd)
-    if pipes.is_local(h):
-        raise _refuse("giving an in-enclave pipe to a spawned child")
-    from pyscone.enclave.stdlib import files
+class _Given:
+    """What a child gets: host fds at its numbers, and pipe ends (their channels' host fds)."""
 
-    if files._vfd(h) is not None:
-        raise _refuse("giving a file of the file-system shield to a spawned child")
-    iago.fds.kind(h)  # EBADF if closed
-    return h
+    def __init__(self) -> None:
+        self.fdmap: dict[int, int] = {}  # the child's host fd number -> the parent's host fd
+        self.fds: list[list[int | str]] = []  # host fds >= 3 at the app's numbers, with what we know of them
+        self.pipes: list[list[int | str | bool]] = []  # [number, host fd, channel id, reading, O_NONBLOCK]
 
+    def give(self, n: int, fd: int) -> None:
+        """The child's ``n`` is what the app's ``fd`` names now; ENOSYS for what cannot cross."""
+        h = dups.resolve(fd)
+        if pipes.is_local(h):  # it moves to the host (sealed with the family key), as at a fork
+            host, chan, reading = pipes.for_child(h)
+            self.fdmap[host] = host
+            self.pipes.append([n, host, chan.hex(), reading, h in iago.fds.nonblocking])
+            return
+        from pyscone.enclave.stdlib import files
 
-def _describe(n: int, h: int) -> list[int | str]:
-    t = iago.fds
-    return [n, t.kinds[h], t.families.get(h, 0), t.types.get(h, 0), t.protos.get(h, 0), t.flags.get(h, 0)]
+        if files._vfd(h) is not None:
+            raise _refuse("giving a file of the file-system shield to a spawned child")
+        t = iago.fds
+        t.kind(h)  # EBADF if closed
+        self.fdmap[n] = h
+        if n > 2:
+            self.fds.append(
+                [n, t.kinds[h], t.families.get(h, 0), t.types.get(h, 0), t.protos.get(h, 0), t.flags.get(h, 0)]
+            )
 
 
 def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cwd: Any, env: Any, *rest: Any) -> int:
@@ -135,25 +147,18 @@ def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cw
             f"running {name} is not supported inside a pyscone enclave (only the enclave's own Python can be spawned)",
         )
     program = parse_python_args(argv[1:])
-    fdmap: list[tuple[int, int]] = []
-    described: list[list[int | str]] = []
-    for n, given in ((0, p2cread), (1, c2pwrite), (2, errwrite)):
-        if given == -1:
-            h = dups.resolve(n)
-            if h != n:
-                fdmap.append((n, _host_fd(n)))
-        else:
-            fdmap.append((n, _host_fd(given)))
+    given = _Given()
+    for n, fd in ((0, p2cread), (1, c2pwrite), (2, errwrite)):
+        if fd != -1 or dups.resolve(n) != n:  # (-1: the parent's own, which is the host's unless dup'ed onto)
+            given.give(n, n if fd == -1 else fd)
     errpipe_write = rest[7]
     for n in sorted(set(pass_fds)):
         if n > 2 and n != errpipe_write:  # (Popen keeps its error pipe open for exec: there is no exec)
-            h = _host_fd(n)
-            fdmap.append((n, h))
-            described.append(_describe(n, h))
+            given.give(n, n)
     environ = dict(os.environ) if env is None else dict(_env_pair(e) for e in env)
     where = os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd()
-    config = spawnchan.child_config(program, environ, where, described)
-    payload = b"".join(abi.SPAWN_FD.pack(n, h) for n, h in fdmap)
+    config = spawnchan.child_config(program, environ, where, given.fds, given.pipes)
+    payload = b"".join(abi.SPAWN_FD.pack(n, h) for n, h in given.fdmap.items())
     result, err, value = scheduler.get().host_call(Op.SPAWN, (), payload)
     if result < 0:
         raise OSError(err, f"the host cannot start a child enclave: {os.strerror(err)}")
