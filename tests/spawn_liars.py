@@ -39,3 +39,14 @@ class SpawnLie(Liar):
             return (result, err, payload)
         print(f"pyscone-test: lied about a spawn ({self.case})", file=sys.stderr, flush=True)
         return (result, err, payload)
+
+
+class Recorder(Liar):
+    """An honest host that appends every byte it carries for the parent (requests and answers) to ARG."""
+
+    def lie(
+        self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes
+    ) -> Answer:
+        with open(self.arg, "ab") as f:
+            f.write(request + payload)
+        return (result, err, payload)

@@ -676,3 +676,44 @@ def test_a_spawned_child_writes_its_consoles_records_as_a_run_of_the_family(tmp_
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [f"parent {SECRET}", f"child {SECRET}", "after 0"]
     assert "and its 1 child run" in shown.stderr
+
+
+def test_pipes_and_socketpairs_to_a_spawned_child_carry_only_sealed_records(tmp_path: Path) -> None:
+    """What crosses is made upper-case at run time: the app's source (which the host serves) and its
+    console (which prints only a verdict) never hold it."""
+    record = tmp_path / "carried.bin"
+    app = write_app(
+        tmp_path,
+        """
+        import multiprocessing, os, socket, subprocess, sys
+        def f(conn):
+            conn.send("over a duplex connection".upper())
+            sys.exit(0 if conn.recv() == "back to the child".upper() else 1)
+        if __name__ == "__main__":
+            out = subprocess.check_output([sys.executable, "-c", "print('over stdout'.upper())"])
+            a, b = socket.socketpair()
+            code = "import socket, sys; socket.socket(fileno=int(sys.argv[1])).sendall('over a pair'.upper().encode())"
+            p = subprocess.Popen([sys.executable, "-c", code, str(b.fileno())], pass_fds=(b.fileno(),))
+            b.close()
+            got = a.recv(100)
+            p.wait()
+            ctx = multiprocessing.get_context("spawn")
+            mine, theirs = ctx.Pipe()  # duplex: a socketpair
+            p = ctx.Process(target=f, args=(theirs,))
+            p.start()
+            got2 = mine.recv()
+            mine.send("back to the child".upper())
+            p.join()
+            ok = (out.lower(), got.lower(), got2.lower(), p.exitcode) == (
+                b"over stdout\\n", b"over a pair", "over a duplex connection", 0)
+            print("ok" if ok else (out, got, got2, p.exitcode), flush=True)
+        """,
+    )
+    env = {"PYSCONE_TEST_HOSTILE": f"py:spawn_liars:Recorder:{record}", "PYTHONPATH": str(Path(__file__).parent)}
+    r = run_enclave(app, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["ok"], r.stdout
+    carried = record.read_bytes()
+    assert len(carried) > 1000
+    for what in (b"OVER STDOUT", b"OVER A PAIR", b"OVER A DUPLEX CONNECTION", b"BACK TO THE CHILD"):
+        assert what not in carried, what

@@ -78,7 +78,7 @@ def _my_report(data: bytes) -> quote.Report | None:
 
 
 def child_config(
-    argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[list[int | str]], given_pipes: list[Any]
+    argv: dict[str, Any], env: dict[str, str], cwd: str, fds: list[list[Any]], given_pipes: list[Any]
 ) -> bytes:
     """The child's whole configuration, as the parent gives it (JSON)."""
     if not family.key:
@@ -278,10 +278,25 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
         cfg["bytecode_key"] = cfg["bytecode_cache"]["key"]
     cfg["spawn_key"] = doc.get("spawn_key")  # (for the children it spawns)
     kinds = {v for k, v in vars(iago.FdTable).items() if k.isupper() and isinstance(v, str)}
-    for n, kind, fam, typ, proto, flags in doc["fds"]:
+    names: dict[int, list[int]] = {}  # a sealed socketpair end -> the app's numbers for it
+    for n, kind, fam, typ, proto, flags, *sealed in doc["fds"]:
         if kind not in kinds - {iago.FdTable.CONSOLE}:
             raise ValueError(f"fd {n} of kind {kind}")
-        iago.fds.adopt(int(n), str(kind), int(fam), type=int(typ), proto=int(proto), flags=int(flags))
+        n = int(n)
+        if n not in iago.fds.kinds:  # (a socketpair end given as two of 0-2 comes twice)
+            iago.fds.adopt(n, str(kind), int(fam), type=int(typ), proto=int(proto), flags=int(flags))
+        if sealed:
+            (chan, out), number = sealed
+            from pyscone.enclave.shields import famchan
+
+            famchan.adopt_sealed(n, bytes.fromhex(str(chan)), int(out))
+            names.setdefault(n, []).append(int(number))
+    for h, numbers in names.items():
+        for number in numbers:
+            if number != h:
+                os.dup2(h, number)  # 0-2: the console follows the name
+        if h not in numbers:
+            os.close(h)
     _adopt_pipes(doc.get("pipes") or [])
 
 

@@ -41,6 +41,7 @@ from typing import Any
 from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import family, iago, scheduler, spawnchan
+from pyscone.enclave.shields import famchan
 from pyscone.enclave.stdlib import dups, interpose, pipes
 from pyscone.protect.spawnproto import ChannelError
 
@@ -109,7 +110,7 @@ class _Given:
 
     def __init__(self) -> None:
         self.fdmap: dict[int, int] = {}  # the child's host fd number -> the parent's host fd
-        self.fds: list[list[int | str]] = []  # host fds >= 3 at the app's numbers, with what we know of them
+        self.fds: list[list[Any]] = []  # host fds >= 3 at the app's numbers, with what we know of them
         self.pipes: list[list[int | str | bool]] = []  # [number, host fd, channel id, reading, O_NONBLOCK]
 
     def give(self, n: int, fd: int) -> None:
@@ -126,6 +127,12 @@ class _Given:
             raise _refuse("giving a file of the file-system shield to a spawned child")
         t = iago.fds
         t.kind(h)  # EBADF if closed
+        seal = famchan.seal_for_child(h) if t.kinds[h] == iago.FdTable.SOCKET else None
+        if seal is not None:  # a socketpair end: sealed records from now on, in the child too
+            known = (t.families.get(h, 0), t.types.get(h, 0), t.protos.get(h, 0), t.flags.get(h, 0))
+            self.fdmap[h] = h  # (at its own number; 0-2 name it there: the console follows the name)
+            self.fds.append([h, t.kinds[h], *known, [seal[0].hex(), seal[1]], n])
+            return
         self.fdmap[n] = h
         if n > 2:
             self.fds.append(
