@@ -52,6 +52,10 @@ def test_run_with_exit_codes_env_cwd_and_a_script(tmp_path: Path) -> None:
         print("rc", r.returncode)
         print("call", subprocess.call([sys.executable, "-I", "-B", "-W", "ignore", "-m", "json.tool", "--help"],
                                       stdout=subprocess.DEVNULL))
+        try:
+            subprocess.run([sys.executable, "-c", "pass"], cwd="/no/such/dir")
+        except FileNotFoundError as e:
+            print("cwd", e)
         os.environ["FROM_PARENT"] = "inherited"
         print("inherit", subprocess.run([sys.executable, "-c",
               "import os, sys; sys.exit(0 if os.environ.get('FROM_PARENT') == 'inherited' else 9)"]).returncode)
@@ -62,7 +66,13 @@ def test_run_with_exit_codes_env_cwd_and_a_script(tmp_path: Path) -> None:
     lines = r.stdout.splitlines()
     assert lines[0] == "rc 3"
     assert lines[1] == f"file child {tmp_path / 'sub'} bar ['FOO'] ['child.py', '3']"
-    assert lines[2:] == ["c ['-c', 'x']", "rc 5", "call 0", "inherit 0"]
+    assert lines[2:] == [
+        "c ['-c', 'x']",
+        "rc 5",
+        "call 0",
+        "cwd [Errno 2] No such file or directory: '/no/such/dir'",
+        "inherit 0",
+    ]
 
 
 def test_popen_wait_poll_kill_terminate_and_os_waitpid(tmp_path: Path) -> None:

@@ -164,6 +164,8 @@ def fork_exec(args: Any, executable_list: Any, close_fds: Any, pass_fds: Any, cw
             given.give(n, n)
     environ = dict(os.environ) if env is None else dict(_env_pair(e) for e in env)
     where = os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd()
+    if not os.path.isdir(where):  # as Popen reports a child's failed chdir
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(cwd))
     config = spawnchan.child_config(program, environ, where, given.fds, given.pipes)
     payload = b"".join(abi.SPAWN_FD.pack(n, h) for n, h in given.fdmap.items())
     result, err, value = scheduler.get().host_call(Op.SPAWN, (), payload)
