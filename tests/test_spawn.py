@@ -240,28 +240,46 @@ def test_the_child_gets_the_family_key_and_env_from_the_parent_never_in_the_host
     assert b"SECRET" not in relayed and b"print" not in relayed  # env names and argv too
 
 
-def test_the_child_reads_the_parents_protected_files_with_the_parents_fspf(tmp_path: Path) -> None:
+def test_the_child_reads_the_parents_protected_files_and_cannot_commit_them(tmp_path: Path) -> None:
     fspf = tmp_path / "fs.fspf"
     enc = tmp_path / "enc"
     enc.mkdir()
     paths = tool.Paths.of(str(fspf))
     tool.create(paths)
     tool.add_region(paths, str(enc), "encrypted", 4096)
+    child = write_app(
+        tmp_path,
+        f"""
+        import errno
+        print(open("{enc}/secret.txt").read(), flush=True)
+        try:
+            with open("{enc}/secret.txt", "a") as f:
+                f.write(" and the child's")
+        except OSError as e:
+            print("child write:", e.errno == errno.EIO, flush=True)
+        """,
+        "child.py",
+    )
     app = write_app(
         tmp_path,
         f"""
-        import functools, subprocess, sys
-        print = functools.partial(print, flush=True)
+        import subprocess, sys
         with open("{enc}/secret.txt", "w") as f:
             f.write("{SECRET}")
-        r = subprocess.run([sys.executable, "-c", "print(open('{enc}/secret.txt').read())"])
-        print("rc", r.returncode)
+        r = subprocess.run([sys.executable, "{child}"])
+        print("rc", r.returncode, flush=True)
+        with open("{enc}/more.txt", "w") as f:  # the parent still commits
+            f.write("the parent's")
         """,
     )
     r = run_enclave("--fspf", fspf, app, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [SECRET, "rc 0"]
+    assert r.stdout.splitlines() == [SECRET, "child write: True", "rc 0"]
     assert SECRET.encode() not in (enc / "secret.txt").read_bytes()
+    again = write_app(tmp_path, f"print(open('{enc}/secret.txt').read(), open('{enc}/more.txt').read())", "again.py")
+    r = run_enclave("--fspf", fspf, again, cwd=tmp_path)  # the next run mounts the parent's last commit
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{SECRET} the parent's"
 
 
 # -- a host that lies --------------------------------------------------------------------------

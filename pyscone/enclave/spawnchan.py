@@ -19,6 +19,7 @@ host fds the child holds at which number, with what the parent knows about each.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -270,7 +271,7 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in doc["env"].items()})
     family.start(bytes.fromhex(doc["family_key"]))
-    cfg["fspf"] = doc.get("fspf")
+    cfg["fspf"] = {**doc["fspf"], "pin": ReadOnlyPin()} if doc.get("fspf") else None
     cfg["network"] = doc.get("network")
     cfg["console"] = doc.get("console")
     cfg["bytecode_cache"] = doc.get("bytecode_cache")
@@ -298,6 +299,20 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
         if h not in numbers:
             os.close(h)
     _adopt_pipes(doc.get("pipes") or [])
+
+
+class ReadOnlyPin:
+    """A spawned child's FS-shield pin: it reads its parent's protected files, and no commit of its
+    own is durable (``EIO``), until the family keeps one FSPF across spawned children too.
+
+    Why not the parent's pin (its tag file, or its CAS run): two shields committing one FSPF
+    without a common owner write over each other's copies, and a copy the pin names could be lost.
+    A refused pin keeps the child's writes off every copy the pin names (the shield writes only the
+    unpinned copy until a pin is acknowledged), so the parent's files stay as it committed them.
+    """
+
+    def commit(self, old: str, new: str) -> None:
+        raise OSError(errno.EROFS, "a spawned child cannot commit its parent's FSPF yet")
 
 
 def _adopt_pipes(given: list[Any]) -> None:
