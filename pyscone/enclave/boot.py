@@ -528,6 +528,15 @@ class TagFile:
             return
         DurableWrite(self._fd, record, self.max_io, cut=False).wait()  # one host call
 
+    def current(self) -> list[str]:
+        """The tags the file pins now (in a process family another process may have moved it)."""
+        from pyscone.enclave.stdlib import files
+
+        if self._fd is None:
+            self._fd = files.host_open(self.path, os.O_RDWR, 0)
+        raw = files.pread(self._fd, 4096, 0)
+        return list(dict.fromkeys(raw.decode("ascii", "replace").lower().split()))
+
     def _reopen(self, record: bytes) -> None:
         from pyscone.enclave.shields.store import replace_host_file
         from pyscone.enclave.stdlib import files
@@ -536,7 +545,7 @@ class TagFile:
             files.close(self._fd)
             self._fd = None
         replace_host_file(self.path, record, self.max_io)
-        self._fd = files.host_open(self.path, os.O_WRONLY, 0)
+        self._fd = files.host_open(self.path, os.O_RDWR, 0)  # (read: current)
         self._size = len(record)
 
 

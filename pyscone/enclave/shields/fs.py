@@ -38,7 +38,9 @@ goes to the host as before.
   between them is finished at the next mount (:meth:`FsShield.recover`).
 
 Locking: each open file has its own lthread lock for data operations; one shield
-lock orders FSPF changes.  Order: file lock, then shield lock.
+lock orders FSPF changes.  Order: file lock, then shield lock.  Across the processes of a
+family (after a fork) FSPF changes and each file's writer are ordered by host locks as well
+(``fsfamily.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import os
 import posixpath
 import stat as stat_mod
@@ -55,7 +58,7 @@ from typing import Any, Protocol
 
 from pyscone import abi
 from pyscone.abi import DT_DIR, DT_REG, StatResult
-from pyscone.enclave.shields import fspfcopies
+from pyscone.enclave.shields import fsdirs, fsfamily, fspfcopies
 from pyscone.enclave.shields.memfs import MemoryRegions
 from pyscone.enclave.shields.nodes import MemoryFile, Node, OpenDir, OpenFile, dir_stat, log
 from pyscone.enclave.shields.nodes import err as _err
@@ -109,7 +112,8 @@ class FsShield:
         self._ignored: set[str] = set()
         # Only protected regions' metadata decides; skip the FSPF's own files when listing.
         self.copies = fspfcopies.Copies(fspf_path, max_io, copy)
-        self._own = {fspf_path + ".tmp", *self.copies.names()}
+        self._own = {fspf_path + ".tmp", *self.copies.names(), fsfamily.lock_path(fspf_path)}
+        self.family = fsfamily.Family(self)
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -188,12 +192,20 @@ class FsShield:
 
         Raises ``OSError(EIO)`` if the pin did not take it; the shield then goes on from the new
         FSPF, but the app must not count that commit durable (the next start gets the old one)."""
+        try:
+            self._seal_write_pin(data)
+        except BaseException:
+            self.family.stale = True  # the pin may or may not have the new tag: ask it next time
+            raise
+        self.family.committed(self.fspf.generation)
+
+    def _seal_write_pin(self, data: DataSync | None) -> None:
         self.fspf.generation += 1
         blob, tag = fspf_mod.seal(self.fspf, self.key)
         if data is not None:
             data.start()  # both queued back to back, after the sealing: they run side by side
         try:
-            copy, write = self.copies.start(blob)
+            copy, write = self.copies.start(blob, shared=self.family.active)
         except BaseException:
             if data is not None:
                 with contextlib.suppress(OSError):
@@ -256,6 +268,7 @@ class FsShield:
             pf = node.file
             assert isinstance(pf, ProtectedFile)
             if not (pf.dirty or node.created):
+                self.family.done_writing(node)
                 return
             store = pf.store
             assert isinstance(store, HostStore)
@@ -273,9 +286,12 @@ class FsShield:
             except BaseException:
                 pf.undo_commit()  # not durable: a retried fsync commits again
                 raise
-            with self.lock:
+            # (In a family: under its commit lock, on its newest FSPF; if that cannot be had,
+            # the new entry was never committed.)
+            with self.lock, self.family.changing(refused=pf.undo_commit):
                 if node.path is None:
                     node.created = False
+                    self.family.done_writing(node)
                     return
                 current = self.fspf.files.get(node.path)
                 self.fspf.files[node.path] = dataclasses.replace(entry, store=current.store if current else "")
@@ -293,6 +309,7 @@ class FsShield:
                         pf.undo_commit()
                     raise
                 node.created = False
+                self.family.done_writing(node)
 
     def _restore(self, path: str, entry: FileEntry | None) -> None:
         if entry is None:
@@ -316,6 +333,8 @@ class FsShield:
         readable, writable = acc in (os.O_RDONLY, os.O_RDWR), acc in (os.O_WRONLY, os.O_RDWR)
         with self.lock:
             memory = kind == "memory"
+            if not memory:
+                self.family.fresh()  # (in a family: what another process committed is seen at open)
             if self.mem.is_dir(path) if memory else self._names().is_dir(path):
                 return self._open_dir(path, kind, flags, writable)
             if flags & os.O_DIRECTORY:
@@ -327,8 +346,14 @@ class FsShield:
             self.opens[vfd] = OpenFile(node, readable, writable, bool(flags & os.O_APPEND))
             node.refs += 1
         if flags & os.O_TRUNC and writable:
-            with node.lock:  # outside the shield lock: the lock order is file, then shield
-                node.file.truncate(0)
+            try:
+                with node.lock:  # outside the shield lock: the lock order is file, then shield
+                    self.family.will_write(node)
+                    node.file.truncate(0)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.close(vfd)
+                raise
         return vfd
 
     def _new_vfd(self) -> int:
@@ -346,6 +371,28 @@ class FsShield:
         return vfd
 
     def _open_protected(self, path: str, flags: int, mode: int, kind: str) -> Node:
+        if flags & os.O_CREAT and path not in self.fspf.files and self.family.active:
+            with self.family.changing():  # a new file is an FSPF change the family sees at once
+                node = self._find_or_create(path, flags, mode, kind)
+                if node.created:
+                    try:
+                        self._write_fspf()
+                    except BaseException:
+                        self._forget_new(node)
+                        raise
+                    node.created = False
+                return node
+        return self._find_or_create(path, flags, mode, kind)
+
+    def _forget_new(self, node: Node) -> None:
+        """A new file whose creation did not commit: as if it had not been made."""
+        assert isinstance(node.file, ProtectedFile) and node.path is not None
+        self.fspf.files.pop(node.path, None)
+        self.nodes.pop(node.file.key.file_id, None)
+        self._tree = None
+        files.close(node.host_fd)
+
+    def _find_or_create(self, path: str, flags: int, mode: int, kind: str) -> Node:
         entry = self.fspf.files.get(path)
         if entry is not None:
             if flags & os.O_CREAT and flags & os.O_EXCL:
@@ -423,8 +470,12 @@ class FsShield:
             if o.writable:
                 self.commit(node)
         finally:
+            if o.lock_fd >= 0:
+                files.close(o.lock_fd)  # (after the commit) drops its flock
             if node.refs == 0 and node.kind != "memory":
                 assert isinstance(node.file, ProtectedFile)
+                if self.family.active:
+                    self.family.locks.release(node.file.key.file_id)
                 self.nodes.pop(node.file.key.file_id, None)
                 assert isinstance(node.file.store, HostStore)
                 node.file.store.release()
@@ -441,7 +492,23 @@ class FsShield:
         try:
             return node.file.readinto(offset, out)
         except IntegrityError as e:
+            if not self._moved_on(node):
+                raise self._integrity(node.path or "(unlinked file)", e) from None
+        try:  # the file's newest version, which another process of the family committed
+            return node.file.readinto(offset, out)
+        except IntegrityError as e:
             raise self._integrity(node.path or "(unlinked file)", e) from None
+
+    def _moved_on(self, node: Node) -> bool:
+        """In a family, a file open here may have been committed twice by another process since
+        (its second commit reuses the slots this version names): whether ``node`` now reads
+        the newest committed version instead."""
+        if not self.family.active or node.file.dirty:
+            return False
+        old = node.file
+        with self.lock:
+            self.family.fresh()
+        return node.file is not old
 
     def _write(self, node: Node, offset: int, data: bytes | bytearray | memoryview) -> int:
         try:
@@ -487,6 +554,7 @@ class FsShield:
         if not o.writable:
             raise _err(errno.EBADF)
         with o.node.lock:
+            self.family.will_write(o.node)
             if o.append:
                 o.pos = o.node.file.length
             n = self._write(o.node, o.pos, data)
@@ -510,6 +578,7 @@ class FsShield:
     def pwrite(self, vfd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         o = self._positioned(vfd, offset, writing=True)
         with o.node.lock:
+            self.family.will_write(o.node)
             o.node.mtime_ns = time.time_ns()
             return self._write(o.node, offset, data)
 
@@ -543,6 +612,7 @@ class FsShield:
         if length < 0:
             raise _err(errno.EINVAL)
         with o.node.lock:
+            self.family.will_write(o.node)
             try:
                 o.node.file.truncate(length)
             except IntegrityError as e:
@@ -561,6 +631,44 @@ class FsShield:
         if node.kind == "memory":
             return self.mem.node_stat(node)
         return self._node_stat(node)
+
+    # -- locks --------------------------------------------------------------------------------
+
+    def lock_target(self, vfd: int, family: int, kind: int) -> int | None:
+        """The host fd on which a lock of ``vfd`` is taken, or ``None`` (the enclave decides:
+        a memory file's, a directory's, and before any fork a POSIX lock, which no other
+        process can contend).  A protected file's ``flock`` is the host's, on an fd of the
+        open's own (as natively, one per open file description, shared by dups and across a
+        fork), so that the processes of a family exclude each other.  In a family an unlock
+        commits the file first: the next holder sees what was written under the lock."""
+        o = self.opens.get(vfd)
+        if o is None or o.node.kind == "memory" or o.node.path is None:
+            return None
+        if family == abi.LOCK_POSIX:
+            if not self.family.active:
+                return None
+            target = o.node.host_fd
+            unlock = kind == fcntl.F_UNLCK
+        else:
+            if o.lock_fd < 0:
+                with self.lock:
+                    self._open_lock_fd(o)
+            target = o.lock_fd
+            unlock = kind == fcntl.LOCK_UN
+        if unlock and self.family.active:
+            self.commit(o.node)
+        return target
+
+    def _open_lock_fd(self, o: OpenFile) -> None:
+        assert o.node.path is not None
+        entry = self.fspf.files.get(o.node.path)
+        o.lock_fd = files.host_open((entry.store if entry else "") or o.node.path, os.O_RDONLY, 0)
+
+    def locked(self, vfd: int) -> None:
+        """A lock of ``vfd`` was granted: what another process committed before is seen now."""
+        if self.family.active:
+            with self.lock:
+                self.family.fresh()
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -592,6 +700,7 @@ class FsShield:
         with self.lock:
             if self.kind(path) == "memory":
                 return self.mem.stat(path)
+            self.family.fresh()
             entry = self.fspf.files.get(path)
             if entry is None:
                 if self._names().is_dir(path):
@@ -616,6 +725,7 @@ class FsShield:
             if self.kind(path) == "memory":
                 names = self.mem.listdir(path)
             else:
+                self.family.fresh()
                 if path in self.fspf.files:
                     raise _err(errno.ENOTDIR, path)
                 listing = self._names().listing(path)
@@ -636,252 +746,34 @@ class FsShield:
         for name in host:
             self._ignore(posixpath.join(path, name))
 
-    # Directory changes in a protected region are FSPF changes, each committed at once: so a
-    # directory the app made exists at the next start whatever the host removed or added.
-
-    def _keep_parent(self, path: str) -> None:
-        """``path`` is leaving its directory: if that was all the directory held, record the
-        directory in the FSPF (it existed only by implication, and must stay)."""
-        parent = posixpath.dirname(path)
-        tree = self._names()
-        listing = tree.listing(parent) or {}
-        region = self.fspf.region_for(parent)
-        if set(listing) <= {posixpath.basename(path)} and region.kind in PROTECTED and region.prefix != parent:
-            self.fspf.dirs.add(parent)
+    # Directory changes, and metadata of protected paths: ``fsdirs.py``.
 
     def mkdir(self, path: str, mode: int) -> None:
-        with self.lock:
-            if self.kind(path) == "memory":
-                self.mem.mkdir(path)
-                return
-            tree = self._names()
-            if tree.exists(path):
-                raise _err(errno.EEXIST, path)
-            if not tree.is_dir(posixpath.dirname(path)):
-                raise self._missing(path)
-            self._host_makedirs(posixpath.dirname(path))
-            try:
-                files.host_mkdir(path, mode)
-            except FileExistsError:
-                st = files.host_stat(path, False)
-                if st is None or not stat_mod.S_ISDIR(st.mode):  # something of the host's: not ours
-                    files.host_unlink(path)
-                    files.host_mkdir(path, mode)
-            self.fspf.dirs.add(path)
-            tree.add(path, DT_DIR)
-            self._write_fspf()
+        fsdirs.mkdir(self, path, mode)
 
     def rmdir(self, path: str) -> None:
-        with self.lock:
-            if self.kind(path) == "memory":
-                self.mem.rmdir(path)
-                return
-            tree = self._names()
-            if path in self.fspf.files:
-                raise _err(errno.ENOTDIR, path)
-            if not tree.is_dir(path):
-                raise self._missing(path)
-            if self.fspf.region_for(path).prefix == path:
-                raise _err(errno.EBUSY, path)
-            if not tree.empty(path):
-                raise _err(errno.ENOTEMPTY, path)
-            self._keep_parent(path)
-            self.fspf.dirs.discard(path)
-            tree.remove(path)
-            self._write_fspf()
-            self._clear_host_dir(path)
-
-    def _clear_host_dir(self, path: str) -> None:
-        """Remove the host's directory at ``path``, which the FSPF says is gone or empty: what
-        is left in it (orphans of a crash, the host's own files) is not ours."""
-        try:
-            files.host_rmdir(path)
-            return
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        except OSError as e:
-            if e.errno != errno.ENOTEMPTY:
-                log(f"{path}: the host did not remove the directory: {e.strerror}")
-                return
-        try:
-            for name, dtype in list(files.host_listdir(path)):
-                where = posixpath.join(path, name)
-                files.host_rmdir(where) if dtype == DT_DIR else files.host_unlink(where)
-            files.host_rmdir(path)
-        except OSError as e:
-            log(f"{path}: left on the host (not in the FSPF): {e.strerror}")
+        fsdirs.rmdir(self, path)
 
     def unlink(self, path: str) -> None:
-        with self.lock:
-            if self.kind(path) == "memory":
-                self.mem.unlink(path)
-                return
-            tree = self._names()
-            entry = self.fspf.files.get(path)
-            if entry is None:
-                raise _err(errno.EISDIR, path) if tree.is_dir(path) else self._missing(path)
-            self._keep_parent(path)
-            del self.fspf.files[path]
-            tree.remove(path)
-            node = self.nodes.get(entry.key.file_id)
-            if node is not None:
-                node.path = None
-                node.created = False
-            self._write_fspf()
-            try:
-                files.host_unlink(entry.store or path)
-            except FileNotFoundError:
-                pass
+        fsdirs.unlink(self, path)
 
     def rename(self, src: str, dst: str) -> None:
-        kind = self.kind(src)
-        if self.kind(dst) != kind:
-            raise _err(errno.EXDEV, src)
-        if dst == src:
-            self.stat(src, False)  # renaming a file onto itself: nothing to do, if it exists
-            return
-        if dst.startswith(src + "/"):
-            raise _err(errno.EINVAL, src)
-        with self.lock:
-            if kind == "memory":
-                self.mem.rename(src, dst)
-            elif src in self.fspf.files:
-                self._rename_file(src, dst)
-            else:
-                self._rename_dir(src, dst)
-
-    def _move_entries(self, pairs: list[tuple[str, str]]) -> None:
-        """FSPF first (records still at their old host paths), host rename, FSPF again."""
-        for old, new in pairs:
-            entry = self.fspf.files.pop(old)
-            self.fspf.files[new] = dataclasses.replace(entry, store=entry.store or old)
-            node = self.nodes.get(entry.key.file_id)
-            if node is not None:
-                node.path = new
-
-    def _rename_file(self, src: str, dst: str) -> None:
-        tree = self._names()
-        if tree.is_dir(dst):
-            raise _err(errno.EISDIR, dst)
-        if not tree.is_dir(posixpath.dirname(dst)):
-            raise self._missing(dst)
-        self._host_makedirs(posixpath.dirname(dst))
-        old = self.fspf.files.pop(dst, None)
-        if old is not None:
-            node = self.nodes.get(old.key.file_id)
-            if node is not None:
-                node.path = None
-                node.created = False
-        store = self.fspf.files[src].store or src
-        if posixpath.dirname(src) != posixpath.dirname(dst):
-            self._keep_parent(src)
-        self._move_entries([(src, dst)])
-        tree.remove(src)
-        tree.add(dst, DT_REG)
-        self._write_fspf()  # commit point: dst names the file, its records still at src
-        files.host_rename(store, dst, True)
-        self.fspf.files[dst] = dataclasses.replace(self.fspf.files[dst], store="")
-        self._write_fspf()
-        if old is not None and old.store and old.store != dst:
-            try:
-                files.host_unlink(old.store)
-            except FileNotFoundError:
-                pass
-
-    def _rename_dir(self, src: str, dst: str) -> None:
-        tree = self._names()
-        if not tree.is_dir(src):
-            raise self._missing(src)
-        if any(r.prefix in (src, dst) or r.prefix.startswith(src + "/") for r in self.fspf.regions):
-            raise _err(errno.EBUSY, src)  # a region (or the way to one) does not move
-        if dst in self.fspf.files:
-            raise _err(errno.ENOTDIR, dst)
-        if not tree.empty(dst):
-            raise _err(errno.ENOTEMPTY, dst)
-        if not tree.is_dir(posixpath.dirname(dst)):
-            raise self._missing(dst)
-        self._host_makedirs(posixpath.dirname(dst))
-        self._clear_host_dir(dst)  # empty for the FSPF: what the host has there must not stop the rename
-        pairs = [(p, dst + p[len(src) :]) for p in self.fspf.files if p.startswith(src + "/")]
-        moved = {d for d in self.fspf.dirs if d == src or d.startswith(src + "/")}
-        if posixpath.dirname(src) != posixpath.dirname(dst):
-            self._keep_parent(src)
-        self.fspf.dirs -= moved
-        self.fspf.dirs |= {dst + d[len(src) :] for d in moved}
-        self._move_entries(pairs)
-        self._tree = None
-        self._write_fspf()  # commit point: the files' records are still at their old paths
-        if files.host_stat(src, True) is not None:
-            files.host_rename(src, dst, True)
-        if pairs:
-            for _, new in pairs:
-                self.fspf.files[new] = dataclasses.replace(self.fspf.files[new], store="")
-            self._write_fspf()
-
-    def _metadata(self, path: str) -> tuple[Node | None, str]:
-        """Where ``path``'s permissions and times live: its memory node (``None`` for a memory
-        directory), or the host path that holds it.  Raises if ``path`` does not exist."""
-        if self.kind(path) == "memory":
-            return self.mem.node(path), ""
-        entry = self.fspf.files.get(path)
-        if entry is not None:
-            return None, entry.store or path
-        if not self._names().is_dir(path):
-            raise self._missing(path)
-        return None, path
+        fsdirs.rename(self, src, dst)
 
     def access(self, path: str, mode: int) -> bool:
-        with self.lock:
-            try:
-                _, host = self._metadata(path)
-            except OSError:
-                return False
-            if mode == os.F_OK or not host:
-                return True
-            if host == path and self._names().is_dir(path) and files.host_stat(path, True) is None:
-                return True  # a directory the host lacks: it is made when it is needed
-            return files.host_access(host, mode)
-
-    def _forget_host_stat(self, path: str) -> None:
-        """A chmod or utime of an open protected file: its next stat asks the host again."""
-        entry = self.fspf.files.get(path)
-        open_node = self.nodes.get(entry.key.file_id) if entry is not None else None
-        if open_node is not None:
-            open_node.host_st = None
+        return fsdirs.access(self, path, mode)
 
     def chmod(self, path: str, mode: int) -> None:
-        with self.lock:
-            node, host = self._metadata(path)
-            self._forget_host_stat(path)
-            if host:
-                if self._names().is_dir(host):
-                    self._host_makedirs(host)
-                files.host_chmod(host, mode)
-            elif node is not None:
-                node.mode = stat_mod.S_IMODE(mode)
+        fsdirs.chmod(self, path, mode)
 
     def utime(self, path: str, args: tuple[int, int, int]) -> None:
-        with self.lock:
-            node, host = self._metadata(path)
-            self._forget_host_stat(path)
-            if host:
-                if self._names().is_dir(host):
-                    self._host_makedirs(host)
-                files.host_utime(host, args)
-            elif node is not None:
-                node.mtime_ns = args[2] if args[0] else time.time_ns()
+        fsdirs.utime(self, path, args)
 
     def symlink(self, path: str) -> None:
-        raise OSError(errno.EPERM, "symbolic links cannot be created in a protected region", path)
+        fsdirs.symlink(self, path)
 
     def readlink(self, path: str) -> Any:
-        """No symlink exists in a shielded region: EINVAL for what exists, else ENOENT."""
-        with self.lock:
-            if self.kind(path) == "memory":
-                self.mem.stat(path)
-            elif not self._names().exists(path):
-                raise self._missing(path)
-        raise _err(errno.EINVAL, path)
+        return fsdirs.readlink(self, path)
 
 
 _shield: FsShield | None = None
@@ -894,6 +786,7 @@ def mount(table: FSPF, key: bytes, fspf_path: str, tag: str, max_io: int, copy: 
     files.set_shield(shield)
     _shield = shield
     shield.recover()
+    shield.family.register()
     return shield
 
 

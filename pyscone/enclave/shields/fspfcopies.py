@@ -109,17 +109,18 @@ class Copies:
     def names(self) -> set[str]:
         return {copy_path(self.path, c) for c in range(COPIES)}
 
-    def start(self, blob: bytes) -> tuple[int, Durable]:
+    def start(self, blob: bytes, shared: bool = False) -> tuple[int, Durable]:
         """Start writing ``blob`` over the copy that is not the current one: (that copy, the
         write, durable once waited for).  The caller may overlap other durable steps with it,
-        and makes the copy current once the pin has taken its tag."""
+        and makes the copy current once the pin has taken its tag.  ``shared``: other processes
+        of the family write the copies too, so their sizes are not known here (always cut)."""
         target = 1 - self.current
         fd = self._fds.get(target)
         if fd is None:
             fd = self._open(target)
         # Cut only when the size changed (the cut is part of the same host call anyway); an
         # unknown size after a failed write is cut again.
-        cut = self._sizes.pop(target, None) != len(blob)
+        cut = self._sizes.pop(target, None) != len(blob) or shared
         return target, _Sized(DurableWrite(fd, blob, self.max_io, cut), self._sizes, target, len(blob))
 
     def _open(self, copy: int) -> int:

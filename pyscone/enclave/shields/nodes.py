@@ -89,10 +89,11 @@ class Node:
 
 
 class OpenFile:
-    __slots__ = ("append", "node", "poisoned", "pos", "read_end", "readable", "writable")
+    __slots__ = ("append", "lock_fd", "node", "poisoned", "pos", "read_end", "readable", "writable")
 
     def __init__(self, node: Node, readable: bool, writable: bool, append: bool) -> None:
         self.node = node
+        self.lock_fd = -1  # a host fd of its own for flock (an open file description per open)
         self.pos = 0
         self.read_end = 0  # where the last read ended: a read from elsewhere follows a seek
         self.poisoned = False  # a read at the position met a refused chunk: seeks fail (FsShield.lseek)

@@ -130,6 +130,11 @@ class HostStore:
                 sched.drop(seg.call)
         self._ahead = []
 
+    def after_fork(self) -> None:
+        """In a forked child: the calls in flight were the parent's (on its lane), not ours."""
+        self._ahead = []
+        self._writes.clear()
+
     def _start_read(self, pos: int, n: int) -> _Segment:
         return _Segment(pos, pos + n, scheduler.get().start(Op.PREAD, (self.fd, n, pos)))
 

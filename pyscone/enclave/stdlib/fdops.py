@@ -17,13 +17,16 @@ calling lthread, so an app waiting on a lock never holds an S-thread.  (Linux's
 deadlock detection for ``F_SETLKW`` is lost; a lying host can only refuse a lock
 or grant one it does not hold, which is the unprotected-I/O trust "outcome".)
 
-Locks on the FS shield's files (virtual fds, protected or memory regions) stay in
-the enclave.  Their host files are sealed, so no other process can use them, and
-only one enclave process exists: POSIX record locks (``lockf``, ``F_SETLK``)
-never conflict within one process, so they are granted at once, exactly as Linux
-would; ``flock`` locks belong to an open file, so two opens of the same file in
-the enclave do conflict, and a table here (:class:`_FlockTable`) decides.  A
-socket or the console has no one to conflict with: locks on them are granted.
+Locks on the FS shield's files (virtual fds, protected or memory regions) are the
+enclave's while it is one process: their host files are sealed, so no other process can
+use them.  POSIX record locks (``lockf``, ``F_SETLK``) never conflict within one process,
+so they are granted at once, exactly as Linux would.  A protected file's ``flock`` is the
+host's, on a host fd of the open's own (``FsShield.lock_target``): one open file
+description per open, as in Linux, so two opens conflict, and so do the processes of a
+family; a memory file's (or directory's) flocks are kept in a table here
+(:class:`_FlockTable`).  Once the enclave has forked, a protected file's POSIX locks are
+the host's too (its host file is then shared by the family).  A socket or the console has
+no one to conflict with: locks on them are granted.
 
 A dup (``dups``) shares what Linux's open file description holds: ``O_NONBLOCK``
 and the status flags, and locks, are the handle's; ``FD_CLOEXEC`` is the number's.
@@ -176,26 +179,38 @@ def posix_locks_local(fd: int) -> bool:
     """Whether a POSIX record lock on ``fd`` is granted at once, with no one to ask: on
     everything but a host file (an FS-shield file, whose host file only this enclave opens; a
     socket; the console), no other process can hold one, and within one process POSIX locks
-    never conflict.  (The libc layer's shim grants them itself on the fds clib marks so.)"""
-    return _kind(fd) != iago.FdTable.FILE
+    never conflict.  (The libc layer's shim grants them itself on the fds clib marks so.)
+    A protected file opened once the enclave has forked is shared with the family's other
+    processes: its POSIX locks are the host's (``FsShield.lock_target``)."""
+    kind = _kind(fd)
+    if kind == "vfd":
+        sh = files._vfd(dups.resolve(fd))
+        return sh is None or sh.lock_target(dups.resolve(fd), abi.LOCK_POSIX, fcntl.F_RDLCK) is None
+    return kind != iago.FdTable.FILE
 
 
 def _lock(fd: int, family: int, kind: int, start: int, length: int, whence: int, wait: bool) -> None:
     """One lock request; ``wait``: until it is granted (retried here, never on the host)."""
     where = _kind(fd)
-    local = where != iago.FdTable.FILE  # posix_locks_local(fd)
+    fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
+    # A protected file's flock (and in a process family its POSIX locks) is the host's.
+    sh = files._vfd(fd) if where == "vfd" else None
+    target = sh.lock_target(fd, family, kind) if sh is not None else None
+    local = where != iago.FdTable.FILE and target is None  # posix_locks_local(fd)
     if local and (family == abi.LOCK_POSIX or where != "vfd"):
         return  # no other process can hold a lock here; only a vfd's flocks are kept (_flocks)
-    fd = dups.resolve(fd)  # a lock belongs to the open file, which dups share
     delay = _RETRY_FIRST
     while True:
-        if where == "vfd":
+        if local:
             if _flocks.try_lock(_identity(fd), fd, kind):
                 return
             err = errno.EWOULDBLOCK
         else:
-            result, err, _ = scheduler.get().host_call(Op.LOCK, (fd, family, kind, start, length, whence))
+            lock_fd = fd if target is None else target
+            result, err, _ = scheduler.get().host_call(Op.LOCK, (lock_fd, family, kind, start, length, whence))
             if result >= 0:
+                if sh is not None:
+                    sh.locked(fd)
                 return
             if err not in (errno.EAGAIN, errno.EACCES) or not wait:
                 raise OSError(err, os.strerror(err))
