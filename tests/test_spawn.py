@@ -240,7 +240,8 @@ def test_the_child_gets_the_family_key_and_env_from_the_parent_never_in_the_host
     assert b"SECRET" not in relayed and b"print" not in relayed  # env names and argv too
 
 
-def test_the_child_reads_the_parents_protected_files_and_cannot_commit_them(tmp_path: Path) -> None:
+def test_parent_and_spawned_children_commit_one_fspf_and_lose_nothing(tmp_path: Path) -> None:
+    """Distinct files, and one shared file written in turns under flock (fsfamily.py's lock, as at a fork)."""
     fspf = tmp_path / "fs.fspf"
     enc = tmp_path / "enc"
     enc.mkdir()
@@ -250,36 +251,54 @@ def test_the_child_reads_the_parents_protected_files_and_cannot_commit_them(tmp_
     child = write_app(
         tmp_path,
         f"""
-        import errno
-        print(open("{enc}/secret.txt").read(), flush=True)
-        try:
-            with open("{enc}/secret.txt", "a") as f:
-                f.write(" and the child's")
-        except OSError as e:
-            print("child write:", e.errno == errno.EIO, flush=True)
+        import fcntl, sys
+        me = sys.argv[1]
+        print(open("{enc}/secret.txt").read(), flush=True)  # the parent's commit
+        with open(f"{enc}/{{me}}.txt", "w") as f:
+            f.write(f"written by {{me}}")
+        for i in range(5):
+            with open("{enc}/shared.log", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.write(f"{{me}} {{i}}\\n")
+                f.flush()
+                fcntl.flock(f, fcntl.LOCK_UN)
         """,
         "child.py",
     )
     app = write_app(
         tmp_path,
         f"""
-        import subprocess, sys
+        import fcntl, subprocess, sys
         with open("{enc}/secret.txt", "w") as f:
             f.write("{SECRET}")
-        r = subprocess.run([sys.executable, "{child}"])
-        print("rc", r.returncode, flush=True)
-        with open("{enc}/more.txt", "w") as f:  # the parent still commits
-            f.write("the parent's")
+        open("{enc}/shared.log", "w").close()
+        kids = [subprocess.Popen([sys.executable, "{child}", f"child{{n}}"]) for n in range(2)]
+        for i in range(5):
+            with open("{enc}/shared.log", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.write(f"parent {{i}}\\n")
+                f.flush()
+                fcntl.flock(f, fcntl.LOCK_UN)
+        print("rc", [k.wait() for k in kids], flush=True)
         """,
     )
-    r = run_enclave("--fspf", fspf, app, cwd=tmp_path)
+    r = run_enclave("--fspf", fspf, app, cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [SECRET, "child write: True", "rc 0"]
+    assert r.stdout.splitlines() == [SECRET, SECRET, "rc [0, 0]"], r.stdout + r.stderr
     assert SECRET.encode() not in (enc / "secret.txt").read_bytes()
-    again = write_app(tmp_path, f"print(open('{enc}/secret.txt').read(), open('{enc}/more.txt').read())", "again.py")
-    r = run_enclave("--fspf", fspf, again, cwd=tmp_path)  # the next run mounts the parent's last commit
+    again = write_app(
+        tmp_path,
+        f"""
+        print(open("{enc}/child0.txt").read(), open("{enc}/child1.txt").read())
+        print(sorted(open("{enc}/shared.log").read().splitlines()))
+        """,
+        "again.py",
+    )
+    r = run_enclave("--fspf", fspf, again, cwd=tmp_path)  # the next run mounts the family's last commit
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"{SECRET} the parent's"
+    lines = r.stdout.splitlines()
+    assert lines[0] == "written by child0 written by child1"
+    assert lines[1] == str(sorted(f"{who} {i}" for who in ("parent", "child0", "child1") for i in range(5)))
 
 
 # -- a host that lies --------------------------------------------------------------------------

@@ -480,7 +480,10 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 
     try:
         key = bytes.fromhex(spec["key"])
-        table, tag, copy = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
+        if spec.get("spawned") and spec.get("tag_file"):
+            table, tag, copy = _mount_spawned(spec, key, slot_data)
+        else:
+            table, tag, copy = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
     except IntegrityError as e:
         return f"cannot mount the file-system shield: {spec['path']}: {e}"
     except OSError as e:
@@ -492,8 +495,32 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
         shield.pin = spec["pin"]  # the CAS
     elif spec.get("tag_file"):
         shield.pin = TagFile(spec["tag_file"], slot_data)
-        shield.pin.commit(shield.tag, shield.tag)
+        if spec.get("spawned"):  # (its parent pinned it: it commits under the family's lock, in place)
+            shield.pin.adopt(shield.tag)
+        else:
+            shield.pin.commit(shield.tag, shield.tag)
+    if spec.get("spawned"):
+        shield.family.spawned()  # a member of the parent's family from the start (fsfamily.py)
     return None
+
+
+def _mount_spawned(spec: dict[str, Any], key: bytes, slot_data: int) -> Any:
+    """A spawned child's FSPF: the one its parent was at, or a newer one the family's tag file pins
+    (the family may have committed twice while the child booted, so the copy of the parent's tag
+    was written over).  A few tries: a commit between reading the pin and the copy moves it again."""
+    from pyscone.enclave.shields import fs
+    from pyscone.enclave.stdlib import files
+    from pyscone.protect.chunks import IntegrityError
+
+    for attempt in range(20):
+        pinned = files.read_whole(spec["tag_file"]).decode("ascii", "replace").lower().split()
+        try:
+            return fs.load(spec["path"], key, list(dict.fromkeys([*(spec.get("tags") or []), *pinned])), slot_data)
+        except IntegrityError:
+            if attempt == 19:
+                raise
+            scheduler.get().sleep(0.01)
+    raise AssertionError("unreachable")
 
 
 class TagFile:
@@ -536,6 +563,14 @@ class TagFile:
             self._fd = files.host_open(self.path, os.O_RDWR, 0)
         raw = files.pread(self._fd, 4096, 0)
         return list(dict.fromkeys(raw.decode("ascii", "replace").lower().split()))
+
+    def adopt(self, tag: str) -> None:
+        """A spawned child's pin: write the family's tag file in place, as its parent does (a
+        replacement would leave the other members' fds on the file that was replaced)."""
+        from pyscone.enclave.stdlib import files
+
+        self._fd = files.host_open(self.path, os.O_RDWR, 0)
+        self._size = len(f"{tag}\n{tag}\n")
 
     def _reopen(self, record: bytes) -> None:
         from pyscone.enclave.shields.store import replace_host_file

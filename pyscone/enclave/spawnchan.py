@@ -90,6 +90,8 @@ def child_config(
         from pyscone.enclave.shields import fs
 
         shield = fs.shield()
+        if shield is not None:
+            shield.family.before_spawn()  # all committed; from now on under the family's lock
         tags = [shield.tag] if shield is not None else fspf.get("tags")
         given_fspf = {"path": fspf["path"], "key": fspf["key"], "tags": tags, "tag_file": fspf.get("tag_file")}
     cache = _own.get("bytecode_cache") or {}
@@ -271,7 +273,11 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in doc["env"].items()})
     family.start(bytes.fromhex(doc["family_key"]))
-    cfg["fspf"] = {**doc["fspf"], "pin": ReadOnlyPin()} if doc.get("fspf") else None
+    fspf = doc.get("fspf")
+    if fspf:  # with a CAS, no pin the family can order commits by: read-only (fsfamily.py)
+        cfg["fspf"] = {**fspf, "spawned": True, **({"pin": ReadOnlyPin()} if cfg.get("cas") else {})}
+    else:
+        cfg["fspf"] = None
     cfg["network"] = doc.get("network")
     cfg["console"] = doc.get("console")
     cfg["bytecode_cache"] = doc.get("bytecode_cache")
@@ -302,13 +308,10 @@ def _apply(cfg: dict[str, Any], doc: dict[str, Any]) -> None:
 
 
 class ReadOnlyPin:
-    """A spawned child's FS-shield pin: it reads its parent's protected files, and no commit of its
-    own is durable (``EIO``), until the family keeps one FSPF across spawned children too.
-
-    Why not the parent's pin (its tag file, or its CAS run): two shields committing one FSPF
-    without a common owner write over each other's copies, and a copy the pin names could be lost.
-    A refused pin keeps the child's writes off every copy the pin names (the shield writes only the
-    unpinned copy until a pin is acknowledged), so the parent's files stay as it committed them.
+    """A CAS-mode spawned child's FS-shield pin: it has no run at the CAS to pin commits at, and
+    the family cannot order commits by the CAS's pin (``fsfamily.py``): so it reads its parent's
+    protected files and changes none (``EROFS`` from the family, and this refuses any commit).
+    In dev mode a spawned child commits under the family's lock with the parent's tag file.
     """
 
     def commit(self, old: str, new: str) -> None:
