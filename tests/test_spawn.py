@@ -638,3 +638,43 @@ def test_pipes_and_socketpairs_to_a_spawned_child_carry_only_sealed_records(tmp_
     assert len(carried) > 1000
     for what in (b"OVER STDOUT", b"OVER A PAIR", b"OVER A DUPLEX CONNECTION", b"BACK TO THE CHILD"):
         assert what not in carried, what
+
+
+def test_an_attested_child_reads_its_parents_protected_files_and_changes_none(world: World) -> None:
+    data = world.root / "spawn-data"
+    data.mkdir()
+    fspf = world.root / "spawn.fspf"
+    for args in (("fspf", "create", fspf), ("fspf", "addr", fspf, str(data), "--kind", "encrypted")):
+        r = subprocess.run([*PYSCONE, *map(str, args)], cwd=world.root, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    tag = subprocess.run([*PYSCONE, "fspf", "tag", str(fspf)], capture_output=True, text=True).stdout.strip()
+    key = (world.root / "spawn.fspf.key").read_text().strip()
+    write_app(
+        world.root,
+        f"""
+        import errno, subprocess, sys
+        with open("{data}/secret.txt", "w") as f:
+            f.write("{SECRET}")
+        child = (
+            "import errno\\n"
+            "print(open('{data}/secret.txt').read(), flush=True)\\n"
+            "try:\\n"
+            "    open('{data}/child.txt', 'w').write('x')\\n"
+            "except OSError as e:\\n"
+            "    print('child write', errno.errorcode[e.errno], flush=True)\\n"
+        )
+        print("rc", subprocess.run([sys.executable, "-c", child]).returncode, flush=True)
+        with open("{data}/secret.txt", "a") as f:  # the parent still commits, pinned at the CAS
+            f.write(" again")
+        print(open("{data}/secret.txt").read(), flush=True)
+        """,
+        "fsapp.py",
+    )
+    mre = world.measure()
+    fspf_yaml = f"    fspf: {{path: {fspf}, key: {key}, tag: {tag}}}\n"
+    policy = world.policy("spawnfs", f"    mrenclaves: [{mre}]\n    argv: [fsapp.py]\n{fspf_yaml}")
+    created = world.owner("session", "create", str(policy))
+    assert created.returncode == 0, created.stderr
+    r = world.run("spawnfs/app")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [SECRET, "child write EROFS", "rc 0", f"{SECRET} again"], r.stdout + r.stderr
