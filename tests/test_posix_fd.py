@@ -153,7 +153,7 @@ SHIELDED_APP = """
 """
 
 
-def test_locks_on_shielded_files_stay_in_the_enclave(tmp_path: Path) -> None:
+def test_locks_on_shielded_files_behave_as_natively(tmp_path: Path) -> None:
     fs = FS(tmp_path)
     app = write_app(tmp_path, SHIELDED_APP)
     r = fs.run(app, str(fs.enc), str(fs.mem))
