@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py            # every part (sqlite about 4 minutes and pg about 2 of them)
     .venv/bin/python bench/run.py --quick    # short runs of every part
     .venv/bin/python bench/run.py --only fs  # one part: syscalls, http, fs, attest, imports, servers, sqlite, pg, tls
-                                             # or console
+                                             # or console, procs
 
 What is measured, native Python against ``pyscone run``:
 
@@ -31,6 +31,8 @@ What is measured, native Python against ``pyscone run``:
   the shield, natively behind stunnel4, natively with ``ssl``, and plain for reference;
 * console: ``bench/console.py``: an app printing lines (buffered and flushed) and 64 KiB writes to
   a pipe, natively and in an enclave without and with the console shield.
+* procs: ``bench/procs.py``: ``multiprocessing.Pool(2).map`` of small CPU tasks (tasks/s), natively and
+  in an enclave.
 
 Native and enclave runs alternate.  CPU time is that of the whole process tree
 (host + enclave) from ``getrusage(RUSAGE_CHILDREN)`` deltas taken around each
@@ -68,6 +70,7 @@ import console  # bench/console.py, next to this script
 import fs  # bench/fs.py, next to this script
 import imports  # bench/imports.py, next to this script
 import pg  # bench/pg.py, next to this script
+import procs as procs_bench  # bench/procs.py, next to this script
 import servers  # bench/servers.py, next to this script
 import sqlite  # bench/sqlite.py, next to this script
 import tls  # bench/tls.py, next to this script
@@ -616,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", type=int, default=None, help="os.pread calls per syscalls run (default 50000, quick 20000)"
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10, quick 3)")
-    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg", "tls", "console")
+    parts = ("syscalls", "http", "fs", "attest", "imports", "servers", "sqlite", "pg", "tls", "console", "procs")
     p.add_argument("--only", choices=parts, default=None, help="run one part only")
     a = p.parse_args(argv)
     calls = a.calls or (20_000 if a.quick else 50_000)
@@ -652,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg_results: list[pg.PgResult] = []
     tls_report: tls.TlsReport | None = None
     console_results: list[console.ConsoleResult] = []
+    procs_results: list[procs_bench.ProcsResult] = []
     try:
         if a.only in (None, "syscalls"):
             sys_results = bench_syscalls(procs, calls, reps, log)
@@ -673,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_report = tls.bench_tls(a.quick, log)
         if a.only in (None, "console"):
             console_results = console.bench_console(a.quick, log)
+        if a.only in (None, "procs"):
+            procs_results = procs_bench.bench_procs(a.quick, log)
     except (
         BenchError,
         fs.FsBenchError,
@@ -682,6 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pg.PgBenchError,
         tls.TlsBenchError,
         console.ConsoleBenchError,
+        procs_bench.ProcsBenchError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -731,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += tls.report_lines(tls_report)
     if console_results:
         out += console.report_lines(console_results)
+    if procs_results:
+        out += procs_bench.report_lines(procs_results)
     print("\n".join(out), flush=True)
 
     report = {
@@ -751,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pg": [asdict(r) for r in pg_results],
         "tls": asdict(tls_report) if tls_report is not None else None,
         "console": [asdict(r) for r in console_results],
+        "procs": [asdict(r) for r in procs_results],
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {(RESULTS / 'latest.json').relative_to(ROOT)}", flush=True)

@@ -148,8 +148,19 @@ class Op(enum.IntEnum):
     FORK_DONE = 61  # a0=lane a1=the child's pid, or -1: the fork failed (the host frees the lane)
     KILL = 62  # a0=pid (as kill(2): <= 0 names a process group) a1=signal
     FUTIME = 63  # a0=fd a1=have_times a2=atime_ns a3=mtime_ns (os.utime of an open file)
+    # -- semaphores (multiprocessing's SemLock), arbitrated by the host: a real POSIX semaphore there.
+    # A handle is the host's number for one open semaphore (valid in a forked child's host too).
+    SEM_NEW = 70  # data=name a0=value a1=maxvalue a2=unlink now -> handle
+    SEM_OPEN = 71  # data=name a0=maxvalue -> handle (sem_open of an existing name)
+    # a0=handle a1=blocking -> 1 acquired, 0 not (non-blocking only).  A blocking one waits on a
+    # host thread of its own (never an S-thread) until acquired or CANCELed (the enclave's timeout).
+    SEM_ACQUIRE = 72
+    SEM_RELEASE = 73  # a0=handle; EOVERFLOW: the value is at its maximum already
+    SEM_VALUE = 74  # a0=handle -> the value
+    SEM_CLOSE = 75  # a0=handle
+    SEM_UNLINK = 76  # data=name
     # spawn (80-89): a fresh child enclave of the same runtime (host/spawn.py, enclave/stdlib/spawn.py).
-    # data = SPAWN_FD pairs (child fd, host fd; host fd -1: the host's own) -> pid, data=i32 channel fd
+    # data = SPAWN_FD pairs (child fd, parent host fd; 0-2 not named: the host's own) -> pid, data=i32 channel fd
     # (a new AF_UNIX stream socket to the child, for the attested channel: enclave/spawnchan.py).
     SPAWN = 80
     # a0=pid a1=options (os.WNOHANG) -> pid (0: still running, with WNOHANG), data=i32 wait status.
@@ -157,6 +168,9 @@ class Op(enum.IntEnum):
     SPAWN_WAIT = 81
     SPAWN_KILL = 82  # a0=pid a1=signal (only for a pid SPAWN answered and not yet reaped)
 
+
+#: The largest value of a semaphore (Linux's SEM_VALUE_MAX, INT_MAX).
+SEM_VALUE_MAX = 2**31 - 1
 
 #: ``Op.SPAWN``'s request: (child fd, host fd) pairs.
 SPAWN_FD = struct.Struct("<ii")

@@ -322,10 +322,23 @@ def _poll(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer
     return (draw(st.sampled_from([ready, ready, ready + 1, max(ready - 1, 0)])), 0, body)
 
 
+def _sem_number(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
+    """A semaphore's handle, its value, or "taken" (1) / "not taken" (0)."""
+    value = near(draw, [honest[0], 0, 1, abi.SEM_VALUE_MAX + 1, 2**40], lo=-(2**40), hi=2**40)
+    return (value, 0, draw(st.sampled_from([b"", b"", b"", b"\1"])))
+
+
+def _lane(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
+    """A forked child's lane: the host names any number."""
+    lane = near(draw, [1, 2, 8, 0, 2**40], lo=-(2**40), hi=2**40)
+    return (lane, 0, draw(st.sampled_from([b"", b"", b"", b"\1"])))
+
+
 SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Answer]] = {
     **{op: _none for op in (Op.NOP, Op.CANCEL, Op.CLOSE, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FSYNC)},
     **{op: _none for op in (Op.FTRUNCATE, Op.CHMOD, Op.UTIME, Op.SYMLINK, Op.BIND, Op.LISTEN, Op.CONNECT)},
-    **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT, Op.LOCK)},
+    **{op: _none for op in (Op.SHUTDOWN, Op.SETSOCKOPT, Op.LOCK, Op.FORK_DONE, Op.KILL, Op.FUTIME)},
+    Op.FORK: _lane,
     **{op: _read for op in (Op.READ, Op.PREAD, Op.RECV)},
     **{op: _count for op in (Op.WRITE, Op.PWRITE, Op.PWRITE_SYNC, Op.SEND, Op.SENDTO)},
     **{op: _new_fd for op in (Op.OPEN, Op.SOCKET, Op.SOCKETPAIR, Op.ACCEPT)},
@@ -346,6 +359,8 @@ SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Ans
     Op.GETADDRINFO: _addrinfo,
     Op.GETNAMEINFO: _nameinfo,
     Op.POLL: _poll,
+    **{op: _sem_number for op in (Op.SEM_NEW, Op.SEM_OPEN, Op.SEM_ACQUIRE, Op.SEM_VALUE)},
+    **{op: _none for op in (Op.SEM_RELEASE, Op.SEM_CLOSE, Op.SEM_UNLINK)},
 }
 
 

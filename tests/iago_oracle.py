@@ -42,6 +42,8 @@ TRUST = {
     "socket-option": "socket option values the enclave did not set at creation",
     "name-resolution": "what a host name resolves to, canonical and reverse names, the host name",
     "readiness": "which of the polled descriptors are ready, with which of the asked events",
+    "semaphore": "whether a semaphore is free, its value, and the handle of a new one",
+    "process": "which of its spare lanes a forked child runs on, and whether a signal reached another process",
 }
 
 
@@ -332,6 +334,25 @@ def _poll(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Conte
     return {"readiness"}
 
 
+def _lane(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    # (iago takes any positive lane; whether it is a spare lane of this enclave, the fork code checks)
+    return {"process"} if r >= 1 and v == r else None
+
+
+def _sem_handle(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    return {"semaphore"} if r >= 1 and v == r else None
+
+
+def _sem_acquire(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    # Not waiting: taken (1) or not (0); waiting: it ends taken, or fails.
+    ok = r in (0, 1) and v is bool(r) and (r == 1 or not args[1])
+    return {"semaphore"} if ok else None
+
+
+def _sem_value(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    return {"semaphore"} if 0 <= r <= abi.SEM_VALUE_MAX and v == r else None
+
+
 SPECS: dict[int, Spec] = {
     Op.NOP: _void,
     Op.CANCEL: _void,
@@ -380,6 +401,17 @@ SPECS: dict[int, Spec] = {
     Op.GETHOSTNAME: _hostname,
     Op.GETNAMEINFO: _nameinfo,
     Op.POLL: _poll,
+    Op.FORK: _lane,
+    Op.FORK_DONE: _void,
+    Op.KILL: _void,
+    Op.FUTIME: _void,
+    Op.SEM_NEW: _sem_handle,
+    Op.SEM_OPEN: _sem_handle,
+    Op.SEM_ACQUIRE: _sem_acquire,
+    Op.SEM_RELEASE: _void,
+    Op.SEM_VALUE: _sem_value,
+    Op.SEM_CLOSE: _void,
+    Op.SEM_UNLINK: _void,
 }
 
 

@@ -146,6 +146,12 @@ class World:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.closed_port = s.getsockname()[1]
+        # Semaphores: one that is never short of units (a waiting acquire is answered at once), a
+        # lock, and a name that another semaphore can be opened by.
+        self.sem_name = f"/pyscone-fuzz-{os.getpid()}-{id(self)}"
+        self.sem = self.call(Op.SEM_NEW, (1000, abi.SEM_VALUE_MAX, 1), b"/pyscone-fuzz-plenty")[2]
+        self.sem_lock = self.call(Op.SEM_NEW, (1, 1, 1), b"/pyscone-fuzz-lock")[2]
+        self.sem_named = self.call(Op.SEM_NEW, (0, 1, 0), self.sem_name.encode())[2]
         self.clients: list[socket.socket] = []
         self.base_fds = iago.fds.snapshot()
         self.base_files, self.base_socks = set(self.ex._files), set(self.ex._socks)
@@ -208,6 +214,7 @@ class World:
             _drain(s)
 
     def close(self) -> None:
+        self.call(Op.SEM_UNLINK, (), self.sem_name.encode())
         self.peer.close()
         self.udp_peer.close()
         self.ex.stop()
@@ -404,6 +411,35 @@ def _lock(w: World, draw: Draw, op: int) -> Request:
     else:
         kind = _pick(draw, [fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK, 99])
     return Request(op, (fd, family, kind, _pick(draw, [0, 10]), _pick(draw, [0, 5]), os.SEEK_SET))
+
+
+@scenario(Op.FORK, Op.FORK_DONE, Op.KILL, Op.FUTIME)
+def _process(w: World, draw: Draw, op: int) -> Request:
+    # (The fuzz's host has no family: FORK and FORK_DONE are refused honestly; lies are still drawn.)
+    if op == Op.FORK:
+        return Request(op, ())
+    if op == Op.FORK_DONE:
+        return Request(op, (_pick(draw, [1, 3]), _pick(draw, [-1, 12345])))
+    if op == Op.KILL:  # signal 0: is it there (this process, or one that is not)
+        return Request(op, (_pick(draw, [os.getpid(), 2**22 + 17]), 0))
+    return Request(op, (_file_fd(w, draw), *_pick(draw, [(0, 0, 0), (1, 10**18, 2 * 10**18)])))
+
+
+@scenario(Op.SEM_NEW, Op.SEM_OPEN, Op.SEM_ACQUIRE, Op.SEM_RELEASE, Op.SEM_VALUE, Op.SEM_CLOSE, Op.SEM_UNLINK)
+def _semaphore(w: World, draw: Draw, op: int) -> Request:
+    if op == Op.SEM_NEW:  # (unlinked at once, or a name in use: EEXIST)
+        name = _pick(draw, ["/pyscone-fuzz-new", w.sem_name, "/a/b"])
+        return Request(op, (_pick(draw, [0, 1, 5]), _pick(draw, [1, 5, abi.SEM_VALUE_MAX]), 1), name.encode())
+    if op == Op.SEM_OPEN:
+        return Request(op, (1,), _pick(draw, [w.sem_name, "/pyscone-fuzz-missing"]).encode())
+    if op == Op.SEM_UNLINK:
+        return Request(op, (), b"/pyscone-fuzz-missing")  # (ENOENT: the world's name stays)
+    if op == Op.SEM_CLOSE:
+        return Request(op, (_pick(draw, [9999, int(w.call(Op.SEM_NEW, (0, 1, 1), b"/pyscone-fuzz-c")[2])]),))
+    handle = _pick(draw, [w.sem, w.sem_lock, w.sem_named, 9999])
+    if op == Op.SEM_ACQUIRE:  # waiting only where a unit is there: the fuzz's host answers in place
+        return Request(op, (handle, 1 if handle == w.sem and draw(st.booleans()) else 0), wait=True)
+    return Request(op, (handle,))
 
 
 @scenario(Op.STATVFS)

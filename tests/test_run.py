@@ -162,17 +162,14 @@ def test_a_heap_too_small_for_the_enclave_is_one_line(tmp_path: Path) -> None:
     assert run_enclave("--heap", f"{need + 32}M", app, cwd=tmp_path).stdout == "1\n"
 
 
-def test_multiprocessing_locks_are_refused_by_name_and_rlock_counts_recursion(tmp_path: Path) -> None:
+def test_multiprocessing_locks_work_and_rlock_counts_recursion(tmp_path: Path) -> None:
     # hypercorn's CLI makes a multiprocessing lock even for one worker: a bare EPERM from the
-    # barrier before; now the ENOSYS every refused process feature gives.
+    # barrier once, then ENOSYS; now a lock on a host semaphore (tests/test_semlock.py).
     app = write_app(
         tmp_path,
         "import multiprocessing, threading\nr = threading.RLock()\nwith r:\n    with r:\n        print(r._recursion_count())\n"
-        "try:\n    multiprocessing.Lock()\nexcept OSError as e:\n    print(e.errno, e)\n",
+        "lock = multiprocessing.Lock()\nwith lock:\n    print(lock)\n",
     )
     r = run_enclave(app, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [
-        "2",
-        "38 [Errno 38] multiprocessing's SemLock (a process-shared semaphore) is not supported inside a pyscone enclave",
-    ]
+    assert r.stdout.splitlines() == ["2", "<Lock(owner=MainProcess)>"]

@@ -292,6 +292,25 @@ def _lseek(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     return result
 
 
+def _sem_handle(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    if result < 1 or data:
+        raise HostViolation(f"a semaphore handle must be a positive number, got {result} with {len(data)} bytes")
+    return result
+
+
+def _sem_acquire(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    # A blocking acquire ends acquired, or fails (ECANCELED after the enclave's timeout): never "not acquired".
+    if result not in (0, 1) or data or (args[1] and result != 1):
+        raise HostViolation(f"a {'blocking ' if args[1] else ''}semaphore acquire answered {result}")
+    return bool(result)
+
+
+def _sem_value(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    if result > abi.SEM_VALUE_MAX or data:
+        raise HostViolation(f"a semaphore's value of {result} is above SEM_VALUE_MAX")
+    return result
+
+
 def _bool(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result not in (0, 1) or data:
         raise HostViolation(f"host returned {result} where 0 or 1 was expected")
@@ -636,6 +655,14 @@ VALIDATORS: dict[int, Validator] = {
     Op.STATVFS: _statvfs,
     Op.READFILE: _readfile,
     Op.PWRITE_SYNC: _count_upto_request,
+    # semaphores: whether a lock is free is the host's to say (it arbitrates); these are the shapes
+    Op.SEM_NEW: _sem_handle,
+    Op.SEM_OPEN: _sem_handle,
+    Op.SEM_ACQUIRE: _sem_acquire,
+    Op.SEM_RELEASE: _none,
+    Op.SEM_VALUE: _sem_value,
+    Op.SEM_CLOSE: _none,
+    Op.SEM_UNLINK: _none,
     Op.SOCKET: _socket,
     Op.SOCKETPAIR: _socketpair,
     Op.BIND: _none,

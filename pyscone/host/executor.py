@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 from pyscone import abi, rings
 from pyscone.abi import Op
 from pyscone.host import hostile as hostile_mod
+from pyscone.host import semaphores
 from pyscone.host.hostile import Hostile, Liar
 from pyscone.host.spawn import SpawnHost
 
@@ -158,6 +159,7 @@ class Executor:
         self._fdwait: dict[int, list[_Waiter]] = {}
         self._fdmask: dict[int, int] = {}
         self._parked: dict[int, _Waiter] = {}
+        self._elsewhere: dict[int, semaphores.Wait] = {}  # slot -> a call another thread answers
         self._socks: dict[int, socket.socket] = {}
         self._files: set[int] = set()
         self._pool_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -219,6 +221,7 @@ class Executor:
             Op.FORK_DONE: self._fork_done,
             Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
             Op.FUTIME: self._futime,
+            **semaphores.HANDLERS,
             Op.SPAWN: self.spawner.spawn,
             Op.SPAWN_WAIT: self.spawner.wait,
             Op.SPAWN_KILL: self.spawner.kill,
@@ -440,12 +443,28 @@ class Executor:
                 self._park(_Waiter(sid, fds, retry, op, args))
                 return
             ans = wb.nowait or (-1, errno.EAGAIN, b"")
+        except semaphores.Wait as w:
+            self._hand_over(sid, w, op, args)
+            return
         except OSError as e:
             ans = _err(e)
         except (ValueError, TypeError, OverflowError, UnicodeError, struct.error):
             ans = (-1, errno.EINVAL, b"")
         self._answer(sid, ans, op, args)
         done.append(sid)
+
+    def _hand_over(self, sid: int, w: semaphores.Wait, op: int, args: tuple[int, ...]) -> None:
+        """Let another thread answer ``sid`` (a semaphore's wait); ``CANCEL`` still reaches it."""
+
+        def answer(ans: Answer) -> None:
+            # (Forgotten before the answer is out: only then may the enclave reuse the slot.)
+            if self._elsewhere.get(sid) is w:
+                self._elsewhere.pop(sid, None)
+            self._answer(sid, ans, op, args)
+            self._publish([sid])
+
+        self._elsewhere[sid] = w
+        w.start(answer, lambda: self._stop)
 
     def _retry(self, op: int, args: tuple[int, ...], data: bytes) -> Answer:
         return self._handlers[op](args, data)
@@ -546,6 +565,10 @@ class Executor:
     def _cancel(self, target: int, done: list[int]) -> None:
         w = self._parked.get(target)
         if w is None:
+            other = self._elsewhere.pop(target, None)
+            if other is not None and other.cancel():
+                self._answer(target, (-1, errno.ECANCELED, b""))
+                done.append(target)
             return  # already answered (or running on the pool): the enclave uses that answer
         self._unpark(w)
         self._answer(target, (-1, errno.ECANCELED, b""), w.op, w.args)

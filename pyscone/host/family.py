@@ -262,11 +262,20 @@ class HostFamily:
         if pid <= 0:  # the enclave's fork failed
             self.pool.free(lane)
             return
+        watch = _watch(pid)
+        if watch is None or _exited(watch, 0.0):  # (a child that made no call: nothing to serve)
+            self._finish(lane, pid, watch)
+            return
         ex = Executor.forked_from(parent, lane.region, lane.bell_host, lane.bell_enclave)
         ex.family = self
         ex.start()
-        _wait_exit(pid)
+        _exited(watch, None)
         ex.stop()
+        self._finish(lane, pid, watch)
+
+    def _finish(self, lane: Lane, pid: int, watch: int | None) -> None:
+        if watch is not None:
+            os.close(watch)
         reason = lane.region.read_fatal()
         if reason:
             print(f"pyscone: enclave {pid} stopped: {reason}", file=sys.stderr, flush=True)
@@ -274,15 +283,16 @@ class HostFamily:
         self.pool.free(lane)
 
 
-def _wait_exit(pid: int) -> None:
+def _watch(pid: int) -> int | None:
+    """A pidfd of the child enclave (``None``: it is gone already)."""
     try:
-        fd = os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except ProcessLookupError:
-        return
-    try:
-        select.select([fd], [], [])
-    finally:
-        os.close(fd)
+        return None
+
+
+def _exited(pidfd: int, timeout: float | None) -> bool:
+    return bool(select.select([pidfd], [], [], timeout)[0])
 
 
 def _reap_children(*, deadline: float) -> None:

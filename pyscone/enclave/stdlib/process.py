@@ -21,6 +21,7 @@ import errno
 import importlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -180,19 +181,19 @@ def install(cpu_count: int) -> None:
         _multiprocessing: Any = importlib.import_module("_multiprocessing")
     except ImportError:
         pass
-    else:  # its semaphores are POSIX named semaphores (shm_open): processes are not here yet
-        real = _multiprocessing.SemLock
+    else:  # its semaphores are POSIX named semaphores (shm_open): here the host holds them
+        from pyscone.enclave.stdlib import semlock
 
-        class SemLock:
-            SEM_VALUE_MAX = real.SEM_VALUE_MAX  # read by multiprocessing.synchronize at import
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                raise OSError(
-                    errno.ENOSYS,
-                    "multiprocessing's SemLock (a process-shared semaphore) is not supported inside a pyscone enclave",
-                )
-
-        interpose(_multiprocessing, SemLock=SemLock)
+        interpose(_multiprocessing, SemLock=semlock.SemLock, sem_unlink=semlock.sem_unlink)
+        synchronize = sys.modules.get("multiprocessing.synchronize")
+        if synchronize is not None:  # imported before us (its own SemLock wraps ours by attribute)
+            interpose(synchronize, sem_unlink=semlock.sem_unlink)
+    try:  # multiprocessing.shared_memory: a file mapped in, which the barrier refuses (say so, not EPERM)
+        _posixshmem: Any = importlib.import_module("_posixshmem")
+    except ImportError:
+        pass
+    else:
+        interpose(_posixshmem, shm_open=_refuser("shared memory (shm_open)"), shm_unlink=_refuser("shm_unlink"))
     interpose(time, sleep=sleep)
     _app_handlers[signal.SIGINT] = signal.default_int_handler
     _real_signal(signal.SIGINT, _dispatch)
