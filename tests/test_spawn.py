@@ -599,6 +599,57 @@ def test_a_spawned_child_writes_its_consoles_records_as_a_run_of_the_family(tmp_
     assert "and its 1 child run" in shown.stderr
 
 
+def test_multiprocessing_spawn_pool_queue_and_lock(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        """
+        import multiprocessing
+        def square(x):
+            return x * x
+        def put(q, lock, n):
+            with lock:
+                q.put(n)
+        if __name__ == "__main__":
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(2) as pool:
+                print(pool.map(square, range(8)), flush=True)
+            q, lock = ctx.Queue(), ctx.Lock()
+            ps = [ctx.Process(target=put, args=(q, lock, n)) for n in range(3)]
+            for p in ps:
+                p.start()
+            print(sorted(q.get(timeout=60) for _ in ps), [p.join() or p.exitcode for p in ps], flush=True)
+        """,
+    )
+    r = run_enclave(app, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str([x * x for x in range(8)]), "[0, 1, 2] [0, 0, 0]"]
+
+
+def test_uvicorn_workers_are_spawned_enclaves(tmp_path: Path) -> None:
+    """``uvicorn --workers 2``: a spawn context, the listening socket passed to each worker."""
+    pytest.importorskip("uvicorn")
+    write_app(
+        tmp_path,
+        """
+        import os
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": f"worker {os.getpid()}".encode()})
+        """,
+        "asgi.py",
+    )
+    port = free_port()
+    server = Server(["-m", "uvicorn", "asgi:app", "--port", str(port), "--workers", "2"], tmp_path, port)
+    try:
+        bodies = {urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read() for _ in range(20)}
+    finally:
+        _, _, err = server.stop()
+    assert all(b.startswith(b"worker ") for b in bodies), bodies
+    assert err.count("Started server process") == 2, err
+
+
 def test_pipes_and_socketpairs_to_a_spawned_child_carry_only_sealed_records(tmp_path: Path) -> None:
     """What crosses is made upper-case at run time: the app's source (which the host serves) and its
     console (which prints only a verdict) never hold it."""
