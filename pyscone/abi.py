@@ -159,10 +159,21 @@ class Op(enum.IntEnum):
     SEM_VALUE = 74  # a0=handle -> the value
     SEM_CLOSE = 75  # a0=handle
     SEM_UNLINK = 76  # data=name
+    # spawn (80-89): a fresh child enclave of the same runtime (host/spawn.py, enclave/stdlib/spawn.py).
+    # data = SPAWN_FD pairs (child fd, parent host fd; 0-2 not named: the host's own) -> pid, data=i32 channel fd
+    # (a new AF_UNIX stream socket to the child, for the attested channel: enclave/spawnchan.py).
+    SPAWN = 80
+    # a0=pid a1=options (os.WNOHANG) -> pid (0: still running, with WNOHANG), data=i32 wait status.
+    # Only for a pid SPAWN answered; FLAG_WAIT parks it on the host's reactor until the child exits.
+    SPAWN_WAIT = 81
+    SPAWN_KILL = 82  # a0=pid a1=signal (only for a pid SPAWN answered and not yet reaped)
 
 
 #: The largest value of a semaphore (Linux's SEM_VALUE_MAX, INT_MAX).
 SEM_VALUE_MAX = 2**31 - 1
+
+#: ``Op.SPAWN``'s request: (child fd, host fd) pairs.
+SPAWN_FD = struct.Struct("<ii")
 
 #: ``Op.LOCK`` a1: which lock family.
 LOCK_FLOCK, LOCK_POSIX = 0, 1

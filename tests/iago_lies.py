@@ -334,6 +334,17 @@ def _lane(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer
     return (lane, 0, draw(st.sampled_from([b"", b"", b"", b"\1"])))
 
 
+def _spawn(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
+    """A spawned child's pid and its channel's fd, a wait's pid and status word."""
+    if op == Op.SPAWN:
+        pid = near(draw, [12345, 1, 0, 2**31 - 1, 2**31], lo=-(2**40), hi=2**40)
+        fd = _fd(draw, ctx, 4000)
+        return (pid, 0, draw(st.sampled_from([struct.pack("<i", fd), b"", b"\0" * 8])))
+    pid = draw(st.sampled_from([args[0], args[0], 0, args[0] + 1, -1]))
+    status = draw(st.sampled_from([0, 3 << 8, 9, 15, 0x137F, 0xFFFF, 0x80, 2**31 - 1]) | st.integers(0, 2**16))
+    return (pid, 0, draw(st.sampled_from([struct.pack("<i", status), b"", b"\0" * 8])))
+
+
 SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Answer]] = {
     **{op: _none for op in (Op.NOP, Op.CANCEL, Op.CLOSE, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FSYNC)},
     **{op: _none for op in (Op.FTRUNCATE, Op.CHMOD, Op.UTIME, Op.SYMLINK, Op.BIND, Op.LISTEN, Op.CONNECT)},
@@ -361,6 +372,9 @@ SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Ans
     Op.POLL: _poll,
     **{op: _sem_number for op in (Op.SEM_NEW, Op.SEM_OPEN, Op.SEM_ACQUIRE, Op.SEM_VALUE)},
     **{op: _none for op in (Op.SEM_RELEASE, Op.SEM_CLOSE, Op.SEM_UNLINK)},
+    Op.SPAWN: _spawn,
+    Op.SPAWN_WAIT: _spawn,
+    Op.SPAWN_KILL: _none,
 }
 
 

@@ -43,7 +43,10 @@ TRUST = {
     "name-resolution": "what a host name resolves to, canonical and reverse names, the host name",
     "readiness": "which of the polled descriptors are ready, with which of the asked events",
     "semaphore": "whether a semaphore is free, its value, and the handle of a new one",
-    "process": "which of its spare lanes a forked child runs on, and whether a signal reached another process",
+    "process": (
+        "which of its spare lanes a forked child runs on, whether a signal reached another process, "
+        "and a spawned child's pid and how it ended"
+    ),
 }
 
 
@@ -353,6 +356,21 @@ def _sem_value(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: 
     return {"semaphore"} if 0 <= r <= abi.SEM_VALUE_MAX and v == r else None
 
 
+def _spawn(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    pid, chan = v
+    return {"process", "fd-number"} if 0 < r < 2**31 and pid == r and _fresh(chan, ctx) else None
+
+
+def _spawn_wait(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    import os
+
+    if r == 0:  # still running: only when the call did not wait, and then no status
+        return {"process"} if args[1] & os.WNOHANG and v == 0 else None
+    if r != args[0] or not (os.WIFEXITED(v) or os.WIFSIGNALED(v)):
+        return None
+    return {"process"}
+
+
 SPECS: dict[int, Spec] = {
     Op.NOP: _void,
     Op.CANCEL: _void,
@@ -412,6 +430,9 @@ SPECS: dict[int, Spec] = {
     Op.SEM_VALUE: _sem_value,
     Op.SEM_CLOSE: _void,
     Op.SEM_UNLINK: _void,
+    Op.SPAWN: _spawn,
+    Op.SPAWN_WAIT: _spawn_wait,
+    Op.SPAWN_KILL: _void,
 }
 
 

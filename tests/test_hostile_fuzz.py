@@ -425,6 +425,16 @@ def _process(w: World, draw: Draw, op: int) -> Request:
     return Request(op, (_file_fd(w, draw), *_pick(draw, [(0, 0, 0), (1, 10**18, 2 * 10**18)])))
 
 
+@scenario(Op.SPAWN, Op.SPAWN_WAIT, Op.SPAWN_KILL)
+def _spawned(w: World, draw: Draw, op: int) -> Request:
+    # (The fuzz's host spawns nothing: SPAWN is ENOSYS, a wait ECHILD, a kill ESRCH; lies are still drawn.)
+    if op == Op.SPAWN:
+        return Request(op, (), abi.SPAWN_FD.pack(1, w.f))
+    return Request(
+        op, (_pick(draw, [12345, 2**22 + 17]), _pick(draw, [0, os.WNOHANG] if op == Op.SPAWN_WAIT else [0, 9]))
+    )
+
+
 @scenario(Op.SEM_NEW, Op.SEM_OPEN, Op.SEM_ACQUIRE, Op.SEM_RELEASE, Op.SEM_VALUE, Op.SEM_CLOSE, Op.SEM_UNLINK)
 def _semaphore(w: World, draw: Draw, op: int) -> Request:
     if op == Op.SEM_NEW:  # (unlinked at once, or a name in use: EEXIST)

@@ -16,6 +16,7 @@ bytes, refused as it streams in)::
     GET  /v1/sessions/{name}/audit  owner   -> {name, events}
     POST /v1/challenge              enclave {session, service} -> {nonce}
     POST /v1/attest                 enclave {session, service, nonce, quote, public_key} -> {sealed}
+    POST /v1/join                   a spawned child {the same} -> {sealed: its spawn key} (no run starts)
     POST /v1/tags                   enclave {session, service, run, seq, tags, after?, mac} -> {tags}
 """
 
@@ -189,6 +190,9 @@ FIELDS: dict[str, dict[str, tuple[Check, str]]] = {
 }
 
 
+FIELDS["join"] = FIELDS["attest"]
+
+
 def parse_request(body: bytes, fields: dict[str, tuple[Check, str]]) -> dict[str, Any] | str:
     """An enclave's JSON request, checked field by field (sans-IO): the object, or why not."""
     try:
@@ -280,6 +284,11 @@ def build_app(cas: Cas) -> Starlette:
             enclave(
                 lambda d: cas.attest(d["session"], d["service"], d["nonce"], d["quote"], d["public_key"]), "attest"
             ),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/join",
+            enclave(lambda d: cas.join(d["session"], d["service"], d["nonce"], d["quote"], d["public_key"]), "join"),
             methods=["POST"],
         ),
         Route(

@@ -170,7 +170,17 @@ class Cas:
         except Tampered as e:
             return self._refuse(session, service, str(e), exists=False)
 
-    def _attest(self, session: str, service: str, nonce: str, quote_hex: str, public_hex: str) -> Answer:
+    def join(self, session: str, service: str, nonce: str, quote_hex: str, public_hex: str) -> Answer:
+        """A spawned child of an attested enclave: attested as the service's enclaves are, it gets
+        only the service's spawn key (to check that its parent is one of them), and no run starts."""
+        try:
+            return self._attest(session, service, nonce, quote_hex, public_hex, join=True)
+        except Tampered as e:
+            return self._refuse(session, service, str(e), exists=False)
+
+    def _attest(
+        self, session: str, service: str, nonce: str, quote_hex: str, public_hex: str, join: bool = False
+    ) -> Answer:
         row = self.store.session(session)
         if row is None:
             return self._refuse(session, service, "no such session", exists=False)
@@ -195,6 +205,12 @@ class Cas:
             svc.expected.check(report)
         except quote.QuoteError as e:
             return self._refuse(session, service, str(e))
+        # Every attested enclave of the service has it: its spawned children check their parent with it.
+        spawn_key = self.store.keys.derive("spawn-family", session, service).hex()
+        if join:
+            sealed = protocol.seal_config(public, nonce_bytes, {"spawn_key": spawn_key})
+            self.store.log(session, service, "join", True, f"MRENCLAVE {report.mrenclave.hex()} (a spawned child)")
+            return Answer(200, {"sealed": sealed.hex()})
         volume = svc.fspf.path if svc.fspf else None
         tags, run_id, run_key = self.store.start_run(
             session, service, volume, [svc.fspf.tag.lower()] if svc.fspf else []
@@ -212,6 +228,7 @@ class Cas:
             "run": {"session": session, "service": service, "id": run_id, "key": run_key.hex()},
             # Seals the enclave's bytecode cache: every attested enclave of this service has it.
             "bytecode_key": self.store.keys.derive("bytecode-cache", session, service).hex(),
+            "spawn_key": spawn_key,
         }
         if svc.console_key is not None:
             config["console"] = {"key": svc.console_key}

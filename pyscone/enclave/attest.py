@@ -53,6 +53,8 @@ class Identity:
 
 #: This enclave's identity, once :func:`admit` has accepted it (``None``: not measured).
 identity: Identity | None = None
+#: The quote a CAS accepted from this enclave (its platform is one the CAS trusts), if any.
+accepted_quote: bytes | None = None
 
 
 class AdmissionError(Exception):

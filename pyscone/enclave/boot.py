@@ -114,7 +114,7 @@ def main() -> None:
     for warning in importer.map_app_extensions(None if cfg.get("cas") else _app_dir(cfg)):
         print(f"pyscone: warning: {warning}", file=sys.stderr, flush=True)
     sys.path[:] = boot_path
-    from pyscone.enclave.stdlib import clib, console, fdops, files, forks, process, sockets, surface, threads
+    from pyscone.enclave.stdlib import clib, console, fdops, files, forks, process, sockets, spawn, surface, threads
 
     forks.attach(cfg)  # the spare lanes of forked children: mapped while mapping is possible
 
@@ -142,9 +142,10 @@ def main() -> None:
     if app_path is not None:  # the runtime's imports are done: from here on sys.path is the app's
         sys.path[:] = app_path
     threads.install()
-    if cfg.get("cas"):
+    if cfg.get("cas") or cfg.get("spawn_channel") is not None:
         # Nothing path-like comes from the host in CAS mode: the working directory, the
-        # program and sys.path[0] are the policy's, set once the enclave has attested.
+        # program and sys.path[0] are the policy's, set once the enclave has attested
+        # (a spawned child's: its parent's, over the attested channel).
         cfg["host_cwd"] = cfg["cwd"]
         cfg["cwd"], cfg["argv"], cfg["module"] = "/", [], False
     else:
@@ -156,6 +157,7 @@ def main() -> None:
     __import__("pyscone.enclave.stdlib.tls", fromlist=["install"]).install()  # ssl, over those sockets
     process.install(cfg["cpu_count"])
     forks.install()
+    spawn.install()  # after forks: a spawned child's pid is waited for and signalled through the host
     fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
@@ -376,8 +378,10 @@ def _attest(cfg: dict[str, Any]) -> str | None:
     cfg["files"] = config["files"]
     cfg["network"] = config.get("network")  # the CAS's rules, never the host's
     cfg["bytecode_key"] = config.get("bytecode_key")  # the CAS's, never the host's
+    cfg["spawn_key"] = config.get("spawn_key")  # the CAS's: proves to a spawned child that we are its parent
     if config.get("fspf"):
         cfg["fspf"] = {**config["fspf"], "pin": cas_client.CasPin(cfg["cas"], config["run"])}
+    cfg["console"] = config.get("console")  # (a spawned child gets it from this enclave)
     if config.get("console"):
         return _console_on(config["console"], cfg["slot_data"])
     return None
@@ -476,7 +480,10 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
 
     try:
         key = bytes.fromhex(spec["key"])
-        table, tag, copy = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
+        if spec.get("spawned") and spec.get("tag_file"):
+            table, tag, copy = _mount_spawned(spec, key, slot_data)
+        else:
+            table, tag, copy = fs.load(spec["path"], key, spec.get("tags") or None, slot_data)
     except IntegrityError as e:
         return f"cannot mount the file-system shield: {spec['path']}: {e}"
     except OSError as e:
@@ -488,8 +495,32 @@ def _mount(cfg: dict[str, Any], slot_data: int) -> str | None:
         shield.pin = spec["pin"]  # the CAS
     elif spec.get("tag_file"):
         shield.pin = TagFile(spec["tag_file"], slot_data)
-        shield.pin.commit(shield.tag, shield.tag)
+        if spec.get("spawned"):  # (its parent pinned it: it commits under the family's lock, in place)
+            shield.pin.adopt(shield.tag)
+        else:
+            shield.pin.commit(shield.tag, shield.tag)
+    if spec.get("spawned"):
+        shield.family.spawned()  # a member of the parent's family from the start (fsfamily.py)
     return None
+
+
+def _mount_spawned(spec: dict[str, Any], key: bytes, slot_data: int) -> Any:
+    """A spawned child's FSPF: the one its parent was at, or a newer one the family's tag file pins
+    (the family may have committed twice while the child booted, so the copy of the parent's tag
+    was written over).  A few tries: a commit between reading the pin and the copy moves it again."""
+    from pyscone.enclave.shields import fs
+    from pyscone.enclave.stdlib import files
+    from pyscone.protect.chunks import IntegrityError
+
+    for attempt in range(20):
+        pinned = files.read_whole(spec["tag_file"]).decode("ascii", "replace").lower().split()
+        try:
+            return fs.load(spec["path"], key, list(dict.fromkeys([*(spec.get("tags") or []), *pinned])), slot_data)
+        except IntegrityError:
+            if attempt == 19:
+                raise
+            scheduler.get().sleep(0.01)
+    raise AssertionError("unreachable")
 
 
 class TagFile:
@@ -533,6 +564,14 @@ class TagFile:
         raw = files.pread(self._fd, 4096, 0)
         return list(dict.fromkeys(raw.decode("ascii", "replace").lower().split()))
 
+    def adopt(self, tag: str) -> None:
+        """A spawned child's pin: write the family's tag file in place, as its parent does (a
+        replacement would leave the other members' fds on the file that was replaced)."""
+        from pyscone.enclave.stdlib import files
+
+        self._fd = files.host_open(self.path, os.O_RDWR, 0)
+        self._size = len(f"{tag}\n{tag}\n")
+
     def _reopen(self, record: bytes) -> None:
         from pyscone.enclave.shields.store import replace_host_file
         from pyscone.enclave.stdlib import files
@@ -548,9 +587,15 @@ class TagFile:
 def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
     import types
 
+    from pyscone.enclave import spawnchan
     from pyscone.enclave.stdlib import files
 
-    error = _attest(cfg) if cfg.get("cas") else None
+    if cfg.get("spawn_channel") is not None:  # a spawned child: from its parent, never the host or the CAS
+        error = spawnchan.from_parent(cfg)
+        if error is None and cfg.get("console"):
+            error = _console_on(cfg["console"], cfg["slot_data"])
+    else:
+        error = _attest(cfg) if cfg.get("cas") else None
     argv: list[str] = cfg["argv"]
     sys.argv = list(argv)
     if error is None:
@@ -562,10 +607,11 @@ def _run_app(cfg: dict[str, Any], status: list[int]) -> None:
         error = _inject(cfg["files"])
     if error is None and cfg.get("network"):
         error = _shield_network(cfg["network"])
-    if error is None and cfg.get("cas"):
+    if error is None and (cfg.get("cas") or cfg.get("spawn_channel") is not None):
         error = _enter(cfg)
     if error is None:
         _use_bytecode_cache(cfg)
+        spawnchan.remember(cfg)  # what this enclave gives the children it spawns
     if error is not None:
         print(f"pyscone: {error}", file=sys.stderr, flush=True)
         status[0] = 70

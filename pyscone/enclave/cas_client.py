@@ -163,17 +163,22 @@ def https_post(url: str, pin_sha256: str, path: str, doc: dict[str, Any]) -> tup
         return cas.post(path, doc)
 
 
-def attest_to(cas: dict[str, str], session: str, service: str, las: tuple[str, int]) -> dict[str, Any]:
+def attest_to(
+    cas: dict[str, str], session: str, service: str, las: tuple[str, int], *, join: bool = False
+) -> dict[str, Any]:
     """Attest to the CAS and return the configuration it releases to this enclave.
+
+    ``join``: as a spawned child of an enclave of the service (``/v1/join``): the CAS answers
+    only the service's spawn key, and starts no run.
 
     Raises:
         AttestationError: any step failed or the CAS refused (the CAS's log says why).
     """
     with CasConnection(cas["url"], cas["cert_sha256"]) as conn:
-        return _attest(conn, session, service, las)
+        return _attest(conn, session, service, las, "/v1/join" if join else "/v1/attest")
 
 
-def _attest(conn: CasConnection, session: str, service: str, las: tuple[str, int]) -> dict[str, Any]:
+def _attest(conn: CasConnection, session: str, service: str, las: tuple[str, int], path: str) -> dict[str, Any]:
     status, reply = conn.post("/v1/challenge", {"session": session, "service": service})
     nonce_hex = reply.get("nonce")
     if status != 200 or not isinstance(nonce_hex, str):
@@ -186,16 +191,18 @@ def _attest(conn: CasConnection, session: str, service: str, las: tuple[str, int
     public = keys.public_der(key)
     blob = attest.request_quote(las, attest.my_report(quote.report_data(public, nonce)))
     status, reply = conn.post(
-        "/v1/attest",
+        path,
         {"session": session, "service": service, "nonce": nonce_hex, "quote": blob.hex(), "public_key": public.hex()},
     )
     sealed = reply.get("sealed")
     if status != 200 or not isinstance(sealed, str):
         raise AttestationError(f"the CAS refused this enclave ({reply.get('error', status)})")
     try:
-        return protocol.open_config(key, nonce, bytes.fromhex(sealed))
+        config = protocol.open_config(key, nonce, bytes.fromhex(sealed))
     except (ValueError, protocol.SealError) as e:
         raise AttestationError(f"the CAS's configuration does not open: {e}") from None
+    attest.accepted_quote = blob  # its platform is one the CAS trusts (spawned children must quote there)
+    return config
 
 
 class CasPin:

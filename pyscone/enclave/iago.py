@@ -605,6 +605,27 @@ def _nameinfo(args: tuple[int, ...], req: Req, result: int, data: bytes) -> obje
     return host.decode("utf-8", "replace"), port.decode("utf-8", "replace")
 
 
+def _spawn(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    """A spawned child's pid and the channel to it: a new AF_UNIX stream socket of ours."""
+    if len(data) != 4 or not 0 < result < 1 << 31:
+        raise HostViolation(f"spawn answered pid {result} with {len(data)} bytes")
+    (chan,) = struct.unpack("<i", data)
+    fds.adopt(chan, FdTable.SOCKET, socket.AF_UNIX, type=socket.SOCK_STREAM)
+    return result, chan
+
+
+def _spawn_wait(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    """The child asked about, or 0 if it runs and the call did not wait; a wait(2) status word."""
+    if len(data) != 4 or result not in ((args[0], 0) if args[1] & os.WNOHANG else (args[0],)):
+        raise HostViolation(f"wait for pid {args[0]} answered pid {result} with {len(data)} bytes")
+    (status,) = struct.unpack("<i", data)
+    if result and not (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+        raise HostViolation(f"wait for pid {args[0]} answered status {status:#x}, which is no exit")
+    if not result and status:
+        raise HostViolation("a child that still runs has no status")
+    return status
+
+
 VALIDATORS: dict[int, Validator] = {
     Op.NOP: _none,
     Op.CANCEL: _none,
@@ -665,6 +686,9 @@ VALIDATORS: dict[int, Validator] = {
     Op.FORK_DONE: _none,
     Op.KILL: _none,
     Op.FUTIME: _none,
+    Op.SPAWN: _spawn,
+    Op.SPAWN_WAIT: _spawn_wait,
+    Op.SPAWN_KILL: _none,
 }
 
 #: Opcodes whose failure carries a resolver (gai) error code as text instead of errno.

@@ -50,6 +50,7 @@ from pyscone.abi import Op
 from pyscone.host import hostile as hostile_mod
 from pyscone.host import semaphores
 from pyscone.host.hostile import Hostile, Liar
+from pyscone.host.spawn import SpawnHost
 
 if TYPE_CHECKING:
     from pyscone.host.family import HostFamily
@@ -168,6 +169,7 @@ class Executor:
         ]
         self._thread = threading.Thread(target=self._dispatch_main, name="pyscone-dispatcher", daemon=True)
         self.hostile: Liar | None = hostile_mod.load(hostile) if isinstance(hostile, str) else hostile
+        self.spawner = SpawnHost(self)  # fresh child enclaves (host/spawn.py): off until configured
         self._handlers: dict[int, Callable[[tuple[int, ...], bytes], Answer]] = {
             Op.NOP: lambda a, d: _OK,
             Op.OPEN: self._open,
@@ -220,6 +222,9 @@ class Executor:
             Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
             Op.FUTIME: self._futime,
             **semaphores.HANDLERS,
+            Op.SPAWN: self.spawner.spawn,
+            Op.SPAWN_WAIT: self.spawner.wait,
+            Op.SPAWN_KILL: self.spawner.kill,
         }
         # Calls that may block on a device or forever run on the S-thread pool.  (LOCK is never
         # the waiting form, see _lock: inline, it saves SQLite four pool hand-offs per transaction.)
@@ -235,6 +240,7 @@ class Executor:
                 Op.SYMLINK,
                 Op.GETADDRINFO,
                 Op.GETNAMEINFO,
+                Op.SPAWN,
             }
         )
         if not self._pool:  # one S-thread: the dispatcher does everything
@@ -258,6 +264,7 @@ class Executor:
         )
         ex._socks = dict(parent._socks)
         ex._files = set(parent._files)
+        ex.spawner.template = parent.spawner.template  # a forked enclave spawns as its parent does
         return ex
 
     # -- life cycle ---------------------------------------------------------------------
@@ -732,6 +739,14 @@ class Executor:
         return _OK
 
     # -- sockets ---------------------------------------------------------------------------
+
+    def adopt_inherited(self, fd: int) -> None:
+        """Serve a host fd this process inherited (a spawned enclave's channel and passed fds)."""
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            self._adopt(socket.socket(fileno=fd))
+        elif stat.S_ISREG(mode):
+            self._files.add(fd)  # (anything else, a FIFO or a device, is read and written on S-threads)
 
     def _sock(self, fd: int) -> socket.socket:
         s = self._socks.get(fd)

@@ -20,6 +20,7 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import pyscone
@@ -93,8 +94,18 @@ class LaunchError(Exception):
     """The host cannot start the enclave (reported as one ``error:`` line)."""
 
 
-def run(enclave: EnclaveConfig, host: HostConfig) -> int:
-    """Run one enclave to completion; return its exit status (128+N for signal N)."""
+def run(
+    enclave: EnclaveConfig,
+    host: HostConfig,
+    *,
+    inherit: Sequence[int] = (),
+    boot_extra: Mapping[str, object] | None = None,
+) -> int:
+    """Run one enclave to completion; return its exit status (128+N for signal N).
+
+    ``inherit`` are host fds of this process the enclave may use (a spawned child's,
+    host/spawn.py), ``boot_extra`` more boot JSON (its ``spawn_channel``).
+    """
     # The host holds every fd the enclave opens: allow as many as the hard limit does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -118,6 +129,9 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
         region, bell_host, bell_enclave, sthreads=host.sthreads, spin_us=host.spin_us, hostile=host.hostile
     )
     executor.family = HostFamily(pool)
+    executor.spawner.configure(enclave, host)
+    for fd in inherit:
+        executor.adopt_inherited(fd)
     cfg_r, cfg_w = os.pipe()
     boot = {
         "shm_fd": region.fd,
@@ -127,6 +141,7 @@ def run(enclave: EnclaveConfig, host: HostConfig) -> int:
         "cwd": enclave.cwd or os.getcwd(),
         "cpu_count": os.cpu_count() or 1,
         "lanes": pool.boot_entries(),
+        **(boot_extra or {}),
     }
     executor.start()
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)

@@ -259,6 +259,22 @@ def seal_pairs() -> None:
                 sock_send(other, data, 0.0)
 
 
+def seal_for_child(h: int) -> tuple[bytes, int] | None:
+    """A socketpair end given to a spawned child (stdlib/spawn.py): sealed now if it is not yet,
+    as at a fork.  Returns its channel id and the direction it writes (``None``: not a pair)."""
+    if h in pairs:
+        seal_pairs()
+    e = sealed.get(h)
+    return (e.chan.id, e.out) if e is not None else None
+
+
+def adopt_sealed(h: int, channel_id: bytes, out: int) -> None:
+    """In a spawned child: host socket ``h`` is its parent's sealed socketpair end (direction ``out``)."""
+    if out not in (0, 1):
+        raise ValueError("a socketpair end writes direction 0 or 1")
+    sealed[h] = _SockEnd(Channel(channel_id), out)
+
+
 def sock_send(h: int, data: bytes | bytearray | memoryview, timeout: float | None) -> int:
     """Send ``data`` sealed on sealed end ``h``; how many bytes went (timeout 0: non-blocking).
 

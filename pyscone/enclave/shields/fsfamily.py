@@ -318,6 +318,24 @@ class Family:
             if isinstance(node.file, ProtectedFile) and isinstance(node.file.store, HostStore):
                 node.file.store.forget()  # no read of ours in flight across the fork
 
+    # -- spawned children (stdlib/spawn.py): members of the family as forked ones are ------------
+
+    def before_spawn(self) -> None:
+        """Before a spawned child mounts this FSPF: everything committed, the lock file open (as at a
+        fork), and from now on this process commits under the family's lock (the child may run first)."""
+        self._prepare()
+        self.active = True
+
+    def spawned(self) -> None:
+        """In a spawned child, once its shield is mounted: a member from the start, which looks at the pin first."""
+        self.active = self.child = True
+        self.stale = True
+        try:
+            self.locks.open()  # its own host process's lock fd (a forked child inherits its parent's)
+        except OSError as e:
+            self.lockable = False
+            log(f"{self.locks.path}: cannot be opened ({e.strerror}): this spawned child writes no protected file")
+
     def _parent(self, pid: int) -> None:
         if pid > 0:
             self.active = True

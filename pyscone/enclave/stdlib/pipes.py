@@ -505,6 +505,43 @@ def _move(p: _Pipe) -> None:
         p.changed()
 
 
+def for_child(fd: int) -> tuple[int, bytes, bool]:
+    """A pipe end a spawned child gets (stdlib/spawn.py): the pipe moves to the host if it has not.
+
+    Returns:
+        the host fd of this end, the pipe's channel id, and whether it is the read end.
+    """
+    end = _end(fd)
+    p = end.pipe
+    while p.moving:
+        _park_on(p)
+    if p.host is None:
+        _move(p)
+    assert p.host is not None
+    h = p.host.rfd if end.reading else p.host.wfd
+    if h < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return h, p.host.chan.id, end.reading
+
+
+def adopt_from_parent(fd: int, host_fd: int, channel_id: bytes, reading: bool) -> None:
+    """In a spawned child: the parent's pipe end ``fd`` (its number), on its channel's host fd."""
+    global _next_fd, _next_ino
+    if not is_local(fd) or fd in _ends:
+        raise ValueError(f"pipe end {fd} is not a free pipe number")
+    p = _Pipe(_next_ino)
+    _next_ino += 1
+    p.host = _Host(famchan.Channel(channel_id), host_fd if reading else -1, -1 if reading else host_fd)
+    end = _End(p, reading)
+    _ends[fd] = end
+    end.refs = 1
+    if reading:
+        p.readers = 1
+    else:
+        p.writers = 1
+    _next_fd = max(_next_fd, fd + 1)
+
+
 def _prepare_fork() -> None:
     """Before a fork: every pipe still in enclave memory moves to the host."""
     moved: set[int] = set()

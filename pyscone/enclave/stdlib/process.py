@@ -44,11 +44,6 @@ def _refuser(what: str) -> Any:
     return refused
 
 
-class _RefusedPopen:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSYS, "subprocess is not supported inside a pyscone enclave")
-
-
 def sleep(seconds: float) -> None:
     if seconds < 0:
         raise ValueError("sleep length must be non-negative")
@@ -178,13 +173,10 @@ _real_getsignal = signal.getsignal
 
 
 def install(cpu_count: int) -> None:
-    import subprocess
-
     for name in _REFUSED_OS:
         if hasattr(os, name):
             interpose(os, **{name: _refuser(f"os.{name}")})
     interpose(os, cpu_count=lambda: cpu_count)
-    interpose(subprocess, Popen=_RefusedPopen)
     try:
         _multiprocessing: Any = importlib.import_module("_multiprocessing")
     except ImportError:
@@ -202,8 +194,6 @@ def install(cpu_count: int) -> None:
         pass
     else:
         interpose(_posixshmem, shm_open=_refuser("shared memory (shm_open)"), shm_unlink=_refuser("shm_unlink"))
-    for name in ("run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        interpose(subprocess, **{name: _refuser(f"subprocess.{name}")})
     interpose(time, sleep=sleep)
     _app_handlers[signal.SIGINT] = signal.default_int_handler
     _real_signal(signal.SIGINT, _dispatch)
