@@ -49,6 +49,7 @@ class Case:
 
 CASES = (
     Case("fork-100mb", 20, 200, "forks/s", "os.fork + exit + waitpid, a 100 MB heap (every page written)"),
+    Case("subprocess-python", 3, 20, "runs/s", 'subprocess.run([sys.executable, "-c", "pass"])'),
     Case("pool-map", 2_000, 40_000, "tasks/s", "multiprocessing.Pool(2).map of ~50 us CPU tasks, default chunks"),
     Case("pool-map-chunk1", 200, 4_000, "tasks/s", "the same with chunksize=1: one pickle each way per task"),
     Case("sem-pingpong", 200, 5_000, "rounds/s", "parent and forked child hand a turn over two semaphores"),

@@ -78,7 +78,20 @@ def _fork_wait(count: int, heap_mb: int) -> float:
     return time.perf_counter() - start
 
 
+def _subprocess_python(count: int) -> float:
+    """subprocess.run of python itself (in an enclave: a fresh child enclave, attested to its parent)."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", "pass"], check=True)  # warm-up
+    start = time.perf_counter()
+    for _ in range(count):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - start
+
+
 CASES: dict[str, Callable[[int], float]] = {
+    # subprocess.run([sys.executable, "-c", "pass"]) and wait for it
+    "subprocess-python": _subprocess_python,
     # os.fork() + os._exit(0) in the child + os.waitpid in the parent, with a 100 MB heap
     "fork-100mb": lambda n: _fork_wait(n, 100),
     # multiprocessing.Pool(2).map of small CPU tasks, multiprocessing's own chunking (a few chunks)
