@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYSCONE, run_enclave, write_app
+from conftest import PYSCONE, run_enclave, write_app
 
 TESTS = Path(__file__).parent
 
