@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PYSCONE, run_enclave, write_app
 
 TESTS = Path(__file__).parent
