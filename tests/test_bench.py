@@ -100,3 +100,12 @@ def test_the_console_benchmark_runs() -> None:
     report = json.loads((BENCH / "results" / "console.json").read_text())
     assert {r["config"] for r in report} == {"native", "enclave", "shield"}
     assert all(r["per_s"] > 0 for r in report)
+
+
+def test_the_processes_benchmark_runs() -> None:
+    out = _quick("procs.py")
+    for row in ("fork-100mb  ", "subprocess-python  ", "pool-map  ", "sem-pingpong  "):
+        assert row in out, out
+    report = json.loads((BENCH / "results" / "procs.json").read_text())
+    assert {r["config"] for r in report} == {"native", "enclave"}
+    assert all(r["per_s"] > 0 for r in report)
