@@ -106,6 +106,12 @@ def doorbells() -> set[int]:
 
 
 def fork() -> int:
+    """``os.fork``: a child enclave on a spare lane (see the module's theory of operation).
+
+    Raises:
+        BlockingIOError: every spare lane is in use (``pyscone run --processes``).
+        OSError: the host or the kernel could not fork.
+    """
     sched = scheduler.get()
     family.run_prepare()
     sched.settle()
@@ -145,8 +151,12 @@ def fork() -> int:
 def _after_fork_in_child() -> None:
     """The first of the child's ``os.register_at_fork`` hooks: the app's (and the stdlib's
     later ones, which may print) run on the child's own lane, never on its parent's."""
-    if _forking is not None:
+    if _forking is None:
+        return
+    try:
         _become_child(*_forking)
+    except BaseException:  # noqa: BLE001 - CPython would print it and go on, on the parent's lane
+        os._exit(70)  # a child that could not become itself is none: the parent's wait says 70
 
 
 def _become_child(lane: int, parent: int) -> None:
