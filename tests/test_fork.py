@@ -300,3 +300,20 @@ def test_the_apps_fork_hooks_run_in_the_child_on_its_own_lane(tmp_path: Path) ->
     )
     out = _lines(run_enclave(app, cwd=tmp_path))
     assert out[0] == "before" and out[-1] == "done" and sorted(out[1:3]) == ["in child", "in parent"]
+
+
+def test_a_fork_right_after_a_reaped_child_waits_for_its_lane(tmp_path: Path) -> None:
+    # With one spare lane, each fork comes a moment before the host has seen the last child go.
+    app = write_app(
+        tmp_path,
+        """
+        import os
+        for i in range(20):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        print("20 forks")
+        """,
+    )
+    assert _lines(run_enclave("--processes", "1", app, cwd=tmp_path)) == ["20 forks"]

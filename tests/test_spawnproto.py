@@ -93,7 +93,8 @@ def test_a_parent_that_trusts_a_platform_needs_the_childs_quote_from_it() -> Non
 def test_malformed_messages_are_channel_errors() -> None:
     _, hello = spawnproto.hello(False)
     good = hello.pack()
-    for bad in (b"", good[:-1], b"XXXX" + good[4:], good[:4] + b"\x09" + good[5:]):
+    empty, short, wrong_magic, wrong_version = b"", good[:-1], b"NOPE" + good[4:], good[:4] + b"\x09" + good[5:]
+    for bad in (empty, short, wrong_magic, wrong_version):
         with pytest.raises(ChannelError):
             spawnproto.Hello.unpack(bad)
     for bad in (b"", bytes(32) + b"\x07\x00\x00", bytes(32) + b"\x00\x00\x01x", bytes(32) + b"\x01\x00\x05abc"):
