@@ -206,4 +206,6 @@ def die_with_host(host_pid: int) -> None:
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise BarrierError(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}")
     if os.getppid() != host_pid:  # the launcher died before we asked
-        os._exit(137)
+        from pyscone.enclave import iago
+
+        iago.exit_now(137)

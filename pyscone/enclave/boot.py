@@ -74,7 +74,7 @@ def _measure(cfg: dict[str, Any], geometry: Any) -> None:
         fd = posix.open(cfg["measure_out"], os.O_WRONLY | os.O_TRUNC)
         posix.write(fd, json.dumps(doc).encode())
         posix.close(fd)
-        os._exit(0)
+        iago.exit_now(0)
     signature = bytes.fromhex(cfg["signature"]) if cfg.get("signature") else None
     try:
         attest.identity = attest.admit(mrenclave, signature, debug=not cfg["barrier"])
@@ -86,7 +86,7 @@ def _boot_error(message: str) -> NoReturn:
     print(f"pyscone: enclave boot failed: {message}", file=sys.stderr, flush=True)
     if (shield := sys.modules.get("pyscone.enclave.shields.console")) is not None:
         shield.finish(70)
-    os._exit(70)
+    iago.exit_now(70)
 
 
 def main() -> None:
@@ -218,7 +218,7 @@ def main() -> None:
     from pyscone.enclave.shields import console as console_shield
 
     console_shield.finish(status[0])  # the end records: a clean exit (nothing is printed after them)
-    os._exit(status[0])
+    iago.exit_now(status[0])
 
 
 def _console_on(spec: Any, slot_data: int) -> str | None:

@@ -70,6 +70,12 @@ def move_fatal(old: Callable[[str], None], new: Callable[[str], None]) -> None:
     _fatal_sinks[:] = [new if sink == old else sink for sink in _fatal_sinks]
 
 
+#: The process's own exit, bound before the app's ``os._exit`` is interposed (that one hands the
+#: console shield's queue to the host first: the runtime's exits -- a fail-stop, a death by a
+#: signal, a child whose parent is gone -- are no clean exit and send nothing).
+exit_now: Callable[[int], NoReturn] = os._exit
+
+
 def fail_stop(reason: str) -> NoReturn:
     """Stop the enclave now.  Nothing after this runs: no app code, no atexit, no flush."""
     message = f"host violation: {reason}"
@@ -78,7 +84,7 @@ def fail_stop(reason: str) -> NoReturn:
             sink(message)
         except Exception:  # noqa: BLE001 - we are stopping regardless
             pass
-    os._exit(EXIT_HOST_VIOLATION)
+    exit_now(EXIT_HOST_VIOLATION)
 
 
 _INET = (socket.AF_INET, socket.AF_INET6)

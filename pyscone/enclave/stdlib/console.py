@@ -102,12 +102,11 @@ def _exit(status: int, /) -> NoReturn:
     Natively ``os._exit`` drops what python buffers (``sys.stdout``'s buffer: so do we),
     but what the app *wrote* is in the kernel's hands and survives it.  Here the console
     shield's queue is that: it goes to the host, then the end records with the status
-    (multiprocessing's and gunicorn's children end this way).  The runtime's own calls
-    (a fail-stop, a death by signal, a forked child whose parent is gone) exit at once, as
-    before: after a host violation nothing may talk to the host, and a death is no clean exit.
+    (multiprocessing's and gunicorn's children end this way).  The runtime's own exits
+    (a fail-stop, a death by signal, a forked child whose parent is gone) use ``iago.exit_now``
+    and send nothing: after a host violation nothing may talk to the host, and a death is no
+    clean exit.
     """
     code = operator.index(status)
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    if not (isinstance(caller, str) and caller.startswith("pyscone.")):
-        shield.exit_now(code & 0xFF)
+    shield.exit_now(code & 0xFF)
     _real_exit(code)

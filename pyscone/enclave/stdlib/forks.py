@@ -156,13 +156,13 @@ def _after_fork_in_child() -> None:
     try:
         _become_child(*_forking)
     except BaseException:  # noqa: BLE001 - CPython would print it and go on, on the parent's lane
-        os._exit(70)  # a child that could not become itself is none: the parent's wait says 70
+        iago.exit_now(70)  # a child that could not become itself is none: the parent's wait says 70
 
 
 def _become_child(lane: int, parent: int) -> None:
     global _own
     if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
-        os._exit(128 + signal.SIGKILL)  # the parent is gone already: so are we
+        iago.exit_now(128 + signal.SIGKILL)  # the parent is gone already: so are we
     sched = scheduler.get()
     old = sched.client
     mine = _lanes[lane]

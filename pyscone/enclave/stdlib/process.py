@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from pyscone.enclave import scheduler
+from pyscone.enclave import iago, scheduler
 from pyscone.enclave.stdlib import interpose
 
 _REFUSED_OS = (
@@ -165,7 +165,7 @@ def raise_signal(signum: int) -> None:
         return
     if signum in _STOPPING:
         raise OSError(errno.ENOSYS, "stopping the process is not supported inside a pyscone enclave")
-    os._exit(128 + signum)
+    iago.exit_now(128 + signum)
 
 
 _real_signal = signal.signal
