@@ -53,6 +53,7 @@ CASES = (
     Case("pool-map", 2_000, 40_000, "tasks/s", "multiprocessing.Pool(2).map of ~50 us CPU tasks, default chunks"),
     Case("pool-map-chunk1", 200, 4_000, "tasks/s", "the same with chunksize=1: one pickle each way per task"),
     Case("sem-pingpong", 200, 5_000, "rounds/s", "parent and forked child hand a turn over two semaphores"),
+    Case("forkserver-process", 3, 40, "starts/s", "Process start + join, forkserver start method (fds by SCM_RIGHTS)"),
 )
 
 

@@ -148,6 +148,11 @@ class Op(enum.IntEnum):
     FORK_DONE = 61  # a0=lane a1=the child's pid, or -1: the fork failed (the host frees the lane)
     KILL = 62  # a0=pid (as kill(2): <= 0 names a process group) a1=signal
     FUTIME = 63  # a0=fd a1=have_times a2=atime_ns a3=mtime_ns (os.utime of an open file)
+    # Descriptors passed between processes over an AF_UNIX socket (SCM_RIGHTS: stdlib/fdpass.py).
+    SENDMSG_FDS = 64  # a0=fd a1=flags a2=nfds; data = nfds i32 host fds + payload -> count of the payload
+    # a0=fd a1=count a2=flags a3=most fds to take -> count; data = RECVMSG_HEAD (nfds, msg_flags),
+    # nfds i32 host fds (new, the host's now) and the payload.
+    RECVMSG_FDS = 65
     # -- semaphores (multiprocessing's SemLock), arbitrated by the host: a real POSIX semaphore there.
     # A handle is the host's number for one open semaphore (valid in a forked child's host too).
     SEM_NEW = 70  # data=name a0=value a1=maxvalue a2=unlink now -> handle
@@ -171,6 +176,9 @@ class Op(enum.IntEnum):
 
 #: The largest value of a semaphore (Linux's SEM_VALUE_MAX, INT_MAX).
 SEM_VALUE_MAX = 2**31 - 1
+
+#: ``Op.RECVMSG_FDS``'s answer starts with (how many fds, the msg_flags).
+RECVMSG_HEAD = struct.Struct("<Ii")
 
 #: ``Op.SPAWN``'s request: (child fd, host fd) pairs.
 SPAWN_FD = struct.Struct("<ii")

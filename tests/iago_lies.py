@@ -345,6 +345,23 @@ def _spawn(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answe
     return (pid, 0, draw(st.sampled_from([struct.pack("<i", status), b"", b"\0" * 8])))
 
 
+def _fd_message(draw: Draw, op: int, args: tuple[int, ...], req: bytes, honest: Answer, ctx: Any) -> Answer:
+    """Bytes sent with fds; or a message received: its bytes, fds (fresh or not, repeated) and flags."""
+    if op == Op.SENDMSG_FDS:
+        given = len(req) - 4 * args[2]
+        return (near(draw, [0, honest[0], given], -3), 0, draw(st.sampled_from([b"", b"", b"", b"x"])))
+    n = draw(st.integers(0, 5))
+    fds = [_fd(draw, ctx, 4000 + i) for i in range(n)]
+    if n >= 2 and draw(st.booleans()):
+        fds[1] = fds[0]
+    content = draw(st.binary(max_size=300))
+    flags = draw(st.sampled_from([0, 0, socket.MSG_CTRUNC, socket.MSG_TRUNC, socket.MSG_CMSG_CLOEXEC, 0x10000, -1]))
+    claimed = draw(st.sampled_from([n, n, n, n + 1, max(n - 1, 0)]))
+    result = draw(st.sampled_from([len(content), len(content), len(content) + 1, args[1] + 1]))
+    body = b"".join(struct.pack("<i", fd) for fd in fds) + content
+    return (result, 0, abi.RECVMSG_HEAD.pack(claimed, flags) + body)
+
+
 SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Answer]] = {
     **{op: _none for op in (Op.NOP, Op.CANCEL, Op.CLOSE, Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.FSYNC)},
     **{op: _none for op in (Op.FTRUNCATE, Op.CHMOD, Op.UTIME, Op.SYMLINK, Op.BIND, Op.LISTEN, Op.CONNECT)},
@@ -375,6 +392,7 @@ SHAPED: dict[int, Callable[[Draw, int, tuple[int, ...], bytes, Answer, Any], Ans
     Op.SPAWN: _spawn,
     Op.SPAWN_WAIT: _spawn,
     Op.SPAWN_KILL: _none,
+    **{op: _fd_message for op in (Op.SENDMSG_FDS, Op.RECVMSG_FDS)},
 }
 
 

@@ -256,6 +256,25 @@ def _getsockopt(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx:
     return {"socket-option"}
 
 
+def _sendmsg_fds(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    return {"count"} if v == r and 0 <= r <= len(req) - 4 * args[2] else None
+
+
+_MSG_FLAGS = socket.MSG_TRUNC | socket.MSG_CTRUNC | socket.MSG_EOR | socket.MSG_CMSG_CLOEXEC
+
+
+def _recvmsg_fds(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
+    # Any bytes up to the count, any fresh fds up to the room, the kernel's msg_flags: what came.
+    data, new, flags = v
+    if not (isinstance(data, bytes) and len(data) == r <= args[1] and len(new) <= args[3]):
+        return None
+    if len(set(new)) != len(new) or not all(_fresh(fd, ctx) for fd in new) or flags & ~_MSG_FLAGS:
+        return None
+    if hv is None:
+        return {"content", "fd-number"}
+    return _diff({"content": (data, len(new), flags) != (hv[0], len(hv[1]), hv[2]), "fd-number": new != hv[1]})
+
+
 def _sockname(args: tuple[int, ...], req: bytes, r: int, v: Any, hv: Any, ctx: Context) -> set[str] | None:
     return {"socket-address"} if r == 0 and _addr_ok(ctx.fds.families.get(args[0], 0), v) else None
 
@@ -433,6 +452,8 @@ SPECS: dict[int, Spec] = {
     Op.SPAWN: _spawn,
     Op.SPAWN_WAIT: _spawn_wait,
     Op.SPAWN_KILL: _void,
+    Op.SENDMSG_FDS: _sendmsg_fds,
+    Op.RECVMSG_FDS: _recvmsg_fds,
 }
 
 

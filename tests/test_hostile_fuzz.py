@@ -512,6 +512,16 @@ def _recv(w: World, draw: Draw, op: int) -> Request:
     return Request(op, (w.conn, draw(st.integers(0, 300)), 0))
 
 
+@scenario(Op.SENDMSG_FDS, Op.RECVMSG_FDS)
+def _fd_passing(w: World, draw: Draw, op: int) -> Request:
+    a, b = w.call(Op.SOCKETPAIR, (socket.AF_UNIX, socket.SOCK_STREAM, 0))[2]
+    if op == Op.SENDMSG_FDS:
+        return Request(op, (a, 0, 1), struct.pack("<i", w.f) + draw(st.binary(max_size=200)))
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", w.f))] if draw(st.booleans()) else []
+    w.ex._socks[b].sendmsg([draw(st.binary(min_size=1, max_size=100))], rights)
+    return Request(op, (a, draw(st.integers(0, 300)), 0, _pick(draw, [0, 1, 4])))
+
+
 @scenario(Op.SHUTDOWN)
 def _shutdown(w: World, draw: Draw, op: int) -> Request:
     a, _b = w.call(Op.SOCKETPAIR, (socket.AF_UNIX, socket.SOCK_STREAM, 0))[2]

@@ -89,6 +89,23 @@ def _subprocess_python(count: int) -> float:
     return time.perf_counter() - start
 
 
+def _forkserver_process(count: int) -> float:
+    """Start and join a Process with the forkserver method: its server forks it and hands it its
+    pipes with SCM_RIGHTS (in an enclave: passed descriptors with their sealed channels)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    for _ in range(3 + count):
+        if _ == 3:
+            start = time.perf_counter()  # (after the server is up and warm)
+        p = ctx.Process(target=_task, args=(1,))
+        p.start()
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"error: a forkserver child exited with {p.exitcode}")
+    return time.perf_counter() - start
+
+
 CASES: dict[str, Callable[[int], float]] = {
     # subprocess.run([sys.executable, "-c", "pass"]) and wait for it
     "subprocess-python": _subprocess_python,
@@ -100,6 +117,8 @@ CASES: dict[str, Callable[[int], float]] = {
     "pool-map-chunk1": lambda n: _pool_map(n, 1),
     # two processes hand a turn to each other over two semaphores: one round = 2 releases, 2 waits
     "sem-pingpong": _sem_pingpong,
+    # Process(...).start() + join() with the forkserver start method (server started before the clock)
+    "forkserver-process": _forkserver_process,
 }
 
 

@@ -445,6 +445,35 @@ def _accept(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object
     return result, peer, local
 
 
+def _sendmsg_fds(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    given = len(req) - 4 * args[2]
+    if not 0 <= result <= given or data:
+        raise HostViolation(f"host claims {result} bytes sent of {given}")
+    return result
+
+
+_RECVMSG_FLAGS = socket.MSG_TRUNC | socket.MSG_CTRUNC | socket.MSG_EOR | socket.MSG_CMSG_CLOEXEC
+
+
+def _recvmsg_fds(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
+    """The payload, the host fds that came with it (new numbers, each a fresh fd), the msg_flags."""
+    head = abi.RECVMSG_HEAD.size
+    if len(data) < head:
+        raise HostViolation("recvmsg answer too short")
+    nfds, flags = abi.RECVMSG_HEAD.unpack_from(data, 0)
+    if nfds > args[3] or len(data) != head + 4 * nfds + result or not 0 <= result <= args[1]:
+        raise HostViolation(f"recvmsg answered {nfds} fds (of {args[3]}) and {result} bytes (of {args[1]})")
+    if flags & ~_RECVMSG_FLAGS:
+        raise HostViolation(f"recvmsg answered msg_flags {flags:#x}")
+    new = list(struct.unpack_from(f"<{nfds}i", data, head))
+    for fd in new:
+        if not 3 <= fd < abi.MAX_FD or fd in fds.kinds:
+            raise HostViolation(f"recvmsg answered fd {fd}, which is not a fresh descriptor")
+    if len(set(new)) != nfds:
+        raise HostViolation("recvmsg answered one fd twice")
+    return data[head + 4 * nfds :], new, flags
+
+
 def _sockaddr(args: tuple[int, ...], req: Req, result: int, data: bytes) -> object:
     if result != 0:
         raise HostViolation("address query result is not 0")
@@ -674,6 +703,8 @@ VALIDATORS: dict[int, Validator] = {
     Op.BIND: _none,
     Op.LISTEN: _none,
     Op.ACCEPT: _accept,
+    Op.SENDMSG_FDS: _sendmsg_fds,
+    Op.RECVMSG_FDS: _recvmsg_fds,
     Op.CONNECT: _none,
     Op.SEND: _count_upto_request,
     Op.RECV: _bytes_upto(1),

@@ -221,6 +221,8 @@ class Executor:
             Op.FORK_DONE: self._fork_done,
             Op.KILL: lambda a, d: _void(os.kill, a[0], a[1]),
             Op.FUTIME: self._futime,
+            Op.SENDMSG_FDS: self._sendmsg_fds,
+            Op.RECVMSG_FDS: self._recvmsg_fds,
             **semaphores.HANDLERS,
             Op.SPAWN: self.spawner.spawn,
             Op.SPAWN_WAIT: self.spawner.wait,
@@ -807,6 +809,33 @@ class Executor:
         except BlockingIOError:
             raise _WouldBlock(a[0], _IN) from None
         return (len(b), 0, b)
+
+    def _sendmsg_fds(self, a: tuple[int, ...], d: bytes) -> Answer:
+        n = a[2]
+        fds = struct.unpack_from(f"<{n}i", d, 0)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"<{n}i", *fds))]
+        try:
+            return (self._sock(a[0]).sendmsg([d[4 * n :]], rights, a[1]), 0, b"")
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _OUT) from None
+
+    def _recvmsg_fds(self, a: tuple[int, ...], d: bytes) -> Answer:
+        room = socket.CMSG_LEN(4 * a[3]) if a[3] > 0 else 0
+        try:
+            msg, anc, flags, _ = self._sock(a[0]).recvmsg(a[1], room, a[2] | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            raise _WouldBlock(a[0], _IN) from None
+        fds: list[int] = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += struct.unpack(f"<{len(data) // 4}i", data[: len(data) - len(data) % 4])
+        for fd in fds:  # now the host's: a socket (a pipe's channel is one) or a file
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                self._adopt(socket.socket(fileno=fd))
+            else:
+                self._files.add(fd)
+        head = abi.RECVMSG_HEAD.pack(len(fds), flags)
+        return (len(msg), 0, head + struct.pack(f"<{len(fds)}i", *fds) + msg)
 
     def _sendto(self, a: tuple[int, ...], d: bytes) -> Answer:
         (alen,) = struct.unpack_from("<I", d, 0)

@@ -39,6 +39,7 @@ import errno
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -51,14 +52,15 @@ _fds = iago.fds
 
 
 class Channel:
-    """One pipe's (or socketpair's) sealing state in this process."""
+    """One pipe's (or socketpair's) sealing state in this process (see :func:`channel`)."""
 
-    __slots__ = ("_readers", "_writers", "id")
+    __slots__ = ("__weakref__", "_readers", "_writers", "id")
 
     def __init__(self, channel_id: bytes | None = None) -> None:
         self.id = channel_id if channel_id is not None else os.urandom(famseal.CHANNEL_ID_SIZE)
         self._writers: dict[int, famseal.Writer] = {}
         self._readers: dict[int, famseal.Reader] = {}
+        _channels[self.id] = self
 
     def writer(self, direction: int) -> famseal.Writer:
         """This member's writer (a forked child gets its own: it has a new member id)."""
@@ -74,6 +76,19 @@ class Channel:
             r = famseal.Reader(famseal.channel_key(family.key, self.id, direction), self.id, direction)
             self._readers[direction] = r
         return r
+
+
+_channels: weakref.WeakValueDictionary[bytes, Channel] = weakref.WeakValueDictionary()
+
+
+def channel(channel_id: bytes) -> Channel:
+    """The state of channel ``channel_id`` in this process, made on first need.
+
+    One per channel, however many ends of it the process holds or receives: a second
+    ``Channel`` of the same id would start a second writer (sequence numbers from 0) under
+    the same key and member id, so two records would share a nonce.
+    """
+    return _channels.get(channel_id) or Channel(channel_id)
 
 
 def _chunk() -> int:
@@ -272,7 +287,7 @@ def adopt_sealed(h: int, channel_id: bytes, out: int) -> None:
     """In a spawned child: host socket ``h`` is its parent's sealed socketpair end (direction ``out``)."""
     if out not in (0, 1):
         raise ValueError("a socketpair end writes direction 0 or 1")
-    sealed[h] = _SockEnd(Channel(channel_id), out)
+    sealed[h] = _SockEnd(channel(channel_id), out)
 
 
 def sock_send(h: int, data: bytes | bytearray | memoryview, timeout: float | None) -> int:

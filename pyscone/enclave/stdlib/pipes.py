@@ -531,7 +531,7 @@ def adopt_from_parent(fd: int, host_fd: int, channel_id: bytes, reading: bool) -
         raise ValueError(f"pipe end {fd} is not a free pipe number")
     p = _Pipe(_next_ino)
     _next_ino += 1
-    p.host = _Host(famchan.Channel(channel_id), host_fd if reading else -1, -1 if reading else host_fd)
+    p.host = _Host(famchan.channel(channel_id), host_fd if reading else -1, -1 if reading else host_fd)
     end = _End(p, reading)
     _ends[fd] = end
     end.refs = 1
@@ -540,6 +540,33 @@ def adopt_from_parent(fd: int, host_fd: int, channel_id: bytes, reading: bool) -
     else:
         p.writers = 1
     _next_fd = max(_next_fd, fd + 1)
+
+
+def adopt_passed(host_fd: int, channel_id: bytes, reading: bool) -> int:
+    """A pipe end another member passed (``stdlib/fdpass.py``), on its channel's host fd ``host_fd``.
+
+    Returns the app's new number for it: another number for the end this process already
+    holds on that channel (the new host fd is closed), or a new end.
+    """
+    for end in list(_ends.values()):
+        p = end.pipe
+        if p.host is None or p.host.chan.id != channel_id:
+            continue
+        held = p.host.rfd if reading else p.host.wfd
+        if end.reading == reading and held >= 0:
+            famchan.close(host_fd)
+            return _attach(end)
+        if held < 0:
+            if reading:
+                p.host.rfd = host_fd
+            else:
+                p.host.wfd = host_fd
+            return _attach(_End(p, reading))
+    global _next_ino
+    p = _Pipe(_next_ino)
+    _next_ino += 1
+    p.host = _Host(famchan.channel(channel_id), host_fd if reading else -1, -1 if reading else host_fd)
+    return _attach(_End(p, reading))
 
 
 def _prepare_fork() -> None:

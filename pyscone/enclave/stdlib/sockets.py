@@ -32,7 +32,8 @@ from pyscone import abi
 from pyscone.abi import Op
 from pyscone.enclave import iago, scheduler
 from pyscone.enclave.shields import famchan, net
-from pyscone.enclave.stdlib import dups, interpose, pipes
+from pyscone.enclave.stdlib import dups, fdpass, interpose, pipes
+from pyscone.protect import fdseal
 
 LISTEN_BACKLOG_FLOOR = 128
 
@@ -321,6 +322,42 @@ class EnclaveSocket(_StdSocket):
         data, addr = self.recvfrom(min(nbytes or len(view), len(view)), flags)
         view[: len(data)] = data
         return len(data), addr
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
+        payload = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+        fds = fdpass.rights(ancdata)
+        if fds:
+            room = _slot_data - 4 * len(fds) - fdseal.HEAD.size - fdseal.MAX_BODY
+            return fdpass.sendmsg(self, self._live(), payload[: max(room, 0)], fds, flags)
+        if address is not None:
+            return self.sendto(payload, flags, address)
+        return self.send(payload, flags)
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple[bytes, list[Any], int, Any]:
+        if bufsize < 0:
+            raise ValueError("negative buffer size in recvmsg()")
+        if ancbufsize < 0:
+            raise ValueError("negative buffer size in recvmsg()")
+        h = self._live()
+        unix_stream = self._family == socket.AF_UNIX and self._kind == socket.SOCK_STREAM
+        passing = unix_stream and ancbufsize > socket.CMSG_LEN(0)
+        if passing and h not in famchan.sealed and net.conn(h) is None and not flags & _MSG_PEEK:
+            room = _slot_data - abi.RECVMSG_HEAD.size - 4 * fdseal.MAX_FDS
+            return fdpass.recvmsg(self, h, min(bufsize, room), ancbufsize, flags)
+        if self._kind == socket.SOCK_STREAM:
+            return self.recv(bufsize, flags), [], 0, None
+        data, addr = self.recvfrom(bufsize, flags)
+        return data, [], 0, addr
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple[int, list[Any], int, Any]:
+        views = [memoryview(b).cast("B") for b in buffers]
+        data, anc, mflags, addr = self.recvmsg(sum(len(v) for v in views), ancbufsize, flags)
+        at = 0
+        for v in views:
+            piece = data[at : at + len(v)]
+            v[: len(piece)] = piece
+            at += len(piece)
+        return len(data), anc, mflags, addr
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
