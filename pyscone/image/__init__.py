@@ -1,0 +1,1 @@
+"""Secure container images (host side, untrusted): reproducible OCI layouts and archives."""
