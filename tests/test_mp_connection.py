@@ -45,6 +45,10 @@ MANAGER_APP = """
             c.send({"from the child": mark})
             print("the child got", c.recv() == [mark, 2], flush=True)
 
+    def use(c):
+        c.send(MARK * 2)
+        print("handed: the child got", c.recv() == MARK, flush=True)
+
     if __name__ == "__main__":
         ctx = mp.get_context(sys.argv[1])
         if len(sys.argv) > 2:  # the recorder's control: a socketpair used inside one enclave is plaintext
@@ -63,7 +67,7 @@ MANAGER_APP = """
                 p.join(30)
             print("manager dict", sorted(d.items()) == [("child", MARK), ("parent", MARK)])
             print("manager list", list(items) == [MARK[::-1]] * 2, ns.count, [p.exitcode for p in ps])
-        from multiprocessing.connection import Listener
+        from multiprocessing.connection import Client, Listener
         with Listener(authkey=b"secret") as listener:  # the default family: AF_UNIX
             print("family", listener._listener._family)
             p = ctx.Process(target=talk, args=(listener.address, MARK))
@@ -73,6 +77,18 @@ MANAGER_APP = """
                 c.send([MARK, 2])
             p.join(30)
             print("pair exit", p.exitcode)
+        with Listener() as listener:  # a connected end handed to a child (a spawned one gets its channel)
+            got = []
+            t = threading.Thread(target=lambda: got.append(listener.accept()))
+            t.start()
+            c = Client(listener.address)
+            t.join(30)
+            p = ctx.Process(target=use, args=(c,))
+            p.start()
+            print("handed: the parent got", got[0].recv() == MARK * 2, flush=True)
+            got[0].send(MARK)
+            p.join(30)
+            print("handed exit", p.exitcode)
         # AF_INET: not the family's (the network shield's rules apply), unchanged: plaintext here.
         with Listener(("127.0.0.1", 0), authkey=b"secret") as inet:
             p = ctx.Process(target=talk, args=(inet.address, INET_MARK))
