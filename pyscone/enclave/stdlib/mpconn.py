@@ -25,7 +25,7 @@ Who gets what when the hello fails:
   ``multiprocessing.AuthenticationError`` (what a peer that fails the authkey
   challenge gives natively).
 
-Waiting: each message of the hello is waited for at most the app's default socket
+Waiting: the peer's part of the hello is waited for at most the app's default socket
 timeout (``socket.setdefaulttimeout``), if it set one, else :data:`ACCEPT_TIMEOUT`
 on the listening side (a peer that never speaks holds the accepting thread that
 long, then is refused) and :data:`CONNECT_TIMEOUT` on the connecting side (which
@@ -51,6 +51,7 @@ from __future__ import annotations
 import importlib.abc
 import socket
 import sys
+import time
 from typing import Any
 
 from pyscone.enclave import family
@@ -90,12 +91,13 @@ def _where(address: object) -> str:
     return repr(address) if address else "an unnamed Unix socket"
 
 
-def _recv_message(sock: Any, kind: int, timeout: float) -> bytes:
-    """One whole hello message of ``kind`` from ``sock``, never a byte of what follows it."""
+def _recv_message(sock: Any, kind: int, deadline: float, timeout: float) -> bytes:
+    """One whole hello message of ``kind`` from ``sock``, never a byte of what follows it, by ``deadline``."""
     need = famhello.SIZES[kind]
     buf = bytearray()
     while len(buf) < need:
         try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = sock.recv(need - len(buf))
         except TimeoutError:
             raise famhello.HelloError(f"the peer sent no family hello within {timeout:g} s") from None
@@ -109,6 +111,7 @@ def _recv_message(sock: Any, kind: int, timeout: float) -> bytes:
 
 
 def _send_message(sock: Any, msg: bytes) -> None:
+    """(Two small messages into an empty socket buffer: a send that waits is the host's doing.)"""
     try:
         sock.sendall(msg)
     except OSError as e:
@@ -131,11 +134,11 @@ def server_hello(sock: Any) -> None:
     if h is None:
         return
     timeout = _timeout(ACCEPT_TIMEOUT)
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     side = famhello.Server(family.key)
-    answer = side.hello(_recv_message(sock, famhello.HELLO, timeout))
+    answer = side.hello(_recv_message(sock, famhello.HELLO, deadline, timeout))
     _send_message(sock, answer)
-    side.confirm(_recv_message(sock, famhello.CONFIRM, timeout))
+    side.confirm(_recv_message(sock, famhello.CONFIRM, deadline, timeout))
     famchan.adopt_sealed(h, side.channel_id, SERVER_OUT)
 
 
@@ -149,10 +152,11 @@ def client_hello(sock: Any) -> None:
     if h is None:
         return
     timeout = _timeout(CONNECT_TIMEOUT)
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     side = famhello.Client(family.key)
+    sock.settimeout(timeout)
     _send_message(sock, side.hello())
-    confirm = side.answer(_recv_message(sock, famhello.ANSWER, timeout))
+    confirm = side.answer(_recv_message(sock, famhello.ANSWER, deadline, timeout))
     _send_message(sock, confirm)
     famchan.adopt_sealed(h, side.channel_id, CLIENT_OUT)
 
