@@ -158,6 +158,7 @@ def main() -> None:
     process.install(cfg["cpu_count"])
     forks.install()
     spawn.install()  # after forks: a spawned child's pid is waited for and signalled through the host
+    __import__("pyscone.enclave.stdlib.mpconn", fromlist=["install"]).install()  # Unix connections: sealed
     fdops.install()
     stdout_tty = os.isatty(1)
     console.install(slot_data, stdout_tty)
