@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--session",
         metavar="NAME/SERVICE",
-        help="with --cas: the session and service to attest for; the CAS supplies argv, env, files and the FSPF",
+        default=os.environ.get("PYSCONE_SESSION") or None,
+        help="with --cas: the session and service to attest for; the CAS supplies argv, env, files and the FSPF"
+        "  [PYSCONE_SESSION]",
     )
     run.add_argument(
         "--las",
@@ -313,10 +315,70 @@ def build_parser() -> argparse.ArgumentParser:
     las.add_argument("--dir", help="where the platform key is kept (default ~/.pyscone/las)  [PYSCONE_LAS_DIR]")
     las.add_argument("--listen", default="127.0.0.1:18766", help="HOST:PORT (default 127.0.0.1:18766)")
     las.add_argument("--show", action="store_true", help="print the platform's public key (for a CAS) and exit")
+    b = sub.add_parser(
+        "build",
+        help="make a secure image of an app: interpreter, runtime, the app encrypted under the FS shield, the FSPF, "
+        "a manifest with the MRENCLAVE and a policy skeleton (--oci: an OCI image and a docker-archive)",
+    )
+    b.add_argument("app_dir", metavar="APP_DIR", help="the app's directory (all of it is encrypted into /app)")
+    b.add_argument("-o", "--out", required=True, metavar="OUT", help="where the image and its manifest go")
+    b.add_argument("--entry", metavar="FILE", help="the program, relative to APP_DIR (default app.py or main.py)")
+    b.add_argument("--requirements", metavar="FILE", help="the app's requirements (pip install -r) for the image")
+    b.add_argument(
+        "--fspf-key",
+        metavar="FILE",
+        help="the FSPF key (hex): the same key and inputs give the same image (default OUT/fspf.key, made once)",
+    )
+    b.add_argument("--cas", metavar="URL", help="the CAS the image's enclave attests to (part of MRENCLAVE)")
+    b.add_argument("--cas-cert", metavar="FILE", help="the CAS's certificate (with --cas)")
+    b.add_argument(
+        "--dev",
+        action="store_true",
+        help="DEV MODE (insecure): an image that runs without a CAS, with the FSPF key inside it",
+    )
+    b.add_argument("--oci", action="store_true", help="also write OUT/oci (an OCI image layout) and OUT/image.tar")
+    b.add_argument("--tag", default="pyscone-app:latest", help="the image's name:tag (default pyscone-app:latest)")
+    b.add_argument("--session", default="app/app", metavar="NAME/SERVICE", help="for the policy skeleton")
     k = sub.add_parser("keygen", help="make an enclave signer key (ECDSA P-256, PEM, mode 0600)")
     k.add_argument("path")
     k.add_argument("--force", action="store_true", help="replace an existing key")
     return p
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyscone.image import build
+
+    app_dir = Path(a.app_dir)
+    entry = a.entry
+    if entry is None:
+        entry = next((n for n in ("app.py", "main.py") if (app_dir / n).is_file()), None)
+        if entry is None:
+            raise UsageError(f"{app_dir}: no app.py or main.py: name the program with --entry")
+    spec = build.Spec(
+        app_dir=app_dir.resolve(),
+        out=Path(a.out).resolve(),
+        entry=entry,
+        requirements=Path(a.requirements).resolve() if a.requirements else None,
+        fspf_key_file=Path(a.fspf_key).resolve() if a.fspf_key else None,
+        cas=a.cas,
+        cas_cert=Path(a.cas_cert).resolve() if a.cas_cert else None,
+        dev=a.dev,
+        oci=a.oci,
+        tag=a.tag,
+        session=a.session,
+    )
+    try:
+        result = build.build(spec)
+    except build.BuildError as e:
+        raise UsageError(str(e)) from None
+    print(f"MRENCLAVE {result.mrenclave}")
+    if result.image_digest:
+        print(f"image     {result.image_digest}")
+    print(f"manifest  {result.manifest}")
+    print(f"policy    {result.policy} (holds the FSPF key: give it to the CAS, keep it from the host)")
+    return 0
 
 
 def cmd_cas(a: argparse.Namespace) -> int:
@@ -739,6 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_las(a)
         if a.command == "cas":
             return cmd_cas(a)
+        if a.command == "build":
+            return cmd_build(a)
         if a.command == "console":
             from pyscone.host import console_tool
 

@@ -140,6 +140,18 @@ class _Hashing:
         return self.size
 
 
+def layer_digest(root: Path, epoch: int = 0) -> str:
+    """The digest the layer of the tree at ``root`` has (nothing is written)."""
+
+    class _Null:
+        def write(self, data: bytes) -> int:
+            return len(data)
+
+    h = _Hashing(_Null())  # type: ignore[arg-type]
+    write_layer(root, h, epoch)  # type: ignore[arg-type]
+    return f"sha256:{h.sha.hexdigest()}"
+
+
 class Layout:
     """An OCI image layout directory being written."""
 

@@ -73,7 +73,15 @@ class FileKey:
 
     @classmethod
     def generate(cls, *, encrypted: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileKey:
-        return cls(os.urandom(KEY_SIZE), os.urandom(FILE_ID_SIZE), encrypted, chunk_size)
+        return cls(random_bytes(KEY_SIZE), random_bytes(FILE_ID_SIZE), encrypted, chunk_size)
+
+
+#: Where keys, file ids and nonces come from: the OS's random bytes.  Only a reproducible image
+#: build (``pyscone/image/build.py``, on the owner's machine) swaps in a generator seeded from a
+#: secret key *and a digest of every plaintext it protects*, so that the same inputs give the same
+#: bytes and different inputs never share a key (hence never a key and a nonce).  The enclave never
+#: changes it.
+random_bytes = os.urandom
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,7 +130,7 @@ def seal_run_into(
         raise ValueError(f"chunks exceed the chunk size {cs}, or a short one is not last")
     if len(out) != sum(len(pt) for pt in plaintexts) + n * OVERHEAD:
         raise ValueError("the output does not fit the records")
-    nonces = os.urandom(NONCE_SIZE * n) if nonces is None else nonces
+    nonces = random_bytes(NONCE_SIZE * n) if nonces is None else nonces
     aead = _aead(fk.key)
     head = _AD_PREFIX + fk.file_id
     pack = _AD_TAIL.pack

@@ -34,6 +34,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pyscone.protect import chunks as _chunks
 from pyscone.protect.chunks import (
     DEFAULT_CHUNK_SIZE,
     FILE_ID_SIZE,
@@ -228,7 +229,7 @@ def generate_fspf_key() -> bytes:
 def seal(fspf: FSPF, fspf_key: bytes, *, nonce: bytes | None = None) -> tuple[bytes, str]:
     """Seal an FSPF.  Returns the bytes to store and the FSPF tag (hex) that names them."""
     fspf.validate()
-    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+    nonce = _chunks.random_bytes(NONCE_SIZE) if nonce is None else nonce
     blob = _MAGIC + nonce + AESGCM(fspf_key).encrypt(nonce, fspf.to_json(), _MAGIC)
     return blob, blob[-TAG_SIZE:].hex()
 
