@@ -267,11 +267,12 @@ def _base_layer(base: Path, log: Callable[[str], None]) -> str:
     return str(exe)
 
 
-def _libraries(base: Path, runtime: Path, log: Callable[[str], None]) -> None:
-    needed: set[str] = {_libseccomp()}
+def _libraries(base: Path, runtime: Path, log: Callable[[str], None], *, secure: bool = True) -> None:
+    needed: set[str] = {_libseccomp()} if secure else set()
     for elf in _elves(base) + _elves(runtime):
         needed |= _needed(elf)
-    needed |= _needed(Path(_libseccomp()))
+    if secure:
+        needed |= _needed(Path(_libseccomp()))
     for lib in sorted(needed):
         _replicate(base, lib)
     etc = base / "etc"
@@ -551,3 +552,28 @@ def build(spec: Spec) -> Result:
     with os.fdopen(fd, "w") as f:
         f.write(policy)
     return Result(mrenclave, tag, digests, image_digest, spec.out / "manifest.json", policy_path)
+
+
+def plain_image(app_dir: Path, entry: str, requirements: Path | None, out: Path, tag: str = "plain-app:latest") -> str:
+    """The same app as an ordinary image, built the same way (the interpreter, its libraries, the
+    app's requirements in the interpreter's site-packages, the app's files in the clear): what
+    ``bench/image.py`` compares a secure image with.  Returns its digest; writes ``out/oci`` and
+    ``out/image.tar``."""
+    layers_dir = out / "layers"
+    if layers_dir.exists():
+        shutil.rmtree(layers_dir)
+    base, packages, app = (layers_dir / n for n in ("base", "packages", "app"))
+    for d in (base, packages, app):
+        d.mkdir(parents=True)
+    quiet: Callable[[str], None] = lambda line: None  # noqa: E731
+    exe = _base_layer(base, quiet)
+    site = _place(packages, sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"])
+    site.mkdir(parents=True)
+    if requirements is not None:
+        _requirements(site, requirements, [])
+    _libraries(base, packages, quiet, secure=False)
+    _copy_tree(app_dir, _place(app, APP), lambda p: p.name in (".git", ".venv"))
+    cfg = oci.ImageConfig(entrypoint=[exe, f"{APP}/{entry}"], env={"HOME": "/root"}, workdir=APP)
+    digest = oci.write_image(out / "oci", [base, packages, app], cfg, tag.rpartition(":")[2] or "latest")
+    oci.write_docker_archive(out / "oci", out / "image.tar", tag)
+    return digest
