@@ -74,6 +74,11 @@ def env_of(container: Obj) -> dict[str, Obj]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def field_of(env: dict[str, Obj], name: str) -> str | None:
+    """The downward-API field an environment variable comes from."""
+    return env.get(name, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+
+
 def mount_source(pod: Obj, container: Obj, path: str) -> tuple[str, str, str] | None:
     """(volume kind, its Secret/ConfigMap name, the key) of the file ``path`` in ``container``."""
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -125,156 +130,186 @@ def docs_section(title: str) -> str:
 def problems(objs: list[Obj]) -> list[str]:
     """What is wrong with the rendered manifests beyond their schemas (empty: nothing)."""
     try:
-        return _problems(objs)
+        out = placement(objs)
+        found, las_listen = las(objs)
+        out += found
+        found, db_hosts = postgres(objs)
+        out += found
+        found, cas_cert, cas_services = cas(objs, db_hosts)
+        out += found
+        out += passwords(objs)
+        out += app(objs, las_listen, cas_cert, cas_services)
+        out += documented(objs)
     except Refused as e:
         return [str(e)]
+    return out
 
 
-def _problems(objs: list[Obj]) -> list[str]:  # one list of what must hold, read top to bottom
-    out: list[str] = []
-    if not find(objs, "Namespace", "pyscone"):
-        out.append("no Namespace pyscone")
-    out += [
-        f"{o['kind']}/{o['metadata']['name']} is not in the namespace pyscone"
-        for o in objs
-        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "pyscone"
-    ]
-    out += [
-        f"{o['kind']}/{o['metadata']['name']} is committed: the operator makes it"
-        for o in objs
-        if o["kind"] in ("Secret", "ConfigMap")
-    ]
+def placement(objs: list[Obj]) -> list[str]:
+    """Everything in the namespace pyscone, and nothing the operator makes (Secrets, ConfigMaps)."""
+    out = [] if find(objs, "Namespace", "pyscone") else ["no Namespace pyscone"]
+    for o in objs:
+        what = f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "pyscone":
+            out.append(f"{what} is not in the namespace pyscone")
+        if o["kind"] in ("Secret", "ConfigMap"):
+            out.append(f"{what} is committed: the operator makes it")
+    return out
 
-    # The LAS: one per node, its key on the node, at the node's address.
-    las_sets = find(objs, "DaemonSet", "pyscone-las")
-    las_dir = las_listen = None
-    if not las_sets:
-        out.append("the LAS is not a DaemonSet")
-    else:
-        pod = las_sets[0]["spec"]["template"]["spec"]
-        las = next(c for c in pod["containers"] if c["name"] == "las")
-        a = parse_pyscone(las)
-        las_listen = a.listen
-        las_dir = env_of(las).get("PYSCONE_LAS_DIR", {}).get("value")
-        if a.command != "las" or a.show:
-            out.append("the LAS container does not run pyscone las")
-        host_ip = env_of(las).get("HOST_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
-        if not (pod.get("hostNetwork") and host_ip == "status.hostIP" and las_listen.startswith("$(HOST_IP):")):
-            out.append("the LAS does not listen on its node's address (hostNetwork, status.hostIP)")
-        volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        mounts = {m["mountPath"]: m["name"] for m in las.get("volumeMounts", [])}
-        if las_dir not in mounts or "hostPath" not in volumes.get(mounts[las_dir], {}):
-            out.append("the LAS's platform key is not kept on the node (hostPath at PYSCONE_LAS_DIR)")
-        if "readinessProbe" not in las or "livenessProbe" not in las:
-            out.append("the LAS has no readiness or liveness probe")
 
-    # PostgreSQL: a StatefulSet with a volume claim template and a headless Service.
-    pg_hosts = set()
+def las(objs: list[Obj]) -> tuple[list[str], str | None]:
+    """The LAS: one per node, its key on the node, at the node's address.  Returns (problems, --listen)."""
+    sets = find(objs, "DaemonSet", "pyscone-las")
+    if not sets:
+        return ["the LAS is not a DaemonSet"], None
+    out = []
+    pod = sets[0]["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "las")
+    a = parse_pyscone(container)
+    if a.command != "las" or a.show:
+        return ["the LAS container does not run pyscone las"], None
+    env = env_of(container)
+    if not (
+        pod.get("hostNetwork") and field_of(env, "HOST_IP") == "status.hostIP" and a.listen.startswith("$(HOST_IP):")
+    ):
+        out.append("the LAS does not listen on its node's address (hostNetwork, status.hostIP)")
+    key_dir = env.get("PYSCONE_LAS_DIR", {}).get("value")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    if key_dir not in mounts or "hostPath" not in volumes.get(mounts[key_dir], {}):
+        out.append("the LAS's platform key is not kept on the node (hostPath at PYSCONE_LAS_DIR)")
+    if "readinessProbe" not in container or "livenessProbe" not in container:
+        out.append("the LAS has no readiness or liveness probe")
+    return out, a.listen
+
+
+def postgres(objs: list[Obj]) -> tuple[list[str], set[str]]:
+    """StatefulSets with a volume claim template and a headless Service.  Returns (problems, pod host names)."""
+    out, hosts = [], set()
     for sts in find(objs, "StatefulSet"):
-        svc = find(objs, "Service", sts["spec"]["serviceName"])
+        name, service = sts["metadata"]["name"], sts["spec"]["serviceName"]
+        svc = find(objs, "Service", service)
         if not svc or svc[0]["spec"].get("clusterIP") != "None":
-            out.append(f"StatefulSet/{sts['metadata']['name']}: no headless Service")
+            out.append(f"StatefulSet/{name}: no headless Service")
         if not sts["spec"].get("volumeClaimTemplates"):
-            out.append(f"StatefulSet/{sts['metadata']['name']}: no volumeClaimTemplates")
-        pg_hosts |= {
-            f"{sts['metadata']['name']}-{i}.{sts['spec']['serviceName']}" for i in range(sts["spec"].get("replicas", 1))
-        }
+            out.append(f"StatefulSet/{name}: no volumeClaimTemplates")
+        hosts |= {f"{name}-{i}.{service}" for i in range(sts["spec"].get("replicas", 1))}
+    return out, hosts
 
-    # The CAS: two or more replicas of one identity, on PostgreSQL.
-    cas_sets = find(objs, "Deployment", "pyscone-cas")
-    cas_cert_source = None
-    if not cas_sets:
-        out.append("no Deployment pyscone-cas")
-    else:
-        dep = cas_sets[0]
-        if dep["spec"].get("replicas", 1) < 2:
-            out.append(f"the CAS has {dep['spec'].get('replicas', 1)} replica(s); it needs two or more")
-        pod = dep["spec"]["template"]["spec"]
-        cas = next(c for c in pod["containers"] if c["name"] == "cas")
-        a = parse_pyscone(cas)
-        if (a.command, a.cas_command) != ("cas", "serve"):
-            out.append("the CAS container does not run pyscone cas serve")
-        db = a.db or ""
-        if not db.startswith("postgresql://"):
-            out.append(f"the CAS's --db is not PostgreSQL: {db!r}")
-        if re.match(r"postgresql://[^@/]*:[^@/]*@", db):
-            out.append("the CAS's --db URL holds a password")
-        if db.split("@")[-1].split("/")[0].split(":")[0] not in pg_hosts:
-            out.append(f"the CAS's --db {db!r} names no PostgreSQL of these manifests ({sorted(pg_hosts)})")
-        cas_dir = a.dir
-        identity = {f: mount_source(pod, cas, f"{cas_dir}/{f}") for f in ("cas-key.pem", "cas-cert.pem", "master.key")}
-        for f in ("cas-key.pem", "master.key"):
-            source = identity[f]
-            if source is None or source[0] != "secret" or source[2] != f:
-                out.append(f"the CAS's {f} is not mounted from a Secret's key {f}: each replica would make its own")
-        if identity["cas-cert.pem"] is None or identity["cas-cert.pem"][2] != "cas-cert.pem":
-            out.append("the CAS's cas-cert.pem is not mounted: each replica would make its own")
-        cas_cert_source = identity["cas-cert.pem"]
-        if a.admin and mount_source(pod, cas, a.admin) is None:
-            out.append(f"the CAS's --admin {a.admin} is not mounted")
-        services = [
-            s
-            for s in find(objs, "Service")
-            if s["spec"].get("selector", {}).items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-            and s["spec"].get("selector")
-        ]
-        if not services:
-            out.append("no Service selects the CAS's pods")
 
-    # Passwords only from Secrets, anywhere.
+def cas(objs: list[Obj], db_hosts: set[str]) -> tuple[list[str], tuple[str, str, str] | None, list[Obj]]:
+    """The CAS: two or more replicas of one identity, on PostgreSQL.
+
+    Returns:
+        (problems, where its certificate comes from, the Services that select its pods)
+    """
+    deployments = find(objs, "Deployment", "pyscone-cas")
+    if not deployments:
+        return ["no Deployment pyscone-cas"], None, []
+    out = []
+    dep = deployments[0]
+    if dep["spec"].get("replicas", 1) < 2:
+        out.append(f"the CAS has {dep['spec'].get('replicas', 1)} replica(s); it needs two or more")
+    pod = dep["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "cas")
+    a = parse_pyscone(container)
+    if (a.command, a.cas_command) != ("cas", "serve"):
+        return [*out, "the CAS container does not run pyscone cas serve"], None, []
+    db = a.db or ""
+    if not db.startswith("postgresql://"):
+        out.append(f"the CAS's --db is not PostgreSQL: {db!r}")
+    if re.match(r"postgresql://[^@/]*:[^@/]*@", db):
+        out.append("the CAS's --db URL holds a password")
+    if db.split("@")[-1].split("/")[0].split(":")[0] not in db_hosts:
+        out.append(f"the CAS's --db {db!r} names no PostgreSQL of these manifests ({sorted(db_hosts)})")
+    # Every replica must find the same key, certificate and master key in its --dir, or it makes its own.
+    identity = {f: mount_source(pod, container, f"{a.dir}/{f}") for f in ("cas-key.pem", "cas-cert.pem", "master.key")}
+    for f in ("cas-key.pem", "master.key"):
+        source = identity[f]
+        if source is None or source[0] != "secret" or source[2] != f:
+            out.append(f"the CAS's {f} is not mounted from a Secret's key {f}: each replica would make its own")
+    cert = identity["cas-cert.pem"]
+    if cert is None or cert[2] != "cas-cert.pem":
+        out.append("the CAS's cas-cert.pem is not mounted: each replica would make its own")
+    if a.admin and mount_source(pod, container, a.admin) is None:
+        out.append(f"the CAS's --admin {a.admin} is not mounted")
+    labels = dep["spec"]["template"]["metadata"]["labels"].items()
+    services = [
+        s for s in find(objs, "Service") if s["spec"].get("selector") and s["spec"]["selector"].items() <= labels
+    ]
+    if not services:
+        out.append("no Service selects the CAS's pods")
+    return out, cert, services
+
+
+def passwords(objs: list[Obj]) -> list[str]:
+    """A password, secret, token or key in a container's environment comes only from a Secret."""
+    out = []
     for w in workloads(objs):
         for c in containers(w["spec"]["template"]["spec"]):
             for e in c.get("env", []):
                 if re.search(r"PASSWORD|SECRET|TOKEN|KEY$", e["name"]) and "secretKeyRef" not in e.get("valueFrom", {}):
                     out.append(f"{w['metadata']['name']}/{c['name']}: {e['name']} is not from a secretKeyRef")
+    return out
 
-    # The app: where the CAS, its session and its node's LAS are; no secret.
+
+def app(
+    objs: list[Obj], las_listen: str | None, cas_cert: tuple[str, str, str] | None, cas_services: list[Obj]
+) -> list[str]:
+    """The app knows where the CAS, its session and its node's LAS are, and holds no secret."""
     apps = find(objs, "Deployment", "pyscone-example")
     if not apps:
-        out.append("no example app Deployment")
-    for app in apps:
-        pod = app["spec"]["template"]["spec"]
+        return ["no example app Deployment"]
+    out = []
+    for dep in apps:
+        pod = dep["spec"]["template"]["spec"]
         for c in containers(pod):
             env = env_of(c)
-            for name in ("PYSCONE_CAS", "PYSCONE_SESSION", "PYSCONE_LAS", "PYSCONE_CAS_CERT"):
-                if "value" not in env.get(name, {}):
-                    out.append(f"the app has no {name}")
+            out += [
+                f"the app has no {n}"
+                for n in ("PYSCONE_CAS", "PYSCONE_SESSION", "PYSCONE_LAS", "PYSCONE_CAS_CERT")
+                if "value" not in env.get(n, {})
+            ]
             if not re.fullmatch(
                 r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", env.get("PYSCONE_SESSION", {}).get("value", "")
             ):
                 out.append("the app's PYSCONE_SESSION is not NAME/SERVICE")
             url = env.get("PYSCONE_CAS", {}).get("value", "")
             m = re.fullmatch(r"https://([^.:/]+)\.pyscone\.svc:(\d+)", url)
-            svc = find(objs, "Service", m.group(1)) if m else []
-            if not (svc and cas_sets and any(p["port"] == int(m.group(2)) for p in svc[0]["spec"]["ports"])):  # type: ignore[union-attr]
+            if not (
+                m
+                and any(
+                    s["metadata"]["name"] == m.group(1)
+                    and any(p["port"] == int(m.group(2)) for p in s["spec"]["ports"])
+                    for s in cas_services
+                )
+            ):
                 out.append(f"the app's PYSCONE_CAS {url!r} is not the CAS Service's https URL")
             if las_listen is not None and env.get("PYSCONE_LAS", {}).get("value") != las_listen:
                 out.append(f"the app's PYSCONE_LAS is not where the LAS listens ({las_listen})")
-            if env.get("HOST_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "status.hostIP":
+            if field_of(env, "HOST_IP") != "status.hostIP":
                 out.append("the app's HOST_IP is not its node's (status.hostIP)")
             cert = mount_source(pod, c, env.get("PYSCONE_CAS_CERT", {}).get("value", ""))
-            if cert is None or cert != cas_cert_source:
-                out.append(
-                    f"the app's PYSCONE_CAS_CERT ({cert}) is not the certificate the CAS serves ({cas_cert_source})"
-                )
+            if cert is None or cert != cas_cert:
+                out.append(f"the app's PYSCONE_CAS_CERT ({cert}) is not the certificate the CAS serves ({cas_cert})")
             if c.get("envFrom") or any("secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", [])):
                 out.append("the app takes a value from a Secret: its secrets come from the CAS")
         if any("secret" in v for v in pod.get("volumes", [])):
             out.append("the app mounts a Secret: its secrets come from the CAS")
+    return out
 
-    # Everything the operator or the docs must provide.
-    images = docs_section("Images")
+
+def documented(objs: list[Obj]) -> list[str]:
+    """The docs say how to get every image and how to make every Secret and ConfigMap the pods use."""
+    out = []
+    images, made = docs_section("Images").splitlines(), docs_section("Secrets")
     for w in workloads(objs):
-        for c in containers(w["spec"]["template"]["spec"]):
-            if not any(
-                c["image"] in line and re.search(r"\b(build|pull|load)\b", line) for line in images.splitlines()
-            ):
+        pod = w["spec"]["template"]["spec"]
+        for c in containers(pod):
+            if not any(c["image"] in line and re.search(r"\b(build|pull|load)\b", line) for line in images):
                 out.append(
                     f"{w['metadata']['name']}/{c['name']}: the docs do not say how to get the image {c['image']}"
                 )
-    made = docs_section("Secrets")
-    for w in workloads(objs):
-        pod = w["spec"]["template"]["spec"]
         names = {("secret", v["secret"]["secretName"]) for v in pod.get("volumes", []) if "secret" in v}
         names |= {("configmap", v["configMap"]["name"]) for v in pod.get("volumes", []) if "configMap" in v}
         for c in containers(pod):
