@@ -20,9 +20,12 @@ done
 # store is tested against a real server), venv support and headers for the interpreter in use;
 # redis-server for the compatibility matrix's redis case (its redis-tools: redis-benchmark); stunnel4,
 # the TLS terminator the network shield's benchmark compares against, and apache2-utils for its ab
-# (a client that makes a full TLS handshake per connection: wrk resumes sessions); runc, umoci and
-# skopeo: the container tools the images are tested with (pyscone/image).
-packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server stunnel4 apache2-utils runc umoci skopeo)
+# (a client that makes a full TLS handshake per connection: wrk resumes sessions); runc, umoci,
+# skopeo and podman: the container tools the images are tested with (pyscone/image).
+packages=(libseccomp2 curl wrk gcc libc6-dev postgresql redis-server stunnel4 apache2-utils runc umoci skopeo podman)
+# kubectl, whose kustomize renders deploy/kubernetes for tests/test_k8s_manifests.py (offline): Debian's
+# kubernetes-client, unless the machine already has a kubectl.
+command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 "$python" -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || packages+=(python3-dev)
