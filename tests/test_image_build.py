@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -261,3 +262,43 @@ def test_build_mistakes_are_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "bad" / "requirements.txt").write_text("no-such-package-pyscone-test==0.0.1\n")
     r = build("bad/app", "-o", "o4", "--dev", "--requirements", "bad/requirements.txt", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith("error: pip install -r"), r.stderr
+
+
+def test_podman_loads_the_archive_and_runs_the_same_image(dev_image: Path, tmp_path: Path) -> None:
+    """podman (its own storage under tmp_path): the docker-archive loads and its image serves.  This
+    sandbox refuses podman's default rlimits (RLIMIT_NOFILE 1048576, RLIMIT_NPROC): set lower ones."""
+    runroot = Path(tempfile.mkdtemp(prefix="pyscone-podman-"))  # (podman wants a runroot under 50 characters)
+    podman = [_tool("podman"), "--root", str(tmp_path / "root"), "--runroot", str(runroot)]
+    loaded = subprocess.run(
+        [*podman, "load", "-i", str(dev_image / "image.tar")], capture_output=True, text=True, timeout=300
+    )
+    assert loaded.returncode == 0 and "localhost/pyscone-app:latest" in loaded.stdout, loaded.stderr
+    manifest = json.loads((dev_image / "manifest.json").read_text())
+    inspected = json.loads(
+        subprocess.run(
+            [*podman, "image", "inspect", "localhost/pyscone-app:latest"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert inspected[0]["Labels"]["org.pyscone.mrenclave"] == manifest["mrenclave"]
+    port = free_port()
+    name = f"pyscone-podman-{os.getpid()}"
+    limits = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+    run = [*podman, "run", "--rm", "--name", name, "--network", "host", *limits, "localhost/pyscone-app:latest"]
+    proc = subprocess.Popen([*run, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                assert _get(f"http://127.0.0.1:{port}/note", MARKER.encode()) == "stored"
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    _, err = proc.communicate(timeout=10)
+                    pytest.fail(f"podman run did not serve: {err[-2000:]}")
+                time.sleep(0.3)
+        assert _get(f"http://127.0.0.1:{port}/notes") == MARKER + "\n"
+    finally:
+        subprocess.run([*podman, "kill", name], capture_output=True, timeout=60)
+        proc.communicate(timeout=60)
+        subprocess.run([*podman, "rm", "-f", name], capture_output=True, timeout=60)
+        shutil.rmtree(runroot, ignore_errors=True)
