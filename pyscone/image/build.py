@@ -68,8 +68,11 @@ VENV = "/opt/pyscone"
 APP = "/app"
 DATA = "/data"
 FSPF_PATH = "/srv/pyscone/app.fspf"
-#: The distributions the enclave runtime and the launcher load (the CAS's own are not needed).
-RUNTIME_DISTS = ("greenlet", "cryptography", "cffi", "pycparser", "PyYAML")
+#: The distributions the enclave runtime and the launcher load.  Not the CAS's own, nor PyYAML (only
+#: dev mode's ``--net-shield`` file is YAML on the host), nor pycparser (cffi needs it only to parse C).
+RUNTIME_DISTS = ("greenlet", "cryptography", "cffi")
+#: What those distributions ship that nothing runs (greenlet's own test suite, with test extensions).
+RUNTIME_SKIP = ("greenlet/tests/",)
 #: Parts of the standard library no app needs at run time (and the interpreter's build leftovers).
 STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages"})
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
@@ -325,6 +328,8 @@ def _runtime_layer(runtime: Path, exe: str, spec: Spec, log: Callable[[str], Non
     for name in RUNTIME_DISTS:
         root, rel = _dist_files(name)
         for f in rel:
+            if f.as_posix().startswith(RUNTIME_SKIP):
+                continue
             dest = site / f
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / f, dest)
