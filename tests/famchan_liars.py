@@ -21,12 +21,15 @@ from pyscone.host.hostile import Answer, Liar
 
 
 class Recorder(Liar):
+    SENT: tuple[int, ...] = (Op.SEND, Op.WRITE)  # whose requests are kept
+    RECEIVED: tuple[int, ...] = (Op.RECV, Op.READ)  # whose answers are kept
+
     def lie(
         self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes
     ) -> Answer:
-        if op in (Op.SEND, Op.WRITE) and request:
+        if op in self.SENT and request:
             self._keep(request)
-        if op in (Op.RECV, Op.READ) and result > 0 and payload:
+        if op in self.RECEIVED and result > 0 and payload:
             self._keep(payload)
         return (result, err, payload)
 

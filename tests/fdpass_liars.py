@@ -5,7 +5,7 @@
 ``flip`` flips a byte of the sealed notice, ``replay`` answers the second such message with
 the first one's bytes (its own fds), ``extra`` hands over one host fd more than were sent.
 ``Recorder:PATH`` appends every payload the host relays on a socket (sent or received) to PATH
-(the console's writes are not a socket's).
+(famchan_liars' recorder, without the console's writes and reads).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any
+
+import famchan_liars
 
 from pyscone import abi
 from pyscone.abi import Op
@@ -57,19 +59,6 @@ class Tamper(Liar):
         return (result, 0, forged)
 
 
-class Recorder(Liar):
-    def lie(
-        self, op: int, args: tuple[int, ...], result: int, err: int, payload: bytes, ex: Any, request: bytes
-    ) -> Answer:
-        if op in (Op.SEND, Op.SENDMSG_FDS) and request:
-            self._keep(request)
-        if op in (Op.RECV, Op.RECVMSG_FDS) and result > 0 and payload:
-            self._keep(payload)
-        return (result, err, payload)
-
-    def _keep(self, data: bytes) -> None:
-        fd = os.open(self.arg, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, bytes(data))
-        finally:
-            os.close(fd)
+class Recorder(famchan_liars.Recorder):
+    SENT = (Op.SEND, Op.SENDMSG_FDS)
+    RECEIVED = (Op.RECV, Op.RECVMSG_FDS)
