@@ -302,3 +302,36 @@ def test_podman_loads_the_archive_and_runs_the_same_image(dev_image: Path, tmp_p
         proc.communicate(timeout=60)
         subprocess.run([*podman, "rm", "-f", name], capture_output=True, timeout=60)
         shutil.rmtree(runroot, ignore_errors=True)
+
+
+def _run_once(where: Path) -> subprocess.CompletedProcess[str]:
+    name = f"pyscone-once-{os.getpid()}-{where.name}"
+    try:
+        return subprocess.run(
+            [_tool("runc"), "run", "--bundle", str(where), name], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        subprocess.run([_tool("runc"), "delete", "--force", name], capture_output=True)
+
+
+def test_a_package_file_the_host_changes_or_adds_in_the_image_is_never_run(dev_image: Path, tmp_path: Path) -> None:
+    """Every file of the stdlib and the runtime's site-packages is listed, with its hash, in the measured
+    pyscone-files.json: a changed module stops the enclave, a planted one does not exist."""
+    manifest = json.loads((dev_image / "manifest.json").read_text())
+    where = bundle(dev_image, tmp_path / "changed", [*manifest["entrypoint"], "1"])
+    (init,) = (where / "rootfs" / "opt" / "pyscone" / "lib").glob("python3.*/site-packages/flask/__init__.py")
+    init.write_text(init.read_text() + "\nprint('the host was here')\n")
+    got = _run_once(where)
+    assert got.returncode == 86, got.stderr
+    assert "flask/__init__.py is not the file the image was built with" in got.stderr
+    assert "the host was here" not in got.stdout
+    planted = bundle(
+        dev_image,
+        tmp_path / "planted",
+        ["/opt/pyscone/bin/python", "-m", "pyscone.cli", "run", "-c", "import json; print('json ok'); import planted"],
+    )
+    (site,) = (planted / "rootfs" / "opt" / "pyscone" / "lib").glob("python3.*/site-packages")
+    (site / "planted.py").write_text("print('the host was here')\n")
+    got = _run_once(planted)
+    assert "json ok" in got.stdout and "the host was here" not in got.stdout
+    assert "ModuleNotFoundError: No module named 'planted'" in got.stderr

@@ -168,6 +168,53 @@ def map_app_extensions(app_dir: str | None) -> list[str]:
     ]
 
 
+class ImageFiles:
+    """The files a secure image was built with (``loader.image_files``, measured): below its roots, a
+    listing is the list's, not the host's, and a module that is not byte for byte what the list says
+    stops the enclave (the host changed, removed or swapped a file of the image)."""
+
+    def __init__(self, raw: bytes) -> None:
+        import json
+
+        doc = json.loads(raw)
+        self.roots: tuple[str, ...] = tuple(os.path.normpath(r) + "/" for r in doc["roots"])
+        self.files: dict[str, str] = {os.path.normpath(p): str(h) for p, h in doc["files"].items()}
+        self.dirs: dict[str, set[str]] = {}  # a directory below a root -> the names in it
+        for path in self.files:
+            root = next((r for r in self.roots if path.startswith(r)), None)
+            if root is None:
+                raise ValueError(f"{path} lies outside the image's roots")
+            d = root.rstrip("/")
+            for part in path[len(root) :].split("/"):
+                self.dirs.setdefault(d, set()).add(part)
+                d = f"{d}/{part}"
+
+    def covers(self, path: str) -> bool:
+        """Whether ``path`` (absolute, normalized) is a root or lies below one."""
+        return (path + "/").startswith(self.roots)
+
+    def listing(self, d: str) -> frozenset[str] | None:
+        names = self.dirs.get(os.path.normpath(d))
+        return frozenset(names) if names is not None else None
+
+    def check(self, path: str, digest: str) -> None:
+        if self.files.get(path) != digest:
+            from pyscone.enclave import iago
+
+            iago.fail_stop(f"{path} is not the file the image was built with")
+
+
+_image: ImageFiles | None = None
+
+
+def image_files() -> ImageFiles | None:
+    """The image's file list, parsed on first need (``None`` outside an image)."""
+    global _image
+    if _image is None and loader.image_files:
+        _image = ImageFiles(loader.image_files)
+    return _image
+
+
 class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
     """Reads source through the enclave's file layer, measures it, compiles it."""
 
@@ -182,8 +229,20 @@ class EnclaveSourceLoader(importlib.machinery.SourceFileLoader):
         path = self.get_filename(fullname)
         cache = codecache.active
         source, entry = codecache.begin(path)  # both read ahead, or in flight together now
-        data = files.finish_read_whole(source, path)
+        image = image_files()
+        listed = image is not None and image.covers(path)
+        try:
+            data = files.finish_read_whole(source, path)
+        except OSError as e:
+            if not listed:
+                raise
+            from pyscone.enclave import iago
+
+            iago.fail_stop(f"{path}, a file of the image, cannot be read: {e.strerror}")
         digest = hashlib.sha256(data).digest()
+        if listed:
+            assert image is not None
+            image.check(path, digest.hex())
         code = cache.load(entry, digest, path) if cache is not None and entry is not None else None
         if code is None:
             code = compile(data, path, "exec", dont_inherit=True)
@@ -228,6 +287,11 @@ class EnclaveFinder(importlib.abc.MetaPathFinder):
             return self._dirs[d]
         except KeyError:
             pass
+        image = image_files()
+        if image is not None and image.covers(d):  # an image's own directory: its list, not the host's
+            listed = image.listing(d)
+            self._dirs[d] = listed
+            return listed
         try:
             names: frozenset[str] | None = frozenset(files.listdir(d))
         except OSError:

@@ -732,6 +732,7 @@ def _site() -> None:
                 system = value.strip().lower() == "true"
         sys.prefix = sys.exec_prefix = venv
         prefixes = [venv, sys.base_prefix] if system else [venv]
+        _load_image_files(venv)
         break
     site.PREFIXES[:] = prefixes
     site.ENABLE_USER_SITE = False
@@ -746,6 +747,23 @@ def _site() -> None:
             _warn(f"Error in sitecustomize: {type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - site reports and goes on
         _warn(f"Error in sitecustomize: {type(e).__name__}: {e}")
+
+
+#: A secure image's list of the files it was built with (``image/build.py``: ``pyscone-files.json``
+#: beside ``pyvenv.cfg``): its bytes, measured as they are read here, so MRENCLAVE covers every file it
+#: names.  The importer holds every module under its roots to it (``importer.py``).  Empty outside an image.
+image_files = b""
+
+
+def _load_image_files(venv: str) -> None:
+    global image_files
+    path = _join(venv, "pyscone-files.json")
+    try:
+        data, _ = _read(path)
+    except OSError:
+        return
+    _note(Loaded("files:pyscone-files.json", path, "pth", data, "read"))
+    image_files = data
 
 
 #: What :func:`_site` put on ``sys.path``: the runtime's own environment (boot takes it off

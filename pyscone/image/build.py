@@ -384,6 +384,24 @@ def _requirements(site: Path, requirements: Path, pins: list[str]) -> int:
         return count
 
 
+def _image_files(base: Path, runtime: Path, log: Callable[[str], None]) -> None:
+    """``/opt/pyscone/pyscone-files.json``: every file of the standard library and of the runtime's
+    site-packages with its SHA-256.  The enclave measures this list (so MRENCLAVE covers each file)
+    and imports nothing below those directories that is not byte for byte on it (enclave/importer.py)."""
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})
+    roots = [(base, paths["stdlib"]), (runtime, f"{VENV}/lib/python{version}/site-packages")]
+    files: dict[str, str] = {}
+    for layer, root in roots:
+        staged = _place(layer, root)
+        for path in sorted(staged.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                files["/" + str(path.relative_to(layer))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    doc = {"roots": [root for _, root in roots], "files": files}
+    (_place(runtime, VENV) / "pyscone-files.json").write_text(json.dumps(doc, sort_keys=True, indent=0) + "\n")
+    log(f"pyscone build:       {len(files)} files of the standard library and the runtime listed, measured as one")
+
+
 def _app_layer(app: Path, spec: Spec, fspf_key: bytes, log: Callable[[str], None]) -> tuple[str, bytes]:
     """Protect the app into the encrypted region; returns the FSPF's tag and its sealed bytes."""
     from pyscone.host.fspf_tool import FileStore
@@ -515,6 +533,7 @@ def build(spec: Spec) -> Result:
     exe = _base_layer(base, log)
     _runtime_layer(runtime, exe, spec, log)
     _libraries(base, runtime, log)
+    _image_files(base, runtime, log)
     tag, _ = _app_layer(app, spec, fspf_key, log)
     if spec.cas_cert is not None:
         shutil.copy(spec.cas_cert, _place(app, "/srv/pyscone/cas-cert.pem"))
