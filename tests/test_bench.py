@@ -37,6 +37,16 @@ def test_the_attestation_benchmark_runs() -> None:
     assert all(t["attestations"] > 0 for t in report["throughput"])
 
 
+def test_the_cas_replicas_benchmark_runs() -> None:
+    out = _quick("cas_replicas.py")
+    assert "x 1 replica" in out and "a session per client" in out, out
+    report = json.loads((BENCH / "results" / "cas_replicas.json").read_text())
+    assert {(r["replicas"], r["workload"]) for r in report} == {
+        (n, w) for n in (1, 2) for w in ("one session", "a session per client")
+    }
+    assert all(r["median_per_second"] > 0 and r["errors"] == 0 for r in report)
+
+
 def test_the_imports_benchmark_runs() -> None:
     out = _quick("imports.py")
     for row in ("flask  ", "django  ", "enclave-nocache"):

@@ -137,3 +137,23 @@ def test_an_owner_request_is_used_once_across_cas_processes(url: str) -> None:
     assert second.use_request("cd" * 32, time.time() + 600)
     assert first.use_request("ef" * 32, time.time() - 1)  # expired entries are swept ...
     assert first.use_request("ef" * 32, time.time() + 600)  # ... so an expired one may be reused
+
+
+def test_cas_replicas_started_together_on_an_empty_database_all_open_it(url: str) -> None:
+    # Found with two CAS replicas on one PostgreSQL: started at once on an empty database,
+    # both created the tables and one failed on the other's (a duplicate key in pg_type).
+    def open_store(_: int) -> str:
+        try:
+            Store(url, MASTER).engine.dispose()
+        except Exception as e:  # noqa: BLE001 - whatever the driver raised
+            return " ".join(str(e).split())[:200]
+        return ""
+
+    for _ in range(3):
+        tables = sa.MetaData()
+        engine = sa.create_engine(url)
+        tables.reflect(engine)
+        tables.drop_all(engine)
+        engine.dispose()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(open_store, range(4))) == [""] * 4

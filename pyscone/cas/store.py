@@ -181,7 +181,16 @@ class Store:
         names = set(sa.inspect(self.engine).get_table_names())
         if "sessions" in names and "pyscone_schema" not in names:
             raise StoreError("the database was made by an earlier pyscone CAS (schema 1); this one needs a new one")
-        meta.create_all(self.engine)
+        for i in range(10):
+            try:
+                meta.create_all(self.engine)
+                break
+            except sa.exc.DatabaseError:
+                # Another CAS process (a replica started at the same time) created some of the
+                # tables after this one found them missing: look again.
+                if i == 9:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * (i + 1))
         with self.engine.begin() as db:
             found = db.execute(sa.select(schema.c.version)).scalars().all()
             if not found:
